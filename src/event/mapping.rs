@@ -1,0 +1,3 @@
+//! Generic JSON field mapping (in progress).
+pub struct FieldMapping;
+pub enum TimestampFormat { Auto }

@@ -1,0 +1,2 @@
+//! Timestamp parsing (in progress).
+pub fn parse_timestamp(_s: &str) -> Option<i64> { None }

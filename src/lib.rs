@@ -1,0 +1,25 @@
+//! keywatch watches how API keys are used, so that key rotations finish without downtime.
+//!
+//! The crate map, in the order an event travels:
+//!
+//! - [`source`]: follows a gateway log file (like `tail -F`) or stdin and hands out batches of
+//!   lines with the position after them.
+//! - [`event`]: decodes a line into [`event::AuthEvent`]s (gateway presets or a field
+//!   mapping) and fingerprints raw key material on arrival. Pure, no IO.
+//! - [`aggregate`]: folds a batch of events into per-key per-minute rollups and per-key
+//!   sources. Pure, no IO.
+//! - [`store`]: writes a batch's rollups, sources and the source position in one transaction
+//!   (embedded SQLite).
+//! - [`app`]: the wiring: bounded channels, tasks, metrics, shutdown order.
+//! - [`config`]: raw serde structs validated into [`config::Config`]; no IO in validation.
+
+pub mod aggregate;
+pub mod app;
+pub mod config;
+pub mod deadletter;
+pub mod event;
+pub mod report;
+pub mod sample;
+pub mod server;
+pub mod source;
+pub mod store;

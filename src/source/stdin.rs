@@ -1,0 +1,1 @@
+//! Reads lines from standard input (in progress).
