@@ -1,1 +1,291 @@
-//! (in progress)
+//! Wiring: source → bounded channel → pipeline (decode, aggregate, store) → position.
+//!
+//! Shutdown order on SIGINT/SIGTERM (the `cancel` token): the source stops reading and
+//! drops its end of the channel; the pipeline finishes the batches already read, commits
+//! them with their positions, and ends; then the metrics server stops. Anything not yet
+//! committed is read again at the next start, from the stored position.
+//!
+//! Architecture invariant: a batch's position is stored in the same transaction as its
+//! effect ([`crate::store::Store::commit`]); nothing else moves a position.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::aggregate::Aggregate;
+use crate::config::{Config, InputSource, SecretSource, StartAt};
+use crate::deadletter::{DeadLetter, DeadLetterFile, DEAD_LETTER_FILE, DEFAULT_MAX_BYTES};
+use crate::event::{AuthEvent, Decoder, Fingerprinter};
+use crate::server::Health;
+use crate::source::{self, Batch, FileFollower, FollowOptions, Position};
+use crate::store::{Checkpoint, SqliteStore, Store, StoreError};
+
+/// File in the state directory holding the generated fingerprint secret.
+pub const SECRET_FILE: &str = "fingerprint.secret";
+
+/// What a run did, for the final log line and for tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    pub lines: u64,
+    pub events: u64,
+    pub dead_letters: u64,
+    pub batches: u64,
+}
+
+/// Loads the fingerprint secret the config points at; generates and keeps one in the state
+/// directory when the config names none.
+pub fn load_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
+    let secret = match &config.fingerprint.secret {
+        SecretSource::Env(name) => std::env::var(name)
+            .with_context(|| format!("fingerprint.secret_env: environment variable {name} is not set"))?
+            .into_bytes(),
+        SecretSource::File(path) => std::fs::read(path)
+            .with_context(|| format!("fingerprint.secret_file: cannot read {}", path.display()))?,
+        SecretSource::StateDir => state_dir_secret(&config.state_dir)?,
+    };
+    let trimmed = secret.trim_ascii_end();
+    if trimmed.len() < 16 {
+        bail!("the fingerprint secret must be at least 16 bytes, found {}", trimmed.len());
+    }
+    Ok(trimmed.to_vec())
+}
+
+fn state_dir_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join(SECRET_FILE);
+    match std::fs::read(&path) {
+        Ok(s) => return Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    let mut raw = [0u8; 32];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .context("cannot read /dev/urandom for a fingerprint secret")?;
+    let secret = hex::encode(raw);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    use std::io::Write;
+    opts.open(&path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()).and_then(|_| f.sync_all()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "generated a fingerprint secret");
+    Ok(secret.into_bytes())
+}
+
+/// Builds the decoder the config describes.
+pub fn decoder(config: &Config) -> anyhow::Result<Decoder> {
+    let secret = load_secret(config)?;
+    Ok(Decoder::new(
+        config.input.format.clone(),
+        Fingerprinter::new(&secret, config.fingerprint.hint_chars),
+        config.input.gateway.clone(),
+    ))
+}
+
+/// Runs until the source ends (a file without `follow`, stdin at EOF) or `cancel` fires.
+pub async fn run(
+    config: Config,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) -> anyhow::Result<RunSummary> {
+    let store = SqliteStore::open(&config.state_dir)
+        .with_context(|| format!("state_dir {}", config.state_dir.display()))?;
+    let decoder = decoder(&config)?;
+    let source_id = config.input.source.id();
+    let saved = store
+        .position(&source_id)
+        .context("reading the stored source position")?;
+    let dead_letters = DeadLetterFile::open(
+        &config.state_dir.join(DEAD_LETTER_FILE),
+        DEFAULT_MAX_BYTES,
+    )
+    .context("opening the dead-letter file")?;
+
+    let (tx, rx) = mpsc::channel::<Batch>(config.pipeline.channel_capacity.get());
+    let opts = FollowOptions {
+        path: match &config.input.source {
+            InputSource::File(p) => p.clone(),
+            InputSource::Stdin => PathBuf::new(),
+        },
+        follow: config.input.follow,
+        start_at_end: config.input.start_at == StartAt::End,
+        max_lines: config.pipeline.batch_max_events.get(),
+        max_wait: config.pipeline.batch_max_wait,
+        ..FollowOptions::default()
+    };
+    // The source gets its own token so that it can be stopped before the pipeline.
+    let source_cancel = cancel.child_token();
+    let reader = match &config.input.source {
+        InputSource::File(path) => {
+            let saved = match saved {
+                Some(Position::File(p)) => Some(p),
+                _ => None,
+            };
+            tracing::info!(path = %path.display(), resume = ?saved.as_ref().map(|p| p.offset), "following file");
+            Reader::File(
+                FileFollower::spawn(opts, saved, tx, source_cancel.clone())
+                    .with_context(|| format!("input.path {}", path.display()))?,
+            )
+        }
+        InputSource::Stdin => {
+            tracing::info!("reading standard input");
+            Reader::Stdin(source::stdin::spawn_stdin(&opts, tx, source_cancel.clone()))
+        }
+    };
+
+    let pipeline = Pipeline {
+        store,
+        decoder,
+        source_id,
+        dead_letters,
+        health: health.clone(),
+        cancel: cancel.clone(),
+        summary: RunSummary::default(),
+    };
+    let result = tokio::task::spawn_blocking(move || pipeline.run(rx))
+        .await
+        .context("pipeline task panicked")?;
+    // The pipeline ends when the source does, or on a fatal error: stop the source either way.
+    source_cancel.cancel();
+    let source_result = tokio::task::spawn_blocking(move || reader.join())
+        .await
+        .context("source thread panicked")?;
+    match result {
+        Ok(summary) => {
+            source_result.context("source failed")?;
+            Ok(summary)
+        }
+        Err(e) => {
+            health.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            Err(e)
+        }
+    }
+}
+
+enum Reader {
+    File(FileFollower),
+    Stdin(std::thread::JoinHandle<std::io::Result<()>>),
+}
+
+impl Reader {
+    fn join(self) -> std::io::Result<()> {
+        match self {
+            Reader::File(f) => f.join(),
+            Reader::Stdin(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("stdin reader panicked"))),
+        }
+    }
+}
+
+struct Pipeline {
+    store: SqliteStore,
+    decoder: Decoder,
+    source_id: String,
+    dead_letters: DeadLetterFile,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    summary: RunSummary,
+}
+
+impl Pipeline {
+    fn run(mut self, mut rx: mpsc::Receiver<Batch>) -> anyhow::Result<RunSummary> {
+        while let Some(batch) = rx.blocking_recv() {
+            self.process(&batch)?;
+        }
+        Ok(self.summary)
+    }
+
+    fn process(&mut self, batch: &Batch) -> anyhow::Result<()> {
+        let mut agg = Aggregate::default();
+        let mut events: Vec<AuthEvent<'_>> = Vec::new();
+        let mut rejected = 0u64;
+        for i in 0..batch.len() {
+            let line = batch.line(i);
+            match self.decoder.decode(line, &mut events) {
+                Ok(_) => {
+                    for ev in events.drain(..) {
+                        agg.add(&ev);
+                    }
+                }
+                Err(e) => {
+                    rejected += 1;
+                    let offset = batch.line_offsets.get(i).copied().unwrap_or(0);
+                    metrics::counter!("keywatch_events_rejected_total", "reason" => e.kind())
+                        .increment(1);
+                    tracing::warn!(source = %self.source_id, offset, reason = %e, "rejected a line");
+                    self.dead_letters
+                        .write(&DeadLetter {
+                            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                            source: &self.source_id,
+                            offset,
+                            reason: e.to_string(),
+                            line: self.decoder.redact(line),
+                        })
+                        .context("writing the dead-letter file")?;
+                }
+            }
+        }
+        if rejected > 0 {
+            self.dead_letters
+                .flush()
+                .context("writing the dead-letter file")?;
+        }
+
+        let source_id = self.source_id.clone();
+        let checkpoint = batch.position.as_ref().map(|position| Checkpoint {
+            source: &source_id,
+            position,
+        });
+        let started = Instant::now();
+        self.commit_with_retry(&agg, checkpoint)?;
+        metrics::histogram!("keywatch_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("keywatch_events_total").increment(agg.events);
+        metrics::counter!("keywatch_batches_committed_total").increment(1);
+        metrics::gauge!("keywatch_last_commit_timestamp_seconds")
+            .set(chrono::Utc::now().timestamp() as f64);
+        self.health.committed();
+
+        self.summary.lines += batch.len() as u64;
+        self.summary.events += agg.events;
+        self.summary.dead_letters += rejected;
+        self.summary.batches += 1;
+        tracing::debug!(lines = batch.len(), events = agg.events, rejected, "batch committed");
+        Ok(())
+    }
+
+    /// Retries transient store errors with capped exponential backoff until it works or
+    /// keywatch is asked to stop (the batch is then read again at the next start).
+    fn commit_with_retry(
+        &mut self,
+        agg: &Aggregate,
+        checkpoint: Option<Checkpoint<'_>>,
+    ) -> anyhow::Result<()> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.store.commit(agg, checkpoint) {
+                Ok(()) => return Ok(()),
+                Err(e @ StoreError::Fatal(_)) => return Err(e).context("storing a batch"),
+                Err(e) => {
+                    metrics::counter!("keywatch_store_errors_total", "kind" => "transient")
+                        .increment(1);
+                    if self.cancel.is_cancelled() {
+                        return Err(e).context("storing a batch while shutting down");
+                    }
+                    tracing::warn!(error = %e, retry_in = ?delay, "store unavailable, retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,583 @@
-//! (in progress)
+//! Configuration: raw serde structs, validated into [`Config`].
+//!
+//! Loading is two steps: [`parse`] turns TOML text into [`RawConfig`] (syntax and types,
+//! `deny_unknown_fields` everywhere), then [`RawConfig::validate`] checks values and cross
+//! references and builds typed values. Neither does IO beyond reading the file in [`load`]:
+//! secrets named by `*_env` / `*_file` are resolved at start, not during validation, so that
+//! `keywatch check-config` works on a machine without them.
+//!
+//! Every error names the file, the field (a dotted path) and the reason, lowercase with no
+//! trailing period: `keywatch.toml:4: input.format: unknown variant `kongg`, expected ...`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::event::{FieldMapping, Format};
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based line, when the error points into the text.
+    pub line: Option<usize>,
+    /// Dotted path of the offending field; empty when the error is about the whole file.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Where the embedded store, the fingerprint secret and dead letters live.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub input: RawInput,
+    #[serde(default)]
+    pub fingerprint: RawFingerprint,
+    #[serde(default)]
+    pub pipeline: RawPipeline,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("keywatch-state")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InputKind {
+    #[default]
+    Stdin,
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StartAt {
+    #[default]
+    Beginning,
+    End,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInput {
+    #[serde(default)]
+    pub kind: InputKind,
+    pub path: Option<PathBuf>,
+    /// A gateway preset, or `json` with `[input.mapping]`.
+    #[serde(default = "default_format")]
+    pub format: String,
+    /// Keep reading as the file grows (like `tail -F`); false reads to the end once.
+    #[serde(default = "yes")]
+    pub follow: bool,
+    /// Where to start in a file keywatch has never read.
+    #[serde(default)]
+    pub start_at: StartAt,
+    /// A gateway name for records that carry none.
+    pub gateway: Option<String>,
+    pub mapping: Option<FieldMapping>,
+}
+
+impl Default for RawInput {
+    fn default() -> Self {
+        RawInput {
+            kind: InputKind::default(),
+            path: None,
+            format: default_format(),
+            follow: true,
+            start_at: StartAt::default(),
+            gateway: None,
+            mapping: None,
+        }
+    }
+}
+
+fn default_format() -> String {
+    "kong".to_owned()
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFingerprint {
+    /// Name of an environment variable holding the HMAC secret.
+    pub secret_env: Option<String>,
+    /// A file holding the HMAC secret (trailing whitespace ignored).
+    pub secret_file: Option<PathBuf>,
+    /// Characters of raw key material kept as a display hint (0 disables hints).
+    pub hint_chars: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    pub batch_max_events: Option<usize>,
+    #[serde(default, deserialize_with = "duration::opt")]
+    pub batch_max_wait: Option<Duration>,
+    /// Batches read ahead of the store; bounds memory.
+    pub channel_capacity: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Serve `/metrics` and `/healthz`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            enabled: true,
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `keywatch=debug`, ...
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages (`<defaults>` without one).
+    pub origin: String,
+    pub state_dir: PathBuf,
+    pub input: InputConfig,
+    pub fingerprint: FingerprintConfig,
+    pub pipeline: PipelineConfig,
+    pub server: Option<SocketAddr>,
+    pub log: RawLog,
+}
+
+#[derive(Debug, Clone)]
+pub struct InputConfig {
+    pub source: InputSource,
+    pub format: Format,
+    pub follow: bool,
+    pub start_at: StartAt,
+    pub gateway: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputSource {
+    Stdin,
+    File(PathBuf),
+}
+
+impl InputSource {
+    /// The name under which the source's position is stored.
+    pub fn id(&self) -> String {
+        match self {
+            InputSource::Stdin => "stdin".to_owned(),
+            InputSource::File(p) => format!("file:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+    /// Generated at first start and kept in the state directory.
+    StateDir,
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Env(name) => write!(f, "env:{name}"),
+            SecretSource::File(p) => write!(f, "file:{}", p.display()),
+            SecretSource::StateDir => f.write_str("state_dir"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FingerprintConfig {
+    pub secret: SecretSource,
+    pub hint_chars: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub batch_max_events: NonZeroUsize,
+    pub batch_max_wait: Duration,
+    pub channel_capacity: NonZeroUsize,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: None,
+        field: String::new(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(&file, &text)?.validate(&file)
+}
+
+/// The embedded defaults: stdin, Kong preset, SQLite in `./keywatch-state`.
+pub fn defaults() -> Config {
+    parse("<defaults>", "")
+        .and_then(|raw| raw.validate("<defaults>"))
+        .expect("the defaults are valid")
+}
+
+/// Parses TOML text into the raw structs; `file` is only used in errors.
+pub fn parse(file: &str, text: &str) -> Result<RawConfig, ConfigError> {
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: line_of(e.span()),
+        field: String::new(),
+        reason: e.message().trim().to_owned(),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError {
+            file: file.to_owned(),
+            line: line_of(inner.span()),
+            field: if field == "." { String::new() } else { field },
+            reason: inner.message().trim().to_owned(),
+        }
+    })
+}
+
+impl RawConfig {
+    /// Checks values and cross references; no IO.
+    pub fn validate(self, file: &str) -> Result<Config, ConfigError> {
+        let err = |field: &str, reason: String| ConfigError {
+            file: file.to_owned(),
+            line: None,
+            field: field.to_owned(),
+            reason,
+        };
+
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(err("state_dir", "must not be empty".into()));
+        }
+
+        let input = &self.input;
+        let source = match (input.kind, &input.path) {
+            (InputKind::File, Some(p)) if !p.as_os_str().is_empty() => InputSource::File(p.clone()),
+            (InputKind::File, _) => {
+                return Err(err("input.path", "required when input.kind = \"file\"".into()))
+            }
+            (InputKind::Stdin, Some(_)) => {
+                return Err(err(
+                    "input.path",
+                    "only used with input.kind = \"file\"".into(),
+                ))
+            }
+            (InputKind::Stdin, None) => InputSource::Stdin,
+        };
+        let format = match (input.format.as_str(), &input.mapping) {
+            ("json", Some(m)) => {
+                m.validate()
+                    .map_err(|(field, reason)| err(&format!("input.mapping.{field}"), reason))?;
+                Format::Json(m.clone())
+            }
+            ("json", None) => {
+                return Err(err(
+                    "input.mapping",
+                    "required when input.format = \"json\"".into(),
+                ))
+            }
+            (name, mapping) => {
+                let Some(f) = Format::preset(name) else {
+                    return Err(err(
+                        "input.format",
+                        format!(
+                            "unknown format `{name}`, expected one of {}, json",
+                            crate::event::PRESETS.join(", ")
+                        ),
+                    ));
+                };
+                if mapping.is_some() {
+                    return Err(err(
+                        "input.mapping",
+                        "only used with input.format = \"json\"".into(),
+                    ));
+                }
+                f
+            }
+        };
+        if let Some(g) = &input.gateway {
+            if g.trim().is_empty() {
+                return Err(err("input.gateway", "must not be empty when set".into()));
+            }
+        }
+
+        let fp = &self.fingerprint;
+        let secret = match (&fp.secret_env, &fp.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "fingerprint",
+                    "set secret_env or secret_file, not both".into(),
+                ))
+            }
+            (Some(name), None) if name.is_empty() => {
+                return Err(err("fingerprint.secret_env", "must not be empty".into()))
+            }
+            (Some(name), None) => SecretSource::Env(name.clone()),
+            (None, Some(p)) => SecretSource::File(p.clone()),
+            (None, None) => SecretSource::StateDir,
+        };
+        let hint_chars = fp.hint_chars.unwrap_or(4);
+        if hint_chars > 8 {
+            return Err(err(
+                "fingerprint.hint_chars",
+                format!("at most 8 characters of a key may be shown, found {hint_chars}"),
+            ));
+        }
+
+        let p = &self.pipeline;
+        let nonzero = |field: &str, v: Option<usize>, default: usize| {
+            NonZeroUsize::new(v.unwrap_or(default))
+                .ok_or_else(|| err(field, "must be at least 1".into()))
+        };
+        let pipeline = PipelineConfig {
+            batch_max_events: nonzero("pipeline.batch_max_events", p.batch_max_events, 4096)?,
+            batch_max_wait: p.batch_max_wait.unwrap_or(Duration::from_millis(200)),
+            channel_capacity: nonzero("pipeline.channel_capacity", p.channel_capacity, 4)?,
+        };
+        if pipeline.batch_max_wait.is_zero() {
+            return Err(err("pipeline.batch_max_wait", "must be more than 0".into()));
+        }
+
+        let server = if self.server.enabled {
+            Some(self.server.listen.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    "server.listen",
+                    format!(
+                        "expected an address like 127.0.0.1:9464, found `{}`",
+                        self.server.listen
+                    ),
+                )
+            })?)
+        } else {
+            None
+        };
+
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(err("log.level", format!("not a valid filter: {e}")));
+        }
+
+        Ok(Config {
+            origin: file.to_owned(),
+            state_dir: self.state_dir,
+            input: InputConfig {
+                source,
+                format,
+                follow: input.follow,
+                start_at: input.start_at,
+                gateway: input.gateway.clone(),
+            },
+            fingerprint: FingerprintConfig { secret, hint_chars },
+            pipeline,
+            server,
+            log: self.log,
+        })
+    }
+}
+
+/// Durations written as humans do: `200ms`, `30s`, `5m`, `72h`, `7d`.
+pub(crate) mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        humantime::parse_duration(s.trim())
+            .map_err(|_| format!("expected a duration like \"200ms\" or \"1m\", found `{s}`"))
+    }
+
+    pub fn opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<Config, String> {
+        parse("kw.toml", text)
+            .and_then(|raw| raw.validate("kw.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = defaults();
+        assert_eq!(c.input.source, InputSource::Stdin);
+        assert_eq!(c.input.format.name(), "kong");
+        assert_eq!(c.server, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.fingerprint.secret, SecretSource::StateDir);
+        assert_eq!(c.pipeline.batch_max_events.get(), 4096);
+    }
+
+    #[test]
+    fn a_full_config_is_read() {
+        let c = check(
+            r#"
+state_dir = "/var/lib/keywatch"
+[input]
+kind = "file"
+path = "/var/log/nginx/api.json"
+format = "nginx"
+follow = false
+start_at = "end"
+gateway = "edge-1"
+[fingerprint]
+secret_env = "KW_SECRET"
+hint_chars = 0
+[pipeline]
+batch_max_events = 100
+batch_max_wait = "1s"
+[server]
+listen = "0.0.0.0:9000"
+[log]
+format = "json"
+level = "keywatch=debug"
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.input.source,
+            InputSource::File("/var/log/nginx/api.json".into())
+        );
+        assert!(!c.input.follow);
+        assert_eq!(c.input.start_at, StartAt::End);
+        assert_eq!(c.fingerprint.secret, SecretSource::Env("KW_SECRET".into()));
+        assert_eq!(c.pipeline.batch_max_wait, Duration::from_secs(1));
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn errors_name_file_line_field_and_reason() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[input]\nformat = 3\n",
+                "kw.toml:2: input.format: invalid type: integer `3`, expected a string",
+            ),
+            (
+                "[input]\nfromat = \"kong\"\n",
+                "kw.toml:2: input.fromat: unknown field `fromat`, expected one of `kind`, `path`, `format`, `follow`, `start_at`, `gateway`, `mapping`",
+            ),
+            (
+                "[input]\nkind = \"kafka\"\n",
+                "kw.toml:2: input.kind: unknown variant `kafka`, expected `stdin` or `file`",
+            ),
+            (
+                "[input]\nkind = \"file\"\n",
+                "kw.toml: input.path: required when input.kind = \"file\"",
+            ),
+            (
+                "[input]\nformat = \"kongg\"\n",
+                "kw.toml: input.format: unknown format `kongg`, expected one of kong, tyk, traefik, envoy, nginx, aws-apigw, json",
+            ),
+            (
+                "[input]\nformat = \"json\"\n",
+                "kw.toml: input.mapping: required when input.format = \"json\"",
+            ),
+            (
+                "[input]\nformat = \"json\"\n[input.mapping]\ntimestamp = \"ts\"\n",
+                "kw.toml: input.mapping.key_id: set key_id or key_secret (or both)",
+            ),
+            (
+                "[fingerprint]\nsecret_env = \"A\"\nsecret_file = \"/b\"\n",
+                "kw.toml: fingerprint: set secret_env or secret_file, not both",
+            ),
+            (
+                "[fingerprint]\nhint_chars = 12\n",
+                "kw.toml: fingerprint.hint_chars: at most 8 characters of a key may be shown, found 12",
+            ),
+            (
+                "[pipeline]\nbatch_max_events = 0\n",
+                "kw.toml: pipeline.batch_max_events: must be at least 1",
+            ),
+            (
+                "[pipeline]\nbatch_max_wait = \"soon\"\n",
+                "kw.toml:2: pipeline.batch_max_wait: expected a duration like \"200ms\" or \"1m\", found `soon`",
+            ),
+            (
+                "[server]\nlisten = \"localhost\"\n",
+                "kw.toml: server.listen: expected an address like 127.0.0.1:9464, found `localhost`",
+            ),
+            ("[input\n", "kw.toml:1: unclosed table, expected `]`"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(check(text).unwrap_err(), *want, "{text}");
+        }
+    }
+}

@@ -1,1 +1,274 @@
-fn main() {}
+//! The `keywatch` command: a thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use keywatch::config::{self, Config, LogFormat};
+use keywatch::server::{self, Health};
+use keywatch::store::SqliteStore;
+use keywatch::{app, report, sample};
+
+#[derive(Parser)]
+#[command(name = "keywatch", version, about = "Watches API key usage so that key rotations finish without downtime")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read gateway logs and keep per-key usage (the daemon)
+    Run {
+        /// Config file (TOML); without it, the embedded defaults: Kong logs on stdin,
+        /// SQLite in ./keywatch-state
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file without connecting to anything
+    CheckConfig { file: PathBuf },
+    /// Per-key usage from the store
+    Usage {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only the last DURATION before the latest stored event (e.g. 24h, 7d)
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Show the sources (ip, user agent, endpoint, gateway) of one key
+        #[arg(long)]
+        key: Option<String>,
+        /// At most this many rows
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Print the fingerprint id of a raw key read from stdin (to match it in reports)
+    Fingerprint {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Write a realistic sample gateway log (several clients, one mid-rotation)
+    Sample {
+        /// kong, tyk, traefik, envoy, nginx or aws-apigw
+        #[arg(long, default_value = "kong")]
+        preset: String,
+        #[arg(long, default_value_t = 4000)]
+        lines: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output file (stdout without it)
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30m, 24h, 7d)"))
+}
+
+fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(config::load(p)?),
+        None => Ok(config::defaults()),
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYWATCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig { file } => match config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok (input {:?} as {}, state in {})",
+                    file.display(),
+                    c.input.source,
+                    c.input.format.name(),
+                    c.state_dir.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Run { config } => {
+            let config = load(config.as_ref())?;
+            init_tracing(&config);
+            tokio::runtime::Runtime::new()?.block_on(run(config))
+        }
+        Command::Usage {
+            config,
+            since,
+            key,
+            limit,
+        } => {
+            let config = load(config.as_ref())?;
+            print_usage(&config, since, key.as_deref(), limit)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fingerprint { config } => {
+            let config = load(config.as_ref())?;
+            let secret = app::load_secret(&config)?;
+            let mut raw = String::new();
+            std::io::stdin().read_line(&mut raw)?;
+            let fp = keywatch::event::Fingerprinter::new(&secret, config.fingerprint.hint_chars);
+            println!("{}", fp.key_id(raw.trim()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sample {
+            preset,
+            lines,
+            seed,
+            output,
+        } => {
+            let opts = sample::SampleOptions {
+                preset,
+                lines,
+                seed,
+                ..sample::SampleOptions::default()
+            };
+            match output {
+                Some(path) => {
+                    let mut f = std::io::BufWriter::new(
+                        std::fs::File::create(&path)
+                            .with_context(|| format!("cannot create {}", path.display()))?,
+                    );
+                    sample::write_to(&opts, &mut f)?;
+                    std::io::Write::flush(&mut f)?;
+                }
+                None => sample::write_to(&opts, &mut std::io::stdout().lock())?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    let cancel = CancellationToken::new();
+    let health = Arc::new(Health::default());
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let server_task = match config.server {
+        Some(addr) => {
+            let (bound, task) = server::serve(addr, health.clone(), Some(metrics), cancel.clone())
+                .await
+                .with_context(|| format!("server.listen {addr}"))?;
+            tracing::info!(%bound, "serving /metrics and /healthz");
+            Some(task)
+        }
+        None => None,
+    };
+
+    let signals = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing the batches read so far");
+        signals.cancel();
+    });
+
+    let result = app::run(config.clone(), health, cancel.clone()).await;
+    cancel.cancel();
+    if let Some(task) = server_task {
+        let _ = task.await;
+    }
+    let summary = result?;
+    tracing::info!(
+        lines = summary.lines,
+        events = summary.events,
+        dead_letters = summary.dead_letters,
+        "stopped"
+    );
+    if !config.input.follow {
+        // A one-shot read (the quick start): show what was stored.
+        print_usage(&config, None, None, 50)?;
+        if summary.dead_letters > 0 {
+            println!(
+                "{} line(s) could not be decoded; see {}",
+                summary.dead_letters,
+                config
+                    .state_dir
+                    .join(keywatch::deadletter::DEAD_LETTER_FILE)
+                    .display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn print_usage(
+    config: &Config,
+    since: Option<Duration>,
+    key: Option<&str>,
+    limit: usize,
+) -> anyhow::Result<()> {
+    let store = SqliteStore::open_read_only(&config.state_dir)?;
+    if let Some(key) = key {
+        let rows = store.key_sources(key)?;
+        if rows.is_empty() {
+            println!("no sources stored for key {key}");
+        } else {
+            println!("{}", report::sources_table(&rows));
+        }
+        return Ok(());
+    }
+    let since_ms = match (since, store.latest_event_ms()?) {
+        (Some(d), Some(latest)) => Some(latest - d.as_millis() as i64),
+        _ => None,
+    };
+    let mut rows = store.key_usage(since_ms)?;
+    let total = rows.len();
+    rows.truncate(limit);
+    if rows.is_empty() {
+        println!("no usage stored yet in {}", config.state_dir.display());
+    } else {
+        println!("{}", report::usage_table(&rows));
+        if total > rows.len() {
+            println!("({} more keys; use --limit)", total - rows.len());
+        }
+    }
+    Ok(())
+}

@@ -12,15 +12,17 @@ mod fingerprint;
 mod formats;
 mod mapping;
 mod outcome;
+mod redact;
 mod time;
+mod value;
 
 use std::borrow::Cow;
 
 pub use fingerprint::{Fingerprinter, FINGERPRINT_PREFIX};
 pub use formats::{Decoder, Format, PRESETS};
-pub use mapping::{FieldMapping, TimestampFormat};
+pub use mapping::{FieldMapping, LatencyUnit, TimestampFormat};
 pub use outcome::Outcome;
-pub use time::parse_timestamp;
+pub use time::{epoch_to_ms, parse_timestamp};
 
 /// The key id used for requests that presented no key at all.
 pub const NO_KEY: &str = "-";

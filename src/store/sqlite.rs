@@ -1,0 +1,489 @@
+//! The embedded store: SQLite in the state directory.
+//!
+//! WAL mode with `synchronous = NORMAL`: a process crash loses nothing committed, and a power
+//! loss can only roll back whole transactions, position included, so counts stay exact
+//! either way. The schema is versioned with `PRAGMA user_version`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Checkpoint, KeyUsage, SourceRow, Store, StoreError};
+use crate::aggregate::{Aggregate, Rollup, SourceKey, SourceStats, LATENCY_BUCKETS};
+use crate::event::Outcome;
+use crate::source::Position;
+
+/// Database file name inside the state directory.
+pub const DB_FILE: &str = "keywatch.db";
+
+/// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: rollups, keys, sources, positions.
+    "CREATE TABLE rollup_minute (
+        key_id TEXT NOT NULL,
+        minute INTEGER NOT NULL, -- start of the minute, Unix seconds
+        requests INTEGER NOT NULL,
+        ok INTEGER NOT NULL, invalid_key INTEGER NOT NULL, expired INTEGER NOT NULL,
+        revoked INTEGER NOT NULL, forbidden INTEGER NOT NULL, rate_limited INTEGER NOT NULL,
+        other INTEGER NOT NULL,
+        latency_count INTEGER NOT NULL, latency_sum_ms REAL NOT NULL, latency_max_ms REAL NOT NULL,
+        lat_b0 INTEGER NOT NULL, lat_b1 INTEGER NOT NULL, lat_b2 INTEGER NOT NULL,
+        lat_b3 INTEGER NOT NULL, lat_b4 INTEGER NOT NULL, lat_b5 INTEGER NOT NULL,
+        lat_b6 INTEGER NOT NULL, lat_b7 INTEGER NOT NULL, lat_b8 INTEGER NOT NULL,
+        lat_b9 INTEGER NOT NULL, lat_b10 INTEGER NOT NULL, lat_b11 INTEGER NOT NULL,
+        PRIMARY KEY (key_id, minute)
+     ) WITHOUT ROWID;
+     CREATE INDEX rollup_minute_by_minute ON rollup_minute (minute);
+     CREATE TABLE keys_seen (
+        key_id TEXT PRIMARY KEY,
+        hint TEXT,
+        consumer TEXT,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE key_sources (
+        key_id TEXT NOT NULL, ip TEXT NOT NULL, user_agent TEXT NOT NULL,
+        endpoint TEXT NOT NULL, gateway TEXT NOT NULL,
+        first_seen_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
+        requests INTEGER NOT NULL, failures INTEGER NOT NULL,
+        PRIMARY KEY (key_id, ip, user_agent, endpoint, gateway)
+     ) WITHOUT ROWID;
+     CREATE TABLE source_positions (
+        source TEXT PRIMARY KEY,
+        position TEXT NOT NULL, -- JSON of source::Position
+        updated_ms INTEGER NOT NULL
+     ) WITHOUT ROWID;",
+];
+
+const OUTCOME_COLUMNS: [&str; 7] = [
+    "ok",
+    "invalid_key",
+    "expired",
+    "revoked",
+    "forbidden",
+    "rate_limited",
+    "other",
+];
+
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn classify(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull) => {
+            StoreError::Transient(e.to_string())
+        }
+        _ => StoreError::Fatal(e.to_string()),
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database in `state_dir` and migrates it.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|e| {
+            StoreError::Fatal(format!(
+                "cannot create state directory {}: {e}",
+                state_dir.display()
+            ))
+        })?;
+        Self::open_file(&state_dir.join(DB_FILE))
+    }
+
+    pub fn open_file(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Fatal(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(classify)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(classify)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(classify)?;
+        let mut store = SqliteStore { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database for reading, without migrating it.
+    pub fn open_read_only(state_dir: &Path) -> Result<Self, StoreError> {
+        let path = state_dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(StoreError::Fatal(format!(
+                "no keywatch database at {} (has `keywatch run` stored anything yet?)",
+                path.display()
+            )));
+        }
+        let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| StoreError::Fatal(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(classify)?;
+        Ok(SqliteStore { conn })
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(classify)?;
+        let version: usize = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(classify)?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Fatal(format!(
+                "the database has schema version {version}, newer than this keywatch knows ({}); \
+                 upgrade keywatch",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            tx.execute_batch(sql)
+                .map_err(|e| StoreError::Fatal(format!("migration {}: {e}", i + 1)))?;
+            tx.pragma_update(None, "user_version", i + 1)
+                .map_err(classify)?;
+        }
+        tx.commit().map_err(classify)
+    }
+
+    /// Usage per key over rollups with `minute >= since_ms` (all time without it), busiest
+    /// first.
+    pub fn key_usage(&self, since_ms: Option<i64>) -> Result<Vec<KeyUsage>, StoreError> {
+        let since_s = since_ms.map_or(i64::MIN, |ms| ms.div_euclid(1000));
+        let buckets: Vec<String> = (0..LATENCY_BUCKETS)
+            .map(|i| format!("SUM(r.lat_b{i})"))
+            .collect();
+        let outcomes: Vec<String> = OUTCOME_COLUMNS
+            .iter()
+            .map(|c| format!("SUM(r.{c})"))
+            .collect();
+        let sql = format!(
+            "SELECT r.key_id, k.hint, k.consumer, MIN(r.minute), MAX(r.minute),
+                    SUM(r.requests), {outcomes}, SUM(r.latency_count), SUM(r.latency_sum_ms),
+                    MAX(r.latency_max_ms), {buckets},
+                    (SELECT COUNT(*) FROM key_sources s WHERE s.key_id = r.key_id),
+                    k.first_seen_ms, k.last_seen_ms
+             FROM rollup_minute r LEFT JOIN keys_seen k ON k.key_id = r.key_id
+             WHERE r.minute >= ?1
+             GROUP BY r.key_id
+             ORDER BY SUM(r.requests) DESC, r.key_id",
+            outcomes = outcomes.join(", "),
+            buckets = buckets.join(", "),
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(classify)?;
+        let rows = stmt
+            .query_map([since_s], |row| {
+                let mut totals = Rollup {
+                    requests: row.get::<_, i64>(5)? as u64,
+                    ..Rollup::default()
+                };
+                for i in 0..OUTCOME_COLUMNS.len() {
+                    totals.outcomes[i] = row.get::<_, i64>(6 + i)? as u64;
+                }
+                let base = 6 + OUTCOME_COLUMNS.len();
+                totals.latency_count = row.get::<_, i64>(base)? as u64;
+                totals.latency_sum_ms = row.get(base + 1)?;
+                totals.latency_max_ms = row.get(base + 2)?;
+                for i in 0..LATENCY_BUCKETS {
+                    totals.latency_buckets[i] = row.get::<_, i64>(base + 3 + i)? as u64;
+                }
+                let after = base + 3 + LATENCY_BUCKETS;
+                let first_minute: i64 = row.get(3)?;
+                let last_minute: i64 = row.get(4)?;
+                Ok(KeyUsage {
+                    key_id: row.get(0)?,
+                    hint: row.get(1)?,
+                    consumer: row.get(2)?,
+                    // Within a range, the rollups bound first and last use to the minute.
+                    first_seen_ms: row
+                        .get::<_, Option<i64>>(after + 1)?
+                        .map_or(first_minute * 1000, |f| f.max(first_minute * 1000)),
+                    last_seen_ms: row
+                        .get::<_, Option<i64>>(after + 2)?
+                        .map_or(last_minute * 1000 + 59_999, |l| {
+                            l.min(last_minute * 1000 + 59_999)
+                        }),
+                    totals,
+                    sources: row.get::<_, i64>(after)? as u64,
+                })
+            })
+            .map_err(classify)?;
+        rows.collect::<Result<_, _>>().map_err(classify)
+    }
+
+    /// The sources of one key, most recently seen first.
+    pub fn key_sources(&self, key_id: &str) -> Result<Vec<SourceRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT key_id, ip, user_agent, endpoint, gateway, first_seen_ms, last_seen_ms,
+                        requests, failures
+                 FROM key_sources WHERE key_id = ?1
+                 ORDER BY last_seen_ms DESC, requests DESC",
+            )
+            .map_err(classify)?;
+        let rows = stmt
+            .query_map([key_id], |r| {
+                Ok((
+                    SourceKey {
+                        key_id: r.get(0)?,
+                        ip: r.get(1)?,
+                        user_agent: r.get(2)?,
+                        endpoint: r.get(3)?,
+                        gateway: r.get(4)?,
+                    },
+                    SourceStats {
+                        first_seen_ms: r.get(5)?,
+                        last_seen_ms: r.get(6)?,
+                        requests: r.get::<_, i64>(7)? as u64,
+                        failures: r.get::<_, i64>(8)? as u64,
+                    },
+                ))
+            })
+            .map_err(classify)?;
+        rows.collect::<Result<_, _>>().map_err(classify)
+    }
+
+    /// Total requests in the rollups and in the sources table (they must agree).
+    pub fn totals(&self) -> Result<(u64, u64), StoreError> {
+        self.conn
+            .query_row(
+                "SELECT (SELECT COALESCE(SUM(requests), 0) FROM rollup_minute),
+                        (SELECT COALESCE(SUM(requests), 0) FROM key_sources)",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(classify)
+    }
+
+    /// The latest event time stored, if any.
+    pub fn latest_event_ms(&self) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row("SELECT MAX(last_seen_ms) FROM keys_seen", [], |r| r.get(0))
+            .map_err(classify)
+    }
+}
+
+impl Store for SqliteStore {
+    fn commit(
+        &mut self,
+        agg: &Aggregate,
+        checkpoint: Option<Checkpoint<'_>>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction().map_err(classify)?;
+        {
+            let mut rollup = tx
+                .prepare_cached(ROLLUP_UPSERT.get_or_init(rollup_upsert))
+                .map_err(classify)?;
+            for (key_id, minute_ms, r) in agg.rollups() {
+                let mut values: Vec<rusqlite::types::Value> = Vec::with_capacity(26);
+                values.push(key_id.to_owned().into());
+                values.push((minute_ms.div_euclid(1000)).into());
+                values.push((r.requests as i64).into());
+                for o in Outcome::ALL {
+                    values.push((r.outcomes[o.index()] as i64).into());
+                }
+                values.push((r.latency_count as i64).into());
+                values.push(r.latency_sum_ms.into());
+                values.push(r.latency_max_ms.into());
+                for b in r.latency_buckets {
+                    values.push((b as i64).into());
+                }
+                rollup
+                    .execute(rusqlite::params_from_iter(values))
+                    .map_err(classify)?;
+            }
+
+            let mut key = tx
+                .prepare_cached(
+                    "INSERT INTO keys_seen (key_id, hint, consumer, first_seen_ms, last_seen_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (key_id) DO UPDATE SET
+                        hint = COALESCE(keys_seen.hint, excluded.hint),
+                        consumer = COALESCE(excluded.consumer, keys_seen.consumer),
+                        first_seen_ms = MIN(keys_seen.first_seen_ms, excluded.first_seen_ms),
+                        last_seen_ms = MAX(keys_seen.last_seen_ms, excluded.last_seen_ms)",
+                )
+                .map_err(classify)?;
+            for (key_id, seen) in agg.keys() {
+                key.execute(params![
+                    key_id,
+                    seen.hint,
+                    seen.consumer,
+                    seen.first_seen_ms,
+                    seen.last_seen_ms
+                ])
+                .map_err(classify)?;
+            }
+
+            let mut source = tx
+                .prepare_cached(
+                    "INSERT INTO key_sources (key_id, ip, user_agent, endpoint, gateway,
+                        first_seen_ms, last_seen_ms, requests, failures)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (key_id, ip, user_agent, endpoint, gateway) DO UPDATE SET
+                        first_seen_ms = MIN(key_sources.first_seen_ms, excluded.first_seen_ms),
+                        last_seen_ms = MAX(key_sources.last_seen_ms, excluded.last_seen_ms),
+                        requests = key_sources.requests + excluded.requests,
+                        failures = key_sources.failures + excluded.failures",
+                )
+                .map_err(classify)?;
+            for (k, s) in agg.sources() {
+                source
+                    .execute(params![
+                        k.key_id,
+                        k.ip,
+                        k.user_agent,
+                        k.endpoint,
+                        k.gateway,
+                        s.first_seen_ms,
+                        s.last_seen_ms,
+                        s.requests as i64,
+                        s.failures as i64
+                    ])
+                    .map_err(classify)?;
+            }
+
+            if let Some(cp) = checkpoint {
+                let json = serde_json::to_string(cp.position)
+                    .map_err(|e| StoreError::Fatal(format!("position: {e}")))?;
+                tx.execute(
+                    "INSERT INTO source_positions (source, position, updated_ms)
+                     VALUES (?1, ?2, ?3)
+                     ON CONFLICT (source) DO UPDATE SET
+                        position = excluded.position, updated_ms = excluded.updated_ms",
+                    params![cp.source, json, chrono::Utc::now().timestamp_millis()],
+                )
+                .map_err(classify)?;
+            }
+        }
+        tx.commit().map_err(classify)
+    }
+
+    fn position(&self, source: &str) -> Result<Option<Position>, StoreError> {
+        let json: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT position FROM source_positions WHERE source = ?1",
+                [source],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(classify)?;
+        json.map(|j| {
+            serde_json::from_str(&j)
+                .map_err(|e| StoreError::Fatal(format!("stored position of {source}: {e}")))
+        })
+        .transpose()
+    }
+}
+
+static ROLLUP_UPSERT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn rollup_upsert() -> String {
+    let mut cols = vec!["key_id".to_owned(), "minute".to_owned(), "requests".to_owned()];
+    cols.extend(OUTCOME_COLUMNS.iter().map(|c| c.to_string()));
+    cols.extend(["latency_count", "latency_sum_ms", "latency_max_ms"].map(String::from));
+    cols.extend((0..LATENCY_BUCKETS).map(|i| format!("lat_b{i}")));
+    let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+    let updates: Vec<String> = cols[2..]
+        .iter()
+        .map(|c| match c.as_str() {
+            "latency_max_ms" => format!("{c} = MAX(rollup_minute.{c}, excluded.{c})"),
+            _ => format!("{c} = rollup_minute.{c} + excluded.{c}"),
+        })
+        .collect();
+    format!(
+        "INSERT INTO rollup_minute ({}) VALUES ({}) ON CONFLICT (key_id, minute) DO UPDATE SET {}",
+        cols.join(", "),
+        placeholders.join(", "),
+        updates.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::event::AuthEvent;
+    use crate::source::FilePosition;
+
+    fn event(ts: i64, key: &'static str, ip: &'static str) -> AuthEvent<'static> {
+        let mut e = AuthEvent::new(ts, Cow::Borrowed(key), 200, Outcome::Ok);
+        e.source_ip = Some(Cow::Borrowed(ip));
+        e.latency_ms = Some(12.0);
+        e
+    }
+
+    #[test]
+    fn commits_add_up_and_keep_the_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let pos = |offset| {
+            Position::File(FilePosition {
+                path: "/x".into(),
+                dev: 1,
+                inode: 2,
+                offset,
+            })
+        };
+        for (i, offset) in [100u64, 200].into_iter().enumerate() {
+            let mut agg = Aggregate::default();
+            agg.add(&event(60_000 + i as i64, "k1", "10.0.0.1"));
+            agg.add(&event(61_000, "k1", "10.0.0.2"));
+            agg.add(&event(200_000, "k2", "10.0.0.1"));
+            let p = pos(offset);
+            store
+                .commit(
+                    &agg,
+                    Some(Checkpoint {
+                        source: "file:/x",
+                        position: &p,
+                    }),
+                )
+                .unwrap();
+        }
+        assert_eq!(store.position("file:/x").unwrap(), Some(pos(200)));
+        assert_eq!(store.position("file:/y").unwrap(), None);
+        assert_eq!(store.totals().unwrap(), (6, 6));
+
+        let usage = store.key_usage(None).unwrap();
+        assert_eq!(usage.len(), 2);
+        assert_eq!(usage[0].key_id, "k1");
+        assert_eq!(usage[0].totals.requests, 4);
+        assert_eq!(usage[0].totals.outcomes[Outcome::Ok.index()], 4);
+        assert_eq!(usage[0].sources, 2);
+        assert_eq!(usage[0].first_seen_ms, 60_000);
+        assert_eq!(usage[0].last_seen_ms, 61_000);
+        assert_eq!(usage[0].totals.latency_quantile(0.5), Some(12.0));
+
+        let recent = store.key_usage(Some(120_000)).unwrap();
+        assert_eq!(recent.len(), 1);
+        assert_eq!(recent[0].key_id, "k2");
+
+        let sources = store.key_sources("k1").unwrap();
+        assert_eq!(sources.len(), 2);
+        let one = sources.iter().find(|(k, _)| k.ip == "10.0.0.1").unwrap();
+        assert_eq!(one.1.requests, 2);
+        assert_eq!((one.1.first_seen_ms, one.1.last_seen_ms), (60_000, 60_001));
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_refuses_newer_schemas() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = SqliteStore::open(dir.path()).unwrap();
+            let mut agg = Aggregate::default();
+            agg.add(&event(1, "k", "ip"));
+            store.commit(&agg, None).unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.totals().unwrap(), (1, 1));
+        store
+            .conn
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        drop(store);
+        let err = SqliteStore::open(dir.path()).err().unwrap();
+        assert!(
+            err.to_string().contains("schema version 99, newer than this keywatch knows"),
+            "{err}"
+        );
+    }
+}

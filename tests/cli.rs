@@ -1,0 +1,141 @@
+//! The real binary on real files: config checks, a one-shot run, bad input, secrets.
+
+mod common;
+
+use std::io::Write;
+
+use common::*;
+
+#[test]
+fn check_config_accepts_the_example() {
+    let out = run_ok(keywatch().args(["check-config", "examples/keywatch.toml"]));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with("examples/keywatch.toml: ok"), "{stdout}");
+}
+
+#[test]
+fn check_config_names_file_field_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[input]\nkind = \"file\"\nformat = \"kongg\"\npath = \"x.log\"\n",
+            "input.format: unknown format `kongg`, expected one of kong, tyk, traefik, envoy, nginx, aws-apigw, json",
+        ),
+        (
+            "[input]\nkind = \"file\"\n\n[server]\nlisten = \"everywhere\"\n",
+            "input.path: required when input.kind = \"file\"",
+        ),
+        (
+            "[pipeline]\nbatch_max_wait = \"a while\"\n",
+            ":2: pipeline.batch_max_wait: expected a duration like \"200ms\" or \"1m\", found `a while`",
+        ),
+    ];
+    for (text, want) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = keywatch().arg("check-config").arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let expected = if want.starts_with(':') {
+            format!("{}{want}\n", path.display())
+        } else {
+            format!("{}: {want}\n", path.display())
+        };
+        assert_eq!(stderr, expected);
+        // `run` refuses the same file with the same message.
+        let out = keywatch().arg("run").arg("--config").arg(&path).output().unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_one_shot_run_stores_every_event_once_and_shows_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = sample(dir.path(), "kong", 3000, 7);
+    let cfg = config(dir.path(), &log, "kong", "");
+    let out = run_ok(&mut run_config(&cfg));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("acme-billing"), "{stdout}");
+    assert!(stdout.contains("requests"), "{stdout}");
+
+    let state = dir.path().join("state");
+    let (rollups, sources) = totals(&state);
+    assert_eq!(rollups, 3000);
+    assert_eq!(sources, 3000);
+
+    // A second run resumes from the stored position: nothing is counted twice.
+    run_ok(&mut run_config(&cfg));
+    assert_eq!(totals(&state), (3000, 3000));
+
+    // Appended lines are picked up, and only they.
+    let extra: Vec<String> = lines_of(&log).into_iter().take(10).collect();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    writeln!(f, "{}", extra.join("\n")).unwrap();
+    drop(f);
+    run_ok(&mut run_config(&cfg));
+    assert_eq!(totals(&state), (3010, 3010));
+
+    // `keywatch usage` shows the same table, and a key's sources.
+    let out = run_ok(keywatch().arg("usage").arg("--config").arg(&cfg));
+    let usage = String::from_utf8(out.stdout).unwrap();
+    assert!(usage.contains("acme-billing"), "{usage}");
+}
+
+#[test]
+fn bad_lines_are_dead_lettered_redacted_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = sample(dir.path(), "nginx", 500, 3);
+    let raw_keys = json_field_values(&log, "http_x_api_key");
+    assert!(raw_keys.len() >= 3, "the sample has raw keys: {raw_keys:?}");
+    let leaked = &raw_keys[0];
+
+    let mut lines = lines_of(&log);
+    let bad = [
+        "this is not json".to_owned(),
+        format!("{{\"remote_addr\":\"10.0.0.9\",\"http_x_api_key\":\"{leaked}\",\"status\":"),
+        "{\"remote_addr\":\"10.0.0.9\",\"status\":\"200\"}".to_owned(),
+        "{\"time_iso8601\":\"2026-11-21T10:00:00+00:00\",\"status\":{\"code\":200}}".to_owned(),
+    ];
+    for (i, b) in bad.iter().enumerate() {
+        lines.insert(100 * (i + 1), b.clone());
+    }
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+
+    let cfg = config(dir.path(), &log, "nginx", "[log]\nlevel = \"debug\"\n");
+    let out = run_ok(&mut run_config(&cfg));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stdout.contains("4 line(s) could not be decoded"), "{stdout}");
+
+    let state = dir.path().join("state");
+    assert_eq!(totals(&state), (500, 500));
+    let dl = std::fs::read_to_string(state.join("dead-letter.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> =
+        dl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 4, "{dl}");
+    for r in &records {
+        assert!(!r["reason"].as_str().unwrap().is_empty());
+        assert!(r["offset"].as_u64().unwrap() > 0);
+    }
+    assert!(records[0]["reason"].as_str().unwrap().starts_with("not valid JSON"));
+    assert_eq!(stderr.matches("rejected a line").count(), 4, "{stderr}");
+
+    // The raw key in the broken line is fingerprinted in the dead letter, and no raw key
+    // reaches the database, the logs or the report.
+    assert!(records[1]["line"].as_str().unwrap().contains("fp:"), "{}", records[1]);
+    let mut db = Vec::new();
+    for entry in std::fs::read_dir(&state).unwrap() {
+        db.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let db = String::from_utf8_lossy(&db);
+    for key in &raw_keys {
+        assert!(!db.contains(key.as_str()), "raw key in the state directory");
+        assert!(!stderr.contains(key.as_str()), "raw key in the logs");
+        assert!(!stdout.contains(key.as_str()), "raw key in the report");
+    }
+}

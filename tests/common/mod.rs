@@ -1,0 +1,114 @@
+//! Helpers shared by the integration tests: run the real binary on real files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use keywatch::store::SqliteStore;
+
+pub fn keywatch() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keywatch"));
+    c.env_remove("KEYWATCH_LOG");
+    c
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("running keywatch");
+    assert!(
+        out.status.success(),
+        "keywatch failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Writes a sample log with the real `keywatch sample` command.
+pub fn sample(dir: &Path, preset: &str, lines: usize, seed: u64) -> PathBuf {
+    let path = dir.join(format!("{preset}-{seed}.log"));
+    run_ok(keywatch().args([
+        "sample",
+        "--preset",
+        preset,
+        "--lines",
+        &lines.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--output",
+    ]).arg(&path));
+    path
+}
+
+/// A config reading `log` once (no follow) into `state`, server off unless `extra` says.
+pub fn config(dir: &Path, log: &Path, preset: &str, extra: &str) -> PathBuf {
+    let path = dir.join("keywatch.toml");
+    let text = format!(
+        "state_dir = {state:?}\n\
+         [input]\nkind = \"file\"\npath = {log:?}\nformat = {preset:?}\nfollow = false\n\
+         [fingerprint]\nsecret_env = \"KW_TEST_SECRET\"\n\
+         {extra}",
+        state = dir.join("state"),
+    );
+    let text = if extra.contains("[server]") {
+        text
+    } else {
+        format!("{text}\n[server]\nenabled = false\n")
+    };
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+pub fn run_config(config: &Path) -> Command {
+    let mut c = keywatch();
+    c.arg("run").arg("--config").arg(config).env("KW_TEST_SECRET", SECRET);
+    c
+}
+
+/// (requests in rollups, requests in sources).
+pub fn totals(state: &Path) -> (u64, u64) {
+    SqliteStore::open_read_only(state).unwrap().totals().unwrap()
+}
+
+pub fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits for a child to exit, killing it after `timeout` (a hung test fails, it does not hang).
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("keywatch did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn spawn_quiet(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Every value of a JSON string field in a log of JSON lines.
+pub fn json_field_values(log: &Path, field: &str) -> Vec<String> {
+    let mut out: Vec<String> = lines_of(log)
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get(field).and_then(|s| s.as_str()).map(str::to_owned))
+        .filter(|s| s.len() > 8)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}

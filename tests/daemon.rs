@@ -1,0 +1,114 @@
+//! The daemon in follow mode: picks up appended lines, serves /metrics and /healthz, and
+//! shuts down cleanly on SIGTERM with its position saved.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use keywatch::source::Position;
+use keywatch::store::{SqliteStore, Store};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP/1.0 GET; returns (status line, body).
+fn get(port: u16, path: &str) -> Option<(String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn follows_appends_serves_metrics_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = lines_of(&sample(dir.path(), "traefik", 1000, 5));
+    let log = dir.path().join("access.log");
+    std::fs::write(&log, full[..600].join("\n") + "\n").unwrap();
+
+    let port = free_port();
+    let cfg = config(
+        dir.path(),
+        &log,
+        "traefik",
+        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[pipeline]\nbatch_max_wait = \"50ms\"\n"),
+    );
+    // `config` writes follow = false; this test follows.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("follow = false", "follow = true");
+    std::fs::write(&cfg, text).unwrap();
+
+    let mut child = spawn_quiet(&mut run_config(&cfg));
+    let events = |want: f64| {
+        eventually("the events metric", || {
+            let (_, body) = get(port, "/metrics")?;
+            (metric(&body, "keywatch_events_total")? >= want).then_some(body)
+        })
+    };
+    let body = events(600.0);
+    assert_eq!(metric(&body, "keywatch_events_total"), Some(600.0));
+
+    // Appended lines, one of them written in two parts, are read as they come.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    write!(f, "{}\n{}", full[600..999].join("\n"), &full[999][..20]).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    writeln!(f, "{}", &full[999][20..]).unwrap();
+    drop(f);
+    let body = events(1000.0);
+    assert_eq!(metric(&body, "keywatch_events_total"), Some(1000.0));
+
+    let (status, health) = get(port, "/healthz").unwrap();
+    assert!(status.contains("200"), "{status}");
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert!(health["last_commit_ms"].as_i64().unwrap() > 0);
+
+    // SIGTERM: a clean exit with the position at the end of the file.
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = wait_with_timeout(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+
+    let state = dir.path().join("state");
+    assert_eq!(totals(&state), (1000, 1000));
+    let store = SqliteStore::open(&state).unwrap();
+    let source = format!("file:{}", log.display());
+    match store.position(&source).unwrap() {
+        Some(Position::File(p)) => {
+            assert_eq!(p.offset, std::fs::metadata(&log).unwrap().len())
+        }
+        other => panic!("unexpected position {other:?}"),
+    }
+}
