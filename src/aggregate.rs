@@ -6,7 +6,7 @@
 //! the batch.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 
 use crate::event::{AuthEvent, Outcome};
 
@@ -62,25 +62,31 @@ impl Rollup {
             .sum()
     }
 
-    /// The latency under which a fraction `q` of requests fell, estimated as the upper
-    /// bound of the histogram bucket where the quantile lands (the max for the last one).
+    /// The latency under which a fraction `q` of requests fell, interpolated linearly
+    /// within the histogram bucket where the quantile lands, and never above the maximum.
     pub fn latency_quantile(&self, q: f64) -> Option<f64> {
         if self.latency_count == 0 {
             return None;
         }
-        let rank = (q.clamp(0.0, 1.0) * self.latency_count as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, n) in self.latency_buckets.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return Some(
-                    LATENCY_BOUNDS_MS
-                        .get(i)
-                        .copied()
-                        .unwrap_or(self.latency_max_ms)
-                        .min(self.latency_max_ms),
-                );
+        let rank = q.clamp(0.0, 1.0) * self.latency_count as f64;
+        let mut seen = 0.0;
+        for (i, &n) in self.latency_buckets.iter().enumerate() {
+            let n = n as f64;
+            if n > 0.0 && seen + n >= rank {
+                let lower = if i == 0 {
+                    0.0
+                } else {
+                    LATENCY_BOUNDS_MS[i - 1]
+                };
+                let upper = LATENCY_BOUNDS_MS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(self.latency_max_ms)
+                    .min(self.latency_max_ms);
+                let within = ((rank - seen) / n).clamp(0.0, 1.0);
+                return Some(lower.min(upper) + (upper - lower.min(upper)) * within);
             }
+            seen += n;
         }
         Some(self.latency_max_ms)
     }
@@ -183,9 +189,8 @@ impl Aggregate {
             field(&ev.endpoint),
             field(&ev.gateway),
         );
-        let mut h = self.hasher.build_hasher();
-        (ip, ua, endpoint, gateway).hash(&mut h);
-        let chain = key.sources.entry(h.finish()).or_default();
+        let hash = self.hasher.hash_one((ip, ua, endpoint, gateway));
+        let chain = key.sources.entry(hash).or_default();
         let failure = u64::from(ev.outcome.is_failure());
         match chain.iter_mut().find(|(k, _)| {
             k.ip == ip && k.user_agent == ua && k.endpoint == endpoint && k.gateway == gateway
@@ -216,11 +221,9 @@ impl Aggregate {
 
     /// Per key and minute: `(key_id, minute_ms, rollup)`.
     pub fn rollups(&self) -> impl Iterator<Item = (&str, i64, &Rollup)> {
-        self.keys.iter().flat_map(|(k, agg)| {
-            agg.minutes
-                .iter()
-                .map(move |(m, r)| (k.as_str(), *m, r))
-        })
+        self.keys
+            .iter()
+            .flat_map(|(k, agg)| agg.minutes.iter().map(move |(m, r)| (k.as_str(), *m, r)))
     }
 
     pub fn sources(&self) -> impl Iterator<Item = (&SourceKey, &SourceStats)> {
@@ -277,7 +280,16 @@ mod tests {
 
         let mut sources: Vec<_> = agg
             .sources()
-            .map(|(k, s)| (k.key_id.clone(), k.ip.clone(), s.requests, s.failures, s.first_seen_ms, s.last_seen_ms))
+            .map(|(k, s)| {
+                (
+                    k.key_id.clone(),
+                    k.ip.clone(),
+                    s.requests,
+                    s.failures,
+                    s.first_seen_ms,
+                    s.last_seen_ms,
+                )
+            })
             .collect();
         sources.sort();
         assert_eq!(
@@ -312,8 +324,10 @@ mod tests {
         assert_eq!(r.latency_buckets[3], 2);
         assert_eq!(r.latency_buckets[5], 1);
         assert_eq!(r.latency_buckets[11], 1);
-        assert_eq!(r.latency_quantile(0.5), Some(50.0));
+        // Rank 3 of 6 lands on the first of two values in the 25-50 ms bucket.
+        assert_eq!(r.latency_quantile(0.5), Some(37.5));
         assert_eq!(r.latency_quantile(1.0), Some(20_000.0));
+        assert_eq!(r.latency_quantile(0.0), Some(0.0));
         assert_eq!(Rollup::default().latency_quantile(0.5), None);
 
         let mut m = Rollup::default();

@@ -22,7 +22,7 @@ use crate::deadletter::{DeadLetter, DeadLetterFile, DEAD_LETTER_FILE, DEFAULT_MA
 use crate::event::{AuthEvent, Decoder, Fingerprinter};
 use crate::server::Health;
 use crate::source::{self, Batch, FileFollower, FollowOptions, Position};
-use crate::store::{Checkpoint, SqliteStore, Store, StoreError};
+use crate::store::{BatchWrite, Checkpoint, SqliteStore, Store, StoreError};
 
 /// File in the state directory holding the generated fingerprint secret.
 pub const SECRET_FILE: &str = "fingerprint.secret";
@@ -41,7 +41,9 @@ pub struct RunSummary {
 pub fn load_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     let secret = match &config.fingerprint.secret {
         SecretSource::Env(name) => std::env::var(name)
-            .with_context(|| format!("fingerprint.secret_env: environment variable {name} is not set"))?
+            .with_context(|| {
+                format!("fingerprint.secret_env: environment variable {name} is not set")
+            })?
             .into_bytes(),
         SecretSource::File(path) => std::fs::read(path)
             .with_context(|| format!("fingerprint.secret_file: cannot read {}", path.display()))?,
@@ -49,7 +51,10 @@ pub fn load_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     };
     let trimmed = secret.trim_ascii_end();
     if trimmed.len() < 16 {
-        bail!("the fingerprint secret must be at least 16 bytes, found {}", trimmed.len());
+        bail!(
+            "the fingerprint secret must be at least 16 bytes, found {}",
+            trimmed.len()
+        );
     }
     Ok(trimmed.to_vec())
 }
@@ -104,11 +109,9 @@ pub async fn run(
     let saved = store
         .position(&source_id)
         .context("reading the stored source position")?;
-    let dead_letters = DeadLetterFile::open(
-        &config.state_dir.join(DEAD_LETTER_FILE),
-        DEFAULT_MAX_BYTES,
-    )
-    .context("opening the dead-letter file")?;
+    let dead_letters =
+        DeadLetterFile::open(&config.state_dir.join(DEAD_LETTER_FILE), DEFAULT_MAX_BYTES)
+            .context("opening the dead-letter file")?;
 
     let (tx, rx) = mpsc::channel::<Batch>(config.pipeline.channel_capacity.get());
     let opts = FollowOptions {
@@ -165,7 +168,9 @@ pub async fn run(
             Ok(summary)
         }
         Err(e) => {
-            health.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            health
+                .failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             Err(e)
         }
     }
@@ -225,7 +230,8 @@ impl Pipeline {
                     tracing::warn!(source = %self.source_id, offset, reason = %e, "rejected a line");
                     self.dead_letters
                         .write(&DeadLetter {
-                            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                            at: chrono::Utc::now()
+                                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                             source: &self.source_id,
                             offset,
                             reason: e.to_string(),
@@ -247,8 +253,13 @@ impl Pipeline {
             position,
         });
         let started = Instant::now();
-        self.commit_with_retry(&agg, checkpoint)?;
-        metrics::histogram!("keywatch_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        self.commit_with_retry(&BatchWrite {
+            aggregate: &agg,
+            events: &[],
+            checkpoint,
+        })?;
+        metrics::histogram!("keywatch_store_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
         metrics::counter!("keywatch_events_total").increment(agg.events);
         metrics::counter!("keywatch_batches_committed_total").increment(1);
         metrics::gauge!("keywatch_last_commit_timestamp_seconds")
@@ -259,20 +270,21 @@ impl Pipeline {
         self.summary.events += agg.events;
         self.summary.dead_letters += rejected;
         self.summary.batches += 1;
-        tracing::debug!(lines = batch.len(), events = agg.events, rejected, "batch committed");
+        tracing::debug!(
+            lines = batch.len(),
+            events = agg.events,
+            rejected,
+            "batch committed"
+        );
         Ok(())
     }
 
     /// Retries transient store errors with capped exponential backoff until it works or
     /// keywatch is asked to stop (the batch is then read again at the next start).
-    fn commit_with_retry(
-        &mut self,
-        agg: &Aggregate,
-        checkpoint: Option<Checkpoint<'_>>,
-    ) -> anyhow::Result<()> {
+    fn commit_with_retry(&mut self, batch: &BatchWrite<'_, '_>) -> anyhow::Result<()> {
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.store.commit(agg, checkpoint) {
+            match self.store.commit(batch) {
                 Ok(()) => return Ok(()),
                 Err(e @ StoreError::Fatal(_)) => return Err(e).context("storing a batch"),
                 Err(e) => {

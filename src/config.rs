@@ -329,7 +329,10 @@ impl RawConfig {
         let source = match (input.kind, &input.path) {
             (InputKind::File, Some(p)) if !p.as_os_str().is_empty() => InputSource::File(p.clone()),
             (InputKind::File, _) => {
-                return Err(err("input.path", "required when input.kind = \"file\"".into()))
+                return Err(err(
+                    "input.path",
+                    "required when input.kind = \"file\"".into(),
+                ))
             }
             (InputKind::Stdin, Some(_)) => {
                 return Err(err(

@@ -15,7 +15,11 @@ use keywatch::store::SqliteStore;
 use keywatch::{app, report, sample};
 
 #[derive(Parser)]
-#[command(name = "keywatch", version, about = "Watches API key usage so that key rotations finish without downtime")]
+#[command(
+    name = "keywatch",
+    version,
+    about = "Watches API key usage so that key rotations finish without downtime"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -227,9 +231,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing the SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -18,7 +18,7 @@ fn new_table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(header.iter().map(|h| Cell::new(h)));
+        .set_header(header.iter().map(Cell::new));
     t
 }
 
@@ -89,7 +89,13 @@ pub fn sources_table(rows: &[SourceRow]) -> String {
         "first seen (UTC)",
         "last seen (UTC)",
     ]);
-    let dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
     for (k, s) in rows {
         t.add_row(vec![
             Cell::new(dash(&k.ip)),

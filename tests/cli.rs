@@ -43,7 +43,12 @@ fn check_config_names_file_field_and_reason() {
         };
         assert_eq!(stderr, expected);
         // `run` refuses the same file with the same message.
-        let out = keywatch().arg("run").arg("--config").arg(&path).output().unwrap();
+        let out = keywatch()
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
         assert!(!out.status.success());
         assert!(
             String::from_utf8_lossy(&out.stderr).contains(want),
@@ -110,24 +115,36 @@ fn bad_lines_are_dead_lettered_redacted_and_the_run_goes_on() {
     let out = run_ok(&mut run_config(&cfg));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stdout.contains("4 line(s) could not be decoded"), "{stdout}");
+    assert!(
+        stdout.contains("4 line(s) could not be decoded"),
+        "{stdout}"
+    );
 
     let state = dir.path().join("state");
     assert_eq!(totals(&state), (500, 500));
     let dl = std::fs::read_to_string(state.join("dead-letter.jsonl")).unwrap();
-    let records: Vec<serde_json::Value> =
-        dl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<serde_json::Value> = dl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(records.len(), 4, "{dl}");
     for r in &records {
         assert!(!r["reason"].as_str().unwrap().is_empty());
         assert!(r["offset"].as_u64().unwrap() > 0);
     }
-    assert!(records[0]["reason"].as_str().unwrap().starts_with("not valid JSON"));
+    assert!(records[0]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("not valid JSON"));
     assert_eq!(stderr.matches("rejected a line").count(), 4, "{stderr}");
 
     // The raw key in the broken line is fingerprinted in the dead letter, and no raw key
     // reaches the database, the logs or the report.
-    assert!(records[1]["line"].as_str().unwrap().contains("fp:"), "{}", records[1]);
+    assert!(
+        records[1]["line"].as_str().unwrap().contains("fp:"),
+        "{}",
+        records[1]
+    );
     let mut db = Vec::new();
     for entry in std::fs::read_dir(&state).unwrap() {
         db.extend(std::fs::read(entry.unwrap().path()).unwrap());

@@ -51,7 +51,10 @@ fn kill_9_mid_file_loses_and_double_counts_nothing() {
     let status = wait_with_timeout(&mut child, Duration::from_secs(120));
     assert!(status.success());
 
-    assert!(kills >= 2, "the test must actually kill keywatch mid-file ({kills} kills)");
+    assert!(
+        kills >= 2,
+        "the test must actually kill keywatch mid-file ({kills} kills)"
+    );
     assert!(
         progress.iter().any(|p| *p > 0 && *p < lines as u64),
         "some kill must land mid-file: {progress:?}"

@@ -43,7 +43,10 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -60,10 +63,14 @@ fn follows_appends_serves_metrics_and_stops_on_sigterm() {
         dir.path(),
         &log,
         "traefik",
-        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[pipeline]\nbatch_max_wait = \"50ms\"\n"),
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[pipeline]\nbatch_max_wait = \"50ms\"\n"
+        ),
     );
     // `config` writes follow = false; this test follows.
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("follow = false", "follow = true");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("follow = false", "follow = true");
     std::fs::write(&cfg, text).unwrap();
 
     let mut child = spawn_quiet(&mut run_config(&cfg));

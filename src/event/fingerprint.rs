@@ -91,8 +91,14 @@ mod tests {
     #[test]
     fn hints_only_for_long_keys() {
         let f = Fingerprinter::new(b"s", 4);
-        assert_eq!(f.hint("sk_live_4eC39HqLyjWDarjtT1zdp7dc").as_deref(), Some("…p7dc"));
+        assert_eq!(
+            f.hint("sk_live_4eC39HqLyjWDarjtT1zdp7dc").as_deref(),
+            Some("…p7dc")
+        );
         assert_eq!(f.hint("short-key"), None);
-        assert_eq!(Fingerprinter::new(b"s", 0).hint("sk_live_4eC39HqLyjWDarjtT1zdp7dc"), None);
+        assert_eq!(
+            Fingerprinter::new(b"s", 0).hint("sk_live_4eC39HqLyjWDarjtT1zdp7dc"),
+            None
+        );
     }
 }

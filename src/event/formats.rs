@@ -9,6 +9,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use super::fpcache::FingerprintCache;
 use super::mapping::{CompiledMapping, FieldMapping, EXPECTED_TIMESTAMP};
 use super::redact::Redactor;
 use super::time::{epoch_to_ms, parse_timestamp, scale_epoch};
@@ -19,6 +20,8 @@ use super::{normalize_path, AuthEvent, DecodeError, Fingerprinter, Outcome, NO_K
 pub const PRESETS: &[&str] = &["kong", "tyk", "traefik", "envoy", "nginx", "aws-apigw"];
 
 /// How the lines of a source are written.
+// A config value, built once per source: the size of the mapping variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Format {
     Kong,
@@ -82,6 +85,7 @@ pub struct Decoder {
     gateway_label: Option<String>,
     mapping: Option<CompiledMapping>,
     redactor: Redactor,
+    fingerprints: FingerprintCache,
 }
 
 /// What a record said, before the key is resolved and the outcome classified.
@@ -124,6 +128,7 @@ impl Decoder {
             gateway_label: gateway_label.filter(|l| !l.trim().is_empty()),
             mapping,
             redactor,
+            fingerprints: FingerprintCache::new(),
         }
     }
 
@@ -143,8 +148,9 @@ impl Decoder {
         let Some(&first) = line.iter().find(|c| !c.is_ascii_whitespace()) else {
             return Ok(0);
         };
+        let line = std::str::from_utf8(line).map_err(|_| DecodeError::NotUtf8)?;
         if first != b'{' && !(first == b'[' && matches!(self.format, Format::Kong)) {
-            return Err(self.not_an_object(line));
+            return Err(self.not_an_object());
         }
         let parts = match &self.format {
             Format::Kong if first == b'[' => return self.kong_batch(line, out),
@@ -176,7 +182,7 @@ impl Decoder {
 
     fn kong_batch<'a>(
         &self,
-        line: &'a [u8],
+        line: &'a str,
         out: &mut Vec<AuthEvent<'a>>,
     ) -> Result<usize, DecodeError> {
         let records: Vec<Obj<KongRecord<'a>>> = parse(line)?;
@@ -200,10 +206,7 @@ impl Decoder {
     }
 
     /// The error for a line that does not start like a JSON object (or, for Kong, a batch).
-    fn not_an_object(&self, line: &[u8]) -> DecodeError {
-        if std::str::from_utf8(line).is_err() {
-            return DecodeError::NotUtf8;
-        }
+    fn not_an_object(&self) -> DecodeError {
         DecodeError::Json(
             if matches!(self.format, Format::Kong) {
                 "expected a JSON object or an array of objects"
@@ -217,10 +220,10 @@ impl Decoder {
     fn finish<'a>(&self, p: Parts<'a>) -> AuthEvent<'a> {
         let (key_id, key_hint) = match (p.key_id, p.key_secret) {
             (Some(id), _) => (id, None),
-            (None, Some(raw)) => (
-                Cow::Owned(self.fingerprinter.key_id(&raw)),
-                self.fingerprinter.hint(&raw),
-            ),
+            (None, Some(raw)) => {
+                let (id, hint) = self.fingerprints.get(&self.fingerprinter, &raw);
+                (Cow::Owned(id), hint)
+            }
             (None, None) => (Cow::Borrowed(NO_KEY), None),
         };
         let outcome = Outcome::classify(p.status, p.message.as_deref());
@@ -240,16 +243,10 @@ impl Decoder {
     }
 }
 
-fn parse<'a, T: Deserialize<'a>>(line: &'a [u8]) -> Result<T, DecodeError> {
-    serde_json::from_slice(line).map_err(|e| json_error(e, line))
-}
-
-fn json_error(e: serde_json::Error, line: &[u8]) -> DecodeError {
-    if std::str::from_utf8(line).is_err() {
-        DecodeError::NotUtf8
-    } else {
-        DecodeError::json(e)
-    }
+/// Parses a line already checked to be UTF-8 (one pass over the line is cheaper than
+/// serde_json checking each string on its own).
+fn parse<'a, T: Deserialize<'a>>(line: &'a str) -> Result<T, DecodeError> {
+    serde_json::from_str(line).map_err(DecodeError::json)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -630,7 +627,10 @@ fn envoy(r: EnvoyRecord<'_>) -> Result<Parts<'_>, DecodeError> {
     Ok(Parts {
         ts_ms: time_any(&r.start_time, "start_time")?,
         status: r.response_code.status("response_code")?,
-        message: text(r.response_code_details, "response_code_details")?,
+        // "via_upstream" (the upstream answered) is most requests and says nothing about
+        // the key: skip classifying it as a message.
+        message: text(r.response_code_details, "response_code_details")?
+            .filter(|d| d != "via_upstream"),
         key_id: text(r.api_key_id, "api_key_id")?,
         key_secret: text(r.x_api_key, "x_api_key")?,
         source_ip,
@@ -859,6 +859,12 @@ mod tests {
 
     fn json(msg: &str) -> DecodeError {
         DecodeError::Json(msg.into())
+    }
+
+    #[test]
+    fn decoders_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync + Clone>() {}
+        shared::<Decoder>();
     }
 
     #[test]
@@ -1812,5 +1818,85 @@ mod tests {
         let out = d.redact(br#"{"creds":{"token":"tok_1234567890abcdef"},"t":"-"}"#);
         assert!(!out.contains("tok_1234567890abcdef"), "{out}");
         assert!(out.contains(&*fp("tok_1234567890abcdef")), "{out}");
+    }
+
+    fn speed_lines() -> Vec<(Format, String)> {
+        let kong_raw = kong_full()
+            .replace(
+                r#""authenticated_entity":{"id":"c62c1455-4ae0-4a7b-97f4-e2ad39a8a001"},"#,
+                "",
+            )
+            .replace(
+                r#""user-agent":"HTTPie/2.4.0""#,
+                &format!(r#""user-agent":"HTTPie/2.4.0","apikey":"{KONG_KEY}""#),
+            );
+        vec![
+            (Format::Kong, kong_full()),
+            (Format::Kong, kong_raw),
+            (Format::Tyk, format!(r#"{{"method":"GET","host":"api.example.com","path":"/v1/users/3f2b8c1e-9d4a-4c1b-8e2f-1a2b3c4d5e6f/keys","raw_path":"/v1/users/3f2b8c1e-9d4a-4c1b-8e2f-1a2b3c4d5e6f/keys","content_length":0,"user_agent":"Go-http-client/1.1","day":25,"month":2,"year":2021,"hour":5,"response_code":200,"api_key":"{TYK_KEY}","timestamp":"2021-02-25T05:57:48.342Z","api_version":"Non Versioned","api_name":"Users API","api_id":"a1b2c3","org_id":"5e9d9544a1dcd60001d0ed20","oauth_id":"","request_time_ms":12,"raw_request":"","raw_response":"","ip_address":"172.18.0.1","geo":{{"country":{{"iso_code":""}}}},"network":{{"open_connections":0}},"latency":{{"total":12,"upstream":10}},"tags":["key-abc","org-5e9d"],"alias":"portal-developer@example.com","track_path":false,"expireAt":"2021-03-04T05:57:48.342Z"}}"#)),
+            (Format::Traefik, r#"{"ClientAddr":"172.17.0.1:41372","ClientHost":"172.17.0.1","ClientPort":"41372","ClientUsername":"alice","DownstreamContentSize":217,"DownstreamStatus":200,"Duration":1893400,"OriginContentSize":217,"OriginDuration":1793500,"OriginStatus":200,"Overhead":99900,"RequestAddr":"whoami.localhost","RequestContentSize":0,"RequestCount":3,"RequestHost":"whoami.localhost","RequestMethod":"GET","RequestPath":"/api/v1/orders/77","RequestPort":"-","RequestProtocol":"HTTP/1.1","RequestScheme":"http","RetryAttempts":0,"RouterName":"whoami@docker","ServiceAddr":"172.17.0.3:80","ServiceName":"whoami@docker","ServiceURL":{"Scheme":"http","Host":"172.17.0.3:80"},"StartLocal":"2020-07-21T15:48:40.497523162+02:00","StartUTC":"2020-07-21T13:48:40.497523162Z","entryPointName":"web","level":"info","msg":"","request_User-Agent":"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_5)","request_X-Request-Id":"f3c0","time":"2020-07-21T15:48:40+02:00"}"#.into()),
+            (Format::Envoy, format!(r#"{{"authority":"api.example.com","bytes_received":0,"bytes_sent":15,"downstream_local_address":"10.44.0.7:8080","downstream_remote_address":"10.44.0.1:51234","duration":4,"method":"GET","path":"/v1/items/98765?x=1","protocol":"HTTP/1.1","request_id":"6b0b2a68-9a5f-4bfb-9d5b-1d0f7c5a4e21","requested_server_name":null,"response_code":200,"response_flags":"-","route_name":"default","start_time":"2021-03-01T12:34:56.789Z","upstream_cluster":"outbound|80||items.default.svc.cluster.local","upstream_host":"10.44.0.9:80","user_agent":"okhttp/4.9.0","x_forwarded_for":"198.51.100.23, 10.44.0.1","x_api_key":"{ENVOY_KEY}","response_code_details":"via_upstream","hostname":"istio-ingressgateway-7d4b6"}}"#)),
+            (Format::Nginx, format!(r#"{{"time_iso8601":"2021-02-25T05:57:48+00:00","msec":"1614232668.342","remote_addr":"192.0.2.10","request_method":"GET","request_uri":"/v1/orders?page=2","status":"200","body_bytes_sent":"512","request_time":"0.012","http_referrer":"","http_user_agent":"Mozilla/5.0","http_x_api_key":"{NGINX_KEY}","request_id":"8a3f1c","hostname":"web-01"}}"#)),
+            (Format::AwsApiGw, r#"{"requestId":"c6af9ac6-7b61-11e6-9a41-93e8deadbeef","ip":"203.0.113.50","caller":"-","user":"-","requestTime":"25/Feb/2021:06:57:48 +0100","requestTimeEpoch":"1614232668342","httpMethod":"GET","resourcePath":"/pets/{petId}","path":"/prod/pets/42","status":"200","protocol":"HTTP/1.1","responseLength":"48","userAgent":"aws-sdk-js/2.0","apiKeyId":"wJbYk3eXa1","responseLatency":"23","errorMessage":"-","domainName":"abc123.execute-api.eu-west-1.amazonaws.com"}"#.into()),
+        ]
+    }
+
+    /// Decode (+ fingerprint) against a plain `serde_json::Value` parse of the same lines.
+    /// `cargo test --release --lib event::formats::tests::speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn speed_against_value_parse() {
+        use std::time::Instant;
+        let lines = speed_lines();
+        // The best of a few rounds: the machine may be busy.
+        let best = |f: &mut dyn FnMut()| {
+            (0..7)
+                .map(|_| {
+                    let t = Instant::now();
+                    for _ in 0..5_000 {
+                        f();
+                    }
+                    t.elapsed().as_nanos() as f64 / 5_000.0
+                })
+                .fold(f64::MAX, f64::min)
+        };
+        for (format, line) in lines {
+            let name = format.name();
+            let d = decoder(format);
+            let mut out = Vec::with_capacity(1);
+            let ours = best(&mut || {
+                out.clear();
+                d.decode(std::hint::black_box(line.as_bytes()), &mut out)
+                    .unwrap();
+                std::hint::black_box(&out);
+            });
+            let value = best(&mut || {
+                let v: serde_json::Value =
+                    serde_json::from_slice(std::hint::black_box(line.as_bytes())).unwrap();
+                std::hint::black_box(v);
+            });
+            println!(
+                "{name:10} {:5} B  decode {ours:7.0} ns  Value {value:7.0} ns  x{:.1}",
+                line.len(),
+                value / ours
+            );
+        }
+    }
+
+    /// For profiling: `KW_FORMAT=envoy perf record <test binary> speed_loop --ignored`.
+    #[test]
+    #[ignore]
+    fn speed_loop() {
+        let name = std::env::var("KW_FORMAT").unwrap_or_else(|_| "kong".into());
+        for (format, line) in speed_lines().into_iter().filter(|(f, _)| f.name() == name) {
+            let d = decoder(format);
+            let mut out = Vec::with_capacity(1);
+            for _ in 0..1_000_000 {
+                out.clear();
+                d.decode(std::hint::black_box(line.as_bytes()), &mut out)
+                    .unwrap();
+                std::hint::black_box(&out);
+            }
+        }
     }
 }

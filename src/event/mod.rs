@@ -10,6 +10,7 @@
 
 mod fingerprint;
 mod formats;
+mod fpcache;
 mod mapping;
 mod outcome;
 mod redact;

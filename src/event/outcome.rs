@@ -101,7 +101,13 @@ impl Outcome {
             "access to this api has been disallowed",
         ]) {
             Some(Outcome::InvalidKey)
-        } else if has(&["scope", "forbidden", "permission", "not allowed", "cannot be accessed"]) {
+        } else if has(&[
+            "scope",
+            "forbidden",
+            "permission",
+            "not allowed",
+            "cannot be accessed",
+        ]) {
             Some(Outcome::Forbidden)
         } else {
             None
@@ -127,13 +133,25 @@ mod tests {
             (404, None, Outcome::Ok),
             (502, None, Outcome::Ok),
             (401, None, Outcome::InvalidKey),
-            (401, Some("No API key found in request"), Outcome::InvalidKey),
-            (401, Some("Invalid authentication credentials"), Outcome::InvalidKey),
+            (
+                401,
+                Some("No API key found in request"),
+                Outcome::InvalidKey,
+            ),
+            (
+                401,
+                Some("Invalid authentication credentials"),
+                Outcome::InvalidKey,
+            ),
             (401, Some("Key has expired, please renew"), Outcome::Expired),
             (401, Some("API key revoked"), Outcome::Revoked),
             (403, None, Outcome::Forbidden),
             (403, Some("Forbidden"), Outcome::Forbidden),
-            (403, Some("Invalid API Key identifier specified"), Outcome::InvalidKey),
+            (
+                403,
+                Some("Invalid API Key identifier specified"),
+                Outcome::InvalidKey,
+            ),
             (403, Some("insufficient scope"), Outcome::Forbidden),
             (429, None, Outcome::RateLimited),
             (429, Some("API rate limit exceeded"), Outcome::RateLimited),

@@ -273,7 +273,7 @@ mod tests {
                 format!(r#"{{"a":{{"b":{{"X-API-KEY" : "{id}"}}}}}}"#),
             ),
             (
-                format!(r#"{{"apikey":12345}}"#),
+                r#"{"apikey":12345}"#.to_string(),
                 format!(r#"{{"apikey":"{}"}}"#, fp.key_id("12345")),
             ),
             (

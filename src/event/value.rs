@@ -54,14 +54,6 @@ fn is_blank(s: &str) -> bool {
     t.is_empty() || t == "-"
 }
 
-fn trim_cow(c: Cow<'_, str>) -> Cow<'_, str> {
-    match c {
-        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
-        Cow::Owned(s) if s.trim().len() != s.len() => Cow::Owned(s.trim().to_owned()),
-        owned => owned,
-    }
-}
-
 fn invalid(field: &'static str, reason: &str) -> DecodeError {
     DecodeError::Invalid {
         field,
@@ -74,8 +66,19 @@ impl<'a> Val<'a> {
     pub(crate) fn text(self, field: &'static str) -> Result<Option<Cow<'a, str>>, DecodeError> {
         match self {
             Val::Absent => Ok(None),
-            Val::Str(s) if is_blank(&s) => Ok(None),
-            Val::Str(s) => Ok(Some(trim_cow(s))),
+            Val::Str(s) => {
+                let t = s.trim();
+                if t.is_empty() || t == "-" {
+                    Ok(None)
+                } else if t.len() == s.len() {
+                    Ok(Some(s))
+                } else {
+                    Ok(Some(match s {
+                        Cow::Borrowed(b) => Cow::Borrowed(b.trim()),
+                        Cow::Owned(o) => Cow::Owned(o.trim().to_owned()),
+                    }))
+                }
+            }
             Val::Int(i) => Ok(Some(Cow::Owned(i.to_string()))),
             Val::Float(f) => Ok(Some(Cow::Owned(f.to_string()))),
             Val::Bool(_) | Val::Other => Err(invalid(field, EXPECTED_STRING)),
@@ -88,10 +91,15 @@ impl<'a> Val<'a> {
             Val::Absent => Ok(None),
             Val::Int(i) => Ok(Some(Num::Int(*i))),
             Val::Float(f) => Ok(Some(Num::Float(*f))),
-            Val::Str(s) if is_blank(s) => Ok(None),
-            Val::Str(s) => parse_num(s.trim())
-                .map(Some)
-                .ok_or_else(|| invalid(field, EXPECTED_NUMBER)),
+            Val::Str(s) => {
+                let t = s.trim();
+                if t.is_empty() || t == "-" {
+                    return Ok(None);
+                }
+                parse_num(t)
+                    .map(Some)
+                    .ok_or_else(|| invalid(field, EXPECTED_NUMBER))
+            }
             Val::Bool(_) | Val::Other => Err(invalid(field, EXPECTED_NUMBER)),
         }
     }
@@ -229,19 +237,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for Header<'a> {
 }
 
 /// A nested object of a record.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) enum Obj<T> {
     /// Not in the record, or `null`.
+    #[default]
     Absent,
     Some(T),
     /// Present but not an object.
     Invalid,
-}
-
-impl<T> Default for Obj<T> {
-    fn default() -> Self {
-        Obj::Absent
-    }
 }
 
 impl<T> Obj<T> {

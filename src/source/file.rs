@@ -922,6 +922,7 @@ fn with_offset(source: &Position, offset: u64) -> Position {
             ..f.clone()
         }),
         Position::Stdin { .. } => Position::Stdin { offset },
+        Position::Kafka { .. } => unreachable!("line sources never hold Kafka positions"),
     }
 }
 

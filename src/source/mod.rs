@@ -22,7 +22,21 @@ pub use file::{FileFollower, FilePosition, FollowOptions};
 pub enum Position {
     File(FilePosition),
     /// Bytes read from standard input; stdin cannot be resumed, this is informational.
-    Stdin { offset: u64 },
+    Stdin {
+        offset: u64,
+    },
+    /// Per partition, the offset of the next message to read (Kafka's convention).
+    Kafka {
+        offsets: Vec<PartitionOffset>,
+    },
+}
+
+/// The next offset to read in one topic partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PartitionOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Complete lines read from a source, in one buffer.

@@ -7,6 +7,7 @@
 pub mod sqlite;
 
 use crate::aggregate::{Aggregate, Rollup, SourceKey, SourceStats};
+use crate::event::AuthEvent;
 use crate::source::Position;
 
 pub use sqlite::SqliteStore;
@@ -35,10 +36,43 @@ pub struct Checkpoint<'a> {
     pub position: &'a Position,
 }
 
+/// Where a raw event came from inside its source, so that a store keeping raw events can
+/// tell which batch wrote a row (and remove rows of a batch it never committed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// Kafka partition (0 for files and stdin).
+    pub partition: i32,
+    /// Kafka offset of the message, or byte offset of the line in a file.
+    pub offset: i64,
+    /// Index of the event within its message (a Kong array holds several).
+    pub index: u32,
+}
+
+/// A decoded event kept for stores that keep raw events.
+#[derive(Debug, Clone)]
+pub struct StoredEvent<'a> {
+    pub event: AuthEvent<'a>,
+    pub origin: Origin,
+}
+
+/// Everything one batch writes.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchWrite<'a, 'e> {
+    pub aggregate: &'a Aggregate,
+    /// Raw events, only filled when [`Store::keeps_raw_events`] says so.
+    pub events: &'a [StoredEvent<'e>],
+    pub checkpoint: Option<Checkpoint<'a>>,
+}
+
 pub trait Store {
-    /// Adds `agg` and moves `checkpoint`'s source to its position, atomically.
-    fn commit(&mut self, agg: &Aggregate, checkpoint: Option<Checkpoint<'_>>)
-        -> Result<(), StoreError>;
+    /// Adds the batch's aggregate (and raw events) and moves the checkpoint's source to its
+    /// position, atomically: after a crash, either all of it is visible or none of it is.
+    fn commit(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError>;
+
+    /// Whether [`BatchWrite::events`] should be filled (it costs a copy of every event).
+    fn keeps_raw_events(&self) -> bool {
+        false
+    }
 
     /// The position stored for a source by the last successful commit.
     fn position(&self, source: &str) -> Result<Option<Position>, StoreError>;

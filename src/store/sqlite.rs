@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Checkpoint, KeyUsage, SourceRow, Store, StoreError};
-use crate::aggregate::{Aggregate, Rollup, SourceKey, SourceStats, LATENCY_BUCKETS};
+use super::{BatchWrite, KeyUsage, SourceRow, Store, StoreError};
+use crate::aggregate::{Rollup, SourceKey, SourceStats, LATENCY_BUCKETS};
 use crate::event::Outcome;
 use crate::source::Position;
 
@@ -95,7 +95,8 @@ impl SqliteStore {
     pub fn open_file(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Fatal(format!("cannot open {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(classify)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(classify)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(classify)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -114,9 +115,11 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| StoreError::Fatal(format!("cannot open {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(classify)?;
+        let conn =
+            Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(|e| StoreError::Fatal(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(classify)?;
         Ok(SqliteStore { conn })
     }
 
@@ -260,11 +263,8 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn commit(
-        &mut self,
-        agg: &Aggregate,
-        checkpoint: Option<Checkpoint<'_>>,
-    ) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
+        let agg = batch.aggregate;
         let tx = self.conn.transaction().map_err(classify)?;
         {
             let mut rollup = tx
@@ -339,7 +339,7 @@ impl Store for SqliteStore {
                     .map_err(classify)?;
             }
 
-            if let Some(cp) = checkpoint {
+            if let Some(cp) = batch.checkpoint {
                 let json = serde_json::to_string(cp.position)
                     .map_err(|e| StoreError::Fatal(format!("position: {e}")))?;
                 tx.execute(
@@ -376,7 +376,11 @@ impl Store for SqliteStore {
 static ROLLUP_UPSERT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn rollup_upsert() -> String {
-    let mut cols = vec!["key_id".to_owned(), "minute".to_owned(), "requests".to_owned()];
+    let mut cols = vec![
+        "key_id".to_owned(),
+        "minute".to_owned(),
+        "requests".to_owned(),
+    ];
     cols.extend(OUTCOME_COLUMNS.iter().map(|c| c.to_string()));
     cols.extend(["latency_count", "latency_sum_ms", "latency_max_ms"].map(String::from));
     cols.extend((0..LATENCY_BUCKETS).map(|i| format!("lat_b{i}")));
@@ -401,8 +405,10 @@ mod tests {
     use std::borrow::Cow;
 
     use super::*;
+    use crate::aggregate::Aggregate;
     use crate::event::AuthEvent;
     use crate::source::FilePosition;
+    use crate::store::Checkpoint;
 
     fn event(ts: i64, key: &'static str, ip: &'static str) -> AuthEvent<'static> {
         let mut e = AuthEvent::new(ts, Cow::Borrowed(key), 200, Outcome::Ok);
@@ -430,13 +436,14 @@ mod tests {
             agg.add(&event(200_000, "k2", "10.0.0.1"));
             let p = pos(offset);
             store
-                .commit(
-                    &agg,
-                    Some(Checkpoint {
+                .commit(&BatchWrite {
+                    aggregate: &agg,
+                    events: &[],
+                    checkpoint: Some(Checkpoint {
                         source: "file:/x",
                         position: &p,
                     }),
-                )
+                })
                 .unwrap();
         }
         assert_eq!(store.position("file:/x").unwrap(), Some(pos(200)));
@@ -451,7 +458,7 @@ mod tests {
         assert_eq!(usage[0].sources, 2);
         assert_eq!(usage[0].first_seen_ms, 60_000);
         assert_eq!(usage[0].last_seen_ms, 61_000);
-        assert_eq!(usage[0].totals.latency_quantile(0.5), Some(12.0));
+        assert_eq!(usage[0].totals.latency_quantile(0.5), Some(11.0));
 
         let recent = store.key_usage(Some(120_000)).unwrap();
         assert_eq!(recent.len(), 1);
@@ -471,18 +478,22 @@ mod tests {
             let mut store = SqliteStore::open(dir.path()).unwrap();
             let mut agg = Aggregate::default();
             agg.add(&event(1, "k", "ip"));
-            store.commit(&agg, None).unwrap();
+            store
+                .commit(&BatchWrite {
+                    aggregate: &agg,
+                    events: &[],
+                    checkpoint: None,
+                })
+                .unwrap();
         }
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(store.totals().unwrap(), (1, 1));
-        store
-            .conn
-            .pragma_update(None, "user_version", 99)
-            .unwrap();
+        store.conn.pragma_update(None, "user_version", 99).unwrap();
         drop(store);
         let err = SqliteStore::open(dir.path()).err().unwrap();
         assert!(
-            err.to_string().contains("schema version 99, newer than this keywatch knows"),
+            err.to_string()
+                .contains("schema version 99, newer than this keywatch knows"),
             "{err}"
         );
     }

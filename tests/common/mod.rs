@@ -28,16 +28,20 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 /// Writes a sample log with the real `keywatch sample` command.
 pub fn sample(dir: &Path, preset: &str, lines: usize, seed: u64) -> PathBuf {
     let path = dir.join(format!("{preset}-{seed}.log"));
-    run_ok(keywatch().args([
-        "sample",
-        "--preset",
-        preset,
-        "--lines",
-        &lines.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--output",
-    ]).arg(&path));
+    run_ok(
+        keywatch()
+            .args([
+                "sample",
+                "--preset",
+                preset,
+                "--lines",
+                &lines.to_string(),
+                "--seed",
+                &seed.to_string(),
+                "--output",
+            ])
+            .arg(&path),
+    );
     path
 }
 
@@ -64,13 +68,19 @@ pub const SECRET: &str = "integration-test-secret-0123456789";
 
 pub fn run_config(config: &Path) -> Command {
     let mut c = keywatch();
-    c.arg("run").arg("--config").arg(config).env("KW_TEST_SECRET", SECRET);
+    c.arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("KW_TEST_SECRET", SECRET);
     c
 }
 
 /// (requests in rollups, requests in sources).
 pub fn totals(state: &Path) -> (u64, u64) {
-    SqliteStore::open_read_only(state).unwrap().totals().unwrap()
+    SqliteStore::open_read_only(state)
+        .unwrap()
+        .totals()
+        .unwrap()
 }
 
 pub fn lines_of(path: &Path) -> Vec<String> {
@@ -97,7 +107,10 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::
 }
 
 pub fn spawn_quiet(cmd: &mut Command) -> Child {
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Every value of a JSON string field in a log of JSON lines.
