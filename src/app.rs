@@ -17,12 +17,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregate;
-use crate::config::{Config, InputSource, SecretSource, StartAt};
-use crate::deadletter::{DeadLetter, DeadLetterFile, DEAD_LETTER_FILE, DEFAULT_MAX_BYTES};
+use crate::config::{Config, InputSource, KafkaInput, SecretSource, StartAt};
+use crate::deadletter::{
+    DeadLetter, DeadLetterFile, DeadLetterSink, DEAD_LETTER_FILE, DEFAULT_MAX_BYTES,
+};
+use crate::deadletter_kafka::KafkaDeadLetters;
 use crate::event::{AuthEvent, Decoder, Fingerprinter};
 use crate::server::Health;
+use crate::source::kafka::{KafkaSettings, KafkaSource, OffsetStore};
 use crate::source::{self, Batch, FileFollower, FollowOptions, Position};
-use crate::store::{BatchWrite, Checkpoint, SqliteStore, Store, StoreError};
+use crate::store::sqlite_offsets::SqliteOffsets;
+use crate::store::{BatchWrite, Checkpoint, Origin, SqliteStore, Store, StoreError, StoredEvent};
 
 /// File in the state directory holding the generated fingerprint secret.
 pub const SECRET_FILE: &str = "fingerprint.secret";
@@ -96,28 +101,69 @@ pub fn decoder(config: &Config) -> anyhow::Result<Decoder> {
     ))
 }
 
+/// The store the config asks for, and how the Kafka source reads its offsets back.
+pub fn open_store(config: &Config) -> anyhow::Result<(Box<dyn Store + Send>, Arc<dyn OffsetStore>)> {
+    let store = SqliteStore::open(&config.state_dir)
+        .with_context(|| format!("state_dir {}", config.state_dir.display()))?;
+    let offsets = Arc::new(SqliteOffsets {
+        state_dir: config.state_dir.clone(),
+    });
+    Ok((Box::new(store), offsets))
+}
+
+/// Resolves `properties_env` and builds the Kafka settings.
+pub fn kafka_settings(k: &KafkaInput, config: &Config) -> anyhow::Result<KafkaSettings> {
+    let mut properties = vec![("bootstrap.servers".to_owned(), k.brokers.clone())];
+    properties.extend(k.properties.iter().cloned());
+    for (prop, var) in &k.properties_env {
+        let value = std::env::var(var).with_context(|| {
+            format!("input.kafka.properties_env.{prop}: environment variable {var} is not set")
+        })?;
+        properties.push((prop.clone(), value));
+    }
+    Ok(KafkaSettings {
+        properties,
+        topics: k.topics.clone(),
+        group_id: k.group_id.clone(),
+        max_messages: config.pipeline.batch_max_events.get(),
+        max_wait: config.pipeline.batch_max_wait,
+    })
+}
+
 /// Runs until the source ends (a file without `follow`, stdin at EOF) or `cancel` fires.
 pub async fn run(
     config: Config,
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> anyhow::Result<RunSummary> {
-    let store = SqliteStore::open(&config.state_dir)
-        .with_context(|| format!("state_dir {}", config.state_dir.display()))?;
+    let (store, offsets) = open_store(&config)?;
     let decoder = decoder(&config)?;
     let source_id = config.input.source.id();
     let saved = store
         .position(&source_id)
         .context("reading the stored source position")?;
-    let dead_letters =
-        DeadLetterFile::open(&config.state_dir.join(DEAD_LETTER_FILE), DEFAULT_MAX_BYTES)
-            .context("opening the dead-letter file")?;
+    let dead_letters: Box<dyn DeadLetterSink> = match &config.input.source {
+        InputSource::Kafka(k) if k.dead_letter_topic.is_some() => {
+            let settings = kafka_settings(k, &config)?;
+            Box::new(
+                KafkaDeadLetters::new(
+                    settings.client_config(),
+                    k.dead_letter_topic.as_deref().unwrap_or_default(),
+                )
+                .context("input.kafka.dead_letter_topic")?,
+            )
+        }
+        _ => Box::new(
+            DeadLetterFile::open(&config.state_dir.join(DEAD_LETTER_FILE), DEFAULT_MAX_BYTES)
+                .context("opening the dead-letter file")?,
+        ),
+    };
 
     let (tx, rx) = mpsc::channel::<Batch>(config.pipeline.channel_capacity.get());
     let opts = FollowOptions {
         path: match &config.input.source {
             InputSource::File(p) => p.clone(),
-            InputSource::Stdin => PathBuf::new(),
+            _ => PathBuf::new(),
         },
         follow: config.input.follow,
         start_at_end: config.input.start_at == StartAt::End,
@@ -133,7 +179,7 @@ pub async fn run(
                 Some(Position::File(p)) => Some(p),
                 _ => None,
             };
-            tracing::info!(path = %path.display(), resume = ?saved.as_ref().map(|p| p.offset), "following file");
+            tracing::info!(path = %path.display(), follow = opts.follow, resume = ?saved.as_ref().map(|p| p.offset), "reading file");
             Reader::File(
                 FileFollower::spawn(opts, saved, tx, source_cancel.clone())
                     .with_context(|| format!("input.path {}", path.display()))?,
@@ -142,6 +188,14 @@ pub async fn run(
         InputSource::Stdin => {
             tracing::info!("reading standard input");
             Reader::Stdin(source::stdin::spawn_stdin(&opts, tx, source_cancel.clone()))
+        }
+        InputSource::Kafka(k) => {
+            let settings = kafka_settings(k, &config)?;
+            tracing::info!(brokers = %k.brokers, topics = ?k.topics, group = %k.group_id, "consuming from Kafka");
+            Reader::Kafka(
+                KafkaSource::spawn(settings, offsets, tx, source_cancel.clone())
+                    .context("input.kafka")?,
+            )
         }
     };
 
@@ -159,18 +213,14 @@ pub async fn run(
         .context("pipeline task panicked")?;
     // The pipeline ends when the source does, or on a fatal error: stop the source either way.
     source_cancel.cancel();
-    let source_result = tokio::task::spawn_blocking(move || reader.join())
-        .await
-        .context("source thread panicked")?;
+    let source_result = reader.join().await;
     match result {
         Ok(summary) => {
             source_result.context("source failed")?;
             Ok(summary)
         }
         Err(e) => {
-            health
-                .failed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            health.failed.store(true, std::sync::atomic::Ordering::Relaxed);
             Err(e)
         }
     }
@@ -179,24 +229,29 @@ pub async fn run(
 enum Reader {
     File(FileFollower),
     Stdin(std::thread::JoinHandle<std::io::Result<()>>),
+    Kafka(KafkaSource),
 }
 
 impl Reader {
-    fn join(self) -> std::io::Result<()> {
+    async fn join(self) -> anyhow::Result<()> {
         match self {
-            Reader::File(f) => f.join(),
-            Reader::Stdin(h) => h
+            Reader::File(f) => Ok(tokio::task::spawn_blocking(move || f.join()).await??),
+            // A stdin read cannot be interrupted: don't wait for a thread still blocked in
+            // it; it ends with the process.
+            Reader::Stdin(h) if !h.is_finished() => Ok(()),
+            Reader::Stdin(h) => Ok(h
                 .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("stdin reader panicked"))),
+                .unwrap_or_else(|_| Err(std::io::Error::other("stdin reader panicked")))?),
+            Reader::Kafka(k) => k.join().await,
         }
     }
 }
 
 struct Pipeline {
-    store: SqliteStore,
+    store: Box<dyn Store + Send>,
     decoder: Decoder,
     source_id: String,
-    dead_letters: DeadLetterFile,
+    dead_letters: Box<dyn DeadLetterSink>,
     health: Arc<Health>,
     cancel: CancellationToken,
     summary: RunSummary,
@@ -205,21 +260,41 @@ struct Pipeline {
 impl Pipeline {
     fn run(mut self, mut rx: mpsc::Receiver<Batch>) -> anyhow::Result<RunSummary> {
         while let Some(batch) = rx.blocking_recv() {
-            self.process(&batch)?;
+            self.process(batch)?;
         }
         Ok(self.summary)
     }
 
-    fn process(&mut self, batch: &Batch) -> anyhow::Result<()> {
+    fn process(&mut self, mut batch: Batch) -> anyhow::Result<()> {
+        self.store_batch(&batch)?;
+        if let Some(ack) = batch.on_commit.take() {
+            ack();
+        }
+        Ok(())
+    }
+
+    fn store_batch(&mut self, batch: &Batch) -> anyhow::Result<()> {
         let mut agg = Aggregate::default();
         let mut events: Vec<AuthEvent<'_>> = Vec::new();
+        let keep_raw = self.store.keeps_raw_events();
+        let mut raw: Vec<StoredEvent<'_>> = Vec::new();
         let mut rejected = 0u64;
         for i in 0..batch.len() {
             let line = batch.line(i);
             match self.decoder.decode(line, &mut events) {
                 Ok(_) => {
-                    for ev in events.drain(..) {
+                    for (index, ev) in events.drain(..).enumerate() {
                         agg.add(&ev);
+                        if keep_raw {
+                            raw.push(StoredEvent {
+                                origin: Origin {
+                                    partition: batch.partition(i),
+                                    offset: batch.line_offsets.get(i).copied().unwrap_or(0) as i64,
+                                    index: index as u32,
+                                },
+                                event: ev,
+                            });
+                        }
                     }
                 }
                 Err(e) => {
@@ -233,6 +308,8 @@ impl Pipeline {
                             at: chrono::Utc::now()
                                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                             source: &self.source_id,
+                            topic: batch.topics.get(i).map(|t| t.as_ref()),
+                            partition: batch.partitions.get(i).copied(),
                             offset,
                             reason: e.to_string(),
                             line: self.decoder.redact(line),
@@ -255,7 +332,7 @@ impl Pipeline {
         let started = Instant::now();
         self.commit_with_retry(&BatchWrite {
             aggregate: &agg,
-            events: &[],
+            events: &raw,
             checkpoint,
         })?;
         metrics::histogram!("keywatch_store_commit_seconds")

@@ -73,6 +73,7 @@ pub enum InputKind {
     #[default]
     Stdin,
     File,
+    Kafka,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -101,7 +102,41 @@ pub struct RawInput {
     /// A gateway name for records that carry none.
     pub gateway: Option<String>,
     pub mapping: Option<FieldMapping>,
+    pub kafka: Option<RawKafka>,
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// `host:port[,host:port...]`
+    pub brokers: String,
+    pub topics: Vec<String>,
+    #[serde(default = "default_group")]
+    pub group_id: String,
+    /// Undecodable messages go here (with the reason in a header); without it, to the
+    /// dead-letter file.
+    pub dead_letter_topic: Option<String>,
+    /// librdkafka properties passed through (`security.protocol`, `sasl.mechanisms`, ...).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// librdkafka properties whose values are read from environment variables at start
+    /// (`"sasl.password" = "KAFKA_PASSWORD"`), so that secrets stay out of the file.
+    #[serde(default)]
+    pub properties_env: std::collections::BTreeMap<String, String>,
+}
+
+fn default_group() -> String {
+    "keywatch".to_owned()
+}
+
+/// librdkafka properties keywatch sets itself: its exactly-once design depends on them.
+pub const MANAGED_KAFKA_PROPERTIES: [&str; 5] = [
+    "group.id",
+    "bootstrap.servers",
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "enable.partition.eof",
+];
 
 impl Default for RawInput {
     fn default() -> Self {
@@ -113,6 +148,7 @@ impl Default for RawInput {
             start_at: StartAt::default(),
             gateway: None,
             mapping: None,
+            kafka: None,
         }
     }
 }
@@ -226,6 +262,33 @@ pub struct InputConfig {
 pub enum InputSource {
     Stdin,
     File(PathBuf),
+    Kafka(KafkaInput),
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaInput {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    pub dead_letter_topic: Option<String>,
+    pub properties: Vec<(String, String)>,
+    /// (property, environment variable), resolved at start.
+    pub properties_env: Vec<(String, String)>,
+}
+
+impl fmt::Debug for KafkaInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Property values may be credentials: show the names only.
+        let names: Vec<&str> = self.properties.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("KafkaInput")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("group_id", &self.group_id)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("properties", &names)
+            .field("properties_env", &self.properties_env)
+            .finish()
+    }
 }
 
 impl InputSource {
@@ -234,6 +297,7 @@ impl InputSource {
         match self {
             InputSource::Stdin => "stdin".to_owned(),
             InputSource::File(p) => format!("file:{}", p.display()),
+            InputSource::Kafka(k) => format!("kafka:{}", k.group_id),
         }
     }
 }
@@ -326,6 +390,12 @@ impl RawConfig {
         }
 
         let input = &self.input;
+        if input.kind != InputKind::Kafka && input.kafka.is_some() {
+            return Err(err(
+                "input.kafka",
+                "only used with input.kind = \"kafka\"".into(),
+            ));
+        }
         let source = match (input.kind, &input.path) {
             (InputKind::File, Some(p)) if !p.as_os_str().is_empty() => InputSource::File(p.clone()),
             (InputKind::File, _) => {
@@ -334,13 +404,24 @@ impl RawConfig {
                     "required when input.kind = \"file\"".into(),
                 ))
             }
-            (InputKind::Stdin, Some(_)) => {
+            (_, Some(_)) => {
                 return Err(err(
                     "input.path",
                     "only used with input.kind = \"file\"".into(),
                 ))
             }
             (InputKind::Stdin, None) => InputSource::Stdin,
+            (InputKind::Kafka, None) => {
+                let Some(k) = &input.kafka else {
+                    return Err(err(
+                        "input.kafka",
+                        "required when input.kind = \"kafka\"".into(),
+                    ));
+                };
+                InputSource::Kafka(
+                    validate_kafka(k).map_err(|(f, r)| err(&format!("input.kafka.{f}"), r))?,
+                )
+            }
         };
         let format = match (input.format.as_str(), &input.mapping) {
             ("json", Some(m)) => {
@@ -452,6 +533,47 @@ impl RawConfig {
     }
 }
 
+fn validate_kafka(k: &RawKafka) -> Result<KafkaInput, (String, String)> {
+    let e = |f: &str, r: &str| (f.to_owned(), r.to_owned());
+    if k.brokers.split(',').all(|b| b.trim().is_empty()) {
+        return Err(e("brokers", "expected host:port[,host:port...]"));
+    }
+    if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
+        return Err(e("topics", "expected at least one topic name, none empty"));
+    }
+    if k.group_id.trim().is_empty() {
+        return Err(e("group_id", "must not be empty"));
+    }
+    if let Some(t) = &k.dead_letter_topic {
+        if t.trim().is_empty() {
+            return Err(e("dead_letter_topic", "must not be empty when set"));
+        }
+        if k.topics.contains(t) {
+            return Err(e("dead_letter_topic", "must not be one of the input topics"));
+        }
+    }
+    for name in k.properties.keys().chain(k.properties_env.keys()) {
+        if MANAGED_KAFKA_PROPERTIES.contains(&name.as_str()) {
+            let field = if k.properties.contains_key(name) { "properties" } else { "properties_env" };
+            return Err((
+                format!("{field}.{name}"),
+                "set by keywatch (use brokers and group_id, offsets are managed)".to_owned(),
+            ));
+        }
+        if k.properties.contains_key(name) && k.properties_env.contains_key(name) {
+            return Err((format!("properties_env.{name}"), "also set in properties".to_owned()));
+        }
+    }
+    Ok(KafkaInput {
+        brokers: k.brokers.clone(),
+        topics: k.topics.clone(),
+        group_id: k.group_id.clone(),
+        dead_letter_topic: k.dead_letter_topic.clone(),
+        properties: k.properties.clone().into_iter().collect(),
+        properties_env: k.properties_env.clone().into_iter().collect(),
+    })
+}
+
 /// Durations written as humans do: `200ms`, `30s`, `5m`, `72h`, `7d`.
 pub(crate) mod duration {
     use std::time::Duration;
@@ -538,8 +660,20 @@ level = "keywatch=debug"
                 "kw.toml:2: input.fromat: unknown field `fromat`, expected one of `kind`, `path`, `format`, `follow`, `start_at`, `gateway`, `mapping`",
             ),
             (
+                "[input]\nkind = \"s3\"\n",
+                "kw.toml:2: input.kind: unknown variant `s3`, expected one of `stdin`, `file`, `kafka`",
+            ),
+            (
                 "[input]\nkind = \"kafka\"\n",
-                "kw.toml:2: input.kind: unknown variant `kafka`, expected `stdin` or `file`",
+                "kw.toml: input.kafka: required when input.kind = \"kafka\"",
+            ),
+            (
+                "[input]\nkind = \"kafka\"\n[input.kafka]\nbrokers = \"b:9092\"\ntopics = []\n",
+                "kw.toml: input.kafka.topics: expected at least one topic name, none empty",
+            ),
+            (
+                "[input]\nkind = \"kafka\"\n[input.kafka]\nbrokers = \"b:9092\"\ntopics = [\"t\"]\n[input.kafka.properties]\n\"enable.auto.commit\" = \"false\"\n",
+                "kw.toml: input.kafka.properties.enable.auto.commit: set by keywatch (use brokers and group_id, offsets are managed)",
             ),
             (
                 "[input]\nkind = \"file\"\n",

@@ -24,11 +24,39 @@ pub struct DeadLetter<'a> {
     /// When keywatch rejected the line (RFC 3339, UTC).
     pub at: String,
     pub source: &'a str,
-    /// Where the line started in its source (byte offset in a file).
+    /// The Kafka topic and partition the message came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<i32>,
+    /// Where the line started in its source (byte offset in a file, offset in a partition).
     pub offset: u64,
     pub reason: String,
     /// The line, redacted.
     pub line: String,
+}
+
+/// Where dead letters go: a file, or a Kafka topic.
+pub trait DeadLetterSink: Send {
+    fn write(&mut self, record: &DeadLetter<'_>) -> io::Result<()>;
+    /// Makes what was written durable; called before the batch is committed.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Where to look, for messages.
+    fn describe(&self) -> String;
+}
+
+impl DeadLetterSink for DeadLetterFile {
+    fn write(&mut self, record: &DeadLetter<'_>) -> io::Result<()> {
+        DeadLetterFile::write(self, record)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        DeadLetterFile::flush(self)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
 }
 
 pub struct DeadLetterFile {
@@ -99,6 +127,8 @@ mod tests {
             dl.write(&DeadLetter {
                 at: "2026-11-26T00:00:00Z".into(),
                 source: "file:/x",
+                topic: None,
+                partition: None,
                 offset: i,
                 reason: "not valid JSON: expected value at line 1 column 1".into(),
                 line: format!("garbage {i}"),

@@ -55,6 +55,24 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Send a gateway log into a Kafka topic, one message per line, keyed by key id
+    Produce {
+        /// Bootstrap brokers, host:port[,host:port]
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        /// The log to send (stdin without it)
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Decode with this config's format and fingerprint secret to key messages by key
+        /// id (the embedded defaults without it)
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Extra librdkafka properties, KEY=VALUE (repeatable)
+        #[arg(long = "property", short = 'X', value_parser = parse_property)]
+        properties: Vec<(String, String)>,
+    },
     /// Write a realistic sample gateway log (several clients, one mid-rotation)
     Sample {
         /// kong, tyk, traefik, envoy, nginx or aws-apigw
@@ -68,6 +86,12 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, found `{s}`"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -144,6 +168,31 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::stdin().read_line(&mut raw)?;
             let fp = keywatch::event::Fingerprinter::new(&secret, config.fingerprint.hint_chars);
             println!("{}", fp.key_id(raw.trim()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Produce {
+            brokers,
+            topic,
+            file,
+            config,
+            properties,
+        } => {
+            let config = load(config.as_ref())?;
+            let decoder = app::decoder(&config)?;
+            let mut client = rdkafka::ClientConfig::new();
+            client.set("bootstrap.servers", &brokers);
+            for (k, v) in &properties {
+                client.set(k, v);
+            }
+            let mut input: Box<dyn std::io::BufRead> = match &file {
+                Some(path) => Box::new(std::io::BufReader::new(
+                    std::fs::File::open(path)
+                        .with_context(|| format!("cannot open {}", path.display()))?,
+                )),
+                None => Box::new(std::io::stdin().lock()),
+            };
+            let sent = keywatch::produce::produce(client, &topic, &mut input, Some(&decoder))?;
+            eprintln!("sent {sent} message(s) to {topic}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Sample {

@@ -5,6 +5,7 @@
 //! restarted from [`Store::position`] neither loses nor double-counts an event.
 
 pub mod sqlite;
+pub mod sqlite_offsets;
 
 use crate::aggregate::{Aggregate, Rollup, SourceKey, SourceStats};
 use crate::event::AuthEvent;
@@ -20,11 +21,21 @@ pub enum StoreError {
     /// Retrying cannot help (corrupt database, schema from a newer keywatch, ...).
     #[error("store failed: {0}")]
     Fatal(String),
+    /// The store refuses this batch's rows for good (a value the server cannot take):
+    /// retrying the same batch cannot help, the rest of the store works. The pipeline puts
+    /// the batch's events in the dead letter with this reason and commits the batch's
+    /// checkpoint without them.
+    #[error("store rejected the batch: {0}")]
+    Rejected(String),
 }
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Transient(_))
+    }
+
+    pub fn is_rejected(&self) -> bool {
+        matches!(self, StoreError::Rejected(_))
     }
 }
 

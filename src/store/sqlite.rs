@@ -265,7 +265,13 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn commit(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
         let agg = batch.aggregate;
-        let tx = self.conn.transaction().map_err(classify)?;
+        // IMMEDIATE: take the write lock up front, so that two processes sharing the
+        // database (two consumers in one group) wait for each other instead of failing
+        // a read-then-write upgrade.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(classify)?;
         {
             let mut rollup = tx
                 .prepare_cached(ROLLUP_UPSERT.get_or_init(rollup_upsert))
@@ -340,7 +346,38 @@ impl Store for SqliteStore {
             }
 
             if let Some(cp) = batch.checkpoint {
-                let json = serde_json::to_string(cp.position)
+                // A Kafka batch covers some partitions; the others keep their offsets.
+                let merged;
+                let position = match cp.position {
+                    Position::Kafka { offsets } => {
+                        let stored: Option<String> = tx
+                            .query_row(
+                                "SELECT position FROM source_positions WHERE source = ?1",
+                                [cp.source],
+                                |r| r.get(0),
+                            )
+                            .optional()
+                            .map_err(classify)?;
+                        let mut all = match stored.and_then(|j| serde_json::from_str(&j).ok()) {
+                            Some(Position::Kafka { offsets }) => offsets,
+                            _ => Vec::new(),
+                        };
+                        for o in offsets {
+                            match all
+                                .iter_mut()
+                                .find(|a| a.topic == o.topic && a.partition == o.partition)
+                            {
+                                Some(a) => a.offset = o.offset,
+                                None => all.push(o.clone()),
+                            }
+                        }
+                        all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+                        merged = Position::Kafka { offsets: all };
+                        &merged
+                    }
+                    other => other,
+                };
+                let json = serde_json::to_string(position)
                     .map_err(|e| StoreError::Fatal(format!("position: {e}")))?;
                 tx.execute(
                     "INSERT INTO source_positions (source, position, updated_ms)

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: run the real binary on real files.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

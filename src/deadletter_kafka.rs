@@ -1,0 +1,110 @@
+//! Dead letters on a Kafka topic: the redacted message as payload, the reason and the
+//! message's origin in headers (`keywatch.reason`, `keywatch.source`, `keywatch.topic`,
+//! `keywatch.partition`, `keywatch.offset`).
+//!
+//! [`DeadLetterSink::flush`] waits until the broker acknowledged every record, so the batch
+//! they belong to is only committed once its dead letters are safe.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+
+use crate::deadletter::{DeadLetter, DeadLetterSink};
+
+#[derive(Default)]
+struct Deliveries {
+    failed: AtomicU64,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!(error = %e, "a dead letter was not delivered");
+        }
+    }
+}
+
+pub struct KafkaDeadLetters {
+    producer: ThreadedProducer<Deliveries>,
+    topic: String,
+}
+
+impl KafkaDeadLetters {
+    pub fn new(mut config: rdkafka::ClientConfig, topic: &str) -> io::Result<Self> {
+        config
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "30000");
+        // Consumer-only properties would make the producer warn; drop them.
+        for p in crate::config::MANAGED_KAFKA_PROPERTIES {
+            if p != "bootstrap.servers" {
+                config.remove(p);
+            }
+        }
+        config.remove("auto.offset.reset");
+        let producer = config
+            .create_with_context(Deliveries::default())
+            .map_err(|e| io::Error::other(format!("creating the dead-letter producer: {e}")))?;
+        Ok(KafkaDeadLetters {
+            producer,
+            topic: topic.to_owned(),
+        })
+    }
+}
+
+impl DeadLetterSink for KafkaDeadLetters {
+    fn write(&mut self, r: &DeadLetter<'_>) -> io::Result<()> {
+        let partition = r.partition.map(|p| p.to_string()).unwrap_or_default();
+        let offset = r.offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "keywatch.reason", value: Some(r.reason.as_str()) })
+            .insert(Header { key: "keywatch.source", value: Some(r.source) })
+            .insert(Header { key: "keywatch.topic", value: r.topic })
+            .insert(Header { key: "keywatch.partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "keywatch.offset", value: Some(offset.as_str()) })
+            .insert(Header { key: "keywatch.at", value: Some(r.at.as_str()) });
+        let mut record: BaseRecord<'_, (), str> = BaseRecord::to(&self.topic)
+            .payload(r.line.as_str())
+            .headers(headers);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((e, _)) => {
+                    return Err(io::Error::other(format!("sending a dead letter: {e}")))
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.producer
+            .flush(Duration::from_secs(30))
+            .map_err(|e| io::Error::other(format!("flushing dead letters: {e}")))?;
+        let failed = self.producer.context().failed.swap(0, Ordering::SeqCst);
+        if failed > 0 {
+            return Err(io::Error::other(format!(
+                "{failed} dead letter(s) were not delivered to {}",
+                self.topic
+            )));
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("the Kafka topic {}", self.topic)
+    }
+}

@@ -1,0 +1,226 @@
+//! Kafka in, against a real Kafka-protocol broker (tansu): exactly once across kill -9,
+//! dead letters on a topic, a broker restart, and two instances in one group.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::kafka::{unique, Broker};
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+
+fn kafka_config(dir: &Path, state: &Path, brokers: &str, topic: &str, group: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{group}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = {state:?}\n\
+             [input]\nkind = \"kafka\"\nformat = \"nginx\"\n\
+             [input.kafka]\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\n\
+             {extra}\n\
+             [fingerprint]\nsecret_env = \"KW_TEST_SECRET\"\n\
+             [pipeline]\nbatch_max_events = 500\nbatch_max_wait = \"100ms\"\n\
+             [server]\nenabled = false\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn produce(brokers: &str, topic: &str, file: &Path) {
+    run_ok(
+        keywatch()
+            .args(["produce", "--brokers", brokers, "--topic", topic, "--file"])
+            .arg(file)
+            .env("KW_TEST_SECRET", SECRET),
+    );
+}
+
+/// Waits until the store holds `want` events (or fails after `timeout`).
+fn wait_for_total(state: &Path, want: u64, timeout: Duration) -> u64 {
+    let start = Instant::now();
+    loop {
+        let got = if state.join("keywatch.db").exists() {
+            totals(state).0
+        } else {
+            0
+        };
+        if got >= want || start.elapsed() > timeout {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn sigterm(child: &mut std::process::Child) {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn exactly_once_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 3);
+    let n = 20_000;
+    let log = sample(dir.path(), "nginx", n, 21);
+    produce(&broker.brokers(), &topic, &log);
+
+    let state = dir.path().join("state");
+    let cfg = kafka_config(dir.path(), &state, &broker.brokers(), &topic, &unique("g"), "");
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut progress = Vec::new();
+    for _ in 0..4 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let mut child = spawn_quiet(&mut run_config(&cfg));
+        // Let it get going (group join takes a moment), then kill it at a random moment.
+        wait_for_total(&state, 1, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(rng % 700));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        progress.push(totals(&state).0);
+    }
+    let mut child = spawn_quiet(&mut run_config(&cfg));
+    let got = wait_for_total(&state, n as u64, Duration::from_secs(120));
+    // Nothing more may arrive: give a duplicate the time to show up.
+    std::thread::sleep(Duration::from_secs(2));
+    sigterm(&mut child);
+    eprintln!("kills at {progress:?}, final {got}");
+    assert!(progress.iter().any(|p| *p < n as u64), "a kill must land mid-stream: {progress:?}");
+    assert_eq!(totals(&state), (n as u64, n as u64));
+}
+
+#[test]
+fn undecodable_messages_go_to_the_dead_letter_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    let dlq = unique("dead");
+    broker.create_topic(&topic, 2);
+    broker.create_topic(&dlq, 1);
+    let log = sample(dir.path(), "nginx", 300, 4);
+    let raw_keys = json_field_values(&log, "http_x_api_key");
+    let mut lines = lines_of(&log);
+    lines.insert(10, "not json at all".into());
+    lines.insert(20, format!("{{\"http_x_api_key\":\"{}\",\"status\":", raw_keys[0]));
+    lines.insert(30, "{\"status\":\"200\",\"remote_addr\":\"10.9.9.9\"}".into());
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    produce(&broker.brokers(), &topic, &log);
+
+    let state = dir.path().join("state");
+    let cfg = kafka_config(
+        dir.path(),
+        &state,
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        &format!("dead_letter_topic = \"{dlq}\""),
+    );
+    let mut child = spawn_quiet(&mut run_config(&cfg));
+    assert_eq!(wait_for_total(&state, 300, Duration::from_secs(60)), 300);
+    sigterm(&mut child);
+    assert_eq!(totals(&state), (300, 300));
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dlq]).unwrap();
+    let mut records = Vec::new();
+    let start = Instant::now();
+    while records.len() < 3 && start.elapsed() < Duration::from_secs(30) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = m.headers().expect("dead letters carry headers");
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .find(|h| h.key == name)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            records.push((
+                String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                header("keywatch.reason"),
+                header("keywatch.topic"),
+            ));
+        }
+    }
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert!(records.iter().all(|(_, _, t)| *t == topic));
+    // Messages from two partitions: their dead letters may come in any order.
+    assert!(records.iter().any(|(_, r, _)| r.starts_with("not valid JSON")), "{records:?}");
+    assert!(records.iter().any(|(_, r, _)| r.contains("missing field")), "{records:?}");
+    for (payload, _, _) in &records {
+        for k in &raw_keys {
+            assert!(!payload.contains(k.as_str()), "raw key in a dead letter");
+        }
+    }
+    assert!(records.iter().any(|(p, _, _)| p.contains("fp:")));
+}
+
+#[test]
+fn survives_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker_dir = dir.path().join("broker");
+    std::fs::create_dir_all(&broker_dir).unwrap();
+    let mut broker = Broker::start_durable(&broker_dir);
+    let topic = unique("events");
+    broker.create_topic(&topic, 2);
+    let first = sample(dir.path(), "nginx", 3000, 8);
+    produce(&broker.brokers(), &topic, &first);
+
+    let state = dir.path().join("state");
+    let cfg = kafka_config(dir.path(), &state, &broker.brokers(), &topic, &unique("g"), "");
+    let mut child = spawn_quiet(&mut run_config(&cfg));
+    assert_eq!(wait_for_total(&state, 3000, Duration::from_secs(60)), 3000);
+
+    broker.restart();
+    let second = sample(dir.path(), "nginx", 2000, 9);
+    produce(&broker.brokers(), &topic, &second);
+    let got = wait_for_total(&state, 5000, Duration::from_secs(90));
+    std::thread::sleep(Duration::from_secs(1));
+    sigterm(&mut child);
+    assert_eq!(got, 5000);
+    assert_eq!(totals(&state), (5000, 5000));
+}
+
+#[test]
+fn two_instances_in_one_group_share_the_work_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 4);
+    let n = 12_000;
+    let log = sample(dir.path(), "nginx", n, 12);
+    produce(&broker.brokers(), &topic, &log);
+
+    // One store shared by both (SQLite on one host; ClickHouse across hosts): offsets live
+    // with the data, so a partition moving between instances resumes where it was stored.
+    let state = dir.path().join("state");
+    let group = unique("g");
+    let cfg = kafka_config(dir.path(), &state, &broker.brokers(), &topic, &group, "");
+    let mut a = spawn_quiet(&mut run_config(&cfg));
+    wait_for_total(&state, 1, Duration::from_secs(30));
+    let mut b = spawn_quiet(&mut run_config(&cfg)); // joins: a rebalance
+    std::thread::sleep(Duration::from_millis(800));
+    a.kill().unwrap(); // leaves without a goodbye: another rebalance once its session ends
+    a.wait().unwrap();
+    let got = wait_for_total(&state, n as u64, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    sigterm(&mut b);
+    assert_eq!(got, n as u64);
+    assert_eq!(totals(&state), (n as u64, n as u64));
+}
