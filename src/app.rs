@@ -25,7 +25,7 @@ use crate::deadletter_kafka::KafkaDeadLetters;
 use crate::event::{AuthEvent, Decoder, Fingerprinter};
 use crate::server::Health;
 use crate::source::kafka::{KafkaSettings, KafkaSource, OffsetStore};
-use crate::source::{self, Batch, FileFollower, FollowOptions, Position};
+use crate::source::{self, Batch, FileFollower, FollowOptions, PartitionOffset, Position};
 use crate::store::sqlite_offsets::SqliteOffsets;
 use crate::store::{BatchWrite, Checkpoint, Origin, SqliteStore, Store, StoreError, StoredEvent};
 
@@ -102,7 +102,9 @@ pub fn decoder(config: &Config) -> anyhow::Result<Decoder> {
 }
 
 /// The store the config asks for, and how the Kafka source reads its offsets back.
-pub fn open_store(config: &Config) -> anyhow::Result<(Box<dyn Store + Send>, Arc<dyn OffsetStore>)> {
+pub fn open_store(
+    config: &Config,
+) -> anyhow::Result<(Box<dyn Store + Send>, Arc<dyn OffsetStore>)> {
     let store = SqliteStore::open(&config.state_dir)
         .with_context(|| format!("state_dir {}", config.state_dir.display()))?;
     let offsets = Arc::new(SqliteOffsets {
@@ -220,7 +222,9 @@ pub async fn run(
             Ok(summary)
         }
         Err(e) => {
-            health.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            health
+                .failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             Err(e)
         }
     }
@@ -273,13 +277,20 @@ impl Pipeline {
         Ok(())
     }
 
-    fn store_batch(&mut self, batch: &Batch) -> anyhow::Result<()> {
+    /// Decodes lines `range` of the batch into an aggregate (and raw events when the store
+    /// keeps them). Undecodable lines go to the dead letter when `dead_letter` is set.
+    fn decode<'b>(
+        &mut self,
+        batch: &'b Batch,
+        range: std::ops::Range<usize>,
+        dead_letter: bool,
+    ) -> anyhow::Result<(Aggregate, Vec<StoredEvent<'b>>, u64)> {
         let mut agg = Aggregate::default();
-        let mut events: Vec<AuthEvent<'_>> = Vec::new();
+        let mut events: Vec<AuthEvent<'b>> = Vec::new();
         let keep_raw = self.store.keeps_raw_events();
-        let mut raw: Vec<StoredEvent<'_>> = Vec::new();
+        let mut raw: Vec<StoredEvent<'b>> = Vec::new();
         let mut rejected = 0u64;
-        for i in 0..batch.len() {
+        for i in range {
             let line = batch.line(i);
             match self.decoder.decode(line, &mut events) {
                 Ok(_) => {
@@ -299,81 +310,155 @@ impl Pipeline {
                 }
                 Err(e) => {
                     rejected += 1;
-                    let offset = batch.line_offsets.get(i).copied().unwrap_or(0);
-                    metrics::counter!("keywatch_events_rejected_total", "reason" => e.kind())
-                        .increment(1);
-                    tracing::warn!(source = %self.source_id, offset, reason = %e, "rejected a line");
-                    self.dead_letters
-                        .write(&DeadLetter {
-                            at: chrono::Utc::now()
-                                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                            source: &self.source_id,
-                            topic: batch.topics.get(i).map(|t| t.as_ref()),
-                            partition: batch.partitions.get(i).copied(),
-                            offset,
-                            reason: e.to_string(),
-                            line: self.decoder.redact(line),
-                        })
-                        .context("writing the dead-letter file")?;
+                    if dead_letter {
+                        metrics::counter!("keywatch_events_rejected_total", "reason" => e.kind())
+                            .increment(1);
+                        self.dead_letter(batch, i, &e.to_string())?;
+                    }
                 }
             }
         }
-        if rejected > 0 {
+        if rejected > 0 && dead_letter {
             self.dead_letters
                 .flush()
-                .context("writing the dead-letter file")?;
+                .context("writing the dead letters")?;
         }
+        Ok((agg, raw, rejected))
+    }
 
+    fn dead_letter(&mut self, batch: &Batch, i: usize, reason: &str) -> anyhow::Result<()> {
+        let offset = batch.line_offsets.get(i).copied().unwrap_or(0);
+        tracing::warn!(source = %self.source_id, offset, reason, "rejected a line");
+        self.dead_letters
+            .write(&DeadLetter {
+                at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                source: &self.source_id,
+                topic: batch.topics.get(i).map(|t| t.as_ref()),
+                partition: batch.partitions.get(i).copied(),
+                offset,
+                reason: reason.to_owned(),
+                line: self.decoder.redact(batch.line(i)),
+            })
+            .context("writing the dead letters")
+    }
+
+    fn store_batch(&mut self, batch: &Batch) -> anyhow::Result<()> {
+        let (agg, raw, rejected) = self.decode(batch, 0..batch.len(), true)?;
         let source_id = self.source_id.clone();
         let checkpoint = batch.position.as_ref().map(|position| Checkpoint {
             source: &source_id,
             position,
         });
         let started = Instant::now();
-        self.commit_with_retry(&BatchWrite {
+        let stored = match self.commit_with_retry(&BatchWrite {
             aggregate: &agg,
             events: &raw,
             checkpoint,
-        })?;
+        }) {
+            Ok(()) => agg.events,
+            Err(StoreError::Rejected(reason)) => {
+                drop(raw);
+                self.isolate_rejected(batch, &reason)?
+            }
+            Err(e) => return Err(e).context("storing a batch"),
+        };
         metrics::histogram!("keywatch_store_commit_seconds")
             .record(started.elapsed().as_secs_f64());
-        metrics::counter!("keywatch_events_total").increment(agg.events);
+        metrics::counter!("keywatch_events_total").increment(stored);
         metrics::counter!("keywatch_batches_committed_total").increment(1);
         metrics::gauge!("keywatch_last_commit_timestamp_seconds")
             .set(chrono::Utc::now().timestamp() as f64);
         self.health.committed();
 
         self.summary.lines += batch.len() as u64;
-        self.summary.events += agg.events;
+        self.summary.events += stored;
         self.summary.dead_letters += rejected;
         self.summary.batches += 1;
         tracing::debug!(
             lines = batch.len(),
-            events = agg.events,
+            events = stored,
             rejected,
             "batch committed"
         );
         Ok(())
     }
 
+    /// The store refused the batch for good. Stores it again line by line, so that only the
+    /// lines the store refuses go to the dead letter. Each line commits the position just
+    /// after it (for Kafka, per partition), so that a crash in the middle neither loses nor
+    /// repeats a line. Returns the events stored.
+    fn isolate_rejected(&mut self, batch: &Batch, reason: &str) -> anyhow::Result<u64> {
+        tracing::warn!(
+            lines = batch.len(),
+            reason,
+            "the store rejected a batch; storing it line by line"
+        );
+        let source_id = self.source_id.clone();
+        let mut stored = 0;
+        for i in 0..batch.len() {
+            let position = match &batch.position {
+                Some(Position::Kafka { .. }) => Some(Position::Kafka {
+                    offsets: vec![PartitionOffset {
+                        topic: batch
+                            .topics
+                            .get(i)
+                            .map(|t| t.to_string())
+                            .unwrap_or_default(),
+                        partition: batch.partition(i),
+                        offset: batch.line_offsets.get(i).copied().unwrap_or(0) as i64 + 1,
+                    }],
+                }),
+                // Line sources store positions only with their last line (their stores do not
+                // reject rows; this path is for completeness).
+                other if i + 1 == batch.len() => other.clone(),
+                _ => None,
+            };
+            let checkpoint = position.as_ref().map(|position| Checkpoint {
+                source: &source_id,
+                position,
+            });
+            let (agg, raw, _) = self.decode(batch, i..i + 1, false)?;
+            match self.commit_with_retry(&BatchWrite {
+                aggregate: &agg,
+                events: &raw,
+                checkpoint,
+            }) {
+                Ok(()) => stored += agg.events,
+                Err(StoreError::Rejected(why)) => {
+                    metrics::counter!("keywatch_events_rejected_total", "reason" => "store_rejected")
+                        .increment(1);
+                    self.dead_letter(batch, i, &format!("rejected by the store: {why}"))?;
+                    self.dead_letters
+                        .flush()
+                        .context("writing the dead letters")?;
+                    let empty = Aggregate::default();
+                    self.commit_with_retry(&BatchWrite {
+                        aggregate: &empty,
+                        events: &[],
+                        checkpoint,
+                    })
+                    .context("storing the position after a rejected line")?;
+                }
+                Err(e) => return Err(e).context("storing a line"),
+            }
+        }
+        Ok(stored)
+    }
+
     /// Retries transient store errors with capped exponential backoff until it works or
     /// keywatch is asked to stop (the batch is then read again at the next start).
-    fn commit_with_retry(&mut self, batch: &BatchWrite<'_, '_>) -> anyhow::Result<()> {
+    fn commit_with_retry(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.store.commit(batch) {
-                Ok(()) => return Ok(()),
-                Err(e @ StoreError::Fatal(_)) => return Err(e).context("storing a batch"),
-                Err(e) => {
+                Err(e) if e.is_transient() && !self.cancel.is_cancelled() => {
                     metrics::counter!("keywatch_store_errors_total", "kind" => "transient")
                         .increment(1);
-                    if self.cancel.is_cancelled() {
-                        return Err(e).context("storing a batch while shutting down");
-                    }
                     tracing::warn!(error = %e, retry_in = ?delay, "store unavailable, retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(10));
                 }
+                other => return other,
             }
         }
     }

@@ -549,19 +549,29 @@ fn validate_kafka(k: &RawKafka) -> Result<KafkaInput, (String, String)> {
             return Err(e("dead_letter_topic", "must not be empty when set"));
         }
         if k.topics.contains(t) {
-            return Err(e("dead_letter_topic", "must not be one of the input topics"));
+            return Err(e(
+                "dead_letter_topic",
+                "must not be one of the input topics",
+            ));
         }
     }
     for name in k.properties.keys().chain(k.properties_env.keys()) {
         if MANAGED_KAFKA_PROPERTIES.contains(&name.as_str()) {
-            let field = if k.properties.contains_key(name) { "properties" } else { "properties_env" };
+            let field = if k.properties.contains_key(name) {
+                "properties"
+            } else {
+                "properties_env"
+            };
             return Err((
                 format!("{field}.{name}"),
                 "set by keywatch (use brokers and group_id, offsets are managed)".to_owned(),
             ));
         }
         if k.properties.contains_key(name) && k.properties_env.contains_key(name) {
-            return Err((format!("properties_env.{name}"), "also set in properties".to_owned()));
+            return Err((
+                format!("properties_env.{name}"),
+                "also set in properties".to_owned(),
+            ));
         }
     }
     Ok(KafkaInput {
@@ -657,7 +667,7 @@ level = "keywatch=debug"
             ),
             (
                 "[input]\nfromat = \"kong\"\n",
-                "kw.toml:2: input.fromat: unknown field `fromat`, expected one of `kind`, `path`, `format`, `follow`, `start_at`, `gateway`, `mapping`",
+                "kw.toml:2: input.fromat: unknown field `fromat`, expected one of `kind`, `path`, `format`, `follow`, `start_at`, `gateway`, `mapping`, `kafka`",
             ),
             (
                 "[input]\nkind = \"s3\"\n",

@@ -15,12 +15,16 @@
 
 pub mod aggregate;
 pub mod app;
+pub mod backtest;
 pub mod config;
 pub mod deadletter;
 pub mod deadletter_kafka;
+pub mod detect;
 pub mod event;
 pub mod produce;
+pub mod registry;
 pub mod report;
+pub mod report_rotation;
 pub mod sample;
 pub mod server;
 pub mod source;

@@ -20,31 +20,37 @@ fn kill_9_mid_file_loses_and_double_counts_nothing() {
     );
     let state = dir.path().join("state");
 
-    // A fixed-seed sequence of kill delays, so that a failure can be replayed.
+    // Kill at growing fractions of the file, plus a fixed-seed jitter so that the kill lands
+    // at different points of a batch: mid-read, mid-decode, mid-commit.
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut kills = 0;
     let mut progress = Vec::new();
-    for _ in 0..12 {
+    for fraction in [0.1, 0.3, 0.5, 0.7, 0.85] {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let delay = Duration::from_millis(150 + rng % 400);
+        let target = (lines as f64 * fraction) as u64;
         let mut child = spawn_quiet(&mut run_config(&cfg));
-        std::thread::sleep(delay);
-        match child.try_wait().unwrap() {
-            Some(status) => {
+        let start = std::time::Instant::now();
+        let exited = loop {
+            if let Some(status) = child.try_wait().unwrap() {
                 assert!(status.success(), "keywatch failed: {status:?}");
-                break;
+                break true;
             }
-            None => {
-                child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
-                kills += 1;
-                if state.join("keywatch.db").exists() {
-                    progress.push(totals(&state).0);
-                }
+            let done = try_totals(&state).is_some_and(|(t, _)| t >= target);
+            if done || start.elapsed() > Duration::from_secs(60) {
+                break false;
             }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if exited {
+            break;
         }
+        std::thread::sleep(Duration::from_millis(rng % 15));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        progress.push(totals(&state).0);
     }
     // Finish the file.
     let mut child = spawn_quiet(&mut run_config(&cfg));

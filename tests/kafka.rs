@@ -12,7 +12,14 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
 
-fn kafka_config(dir: &Path, state: &Path, brokers: &str, topic: &str, group: &str, extra: &str) -> std::path::PathBuf {
+fn kafka_config(
+    dir: &Path,
+    state: &Path,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let path = dir.join(format!("{group}.toml"));
     std::fs::write(
         &path,
@@ -43,11 +50,7 @@ fn produce(brokers: &str, topic: &str, file: &Path) {
 fn wait_for_total(state: &Path, want: u64, timeout: Duration) -> u64 {
     let start = Instant::now();
     loop {
-        let got = if state.join("keywatch.db").exists() {
-            totals(state).0
-        } else {
-            0
-        };
+        let got = try_totals(state).map_or(0, |(t, _)| t);
         if got >= want || start.elapsed() > timeout {
             return got;
         }
@@ -75,7 +78,14 @@ fn exactly_once_across_kill_9() {
     produce(&broker.brokers(), &topic, &log);
 
     let state = dir.path().join("state");
-    let cfg = kafka_config(dir.path(), &state, &broker.brokers(), &topic, &unique("g"), "");
+    let cfg = kafka_config(
+        dir.path(),
+        &state,
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        "",
+    );
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut progress = Vec::new();
     for _ in 0..4 {
@@ -96,7 +106,10 @@ fn exactly_once_across_kill_9() {
     std::thread::sleep(Duration::from_secs(2));
     sigterm(&mut child);
     eprintln!("kills at {progress:?}, final {got}");
-    assert!(progress.iter().any(|p| *p < n as u64), "a kill must land mid-stream: {progress:?}");
+    assert!(
+        progress.iter().any(|p| *p < n as u64),
+        "a kill must land mid-stream: {progress:?}"
+    );
     assert_eq!(totals(&state), (n as u64, n as u64));
 }
 
@@ -112,8 +125,14 @@ fn undecodable_messages_go_to_the_dead_letter_topic() {
     let raw_keys = json_field_values(&log, "http_x_api_key");
     let mut lines = lines_of(&log);
     lines.insert(10, "not json at all".into());
-    lines.insert(20, format!("{{\"http_x_api_key\":\"{}\",\"status\":", raw_keys[0]));
-    lines.insert(30, "{\"status\":\"200\",\"remote_addr\":\"10.9.9.9\"}".into());
+    lines.insert(
+        20,
+        format!("{{\"http_x_api_key\":\"{}\",\"status\":", raw_keys[0]),
+    );
+    lines.insert(
+        30,
+        "{\"status\":\"200\",\"remote_addr\":\"10.9.9.9\"}".into(),
+    );
     std::fs::write(&log, lines.join("\n") + "\n").unwrap();
     produce(&broker.brokers(), &topic, &log);
 
@@ -161,8 +180,16 @@ fn undecodable_messages_go_to_the_dead_letter_topic() {
     assert_eq!(records.len(), 3, "{records:?}");
     assert!(records.iter().all(|(_, _, t)| *t == topic));
     // Messages from two partitions: their dead letters may come in any order.
-    assert!(records.iter().any(|(_, r, _)| r.starts_with("not valid JSON")), "{records:?}");
-    assert!(records.iter().any(|(_, r, _)| r.contains("missing field")), "{records:?}");
+    assert!(
+        records
+            .iter()
+            .any(|(_, r, _)| r.starts_with("not valid JSON")),
+        "{records:?}"
+    );
+    assert!(
+        records.iter().any(|(_, r, _)| r.contains("missing field")),
+        "{records:?}"
+    );
     for (payload, _, _) in &records {
         for k in &raw_keys {
             assert!(!payload.contains(k.as_str()), "raw key in a dead letter");
@@ -183,7 +210,14 @@ fn survives_a_broker_restart() {
     produce(&broker.brokers(), &topic, &first);
 
     let state = dir.path().join("state");
-    let cfg = kafka_config(dir.path(), &state, &broker.brokers(), &topic, &unique("g"), "");
+    let cfg = kafka_config(
+        dir.path(),
+        &state,
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        "",
+    );
     let mut child = spawn_quiet(&mut run_config(&cfg));
     assert_eq!(wait_for_total(&state, 3000, Duration::from_secs(60)), 3000);
 

@@ -6,6 +6,7 @@
 
 pub mod sqlite;
 pub mod sqlite_offsets;
+pub mod views;
 
 use crate::aggregate::{Aggregate, Rollup, SourceKey, SourceStats};
 use crate::event::AuthEvent;

@@ -54,6 +54,20 @@ const MIGRATIONS: &[&str] = &[
         position TEXT NOT NULL, -- JSON of source::Position
         updated_ms INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 2: findings (store::views), one row per fact (dedup_key).
+    "CREATE TABLE findings (
+        dedup_key TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        owner TEXT,
+        severity TEXT NOT NULL,
+        first_at_ms INTEGER NOT NULL,
+        last_at_ms INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        summary TEXT NOT NULL,
+        evidence TEXT NOT NULL -- JSON
+     ) WITHOUT ROWID;
+     CREATE INDEX findings_by_time ON findings (last_at_ms);",
 ];
 
 const OUTCOME_COLUMNS: [&str; 7] = [
@@ -70,7 +84,18 @@ pub struct SqliteStore {
     conn: Connection,
 }
 
-fn classify(e: rusqlite::Error) -> StoreError {
+impl SqliteStore {
+    /// The connection, for the queries in sibling modules (`store::views`).
+    pub(super) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(super) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+pub(super) fn classify(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::*;
     match e.sqlite_error_code() {
         Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull) => {

@@ -77,6 +77,12 @@ pub fn run_config(config: &Path) -> Command {
     c
 }
 
+/// Like [`totals`], while keywatch may still be creating the database: `None` until it can
+/// be read.
+pub fn try_totals(state: &Path) -> Option<(u64, u64)> {
+    SqliteStore::open_read_only(state).ok()?.totals().ok()
+}
+
 /// (requests in rollups, requests in sources).
 pub fn totals(state: &Path) -> (u64, u64) {
     SqliteStore::open_read_only(state)
