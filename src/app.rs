@@ -22,6 +22,8 @@ use crate::deadletter::{
     DeadLetter, DeadLetterFile, DeadLetterSink, DEAD_LETTER_FILE, DEFAULT_MAX_BYTES,
 };
 use crate::deadletter_kafka::KafkaDeadLetters;
+use crate::detect::Finding;
+use crate::detection::Detection;
 use crate::event::{AuthEvent, Decoder, Fingerprinter};
 use crate::server::Health;
 use crate::source::kafka::{KafkaSettings, KafkaSource, OffsetStore};
@@ -33,12 +35,14 @@ use crate::store::{BatchWrite, Checkpoint, Origin, SqliteStore, Store, StoreErro
 pub const SECRET_FILE: &str = "fingerprint.secret";
 
 /// What a run did, for the final log line and for tests.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone)]
 pub struct RunSummary {
     pub lines: u64,
     pub events: u64,
     pub dead_letters: u64,
     pub batches: u64,
+    /// Findings raised for the first time during the run.
+    pub findings: Vec<Finding>,
 }
 
 /// Loads the fingerprint secret the config points at; generates and keeps one in the state
@@ -137,8 +141,10 @@ pub async fn run(
     config: Config,
     health: Arc<Health>,
     cancel: CancellationToken,
+    findings: Option<mpsc::Sender<Vec<Finding>>>,
 ) -> anyhow::Result<RunSummary> {
     let (store, offsets) = open_store(&config)?;
+    let detection = Detection::new(&config, findings)?;
     let decoder = decoder(&config)?;
     let source_id = config.input.source.id();
     let saved = store
@@ -206,6 +212,7 @@ pub async fn run(
         decoder,
         source_id,
         dead_letters,
+        detection,
         health: health.clone(),
         cancel: cancel.clone(),
         summary: RunSummary::default(),
@@ -256,6 +263,7 @@ struct Pipeline {
     decoder: Decoder,
     source_id: String,
     dead_letters: Box<dyn DeadLetterSink>,
+    detection: Detection,
     health: Arc<Health>,
     cancel: CancellationToken,
     summary: RunSummary,
@@ -263,14 +271,26 @@ struct Pipeline {
 
 impl Pipeline {
     fn run(mut self, mut rx: mpsc::Receiver<Batch>) -> anyhow::Result<RunSummary> {
-        while let Some(batch) = rx.blocking_recv() {
-            self.process(batch)?;
+        let rt = tokio::runtime::Handle::current();
+        loop {
+            // Wake up for the detectors' schedule even when no input comes.
+            let wait = self.detection.next_due();
+            match rt.block_on(tokio::time::timeout(wait, rx.recv())) {
+                Ok(Some(batch)) => self.process(batch)?,
+                Ok(None) => break,
+                Err(_elapsed) => {}
+            }
+            self.detection.tick(self.store.as_mut())?;
         }
+        // The input is done (a one-shot read, or shutdown): a last evaluation.
+        self.detection.evaluate(self.store.as_mut())?;
+        self.summary.findings = std::mem::take(&mut self.detection.raised);
         Ok(self.summary)
     }
 
     fn process(&mut self, mut batch: Batch) -> anyhow::Result<()> {
         self.store_batch(&batch)?;
+        self.detection.after_commit(self.store.as_mut())?;
         if let Some(ack) = batch.on_commit.take() {
             ack();
         }
@@ -296,6 +316,10 @@ impl Pipeline {
                 Ok(_) => {
                     for (index, ev) in events.drain(..).enumerate() {
                         agg.add(&ev);
+                        if dead_letter {
+                            // First pass only: a line stored again in isolation was seen.
+                            self.detection.observe(&ev);
+                        }
                         if keep_raw {
                             raw.push(StoredEvent {
                                 origin: Origin {

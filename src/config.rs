@@ -61,6 +61,25 @@ pub struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub rules: RawRules,
+}
+
+/// Where the key registry and the rotation policy come from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRules {
+    /// The key registry (rules/README.md); without it, every key is unknown and only
+    /// traffic-based findings are raised.
+    pub keys: Option<PathBuf>,
+    /// The rotation policy; without it, the defaults (the same as rules/policy.toml).
+    pub policy: Option<PathBuf>,
+    /// How often rotations are evaluated (default 1m).
+    #[serde(default, deserialize_with = "duration::opt")]
+    pub evaluate_every: Option<Duration>,
+    /// How often the registry file is checked for changes (default 5s).
+    #[serde(default, deserialize_with = "duration::opt")]
+    pub reload_every: Option<Duration>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -247,6 +266,15 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub server: Option<SocketAddr>,
     pub log: RawLog,
+    pub rules: RulesConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct RulesConfig {
+    pub keys: Option<PathBuf>,
+    pub policy: Option<PathBuf>,
+    pub evaluate_every: Duration,
+    pub reload_every: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -515,6 +543,26 @@ impl RawConfig {
             return Err(err("log.level", format!("not a valid filter: {e}")));
         }
 
+        let positive = |field: &str, d: Option<Duration>, default: Duration| match d {
+            Some(d) if d.is_zero() => Err(err(field, "must be more than 0".into())),
+            Some(d) => Ok(d),
+            None => Ok(default),
+        };
+        let rules = RulesConfig {
+            keys: self.rules.keys.clone(),
+            policy: self.rules.policy.clone(),
+            evaluate_every: positive(
+                "rules.evaluate_every",
+                self.rules.evaluate_every,
+                Duration::from_secs(60),
+            )?,
+            reload_every: positive(
+                "rules.reload_every",
+                self.rules.reload_every,
+                Duration::from_secs(5),
+            )?,
+        };
+
         Ok(Config {
             origin: file.to_owned(),
             state_dir: self.state_dir,
@@ -529,6 +577,7 @@ impl RawConfig {
             pipeline,
             server,
             log: self.log,
+            rules,
         })
     }
 }

@@ -65,27 +65,46 @@ impl DeadLetterSink for KafkaDeadLetters {
         let partition = r.partition.map(|p| p.to_string()).unwrap_or_default();
         let offset = r.offset.to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "keywatch.reason", value: Some(r.reason.as_str()) })
-            .insert(Header { key: "keywatch.source", value: Some(r.source) })
-            .insert(Header { key: "keywatch.topic", value: r.topic })
-            .insert(Header { key: "keywatch.partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "keywatch.offset", value: Some(offset.as_str()) })
-            .insert(Header { key: "keywatch.at", value: Some(r.at.as_str()) });
+            .insert(Header {
+                key: "keywatch.reason",
+                value: Some(r.reason.as_str()),
+            })
+            .insert(Header {
+                key: "keywatch.source",
+                value: Some(r.source),
+            })
+            .insert(Header {
+                key: "keywatch.topic",
+                value: r.topic,
+            })
+            .insert(Header {
+                key: "keywatch.partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "keywatch.offset",
+                value: Some(offset.as_str()),
+            })
+            .insert(Header {
+                key: "keywatch.at",
+                value: Some(r.at.as_str()),
+            });
         let mut record: BaseRecord<'_, (), str> = BaseRecord::to(&self.topic)
             .payload(r.line.as_str())
             .headers(headers);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
-                Err((rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ), back)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
                     record = back;
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err((e, _)) => {
-                    return Err(io::Error::other(format!("sending a dead letter: {e}")))
-                }
+                Err((e, _)) => return Err(io::Error::other(format!("sending a dead letter: {e}"))),
             }
         }
     }

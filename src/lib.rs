@@ -20,6 +20,7 @@ pub mod config;
 pub mod deadletter;
 pub mod deadletter_kafka;
 pub mod detect;
+pub mod detection;
 pub mod event;
 pub mod produce;
 pub mod registry;

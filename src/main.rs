@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use keywatch::config::{self, Config, LogFormat};
 use keywatch::server::{self, Health};
 use keywatch::store::SqliteStore;
-use keywatch::{app, report, sample};
+use keywatch::{app, report, report_rotation, sample};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +49,40 @@ enum Command {
         /// At most this many rows
         #[arg(long, default_value_t = 50)]
         limit: usize,
+    },
+    /// Rotations in progress: share moved to the new key, forecast, who is still on the old key
+    Rotations {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Evaluate at this time: `latest` (the latest stored event), `now`, or RFC 3339
+        #[arg(long, default_value = "latest")]
+        at: String,
+    },
+    /// Findings stored so far (lingering old keys, revoked keys used, ...)
+    Findings {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only findings raised in the last DURATION before the latest one (e.g. 24h)
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Only this kind (lingering_old_key, safe_to_revoke, ...)
+        #[arg(long)]
+        kind: Option<keywatch::detect::FindingKind>,
+        /// One JSON object per line instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay a log through the detectors (event time as the clock) and print every finding
+    /// it would raise, one JSON object per line
+    Backtest {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The log to replay (in the config's input format)
+        #[arg(long)]
+        input: PathBuf,
+        /// How often rotations are evaluated, in event time
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        every: Duration,
     },
     /// Print the fingerprint id of a raw key read from stdin (to match it in reports)
     Fingerprint {
@@ -161,6 +195,71 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             print_usage(&config, since, key.as_deref(), limit)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Rotations { config, at } => {
+            let config = load(config.as_ref())?;
+            print_rotations(&config, &at)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Findings {
+            config,
+            since,
+            kind,
+            json,
+        } => {
+            let config = load(config.as_ref())?;
+            let store = SqliteStore::open(&config.state_dir)?;
+            let all = store.findings(None, kind)?;
+            let latest = all.iter().map(|f| f.last_at_ms).max();
+            let rows = match (since, latest) {
+                (Some(d), Some(l)) => store.findings(Some(l - d.as_millis() as i64), kind)?,
+                _ => all,
+            };
+            if json {
+                for f in &rows {
+                    println!("{}", serde_json::to_string(&f.finding)?);
+                }
+            } else if rows.is_empty() {
+                println!("no findings stored in {}", config.state_dir.display());
+            } else {
+                println!("{}", report_rotation::stored_findings_table(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backtest {
+            config,
+            input,
+            every,
+        } => {
+            let config = load(Some(&config))?;
+            let decoder = app::decoder(&config)?;
+            let (watcher, policy) = keywatch::detection::load_rules(&config)?;
+            let registry = watcher.map_or_else(
+                || Arc::new(keywatch::registry::Registry::empty()),
+                |w| w.registry(),
+            );
+            let mut engine = keywatch::detect::Engine::new(registry, policy);
+            // A scratch store in memory: the backtest must not touch the daemon's state.
+            let mut store = SqliteStore::open_file(std::path::Path::new(":memory:"))?;
+            let file = std::fs::File::open(&input)
+                .with_context(|| format!("cannot open {}", input.display()))?;
+            let lines =
+                std::io::BufRead::split(std::io::BufReader::new(file), b'\n').map_while(Result::ok);
+            let found = keywatch::backtest::backtest(
+                lines,
+                &decoder,
+                &mut engine,
+                &mut store,
+                every.as_millis() as i64,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            let mut out = std::io::stdout().lock();
+            for f in &found {
+                std::io::Write::write_all(&mut out, serde_json::to_string(f)?.as_bytes())?;
+                std::io::Write::write_all(&mut out, b"\n")?;
+            }
+            eprintln!("{} finding(s)", found.len());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Fingerprint { config } => {
             let config = load(config.as_ref())?;
             let secret = app::load_secret(&config)?;
@@ -247,7 +346,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         signals.cancel();
     });
 
-    let result = app::run(config.clone(), health, cancel.clone()).await;
+    let result = app::run(config.clone(), health, cancel.clone(), None).await;
     cancel.cancel();
     if let Some(task) = server_task {
         let _ = task.await;
@@ -262,6 +361,13 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     if !config.input.follow {
         // A one-shot read (the quick start): show what was stored.
         print_usage(&config, None, None, 50)?;
+        if config.rules.keys.is_some() {
+            print_rotations(&config, "latest")?;
+        }
+        if !summary.findings.is_empty() {
+            println!("Findings raised by this run:");
+            println!("{}", report_rotation::findings_table(&summary.findings));
+        }
         if summary.dead_letters > 0 {
             println!(
                 "{} line(s) could not be decoded; see {}",
@@ -289,6 +395,33 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn print_rotations(config: &Config, at: &str) -> anyhow::Result<()> {
+    let store = SqliteStore::open(&config.state_dir)?;
+    let now = match at {
+        "latest" => store
+            .latest_event_ms()?
+            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+        "now" => chrono::Utc::now().timestamp_millis(),
+        other => chrono::DateTime::parse_from_rfc3339(other)
+            .with_context(|| format!("--at: expected latest, now or RFC 3339, found `{other}`"))?
+            .timestamp_millis(),
+    };
+    let (watcher, policy) = keywatch::detection::load_rules(config)?;
+    let Some(watcher) = watcher else {
+        println!("no key registry configured (rules.keys): no rotations to show");
+        return Ok(());
+    };
+    let engine = keywatch::detect::Engine::new(watcher.registry(), policy);
+    let rows = engine.rotations(now, &store);
+    if rows.is_empty() {
+        println!("no rotations in progress");
+    } else {
+        println!("Rotations as of {} UTC:", report::format_ms(now));
+        println!("{}", report_rotation::rotations_table(&rows));
+    }
+    Ok(())
 }
 
 fn print_usage(

@@ -124,8 +124,7 @@ impl ConsumerContext for Context {
                 let recovered = self.recover(&partitions);
                 let mut expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
                 for (tp, offset) in &recovered {
-                    if let Err(e) = tpl.set_partition_offset(&tp.0, tp.1, Offset::Offset(*offset))
-                    {
+                    if let Err(e) = tpl.set_partition_offset(&tp.0, tp.1, Offset::Offset(*offset)) {
                         tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot set the start offset");
                     }
                     expected.insert(tp.clone(), *offset);
@@ -258,7 +257,11 @@ async fn consume(
     tx: Sender<Batch>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let topic_names: Vec<Arc<str>> = settings.topics.iter().map(|t| Arc::from(t.as_str())).collect();
+    let topic_names: Vec<Arc<str>> = settings
+        .topics
+        .iter()
+        .map(|t| Arc::from(t.as_str()))
+        .collect();
     let mut pending = Pending::new();
     let mut generation = consumer.context().generation.load(Ordering::SeqCst);
     loop {
@@ -276,7 +279,10 @@ async fn consume(
         if now_generation != generation {
             generation = now_generation;
             if !pending.batch.is_empty() {
-                tracing::debug!(lines = pending.batch.len(), "dropping a partial batch at rebalance");
+                tracing::debug!(
+                    lines = pending.batch.len(),
+                    "dropping a partial batch at rebalance"
+                );
             }
             pending = Pending::new();
         }
@@ -321,7 +327,9 @@ async fn consume(
             .started
             .is_some_and(|s| s.elapsed() >= settings.max_wait);
         if !pending.batch.is_empty() && (full || due) {
-            let Pending { mut batch, next, .. } = std::mem::replace(&mut pending, Pending::new());
+            let Pending {
+                mut batch, next, ..
+            } = std::mem::replace(&mut pending, Pending::new());
             let offsets: Vec<PartitionOffset> = next
                 .iter()
                 .map(|((topic, partition), offset)| PartitionOffset {

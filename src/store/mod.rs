@@ -9,6 +9,7 @@ pub mod sqlite_offsets;
 pub mod views;
 
 use crate::aggregate::{Aggregate, Rollup, SourceKey, SourceStats};
+use crate::detect::{Finding, RotationSource};
 use crate::event::AuthEvent;
 use crate::source::Position;
 
@@ -81,6 +82,11 @@ pub trait Store {
     /// position, atomically: after a crash, either all of it is visible or none of it is.
     fn commit(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError>;
 
+    /// The rotation view and findings table, for stores that have them.
+    fn detection(&mut self) -> Option<&mut dyn DetectionStore> {
+        None
+    }
+
     /// Whether [`BatchWrite::events`] should be filled (it costs a copy of every event).
     fn keeps_raw_events(&self) -> bool {
         false
@@ -88,6 +94,13 @@ pub trait Store {
 
     /// The position stored for a source by the last successful commit.
     fn position(&self, source: &str) -> Result<Option<Position>, StoreError>;
+}
+
+/// What the detectors need from a store: the rotation view, and a findings table that
+/// remembers what was already raised.
+pub trait DetectionStore: RotationSource {
+    /// Stores findings (upsert by dedup key) and returns those not seen before.
+    fn record_findings(&mut self, found: &[Finding]) -> Result<Vec<Finding>, StoreError>;
 }
 
 /// One key's usage over a time range, for reports.

@@ -68,6 +68,7 @@ const MIGRATIONS: &[&str] = &[
         evidence TEXT NOT NULL -- JSON
      ) WITHOUT ROWID;
      CREATE INDEX findings_by_time ON findings (last_at_ms);",
+    // 3: the notification log and silences (store::notify_log).
 ];
 
 const OUTCOME_COLUMNS: [&str; 7] = [
@@ -288,6 +289,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn detection(&mut self) -> Option<&mut dyn super::DetectionStore> {
+        Some(self)
+    }
+
     fn commit(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
         let agg = batch.aggregate;
         // IMMEDIATE: take the write lock up front, so that two processes sharing the
@@ -531,6 +536,37 @@ mod tests {
         let one = sources.iter().find(|(k, _)| k.ip == "10.0.0.1").unwrap();
         assert_eq!(one.1.requests, 2);
         assert_eq!((one.1.first_seen_ms, one.1.last_seen_ms), (60_000, 60_001));
+    }
+
+    #[test]
+    fn kafka_positions_merge_across_batches() {
+        use crate::source::PartitionOffset;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let po = |partition, offset| PartitionOffset {
+            topic: "t".into(),
+            partition,
+            offset,
+        };
+        for offsets in [vec![po(0, 10)], vec![po(1, 5), po(2, 7)], vec![po(0, 20)]] {
+            let p = Position::Kafka { offsets };
+            store
+                .commit(&BatchWrite {
+                    aggregate: &Aggregate::default(),
+                    events: &[],
+                    checkpoint: Some(Checkpoint {
+                        source: "kafka:g",
+                        position: &p,
+                    }),
+                })
+                .unwrap();
+        }
+        assert_eq!(
+            store.position("kafka:g").unwrap(),
+            Some(Position::Kafka {
+                offsets: vec![po(0, 20), po(1, 5), po(2, 7)]
+            })
+        );
     }
 
     #[test]

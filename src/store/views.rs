@@ -11,7 +11,7 @@
 use rusqlite::params;
 
 use super::sqlite::classify;
-use super::{SqliteStore, StoreError};
+use super::{DetectionStore, SqliteStore, StoreError};
 use crate::detect::{Finding, FindingKind, HourRow, RotationData, RotationSource, Severity};
 
 const HOUR_S: i64 = 3600;
@@ -24,6 +24,12 @@ pub struct StoredFinding {
     pub first_at_ms: i64,
     pub last_at_ms: i64,
     pub count: u64,
+}
+
+impl DetectionStore for SqliteStore {
+    fn record_findings(&mut self, found: &[Finding]) -> Result<Vec<Finding>, StoreError> {
+        SqliteStore::record_findings(self, found)
+    }
 }
 
 impl RotationSource for SqliteStore {

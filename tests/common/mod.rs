@@ -114,11 +114,17 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::
     }
 }
 
+/// Starts keywatch with its stdout discarded and its logs in a file (never an unread pipe:
+/// a full pipe would block the daemon). The log's path is printed, for failures.
 pub fn spawn_quiet(cmd: &mut Command) -> Child {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join("keywatch-test-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = dir.join(format!("{}-{n}.log", std::process::id()));
+    eprintln!("keywatch log: {}", path.display());
+    let log = std::fs::File::create(&path).unwrap();
+    cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()
 }
 
 /// Every value of a JSON string field in a log of JSON lines.
