@@ -6,10 +6,12 @@
 #   - tansu, a Kafka-protocol broker, from crates.io (about 20-40 minutes to build the
 #     first time on 2 cores);
 #   - clickhouse-server, from Debian's packages (ClickHouse 18.16);
-#   - chdb-core, from PyPI: a current ClickHouse engine, in-process, to check that the schema
-#     and queries also run on today's ClickHouse.
-# The tests start their own servers on free loopback ports with temporary data directories
-# (tests/common/kafka.rs, scripts/clickhouse.sh), so nothing is left running.
+#   - chdb-core, from PyPI, into a venv under target/ (tests/chdb/run.sh): a current
+#     ClickHouse engine, in-process, to check that the schema and queries also run on
+#     today's ClickHouse.
+# Tests start the servers they need on free loopback ports with temporary data directories
+# (tests/common/kafka.rs for tansu; one shared ClickHouse server started here, and any
+# test that stops its server starts its own), and everything is stopped at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,11 +31,6 @@ if ! command -v clickhouse-server >/dev/null; then
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq clickhouse-server clickhouse-client
 fi
-PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import chdb' 2>/dev/null; then
-    echo "installing chdb-core (current ClickHouse engine) from PyPI"
-    "$PYTHON" -m pip install --quiet chdb-core
-fi
 echo "tansu: $(command -v tansu)"
 echo "clickhouse-server: $(command -v clickhouse-server)"
 
@@ -47,4 +44,12 @@ step "build"
 cargo build --locked --all-targets
 
 step "test"
+ch_dir=$(mktemp -d -t keywatch-clickhouse.XXXXXX)
+trap 'bash scripts/clickhouse.sh stop "$ch_dir" >/dev/null 2>&1 || true; rm -rf "$ch_dir"' EXIT
+KEYWATCH_TEST_CLICKHOUSE_URL=$(bash scripts/clickhouse.sh start "$ch_dir" auto | tail -n1)
+export KEYWATCH_TEST_CLICKHOUSE_URL
+echo "ClickHouse for the tests: $KEYWATCH_TEST_CLICKHOUSE_URL"
 cargo test --locked
+
+step "current ClickHouse (chdb-core): every statement keywatch sends"
+bash tests/chdb/run.sh

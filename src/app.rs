@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregate;
-use crate::config::{Config, InputSource, KafkaInput, SecretSource, StartAt};
+use crate::config::{Config, InputSource, KafkaInput, SecretSource, StartAt, StoreConfig};
 use crate::deadletter::{
     DeadLetter, DeadLetterFile, DeadLetterSink, DEAD_LETTER_FILE, DEFAULT_MAX_BYTES,
 };
@@ -28,6 +28,7 @@ use crate::event::{AuthEvent, Decoder, Fingerprinter};
 use crate::server::Health;
 use crate::source::kafka::{KafkaSettings, KafkaSource, OffsetStore};
 use crate::source::{self, Batch, FileFollower, FollowOptions, PartitionOffset, Position};
+use crate::store::clickhouse::ClickHouseStore;
 use crate::store::sqlite_offsets::SqliteOffsets;
 use crate::store::{BatchWrite, Checkpoint, Origin, SqliteStore, Store, StoreError, StoredEvent};
 
@@ -109,12 +110,25 @@ pub fn decoder(config: &Config) -> anyhow::Result<Decoder> {
 pub fn open_store(
     config: &Config,
 ) -> anyhow::Result<(Box<dyn Store + Send>, Arc<dyn OffsetStore>)> {
-    let store = SqliteStore::open(&config.state_dir)
-        .with_context(|| format!("state_dir {}", config.state_dir.display()))?;
-    let offsets = Arc::new(SqliteOffsets {
-        state_dir: config.state_dir.clone(),
-    });
-    Ok((Box::new(store), offsets))
+    match &config.store {
+        StoreConfig::Sqlite => {
+            let store = SqliteStore::open(&config.state_dir)
+                .with_context(|| format!("state_dir {}", config.state_dir.display()))?;
+            let offsets = Arc::new(SqliteOffsets {
+                state_dir: config.state_dir.clone(),
+            });
+            Ok((Box::new(store), offsets))
+        }
+        StoreConfig::ClickHouse(c) => {
+            let password = c
+                .load_password()
+                .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
+            let store = ClickHouseStore::open(c, password, tokio::runtime::Handle::current())
+                .with_context(|| format!("store.clickhouse {}", c.url))?;
+            let offsets: Arc<dyn OffsetStore> = Arc::new(store.clone());
+            Ok((Box::new(store), offsets))
+        }
+    }
 }
 
 /// Resolves `properties_env` and builds the Kafka settings.
@@ -143,6 +157,9 @@ pub async fn run(
     cancel: CancellationToken,
     findings: Option<mpsc::Sender<Vec<Finding>>>,
 ) -> anyhow::Result<RunSummary> {
+    // The state directory holds the fingerprint secret and dead letters in every mode.
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("state_dir: cannot create {}", config.state_dir.display()))?;
     let (store, offsets) = open_store(&config)?;
     let detection = Detection::new(&config, findings)?;
     let decoder = decoder(&config)?;

@@ -63,6 +63,26 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub rules: RawRules,
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// The embedded store in `state_dir` (the default).
+    #[default]
+    Sqlite,
+    Clickhouse,
+}
+
+/// Where usage, positions and findings are kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    #[serde(default)]
+    pub kind: StoreKind,
+    pub clickhouse: Option<crate::store::clickhouse::ClickHouseConfig>,
 }
 
 /// Where the key registry and the rotation policy come from.
@@ -267,6 +287,13 @@ pub struct Config {
     pub server: Option<SocketAddr>,
     pub log: RawLog,
     pub rules: RulesConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Sqlite,
+    ClickHouse(crate::store::clickhouse::ClickHouseConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -543,6 +570,33 @@ impl RawConfig {
             return Err(err("log.level", format!("not a valid filter: {e}")));
         }
 
+        let store = match (self.store.kind, &self.store.clickhouse) {
+            (StoreKind::Sqlite, None) => StoreConfig::Sqlite,
+            (StoreKind::Sqlite, Some(_)) => {
+                return Err(err(
+                    "store.clickhouse",
+                    "only used with store.kind = \"clickhouse\"".into(),
+                ))
+            }
+            (StoreKind::Clickhouse, c) => {
+                let c = c.clone().unwrap_or_default();
+                c.validate()
+                    .map_err(|(f, r)| err(&format!("store.clickhouse.{f}"), r))?;
+                if let InputSource::Kafka(k) = &source {
+                    // The ClickHouse store tells topics apart by partition number.
+                    if k.topics.len() > 1 {
+                        return Err(err(
+                            "input.kafka.topics",
+                            "one topic per keywatch group with store.kind = \"clickhouse\" \
+                             (run one group per topic)"
+                                .into(),
+                        ));
+                    }
+                }
+                StoreConfig::ClickHouse(c)
+            }
+        };
+
         let positive = |field: &str, d: Option<Duration>, default: Duration| match d {
             Some(d) if d.is_zero() => Err(err(field, "must be more than 0".into())),
             Some(d) => Ok(d),
@@ -578,6 +632,7 @@ impl RawConfig {
             server,
             log: self.log,
             rules,
+            store,
         })
     }
 }

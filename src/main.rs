@@ -9,9 +9,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use keywatch::config::StoreConfig;
 use keywatch::config::{self, Config, LogFormat};
 use keywatch::server::{self, Health};
-use keywatch::store::SqliteStore;
+use keywatch::store::{SqliteStore, UsageReport};
 use keywatch::{app, report, report_rotation, sample};
 
 #[derive(Parser)]
@@ -207,7 +208,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let config = load(config.as_ref())?;
-            let store = SqliteStore::open(&config.state_dir)?;
+            let store = detection_store(&config)?;
             let all = store.findings(None, kind)?;
             let latest = all.iter().map(|f| f.last_at_ms).max();
             let rows = match (since, latest) {
@@ -361,7 +362,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     if !config.input.follow {
         // A one-shot read (the quick start): show what was stored.
         print_usage(&config, None, None, 50)?;
-        if config.rules.keys.is_some() {
+        if config.rules.keys.is_some() && matches!(config.store, StoreConfig::Sqlite) {
             print_rotations(&config, "latest")?;
         }
         if !summary.findings.is_empty() {
@@ -397,8 +398,20 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// The embedded store, for the commands that need the rotation view and findings table
+/// (the ClickHouse store does not have them yet).
+fn detection_store(config: &Config) -> anyhow::Result<SqliteStore> {
+    match &config.store {
+        StoreConfig::Sqlite => Ok(SqliteStore::open(&config.state_dir)?),
+        StoreConfig::ClickHouse(_) => anyhow::bail!(
+            "rotations and findings are kept in the embedded store only for now; \
+             store.kind = \"clickhouse\" does not evaluate them yet"
+        ),
+    }
+}
+
 fn print_rotations(config: &Config, at: &str) -> anyhow::Result<()> {
-    let store = SqliteStore::open(&config.state_dir)?;
+    let store = detection_store(config)?;
     let now = match at {
         "latest" => store
             .latest_event_ms()?
@@ -430,7 +443,21 @@ fn print_usage(
     key: Option<&str>,
     limit: usize,
 ) -> anyhow::Result<()> {
-    let store = SqliteStore::open_read_only(&config.state_dir)?;
+    let store: Box<dyn UsageReport> = match &config.store {
+        StoreConfig::Sqlite => Box::new(SqliteStore::open_read_only(&config.state_dir)?),
+        StoreConfig::ClickHouse(c) => {
+            let password = c
+                .load_password()
+                .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
+            Box::new(
+                keywatch::store::clickhouse::ClickHouseStore::open_read_only(
+                    c,
+                    password,
+                    tokio::runtime::Handle::try_current().ok(),
+                )?,
+            )
+        }
+    };
     if let Some(key) = key {
         let rows = store.key_sources(key)?;
         if rows.is_empty() {
@@ -448,7 +475,7 @@ fn print_usage(
     let total = rows.len();
     rows.truncate(limit);
     if rows.is_empty() {
-        println!("no usage stored yet in {}", config.state_dir.display());
+        println!("no usage stored yet");
     } else {
         println!("{}", report::usage_table(&rows));
         if total > rows.len() {

@@ -269,3 +269,124 @@ fn two_instances_in_one_group_share_the_work_exactly_once() {
     assert_eq!(got, n as u64);
     assert_eq!(totals(&state), (n as u64, n as u64));
 }
+
+/// Kafka in, ClickHouse (the real 18.16 server) as the store.
+fn clickhouse_config(
+    dir: &Path,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    ch_url: &str,
+    db: &str,
+) -> std::path::PathBuf {
+    let path = kafka_config(dir, &dir.join("state"), brokers, topic, group, "");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = \"{ch_url}\"\ndatabase = \"{db}\"\ninsert_timeout = \"5s\"\n"
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn wait_for_clickhouse(
+    ch: &common::clickhouse::ClickHouse,
+    db: &str,
+    want: u64,
+    timeout: Duration,
+) -> u64 {
+    let start = Instant::now();
+    loop {
+        let got = ch.totals(db).map_or(0, |(r, _)| r);
+        if got >= want || start.elapsed() > timeout {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn kafka_to_clickhouse_exactly_once_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = common::clickhouse::ClickHouse::shared_or_start(&dir.path().join("ch"));
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 3);
+    let n = 30_000;
+    let log = sample(dir.path(), "nginx", n, 31);
+    produce(&broker.brokers(), &topic, &log);
+    let db = unique("kw").replace('-', "_");
+    let cfg = clickhouse_config(
+        dir.path(),
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        &ch.url,
+        &db,
+    );
+
+    let mut rng = 0x1234_5678_9abc_def1u64;
+    let mut progress = Vec::new();
+    for _ in 0..4 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let before = ch.totals(&db).map_or(0, |(r, _)| r);
+        if before >= n as u64 {
+            break;
+        }
+        let mut child = spawn_quiet(&mut run_config(&cfg));
+        wait_for_clickhouse(&ch, &db, before + 1, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(rng % 400));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        progress.push(ch.totals(&db));
+    }
+    let mut child = spawn_quiet(&mut run_config(&cfg));
+    let got = wait_for_clickhouse(&ch, &db, n as u64, Duration::from_secs(240));
+    std::thread::sleep(Duration::from_secs(2));
+    sigterm(&mut child);
+    eprintln!("after each kill (rollups, raw rows): {progress:?}; final {got}");
+    assert!(progress.len() >= 2, "{progress:?}");
+    assert_eq!(ch.totals(&db), Some((n as u64, n as u64)));
+}
+
+#[test]
+fn clickhouse_down_for_a_while_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = common::clickhouse::ClickHouse::start(&dir.path().join("ch"));
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 2);
+    let first = sample(dir.path(), "nginx", 5000, 41);
+    produce(&broker.brokers(), &topic, &first);
+    let db = "kw_outage";
+    let cfg = clickhouse_config(
+        dir.path(),
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        &ch.url,
+        db,
+    );
+    let mut child = spawn_quiet(&mut run_config(&cfg));
+    assert_eq!(
+        wait_for_clickhouse(&ch, db, 5000, Duration::from_secs(60)),
+        5000
+    );
+
+    // The store goes away while more traffic arrives; keywatch retries and waits.
+    ch.stop();
+    let second = sample(dir.path(), "nginx", 5000, 42);
+    produce(&broker.brokers(), &topic, &second);
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "keywatch must survive the outage"
+    );
+    ch.restart_after_stop();
+    let got = wait_for_clickhouse(&ch, db, 10_000, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    sigterm(&mut child);
+    assert_eq!(got, 10_000);
+    assert_eq!(ch.totals(db), Some((10_000, 10_000)));
+}

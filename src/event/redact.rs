@@ -57,9 +57,9 @@ impl Redactor {
             for start in memmem::find_iter(hay, name.as_bytes()) {
                 let end = start + name.len();
                 let left_ok = start == 0 || !hay[start - 1].is_ascii_alphanumeric();
-                let right_ok = hay.get(end).map_or(true, |&c| {
-                    !(c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
-                });
+                let right_ok = hay
+                    .get(end)
+                    .is_none_or(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'-'));
                 if left_ok && right_ok {
                     found.push((start, end));
                 }

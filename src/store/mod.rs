@@ -4,6 +4,7 @@
 //! after that batch in one atomic step. Either both are stored or neither is, so a source
 //! restarted from [`Store::position`] neither loses nor double-counts an event.
 
+pub mod clickhouse;
 pub mod sqlite;
 pub mod sqlite_offsets;
 pub mod views;
@@ -119,3 +120,28 @@ pub struct KeyUsage {
 
 /// One source of a key's traffic, for reports.
 pub type SourceRow = (SourceKey, SourceStats);
+
+/// What the terminal reports read, from either store.
+pub trait UsageReport {
+    fn key_usage(&self, since_ms: Option<i64>) -> Result<Vec<KeyUsage>, StoreError>;
+    fn key_sources(&self, key_id: &str) -> Result<Vec<SourceRow>, StoreError>;
+    fn latest_event_ms(&self) -> Result<Option<i64>, StoreError>;
+}
+
+macro_rules! usage_report {
+    ($t:ty) => {
+        impl UsageReport for $t {
+            fn key_usage(&self, since_ms: Option<i64>) -> Result<Vec<KeyUsage>, StoreError> {
+                <$t>::key_usage(self, since_ms)
+            }
+            fn key_sources(&self, key_id: &str) -> Result<Vec<SourceRow>, StoreError> {
+                <$t>::key_sources(self, key_id)
+            }
+            fn latest_event_ms(&self) -> Result<Option<i64>, StoreError> {
+                <$t>::latest_event_ms(self)
+            }
+        }
+    };
+}
+usage_report!(SqliteStore);
+usage_report!(clickhouse::ClickHouseStore);

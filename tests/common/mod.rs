@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: run the real binary on real files.
 #![allow(dead_code)]
 
+pub mod clickhouse;
 pub mod kafka;
 
 use std::path::{Path, PathBuf};

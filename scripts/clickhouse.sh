@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Starts and stops a private ClickHouse server for keywatch's tests.
+#
+#   scripts/clickhouse.sh start DIR PORT   # HTTP on PORT, native TCP on PORT+1; prints the URL
+#                                          # (PORT `auto`: the first free pair from 18123)
+#   scripts/clickhouse.sh stop DIR         # stops the server started in DIR
+#   scripts/clickhouse.sh url DIR          # prints the URL of the server running in DIR
+#
+# The server (Debian's clickhouse-server, 18.16 on Debian 12) listens on 127.0.0.1 only and
+# keeps its configuration, data, logs and pid file inside DIR, so that several can run at
+# once. It is installed with apt-get when missing. Starting twice in the same DIR reuses the
+# running server.
+set -euo pipefail
+
+die() { echo "clickhouse.sh: $*" >&2; exit 1; }
+
+find_server() {
+    for c in clickhouse-server /usr/sbin/clickhouse-server /usr/bin/clickhouse-server; do
+        if command -v "$c" >/dev/null 2>&1; then command -v "$c"; return 0; fi
+    done
+    return 1
+}
+
+install_server() {
+    echo "clickhouse.sh: clickhouse-server not found, installing it with apt-get" >&2
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq clickhouse-server >&2
+}
+
+ping_ok() (
+    # curl is not always present; bash's /dev/tcp is. A subshell, so that fd 3 and the
+    # silenced stderr stay local.
+    exec 2>/dev/null
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf 'GET /ping HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+    reply=$(timeout 2 cat <&3 || true)
+    [[ "$reply" == *$'\r\n\r\nOk.'* ]]
+)
+
+write_config() {
+    local dir=$1 port=$2
+    mkdir -p "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/format_schemas" "$dir/log"
+    cat >"$dir/config.xml" <<EOF
+<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>information</level>
+        <log>$dir/log/clickhouse-server.log</log>
+        <errorlog>$dir/log/clickhouse-server.err.log</errorlog>
+        <size>100M</size>
+        <count>2</count>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>$port</http_port>
+    <tcp_port>$((port + 1))</tcp_port>
+    <max_connections>256</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>64</max_concurrent_queries>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <mark_cache_size>268435456</mark_cache_size>
+    <path>$dir/data/</path>
+    <tmp_path>$dir/tmp/</tmp_path>
+    <user_files_path>$dir/user_files/</user_files_path>
+    <format_schema_path>$dir/format_schemas/</format_schema_path>
+    <users_config>$dir/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mlock_executable>false</mlock_executable>
+    <builtin_dictionaries_reload_interval>3600</builtin_dictionaries_reload_interval>
+    <max_session_timeout>3600</max_session_timeout>
+    <default_session_timeout>60</default_session_timeout>
+</yandex>
+EOF
+    # Two users: `default` without a password (what the tests use) and `keywatch` with the
+    # password `keywatch-test` (to test authentication and that errors never show it).
+    cat >"$dir/users.xml" <<'EOF'
+<?xml version="1.0"?>
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>4000000000</max_memory_usage>
+            <load_balancing>random</load_balancing>
+        </default>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+        <keywatch>
+            <password>keywatch-test</password>
+            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </keywatch>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+EOF
+}
+
+running_pid() {
+    local dir=$1 pid
+    [ -f "$dir/server.pid" ] || return 1
+    pid=$(cat "$dir/server.pid")
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    echo "$pid"
+}
+
+port_free() (
+    exec 2>/dev/null
+    ! exec 3<>"/dev/tcp/127.0.0.1/$1"
+)
+
+start() {
+    local dir=$1 port=$2
+    if [ "$port" = auto ] && ! running_pid "$dir" >/dev/null; then
+        port=18123
+        until port_free "$port" && port_free $((port + 1)); do
+            port=$((port + 2))
+            [ "$port" -lt 19123 ] || die "no free port pair in 18123-19122"
+        done
+    fi
+    [ "$port" = auto ] && port=$(cat "$dir/port")
+    [[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -gt 0 ] && [ "$port" -lt 65535 ] || die "bad port: $port"
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    if pid=$(running_pid "$dir"); then
+        [ -f "$dir/port" ] && port=$(cat "$dir/port")
+        ping_ok "$port" || die "server $pid in $dir does not answer on port $port"
+        echo "http://127.0.0.1:$port"
+        return 0
+    fi
+    local server
+    server=$(find_server) || { install_server; server=$(find_server) || die "no clickhouse-server after install"; }
+    ! ping_ok "$port" || die "port $port is already taken by another ClickHouse"
+    write_config "$dir" "$port"
+    echo "$port" >"$dir/port"
+    # setsid: the server must not get the caller's signals (a test harness's Ctrl-C aside).
+    setsid "$server" --config-file="$dir/config.xml" >"$dir/log/stdout.log" 2>&1 </dev/null &
+    echo $! >"$dir/server.pid"
+    local pid
+    pid=$(cat "$dir/server.pid")
+    for _ in $(seq 1 300); do
+        if ping_ok "$port"; then
+            echo "http://127.0.0.1:$port"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || {
+            tail -n 20 "$dir/log/stdout.log" "$dir/log/clickhouse-server.err.log" >&2 2>/dev/null || true
+            die "clickhouse-server exited during start (logs in $dir/log)"
+        }
+        sleep 0.1
+    done
+    die "clickhouse-server did not answer on port $port within 30 s (logs in $dir/log)"
+}
+
+stop() {
+    local dir=$1 pid
+    pid=$(running_pid "$dir") || { rm -f "$dir/server.pid"; return 0; }
+    kill -TERM "$pid"
+    for _ in $(seq 1 150); do
+        kill -0 "$pid" 2>/dev/null || { rm -f "$dir/server.pid"; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$dir/server.pid"
+}
+
+case "${1:-}" in
+    start) [ $# -eq 3 ] || die "usage: $0 start DIR PORT"; start "$2" "$3" ;;
+    stop) [ $# -eq 2 ] || die "usage: $0 stop DIR"; stop "$2" ;;
+    url)
+        [ $# -eq 2 ] || die "usage: $0 url DIR"
+        running_pid "$2" >/dev/null || die "no server running in $2"
+        echo "http://127.0.0.1:$(cat "$2/port")"
+        ;;
+    *) die "usage: $0 start DIR PORT | stop DIR | url DIR" ;;
+esac

@@ -1,0 +1,341 @@
+//! RowBinary encoding of keywatch's rows, in the column order of [`super::schema`].
+//!
+//! RowBinary is the same on 18.16 and current versions: little-endian numbers, strings as a
+//! LEB128 length and bytes, `Nullable` as a null byte before the value, `DateTime` as
+//! `UInt32` seconds, `Enum8` as its `Int8` value. keywatch writes the bytes itself (instead
+//! of serde rows) so that the column order lives next to the schema and the exact bytes can
+//! be replayed against chdb.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use super::schema::Table;
+use crate::aggregate::{Aggregate, KeySeen, Rollup, SourceKey, SourceStats};
+use crate::event::AuthEvent;
+use crate::store::Origin;
+
+/// Rows of one table, encoded.
+#[derive(Debug, Default)]
+pub(crate) struct RowBinary {
+    pub buf: Vec<u8>,
+    pub rows: usize,
+    /// Values written, to check the column count in tests.
+    values: usize,
+}
+
+impl RowBinary {
+    /// Rows encoded elsewhere (the chdb catalog replays recorded bytes).
+    pub fn from_parts(buf: Vec<u8>, rows: usize) -> Self {
+        RowBinary {
+            buf,
+            rows,
+            values: 0,
+        }
+    }
+
+    fn varint(&mut self, mut n: u64) {
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                self.buf.push(b);
+                return;
+            }
+            self.buf.push(b | 0x80);
+        }
+    }
+
+    pub fn string(&mut self, s: &str) {
+        self.values += 1;
+        self.varint(s.len() as u64);
+        self.buf.extend_from_slice(s.as_bytes());
+    }
+
+    pub fn opt_string(&mut self, s: &Option<Cow<'_, str>>) {
+        self.string(s.as_deref().unwrap_or(""));
+    }
+
+    pub fn i8(&mut self, v: i8) {
+        self.values += 1;
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn u16(&mut self, v: u16) {
+        self.values += 1;
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn u32(&mut self, v: u32) {
+        self.values += 1;
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn i32(&mut self, v: i32) {
+        self.values += 1;
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn u64(&mut self, v: u64) {
+        self.values += 1;
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn i64(&mut self, v: i64) {
+        self.values += 1;
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn f64(&mut self, v: f64) {
+        self.values += 1;
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn nullable_f64(&mut self, v: Option<f64>) {
+        match v {
+            Some(v) => {
+                self.buf.push(0);
+                self.f64(v);
+            }
+            None => {
+                self.values += 1;
+                self.buf.push(1);
+            }
+        }
+    }
+
+    /// `DateTime` from milliseconds since the epoch, clamped to its range.
+    pub fn datetime_ms(&mut self, ms: i64) {
+        self.u32(seconds(ms));
+    }
+
+    fn end_row(&mut self) {
+        self.rows += 1;
+    }
+
+    #[cfg(test)]
+    pub fn values(&self) -> usize {
+        self.values
+    }
+}
+
+/// Seconds of a millisecond timestamp, clamped to `DateTime`'s range.
+pub(crate) fn seconds(ms: i64) -> u32 {
+    ms.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// Which batch a row belongs to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchId<'a> {
+    pub src: &'a str,
+    pub topic: &'a str,
+    pub part: i32,
+    pub batch_end: i64,
+}
+
+impl RowBinary {
+    fn batch(&mut self, id: &BatchId<'_>) {
+        self.string(id.src);
+        self.string(id.topic);
+        self.i32(id.part);
+        self.i64(id.batch_end);
+    }
+
+    pub fn event(&mut self, ev: &AuthEvent<'_>, origin: &Origin, id: &BatchId<'_>) {
+        self.datetime_ms(ev.ts_ms);
+        self.i64(ev.ts_ms);
+        self.string(&ev.key_id);
+        self.string(ev.key_hint.as_deref().unwrap_or(""));
+        self.opt_string(&ev.consumer);
+        self.opt_string(&ev.source_ip);
+        self.opt_string(&ev.user_agent);
+        self.opt_string(&ev.method);
+        self.opt_string(&ev.endpoint);
+        self.u16(ev.status);
+        self.i8(ev.outcome.index() as i8);
+        self.nullable_f64(ev.latency_ms.filter(|l| l.is_finite()));
+        self.opt_string(&ev.gateway);
+        self.opt_string(&ev.request_id);
+        self.string(id.src);
+        self.string(id.topic);
+        self.i32(id.part);
+        self.i64(origin.offset);
+        self.u32(origin.index);
+        self.i64(id.batch_end);
+        self.end_row();
+    }
+
+    pub fn rollup(&mut self, key_id: &str, minute_ms: i64, r: &Rollup, id: &BatchId<'_>) {
+        self.string(key_id);
+        self.datetime_ms(minute_ms);
+        self.u64(r.requests);
+        for n in r.outcomes {
+            self.u64(n);
+        }
+        self.u64(r.latency_count);
+        self.f64(r.latency_sum_ms);
+        self.f64(r.latency_max_ms);
+        for n in r.latency_buckets {
+            self.u64(n);
+        }
+        self.batch(id);
+        self.end_row();
+    }
+
+    pub fn source(&mut self, k: &SourceKey, s: &SourceStats, id: &BatchId<'_>) {
+        self.string(&k.key_id);
+        self.string(&k.ip);
+        self.string(&k.user_agent);
+        self.string(&k.endpoint);
+        self.string(&k.gateway);
+        self.i64(s.first_seen_ms);
+        self.i64(s.last_seen_ms);
+        self.u64(s.requests);
+        self.u64(s.failures);
+        self.batch(id);
+        self.end_row();
+    }
+
+    pub fn key(&mut self, key_id: &str, seen: &KeySeen, id: &BatchId<'_>) {
+        self.string(key_id);
+        self.string(seen.hint.as_deref().unwrap_or(""));
+        self.string(seen.consumer.as_deref().unwrap_or(""));
+        self.i64(seen.first_seen_ms);
+        self.i64(seen.last_seen_ms);
+        self.batch(id);
+        self.end_row();
+    }
+
+    pub fn offset(
+        &mut self,
+        id: &BatchId<'_>,
+        next_offset: i64,
+        position: &str,
+        written_at_ms: i64,
+    ) {
+        self.string(id.src);
+        self.string(id.topic);
+        self.i32(id.part);
+        self.i64(next_offset);
+        self.i64(id.batch_end);
+        self.string(position);
+        self.datetime_ms(written_at_ms);
+        self.end_row();
+    }
+}
+
+/// Everything a batch inserts, one buffer per table.
+#[derive(Debug, Default)]
+pub(crate) struct EncodedBatch {
+    pub events: RowBinary,
+    pub rollups: RowBinary,
+    pub sources: RowBinary,
+    pub keys: RowBinary,
+}
+
+impl EncodedBatch {
+    /// In insert order.
+    pub fn tables(&self) -> [(Table, &RowBinary); 4] {
+        [
+            (Table::Events, &self.events),
+            (Table::RollupMinute, &self.rollups),
+            (Table::KeySources, &self.sources),
+            (Table::KeysSeen, &self.keys),
+        ]
+    }
+}
+
+/// A Kafka topic partition (topic empty and partition 0 for files and stdin).
+pub(crate) type Stream<'a> = (&'a str, i32);
+
+/// Folds events into per-partition aggregates (readers sum the per-batch rows) and encodes
+/// the events and the aggregates. Each event comes with its topic; `batch_end` gives each
+/// topic partition's batch identity.
+pub(crate) fn encode<'a, 'b: 'a, I>(
+    events: I,
+    src: &str,
+    batch_end: &HashMap<Stream<'_>, i64>,
+) -> EncodedBatch
+where
+    I: IntoIterator<Item = (&'a AuthEvent<'b>, &'a Origin, &'a str)>,
+{
+    let mut out = EncodedBatch::default();
+    let mut aggs: HashMap<(&str, i32), Aggregate> = HashMap::new();
+    for (ev, origin, topic) in events {
+        let id = BatchId {
+            src,
+            topic,
+            part: origin.partition,
+            batch_end: batch_end[&(topic, origin.partition)],
+        };
+        out.events.event(ev, origin, &id);
+        aggs.entry((topic, origin.partition)).or_default().add(ev);
+    }
+    let mut parts: Vec<_> = aggs.into_iter().collect();
+    parts.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((topic, part), agg) in &parts {
+        let id = BatchId {
+            src,
+            topic,
+            part: *part,
+            batch_end: batch_end[&(*topic, *part)],
+        };
+        for (key_id, minute, r) in agg.rollups() {
+            out.rollups.rollup(key_id, minute, r, &id);
+        }
+        for (k, s) in agg.sources() {
+            out.sources.source(k, s, &id);
+        }
+        for (key_id, seen) in agg.keys() {
+            out.keys.key(key_id, seen, &id);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Outcome;
+
+    #[test]
+    fn every_row_writes_every_column() {
+        let mut ev = AuthEvent::new(61_500, Cow::Borrowed("k"), 200, Outcome::Ok);
+        ev.latency_ms = Some(3.0);
+        let origin = Origin {
+            partition: 2,
+            offset: 7,
+            index: 0,
+        };
+        let ids = HashMap::from([(("t", 2), 9)]);
+        let b = encode([(&ev, &origin, "t")], "s", &ids);
+        for (table, rows) in b.tables() {
+            assert_eq!(rows.rows, 1, "{table:?}");
+            assert_eq!(rows.values(), table.columns().len(), "{table:?}");
+        }
+        let mut o = RowBinary::default();
+        let id = BatchId {
+            src: "s",
+            topic: "t",
+            part: 0,
+            batch_end: 0,
+        };
+        o.offset(&id, 1, "", 0);
+        assert_eq!(o.values(), Table::Offsets.columns().len());
+    }
+
+    #[test]
+    fn encodings() {
+        let mut w = RowBinary::default();
+        w.string(&"x".repeat(300));
+        assert_eq!(&w.buf[..2], &[0xac, 0x02]);
+        let mut w = RowBinary::default();
+        w.nullable_f64(None);
+        w.nullable_f64(Some(1.0));
+        assert_eq!(w.buf[0], 1);
+        assert_eq!(w.buf[1], 0);
+        assert_eq!(w.buf.len(), 10);
+        assert_eq!(seconds(-5), 0);
+        assert_eq!(seconds(61_999), 61);
+        assert_eq!(seconds(i64::MAX), u32::MAX);
+    }
+}

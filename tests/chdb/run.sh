@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Checks every statement keywatch sends to ClickHouse on a current ClickHouse engine:
+# chdb-core (ClickHouse 26.9 in-process; a ~180 MB wheel, installed once into a venv under
+# target/), against the answers of the real 18.16 server.
+#
+#   tests/chdb/run.sh
+#
+# 1. `cargo test --test clickhouse_store sql_catalog_runs_here_and_is_written_for_chdb`
+#    runs the statements on ClickHouse 18.16 (KEYWATCH_TEST_CLICKHOUSE_URL, or a server it
+#    starts itself) and writes them with its answers to target/tmp/clickhouse-sql-catalog.json.
+# 2. tests/chdb/check_schema.py runs them in chdb and compares.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+venv=${KEYWATCH_CHDB_VENV:-target/chdb-venv}
+catalog=${CARGO_TARGET_DIR:-target}/tmp/clickhouse-sql-catalog.json
+
+if ! "$venv/bin/python" -c 'import chdb' 2>/dev/null; then
+    echo "installing chdb-core into $venv (once, ~180 MB)"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'chdb-core==26.9.0'
+fi
+
+cargo test --locked --quiet --test clickhouse_store sql_catalog_runs_here_and_is_written_for_chdb
+exec "$venv/bin/python" tests/chdb/check_schema.py "$catalog"
