@@ -6,6 +6,8 @@
 #   - tansu, a Kafka-protocol broker, from crates.io (about 20-40 minutes to build the
 #     first time on 2 cores);
 #   - clickhouse-server, from Debian's packages (ClickHouse 18.16);
+#   - python3-aiosmtpd and openssl, from Debian's packages (a real SMTP server with STARTTLS
+#     and AUTH for the email tests);
 #   - chdb-core, from PyPI, into a venv under target/ (tests/chdb/run.sh): a current
 #     ClickHouse engine, in-process, to check that the schema and queries also run on
 #     today's ClickHouse.
@@ -30,6 +32,11 @@ if ! command -v clickhouse-server >/dev/null; then
     echo "installing clickhouse-server from Debian's packages"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq clickhouse-server clickhouse-client
+fi
+if ! /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || ! command -v openssl >/dev/null; then
+    echo "installing aiosmtpd (a real SMTP server for the email tests) and openssl"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-aiosmtpd openssl
 fi
 echo "tansu: $(command -v tansu)"
 echo "clickhouse-server: $(command -v clickhouse-server)"

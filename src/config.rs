@@ -100,6 +100,9 @@ pub struct RawRules {
     /// How often the registry file is checked for changes (default 5s).
     #[serde(default, deserialize_with = "duration::opt")]
     pub reload_every: Option<Duration>,
+    /// Notification routes and channels (rules/routes.toml); without it, every finding goes
+    /// to the console.
+    pub routes: Option<PathBuf>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -302,6 +305,7 @@ pub struct RulesConfig {
     pub policy: Option<PathBuf>,
     pub evaluate_every: Duration,
     pub reload_every: Duration,
+    pub routes: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -615,6 +619,7 @@ impl RawConfig {
                 self.rules.reload_every,
                 Duration::from_secs(5),
             )?,
+            routes: self.rules.routes.clone(),
         };
 
         Ok(Config {

@@ -22,6 +22,7 @@ pub mod deadletter_kafka;
 pub mod detect;
 pub mod detection;
 pub mod event;
+pub mod notify;
 pub mod produce;
 pub mod registry;
 pub mod report;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use keywatch::config::StoreConfig;
 use keywatch::config::{self, Config, LogFormat};
+use keywatch::detect::Finding;
 use keywatch::server::{self, Health};
 use keywatch::store::{SqliteStore, UsageReport};
 use keywatch::{app, report, report_rotation, sample};
@@ -85,6 +86,16 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         every: Duration,
     },
+    /// Notifications: send a test message through a channel
+    Notify {
+        #[command(subcommand)]
+        action: NotifyAction,
+    },
+    /// Silence notifications about a key or an owner for a while
+    Silence {
+        #[command(subcommand)]
+        action: SilenceAction,
+    },
     /// Print the fingerprint id of a raw key read from stdin (to match it in reports)
     Fingerprint {
         #[arg(long, short)]
@@ -120,6 +131,50 @@ enum Command {
         /// Output file (stdout without it)
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NotifyAction {
+    /// Send a test message to an owner (or team receiver) through one channel
+    Test {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A channel name from the routes file
+        #[arg(long)]
+        channel: String,
+        /// An owner from the registry, or a team receiver
+        #[arg(long)]
+        owner: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SilenceAction {
+    /// Silence findings about `key=ID` or `owner=NAME`
+    Add {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// `key=ID` or `owner=NAME`
+        matcher: keywatch::notify::Matcher,
+        /// How long (e.g. 2d, 12h)
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Silences in force (all of them with --all)
+    List {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// End a silence now
+    Remove {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        id: i64,
     },
 }
 
@@ -165,7 +220,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig { file } => match config::load(&file) {
+        Command::CheckConfig { file } => match config::load(&file).and_then(check_rules) {
             Ok(c) => {
                 println!(
                     "{}: ok (input {:?} as {}, state in {})",
@@ -261,6 +316,82 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{} finding(s)", found.len());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Notify {
+            action:
+                NotifyAction::Test {
+                    config,
+                    channel,
+                    owner,
+                },
+        } => {
+            let config = load(config.as_ref())?;
+            let routes = notify_config(&config)?;
+            let registry = registry(&config)?;
+            let sent = tokio::runtime::Runtime::new()?.block_on(keywatch::notify::send_test(
+                &routes, &registry, &channel, &owner,
+            ))?;
+            println!("sent a test message: {sent}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Silence { action } => {
+            let now = chrono::Utc::now().timestamp_millis();
+            match action {
+                SilenceAction::Add {
+                    config,
+                    matcher,
+                    duration,
+                    reason,
+                } => {
+                    let config = load(config.as_ref())?;
+                    let mut store = SqliteStore::open(&config.state_dir)?;
+                    let s = keywatch::notify::silence_add(
+                        &mut store,
+                        &matcher,
+                        now + duration.as_millis() as i64,
+                        &reason,
+                        now,
+                    )?;
+                    println!(
+                        "silence {} on {} until {} UTC",
+                        s.id,
+                        s.matcher,
+                        report::format_ms(s.until_ms)
+                    );
+                }
+                SilenceAction::List { config, all } => {
+                    let config = load(config.as_ref())?;
+                    let store = SqliteStore::open(&config.state_dir)?;
+                    let rows = keywatch::notify::silence_list(&store, now, all)?;
+                    if rows.is_empty() {
+                        println!("no silences");
+                    }
+                    for s in rows {
+                        println!(
+                            "{}\t{}\tuntil {} UTC\t{}{}",
+                            s.id,
+                            s.matcher,
+                            report::format_ms(s.until_ms),
+                            s.reason,
+                            if s.removed_ms.is_some() {
+                                " (removed)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                }
+                SilenceAction::Remove { config, id } => {
+                    let config = load(config.as_ref())?;
+                    let mut store = SqliteStore::open(&config.state_dir)?;
+                    if keywatch::notify::silence_remove(&mut store, id, now)? {
+                        println!("silence {id} removed");
+                    } else {
+                        anyhow::bail!("no silence {id} in force");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Fingerprint { config } => {
             let config = load(config.as_ref())?;
             let secret = app::load_secret(&config)?;
@@ -347,7 +478,26 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         signals.cancel();
     });
 
-    let result = app::run(config.clone(), health, cancel.clone(), None).await;
+    // The notifier: its own task, fed new findings by the pipeline through a bounded
+    // channel. Its log lives in the embedded store in every mode.
+    let notifier = keywatch::notify::Notifier::new(
+        notify_config(&config)?,
+        registry(&config)?,
+        SqliteStore::open(&config.state_dir)?,
+    )?;
+    let (findings_tx, findings_rx) = tokio::sync::mpsc::channel::<Vec<Finding>>(64);
+    let notify_cancel = CancellationToken::new();
+    let notify_task = tokio::spawn(notifier.run(findings_rx, notify_cancel.clone()));
+
+    let result = app::run(config.clone(), health, cancel.clone(), Some(findings_tx)).await;
+    // The pipeline has stopped and dropped its sender: the notifier drains what is due,
+    // then ends; a channel still retrying is given up after a while (the log keeps it).
+    if tokio::time::timeout(Duration::from_secs(35), notify_task)
+        .await
+        .is_err()
+    {
+        notify_cancel.cancel();
+    }
     cancel.cancel();
     if let Some(task) = server_task {
         let _ = task.await;
@@ -396,6 +546,35 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn notify_config(config: &Config) -> anyhow::Result<keywatch::notify::Config> {
+    Ok(match &config.rules.routes {
+        Some(p) => keywatch::notify::Config::load(p)?,
+        None => keywatch::notify::Config::default(),
+    })
+}
+
+fn registry(config: &Config) -> anyhow::Result<Arc<keywatch::registry::Registry>> {
+    Ok(match &config.rules.keys {
+        Some(p) => Arc::new(keywatch::registry::Registry::load(p)?),
+        None => Arc::new(keywatch::registry::Registry::empty()),
+    })
+}
+
+/// `check-config` also validates the rule files the config names (still no connections).
+fn check_rules(c: Config) -> Result<Config, config::ConfigError> {
+    if let Some(p) = &c.rules.keys {
+        keywatch::registry::Registry::load(p)?;
+    }
+    if let Some(p) = &c.rules.policy {
+        keywatch::detect::Policy::load(p)?;
+    }
+    if let Some(p) = &c.rules.routes {
+        let routes = keywatch::notify::Config::load(p)?;
+        keywatch::notify::check_templates(&routes)?;
+    }
+    Ok(c)
 }
 
 /// The embedded store, for the commands that need the rotation view and findings table

@@ -5,6 +5,7 @@
 //! restarted from [`Store::position`] neither loses nor double-counts an event.
 
 pub mod clickhouse;
+pub mod notify_log;
 pub mod sqlite;
 pub mod sqlite_offsets;
 pub mod views;

@@ -69,6 +69,7 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;
      CREATE INDEX findings_by_time ON findings (last_at_ms);",
     // 3: the notification log and silences (store::notify_log).
+    super::notify_log::MIGRATION,
 ];
 
 const OUTCOME_COLUMNS: [&str; 7] = [

@@ -1,0 +1,473 @@
+//! Delivery to one target: the channels' transports, built once with their secrets, and
+//! what an attempt's failure means (retry or not).
+//!
+//! Secrets (SMTP password, bot token, webhook URLs and authorization) live only in the
+//! transports. Errors are described from status codes, API descriptions and error chains
+//! with URLs stripped (`reqwest::Error::without_url`), and every description goes through
+//! [`scrub`] with the transport's secrets before it is logged or stored.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::{ChannelKind, Config};
+use super::message::Rendered;
+use super::{email, slack, telegram, webhook, NotifyError};
+use crate::registry::{Secret, SecretRef};
+
+/// Why an attempt failed, and whether another can succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryError {
+    /// Worth retrying: rate limited (with the wait the channel asked for), a server error, a
+    /// timeout, a connection that failed.
+    Transient {
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+    /// Retrying cannot help: an unknown chat or webhook, a refused payload, bad credentials.
+    Permanent { detail: String },
+}
+
+impl DeliveryError {
+    pub fn detail(&self) -> &str {
+        match self {
+            DeliveryError::Transient { detail, .. } | DeliveryError::Permanent { detail } => detail,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DeliveryError::Transient { .. })
+    }
+
+    pub(crate) fn transient(detail: impl Into<String>) -> DeliveryError {
+        DeliveryError::Transient {
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    pub(crate) fn permanent(detail: impl Into<String>) -> DeliveryError {
+        DeliveryError::Permanent {
+            detail: detail.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeliveryError::Transient { detail, .. } => write!(f, "{detail} (transient)"),
+            DeliveryError::Permanent { detail } => write!(f, "{detail} (permanent)"),
+        }
+    }
+}
+
+/// Replaces every occurrence of a secret (and its URL-encoded form) by `<redacted>`.
+pub fn scrub(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for s in secrets {
+        if s.len() < 4 {
+            continue;
+        }
+        out = out.replace(s, "<redacted>");
+        let encoded = s.replace(':', "%3A").replace('/', "%2F");
+        if encoded != *s {
+            out = out.replace(&encoded, "<redacted>");
+        }
+    }
+    out
+}
+
+/// What to scrub for a secret URL: the URL, and its path and query, which are where the
+/// secret part of a webhook URL usually is (a server may echo them).
+pub(crate) fn url_secrets(url: &str) -> Vec<String> {
+    let mut out = vec![url.to_owned()];
+    if let Some(rest) = url.split_once("://").map(|x| x.1) {
+        if let Some(i) = rest.find('/') {
+            let path_query = &rest[i..];
+            out.push(path_query.to_owned());
+            let (path, query) = path_query.split_once('?').unwrap_or((path_query, ""));
+            if path.len() > 1 {
+                out.push(path.to_owned());
+            }
+            if !query.is_empty() {
+                out.push(query.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// An error with its causes, `a: b: c`.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        src = s.source();
+    }
+    out
+}
+
+/// Whether an error chain says a TLS certificate was refused (untrusted, expired, for
+/// another name): retrying cannot help until someone fixes the certificate or `ca_file`.
+/// rustls reports it inside an I/O or connection error, so the text is all there is.
+pub(crate) fn is_certificate_error(chain: &str) -> bool {
+    let c = chain.to_ascii_lowercase();
+    c.contains("invalid peer certificate") || c.contains("certificate verify failed")
+}
+
+/// A reqwest failure without its URL; timeouts and connection trouble are transient, a
+/// refused certificate is not.
+pub(crate) fn http_error(e: reqwest::Error, secrets: &[&str]) -> DeliveryError {
+    let builder = e.is_builder();
+    let timeout = e.is_timeout();
+    let detail = scrub(&chain(&e.without_url()), secrets);
+    let detail = if timeout && !detail.contains("timed out") {
+        format!("{detail} (timed out)")
+    } else {
+        detail
+    };
+    if builder || is_certificate_error(&detail) {
+        DeliveryError::permanent(detail)
+    } else {
+        DeliveryError::transient(detail)
+    }
+}
+
+/// `Retry-After` in seconds or as an HTTP date.
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(s) = v.parse::<u64>() {
+        return Some(Duration::from_secs(s));
+    }
+    let t = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let ms = t.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+    Some(Duration::from_millis(ms.max(0) as u64))
+}
+
+/// A short, secret-free excerpt of a response body.
+pub(crate) fn excerpt(body: &str, secrets: &[&str]) -> String {
+    let one: String = body
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    scrub(one.trim(), secrets)
+}
+
+/// Where the console channel writes: standard output, or a buffer in tests.
+#[derive(Debug, Clone, Default)]
+pub enum Console {
+    #[default]
+    Stdout,
+    Capture(Arc<Mutex<Vec<String>>>),
+}
+
+impl Console {
+    pub fn capture() -> (Console, Arc<Mutex<Vec<String>>>) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        (Console::Capture(buf.clone()), buf)
+    }
+
+    pub(crate) fn write(&self, text: &str) {
+        match self {
+            Console::Stdout => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{text}");
+                let _ = out.flush();
+            }
+            Console::Capture(buf) => buf.lock().expect("console buffer").push(text.to_owned()),
+        }
+    }
+}
+
+/// How a message reaches its target, stored with the message (no secret in it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Address {
+    Console,
+    Email {
+        to: Vec<String>,
+    },
+    Telegram {
+        chat_id: String,
+    },
+    /// The recipient's Slack webhook, by the name of its variable or file.
+    Slack {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        env: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<PathBuf>,
+    },
+    /// The channel's URL.
+    Webhook,
+}
+
+impl Address {
+    pub(crate) fn slack(r: &SecretRef) -> Address {
+        match r {
+            SecretRef::Env(e) => Address::Slack {
+                env: Some(e.clone()),
+                file: None,
+            },
+            SecretRef::File(p) => Address::Slack {
+                env: None,
+                file: Some(p.clone()),
+            },
+        }
+    }
+
+    fn slack_ref(&self) -> Option<SecretRef> {
+        match self {
+            Address::Slack { env: Some(e), .. } => Some(SecretRef::Env(e.clone())),
+            Address::Slack { file: Some(f), .. } => Some(SecretRef::File(f.clone())),
+            _ => None,
+        }
+    }
+}
+
+enum Transport {
+    Console,
+    Email(Box<email::Mailer>),
+    Telegram(telegram::Telegram),
+    Slack,
+    Webhook(webhook::Webhook),
+}
+
+/// Every configured channel, ready to send.
+pub(crate) struct Transports {
+    http: reqwest::Client,
+    /// Longest an attempt at one part may take, whatever the client library does (lettre's
+    /// async transport times out connecting only, not a server that stops answering).
+    deadline: Duration,
+    channels: BTreeMap<String, Transport>,
+    console: Console,
+}
+
+impl Transports {
+    /// Builds the transports of `config` (only `only` when given), reading their secrets.
+    pub(crate) fn build(
+        config: &Config,
+        only: Option<&str>,
+        console: Console,
+    ) -> Result<Transports, NotifyError> {
+        let http = reqwest::Client::builder()
+            .timeout(config.retry.timeout)
+            .connect_timeout(config.retry.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("keywatch/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| NotifyError::Channel(format!("cannot build the HTTP client: {e}")))?;
+        let mut channels = BTreeMap::new();
+        for (name, c) in &config.channels {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let secret = |field: &str, r: &SecretRef| -> Result<Secret, NotifyError> {
+                r.resolve().map_err(|e| {
+                    NotifyError::Channel(format!("{}: channels.{name}.{field}: {e}", config.origin))
+                })
+            };
+            let t = match &c.kind {
+                ChannelKind::Console => Transport::Console,
+                ChannelKind::Slack => Transport::Slack,
+                ChannelKind::Email(s) => {
+                    let password = match &s.password {
+                        Some(p) => Some(secret("password", p)?),
+                        None => None,
+                    };
+                    let mailer =
+                        email::Mailer::new(s, password, config.retry.timeout).map_err(|e| {
+                            NotifyError::Channel(format!("{}: channels.{name}: {e}", config.origin))
+                        })?;
+                    Transport::Email(Box::new(mailer))
+                }
+                ChannelKind::Telegram(s) => Transport::Telegram(telegram::Telegram::new(
+                    &s.api_url,
+                    secret("bot_token", &s.bot_token)?,
+                )),
+                ChannelKind::Webhook(s) => {
+                    let url = match &s.url {
+                        super::config::UrlRef::Plain(u) => webhook::Url::Plain(u.clone()),
+                        super::config::UrlRef::Secret(r) => webhook::Url::Secret(secret("url", r)?),
+                    };
+                    let auth = match &s.authorization {
+                        Some(r) => Some(secret("authorization", r)?),
+                        None => None,
+                    };
+                    Transport::Webhook(webhook::Webhook::new(url, auth))
+                }
+            };
+            channels.insert(name.clone(), t);
+        }
+        Ok(Transports {
+            http,
+            deadline: config.retry.timeout * 3,
+            channels,
+            console,
+        })
+    }
+
+    async fn guarded(
+        &self,
+        f: impl std::future::Future<Output = Result<(), DeliveryError>>,
+    ) -> Result<(), DeliveryError> {
+        tokio::time::timeout(self.deadline, f)
+            .await
+            .unwrap_or_else(|_| {
+                Err(DeliveryError::transient(format!(
+                    "no answer within {} s",
+                    self.deadline.as_secs()
+                )))
+            })
+    }
+
+    /// Sends the parts of `rendered` from `parts_done` on; returns how many parts are done
+    /// and the outcome.
+    pub(crate) async fn send(
+        &self,
+        channel: &str,
+        id: &str,
+        recipient: &str,
+        address: &Address,
+        rendered: &Rendered,
+        parts_done: u32,
+    ) -> (u32, Result<(), DeliveryError>) {
+        let transport = match self.channels.get(channel) {
+            Some(t) => t,
+            None if *address == Address::Console => &Transport::Console,
+            None => {
+                return (
+                    parts_done,
+                    Err(DeliveryError::permanent(format!(
+                        "channel `{channel}` is no longer configured"
+                    ))),
+                )
+            }
+        };
+        match (transport, address) {
+            (_, Address::Console) | (Transport::Console, _) => {
+                self.console.write(&format!(
+                    "--- keywatch → {recipient} ---\n{}\n\n{}\n",
+                    rendered.subject, rendered.text
+                ));
+                (1, Ok(()))
+            }
+            (Transport::Email(m), Address::Email { to }) => {
+                let r = self
+                    .guarded(m.send(id, to, &rendered.subject, &rendered.text))
+                    .await;
+                (u32::from(r.is_ok()), r)
+            }
+            (Transport::Telegram(t), Address::Telegram { chat_id }) => {
+                let mut done = parts_done;
+                for part in rendered.parts.iter().skip(parts_done as usize) {
+                    if let Err(e) = self.guarded(t.send(&self.http, chat_id, part)).await {
+                        return (done, Err(e));
+                    }
+                    done += 1;
+                }
+                (done, Ok(()))
+            }
+            (Transport::Slack, a @ Address::Slack { .. }) => {
+                let url = match a.slack_ref().map(|r| r.resolve()) {
+                    Some(Ok(u)) => u,
+                    Some(Err(e)) => {
+                        return (
+                            parts_done,
+                            Err(DeliveryError::permanent(format!(
+                                "the Slack webhook of {recipient}: {e}"
+                            ))),
+                        )
+                    }
+                    None => {
+                        return (
+                            parts_done,
+                            Err(DeliveryError::permanent("no Slack webhook")),
+                        )
+                    }
+                };
+                let mut done = parts_done;
+                for part in rendered.parts.iter().skip(parts_done as usize) {
+                    if let Err(e) = self.guarded(slack::send(&self.http, &url, part)).await {
+                        return (done, Err(e));
+                    }
+                    done += 1;
+                }
+                (done, Ok(()))
+            }
+            (Transport::Webhook(w), Address::Webhook) => {
+                let r = self.guarded(w.send(&self.http, id, &rendered.body)).await;
+                (u32::from(r.is_ok()), r)
+            }
+            _ => (
+                parts_done,
+                Err(DeliveryError::permanent(format!(
+                    "channel `{channel}` cannot send to this address"
+                ))),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrub_removes_secrets_and_their_encodings() {
+        let token = "123456:ABC-secret";
+        let s = format!("error for /bot{token}/sendMessage and bot123456%3AABC-secret");
+        assert_eq!(
+            scrub(&s, &[token]),
+            "error for /bot<redacted>/sendMessage and bot<redacted>"
+        );
+        assert_eq!(scrub("short", &["ab"]), "short");
+    }
+
+    #[test]
+    fn secret_urls_are_scrubbed_with_their_paths() {
+        let url = "https://hooks.slack.com/services/T0/B0/xyz?k=v";
+        let owned = url_secrets(url);
+        let s: Vec<&str> = owned.iter().map(String::as_str).collect();
+        assert_eq!(
+            scrub("posted to https://hooks.slack.com/services/T0/B0/xyz?k=v; echo /services/T0/B0/xyz", &s),
+            "posted to <redacted>; echo <redacted>"
+        );
+    }
+
+    #[test]
+    fn addresses_round_trip_without_secrets() {
+        for a in [
+            Address::Console,
+            Address::Email {
+                to: vec!["a@b.example".into()],
+            },
+            Address::Telegram {
+                chat_id: "-100".into(),
+            },
+            Address::slack(&SecretRef::Env("SLACK_X".into())),
+            Address::Webhook,
+        ] {
+            let j = serde_json::to_string(&a).unwrap();
+            assert_eq!(serde_json::from_str::<Address>(&j).unwrap(), a, "{j}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Address::slack(&SecretRef::Env("SLACK_X".into()))).unwrap(),
+            r#"{"type":"slack","env":"SLACK_X"}"#
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! The generic JSON webhook: a POST of the message as JSON (version 1, below) to the
+//! channel's URL, with an `Idempotency-Key` header (the message id, also `id` in the body),
+//! so that a receiver that remembers ids sees a message once even when keywatch sends it
+//! twice (a restart in the middle of an attempt).
+//!
+//! ```json
+//! {"version": "1", "id": "…", "receiver": "security", "recipient": "team:security",
+//!  "owner": null, "severity": "critical", "subject": "…", "text": "…", "test": false,
+//!  "findings": [{"kind": "revoked_key_used", "key_id": "…", "owner": "acme", "at": "…",
+//!                "severity": "critical", "summary": "…", "evidence": {…}, "dedup_key": "…"}]}
+//! ```
+//!
+//! Outcomes: 2xx delivered; 408, 429 (after `Retry-After`), 5xx, timeouts and connection
+//! failures retried; other answers permanent. The URL may be a secret (`url_env`,
+//! `url_file`), and so is the Authorization header value: neither is logged.
+
+use serde_json::Value;
+
+use super::channel::{excerpt, http_error, retry_after, url_secrets, DeliveryError};
+use crate::registry::Secret;
+
+pub enum Url {
+    Plain(String),
+    Secret(Secret),
+}
+
+impl Url {
+    fn as_str(&self) -> &str {
+        match self {
+            Url::Plain(s) => s,
+            Url::Secret(s) => s.expose(),
+        }
+    }
+}
+
+pub struct Webhook {
+    url: Url,
+    authorization: Option<Secret>,
+}
+
+impl Webhook {
+    pub fn new(url: Url, authorization: Option<Secret>) -> Webhook {
+        Webhook { url, authorization }
+    }
+
+    pub async fn send(
+        &self,
+        http: &reqwest::Client,
+        id: &str,
+        body: &Value,
+    ) -> Result<(), DeliveryError> {
+        let mut owned = Vec::new();
+        if let Url::Secret(s) = &self.url {
+            owned.extend(url_secrets(s.expose()));
+        }
+        if let Some(a) = &self.authorization {
+            owned.push(a.expose().to_owned());
+            // `Bearer xyz`: the token alone, too.
+            if let Some((_, token)) = a.expose().split_once(' ') {
+                owned.push(token.to_owned());
+            }
+        }
+        let secrets: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let mut req = http
+            .post(self.url.as_str())
+            .header("Idempotency-Key", id)
+            .json(body);
+        if let Some(a) = &self.authorization {
+            req = req.header(reqwest::header::AUTHORIZATION, a.expose());
+        }
+        let resp = req.send().await.map_err(|e| http_error(e, &secrets))?;
+        let status = resp.status();
+        let wait = retry_after(resp.headers());
+        if status.is_success() {
+            return Ok(());
+        }
+        let answer = resp.text().await.unwrap_or_default();
+        let detail = format!(
+            "webhook answered {}: {}",
+            status.as_u16(),
+            excerpt(&answer, &secrets)
+        );
+        if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
+            Err(DeliveryError::Transient {
+                detail,
+                retry_after: wait,
+            })
+        } else {
+            Err(DeliveryError::permanent(detail))
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Acceptance: the real binary, following a gateway log, notifies a webhook when a revoked
+//! key is used: exactly one message, within a few seconds, and none again after a restart.
+//!
+//! Like Alertmanager's acceptance tests: `keywatch run --config FILE` with a
+//! `[rules] keys = …, policy = …, routes = …` section, a local webhook (tests/support), and
+//! the time window in which the message must arrive.
+
+mod support;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::StandIn;
+
+const SECRET: &str = "notify-e2e-fingerprint-secret-0123456789";
+const REVOKED: &str = "5b0e3c1a-revoked-key-0001";
+
+/// One Kong log record: a request with credential `key` from `ip`.
+pub fn kong_line(key: &str, ip: &str, ts_ms: i64) -> String {
+    format!(
+        r#"{{"request":{{"method":"POST","uri":"/v1/invoices","url":"https://api.example.com/v1/invoices","querystring":{{}},"size":120,"headers":{{"host":"api.example.com","user-agent":"billing-sync/2.1"}},"id":"req-{ts_ms}"}},"upstream_uri":"/v1/invoices","response":{{"status":200,"size":10,"headers":{{}}}},"latencies":{{"request":12,"kong":1,"proxy":11}},"client_ip":"{ip}","started_at":{ts_ms},"authenticated_entity":{{"id":"{key}"}},"consumer":{{"id":"c-1","username":"acme-billing"}}}}"#
+    )
+}
+
+/// keys.toml, routes.toml and keywatch.toml in `dir` for a daemon following `log` and
+/// notifying the webhook at `hook`.
+pub fn write_config(dir: &Path, log: &Path, hook: &str) -> std::path::PathBuf {
+    std::fs::write(
+        dir.join("keys.toml"),
+        format!(
+            "[owners.acme-billing]\ntimezone = \"Europe/Berlin\"\n\
+             [[keys]]\nid = \"{REVOKED}\"\nname = \"billing 2025\"\nowner = \"acme-billing\"\n\
+             state = \"revoked\"\n\
+             [[keys]]\nid = \"live-key-0002\"\nowner = \"acme-billing\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("routes.toml"),
+        format!(
+            r#"
+[channels.hook]
+type = "webhook"
+url = "{hook}/keywatch"
+[receivers.security]
+channels = ["hook"]
+[[routes]]
+kinds = ["revoked_key_used"]
+receivers = ["security"]
+group_by = ["finding"]
+group_wait = "0s"
+"#
+        ),
+    )
+    .unwrap();
+    let config = dir.join("keywatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"state_dir = {state:?}
+[input]
+kind = "file"
+path = {log:?}
+format = "kong"
+follow = true
+start_at = "beginning"
+[fingerprint]
+secret_env = "KW_NOTIFY_E2E_SECRET"
+[pipeline]
+batch_max_wait = "20ms"
+[server]
+enabled = false
+[rules]
+keys = {keys:?}
+policy = {policy:?}
+routes = {routes:?}
+"#,
+            state = dir.join("state"),
+            keys = dir.join("keys.toml"),
+            policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/policy.toml"),
+            routes = dir.join("routes.toml"),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+pub fn spawn(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_keywatch"))
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("KW_NOTIFY_E2E_SECRET", SECRET)
+        .env_remove("KEYWATCH_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting keywatch")
+}
+
+fn stop(mut child: Child) -> String {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut err = String::new();
+    use std::io::Read;
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    err
+}
+
+fn append(log: &Path, line: &str) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+    writeln!(f, "{line}").unwrap();
+    f.flush().unwrap();
+}
+
+// Ignored until the daemon wiring lands: `keywatch run` must read `[rules] routes` and run
+// the notifier (notify::Notifier::run) on the findings the detectors raise.
+#[test]
+fn a_revoked_key_used_reaches_the_webhook_once_within_seconds() {
+    let hook = StandIn::start("unused:token", &[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let now = chrono::Utc::now().timestamp_millis();
+    // Normal traffic first, so the daemon is known to be following.
+    std::fs::write(&log, kong_line("live-key-0002", "10.0.0.1", now) + "\n").unwrap();
+    let config = write_config(dir.path(), &log, &hook.url());
+    let child = spawn(&config);
+    let db = dir.path().join("state/keywatch.db");
+    let start = Instant::now();
+    while !db.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "keywatch did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    let sent = Instant::now();
+    append(&log, &kong_line(REVOKED, "203.0.113.66", now + 1000));
+    let got = hook.wait_accepted(1, Duration::from_secs(5));
+    let took = got[0].at.duration_since(sent);
+    // Nothing more arrives: one message for one use.
+    std::thread::sleep(Duration::from_secs(2));
+    let stderr = stop(child);
+    let all = hook.accepted();
+    assert_eq!(all.len(), 1, "{all:?}\n{stderr}");
+    let f = &all[0].body["findings"][0];
+    assert_eq!(f["kind"], "revoked_key_used");
+    assert_eq!(f["key_id"], REVOKED);
+    assert_eq!(f["evidence"]["ip"], "203.0.113.66");
+    assert!(all[0].header("idempotency-key").is_some());
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    eprintln!("revoked key used → webhook: {took:?}");
+
+    // A restart reads the log again from its stored position and the notification log: the
+    // use is not told twice.
+    let child = spawn(&config);
+    std::thread::sleep(Duration::from_secs(3));
+    let stderr = stop(child);
+    assert_eq!(hook.accepted().len(), 1, "{stderr}");
+}

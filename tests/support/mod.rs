@@ -1,0 +1,643 @@
+//! Stand-ins for the services keywatch notifies through, for the notification tests and the
+//! latency benchmark.
+//!
+//! - [`StandIn`]: one local HTTP server that answers like the Telegram Bot API
+//!   (`POST /bot<TOKEN>/sendMessage`), Slack incoming webhooks (`POST /services/…`) and a
+//!   generic JSON webhook (any other path), and checks requests as the real services do:
+//!   Telegram refuses an unknown token, an unknown chat ("Bad Request: chat not found"), an
+//!   empty or too long text, and HTML it cannot parse ("Bad Request: can't parse entities");
+//!   Slack refuses an unknown webhook (404 `no_service`) and a payload without text (400
+//!   `invalid_payload`). A [`Mode`] makes it fail on demand (429 with retry_after /
+//!   Retry-After, 5xx, hanging).
+//! - [`Smtp`]: a real SMTP server (Debian's python3-aiosmtpd), with STARTTLS and AUTH when
+//!   asked, keeping every accepted message.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+/// How the stand-in answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Like the real service (its checks apply).
+    Ok,
+    /// This status for everything (503: down).
+    Status(u16),
+    /// 429 with Retry-After (Slack, webhook) or `parameters.retry_after` (Telegram).
+    RateLimit(u64),
+    /// Takes the request and never answers (not accepted).
+    Hang,
+    /// Takes the request as accepted and never answers (the answer is lost).
+    AcceptThenHang,
+}
+
+/// Which API a request was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Telegram,
+    Slack,
+    Webhook,
+}
+
+/// A request the stand-in got, and what it answered.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub api: Api,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+    pub status: u16,
+    /// Whether the real service would have taken the message.
+    pub accepted: bool,
+    pub answer: String,
+    pub at: Instant,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The message text (Telegram and Slack `text`, webhook `text`).
+    pub fn text(&self) -> &str {
+        self.body["text"].as_str().unwrap_or("")
+    }
+}
+
+struct Shared {
+    mode: Mutex<Mode>,
+    requests: Mutex<Vec<Request>>,
+    telegram_token: String,
+    telegram_chats: HashSet<String>,
+    slack_paths: HashSet<String>,
+    next_message_id: Mutex<u64>,
+}
+
+/// A local HTTP server for Telegram, Slack and webhooks, on its own thread and runtime (so
+/// that it serves whatever the test's runtime does).
+pub struct StandIn {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl StandIn {
+    /// Telegram accepts `token` and the chats in `chats`; Slack the webhook paths in
+    /// `slack_paths` (`/services/T0/B0/xyz`).
+    pub fn start(token: &str, chats: &[&str], slack_paths: &[&str]) -> StandIn {
+        let shared = Arc::new(Shared {
+            mode: Mutex::new(Mode::Ok),
+            requests: Mutex::new(Vec::new()),
+            telegram_token: token.to_owned(),
+            telegram_chats: chats.iter().map(|s| s.to_string()).collect(),
+            slack_paths: slack_paths.iter().map(|s| s.to_string()).collect(),
+            next_message_id: Mutex::new(1),
+        });
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let app = axum::Router::new().fallback(
+                    move |uri: Uri, headers: HeaderMap, body: Bytes| {
+                        let s = s.clone();
+                        async move { handle(&s, uri, headers, body).await }
+                    },
+                );
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        StandIn {
+            addr,
+            shared,
+            stop: Some(stop_tx),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    pub fn accepted(&self) -> Vec<Request> {
+        self.requests().into_iter().filter(|r| r.accepted).collect()
+    }
+
+    /// Waits (really) until `n` requests were accepted; panics after `timeout`.
+    pub fn wait_accepted(&self, n: usize, timeout: Duration) -> Vec<Request> {
+        let start = Instant::now();
+        loop {
+            let a = self.accepted();
+            if a.len() >= n {
+                return a;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{} of {n} messages accepted after {timeout:?}",
+                a.len()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn form_decode(s: &str) -> Value {
+    let mut out = serde_json::Map::new();
+    for pair in s.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let dec = |x: &str| {
+            let x = x.replace('+', " ");
+            let mut bytes = Vec::new();
+            let b = x.as_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                if b[i] == b'%' && i + 2 < b.len() {
+                    if let Ok(n) = u8::from_str_radix(&x[i + 1..i + 3], 16) {
+                        bytes.push(n);
+                        i += 3;
+                        continue;
+                    }
+                }
+                bytes.push(b[i]);
+                i += 1;
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        out.insert(dec(k), Value::String(dec(v)));
+    }
+    Value::Object(out)
+}
+
+async fn handle(s: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let path = uri.path().to_owned();
+    let api = if path.starts_with("/bot") && path.ends_with("/sendMessage") {
+        Api::Telegram
+    } else if path.starts_with("/services/") {
+        Api::Slack
+    } else {
+        Api::Webhook
+    };
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let json: Value = if content_type.starts_with("application/x-www-form-urlencoded") {
+        form_decode(&text)
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    };
+    let mode = *s.mode.lock().unwrap();
+    let (status, answer, retry_after, accepted) = match mode {
+        Mode::Hang | Mode::AcceptThenHang => {
+            record(
+                s,
+                api,
+                &path,
+                &headers,
+                &json,
+                0,
+                mode == Mode::AcceptThenHang,
+                "",
+            );
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Mode::Status(code) => match api {
+            Api::Telegram => (
+                code,
+                json!({"ok": false, "error_code": code, "description": "Internal Server Error"})
+                    .to_string(),
+                None,
+                false,
+            ),
+            Api::Slack if code == 400 => (code, "invalid_payload".to_owned(), None, false),
+            Api::Slack if code == 404 => (code, "no_service".to_owned(), None, false),
+            // Some servers echo what they refused; keywatch must not pass that on.
+            Api::Webhook if code == 401 => (
+                code,
+                format!(
+                    "unauthorized: {} for {path}",
+                    headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                ),
+                None,
+                false,
+            ),
+            _ => (code, "service unavailable".to_owned(), None, false),
+        },
+        Mode::RateLimit(after) => match api {
+            Api::Telegram => (
+                429,
+                json!({"ok": false, "error_code": 429,
+                       "description": format!("Too Many Requests: retry after {after}"),
+                       "parameters": {"retry_after": after}})
+                .to_string(),
+                None,
+                false,
+            ),
+            _ => (429, "rate_limited".to_owned(), Some(after), false),
+        },
+        Mode::Ok => match api {
+            Api::Telegram => telegram(s, &path, &json),
+            Api::Slack => slack(s, &path, &json),
+            Api::Webhook => (200, "ok".to_owned(), None, true),
+        },
+    };
+    record(s, api, &path, &headers, &json, status, accepted, &answer);
+    let mut resp = (StatusCode::from_u16(status).unwrap(), answer).into_response();
+    if let Some(a) = retry_after {
+        resp.headers_mut()
+            .insert("retry-after", a.to_string().parse().unwrap());
+    }
+    if api == Api::Telegram {
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+    }
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record(
+    s: &Shared,
+    api: Api,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Value,
+    status: u16,
+    accepted: bool,
+    answer: &str,
+) {
+    s.requests.lock().unwrap().push(Request {
+        api,
+        path: path.to_owned(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect(),
+        body: body.clone(),
+        status,
+        accepted,
+        answer: answer.to_owned(),
+        at: Instant::now(),
+    });
+}
+
+fn tg_error(code: u16, description: &str) -> (u16, String, Option<u64>, bool) {
+    (
+        code,
+        json!({"ok": false, "error_code": code, "description": description}).to_string(),
+        None,
+        false,
+    )
+}
+
+fn telegram(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<u64>, bool) {
+    let token = &path["/bot".len()..path.len() - "/sendMessage".len()];
+    if token != s.telegram_token {
+        return tg_error(404, "Not Found");
+    }
+    let chat = match &body["chat_id"] {
+        Value::Number(n) => n.to_string(),
+        Value::String(c) => c.clone(),
+        _ => return tg_error(400, "Bad Request: chat_id is empty"),
+    };
+    let Some(text) = body["text"].as_str() else {
+        return tg_error(400, "Bad Request: message text is empty");
+    };
+    if body["parse_mode"] == "HTML" {
+        if let Err(e) = check_telegram_html(text) {
+            return tg_error(400, &format!("Bad Request: {e}"));
+        }
+    } else if text.is_empty() {
+        return tg_error(400, "Bad Request: message text is empty");
+    }
+    if !s.telegram_chats.contains(&chat) {
+        return tg_error(400, "Bad Request: chat not found");
+    }
+    let mut id = s.next_message_id.lock().unwrap();
+    *id += 1;
+    (
+        200,
+        json!({"ok": true, "result": {"message_id": *id, "chat": {"id": chat},
+               "date": 1_795_132_800, "text": "…"}})
+        .to_string(),
+        None,
+        true,
+    )
+}
+
+fn slack(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<u64>, bool) {
+    if !s.slack_paths.contains(path) {
+        return (404, "no_service".to_owned(), None, false);
+    }
+    match body["text"].as_str() {
+        Some(t) if !t.trim().is_empty() => (200, "ok".to_owned(), None, true),
+        _ => (400, "invalid_payload".to_owned(), None, false),
+    }
+}
+
+/// Telegram's HTML parse mode as the Bot API applies it: supported tags, properly nested
+/// and closed; `&` only in entities; 1 to 4096 characters of text after parsing.
+pub fn check_telegram_html(s: &str) -> Result<(), String> {
+    const TAGS: [&str; 17] = [
+        "b",
+        "strong",
+        "i",
+        "em",
+        "u",
+        "ins",
+        "s",
+        "strike",
+        "del",
+        "a",
+        "code",
+        "pre",
+        "span",
+        "tg-spoiler",
+        "blockquote",
+        "tg-emoji",
+        "tg-time",
+    ];
+    let mut stack: Vec<String> = Vec::new();
+    let mut chars = 0usize;
+    let mut i = 0;
+    while i < s.len() {
+        let rest = &s[i..];
+        if rest.starts_with('<') {
+            let end = rest
+                .find('>')
+                .ok_or("can't parse entities: unclosed start tag")?;
+            let inner = &rest[1..end];
+            if let Some(name) = inner.strip_prefix('/') {
+                match stack.pop() {
+                    Some(open) if open == name.trim() => {}
+                    _ => {
+                        return Err(format!(
+                            "can't parse entities: unexpected end tag \"{name}\""
+                        ))
+                    }
+                }
+            } else {
+                let name = inner.split_whitespace().next().unwrap_or("");
+                if !TAGS.contains(&name) {
+                    return Err(format!(
+                        "can't parse entities: unsupported start tag \"{name}\""
+                    ));
+                }
+                stack.push(name.to_owned());
+            }
+            i += end + 1;
+        } else if rest.starts_with('&') {
+            let end = rest
+                .find(';')
+                .filter(|e| *e <= 10)
+                .ok_or("can't parse entities: character entity expected")?;
+            let ent = &rest[1..end];
+            let ok = matches!(ent, "lt" | "gt" | "amp" | "quot")
+                || ent.strip_prefix('#').is_some_and(|n| {
+                    n.parse::<u32>().is_ok()
+                        || n.strip_prefix('x')
+                            .is_some_and(|h| u32::from_str_radix(h, 16).is_ok())
+                });
+            if !ok {
+                return Err(format!("can't parse entities: unsupported entity &{ent};"));
+            }
+            chars += 1;
+            i += end + 1;
+        } else {
+            let c = rest.chars().next().unwrap();
+            chars += c.len_utf16();
+            i += c.len_utf8();
+        }
+    }
+    if let Some(open) = stack.pop() {
+        return Err(format!(
+            "can't parse entities: can't find end tag corresponding to start tag \"{open}\""
+        ));
+    }
+    if chars == 0 {
+        return Err("message text is empty".into());
+    }
+    if chars > 4096 {
+        return Err("message is too long".into());
+    }
+    Ok(())
+}
+
+/// A real SMTP server (aiosmtpd) on a free port; killed when dropped.
+pub struct Smtp {
+    pub port: u16,
+    pub out: PathBuf,
+    child: Child,
+}
+
+/// The Debian python that has aiosmtpd.
+pub const SMTP_PYTHON: &str = "/usr/bin/python3";
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Smtp {
+    /// Starts aiosmtpd on `port` writing messages to `out`; with `tls` (cert, key) STARTTLS
+    /// is required, with `auth` (user, password file) AUTH is.
+    pub fn start(
+        port: u16,
+        out: &Path,
+        tls: Option<(&Path, &Path)>,
+        auth: Option<(&str, &Path)>,
+    ) -> Smtp {
+        Smtp::start_with(port, out, tls.map(|t| ("--tls", t.0, t.1)), auth)
+    }
+
+    /// Like [`Smtp::start`] with TLS from the first byte (like port 465).
+    pub fn start_implicit_tls(port: u16, out: &Path, cert: &Path, key: &Path) -> Smtp {
+        Smtp::start_with(port, out, Some(("--implicit-tls", cert, key)), None)
+    }
+
+    fn start_with(
+        port: u16,
+        out: &Path,
+        tls: Option<(&str, &Path, &Path)>,
+        auth: Option<(&str, &Path)>,
+    ) -> Smtp {
+        let ok = Command::new(SMTP_PYTHON)
+            .args(["-c", "import aiosmtpd"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "the SMTP tests need Debian's python3-aiosmtpd: apt-get install -y python3-aiosmtpd"
+        );
+        std::fs::create_dir_all(out).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_server.py");
+        let mut cmd = Command::new(SMTP_PYTHON);
+        cmd.arg(script).arg(port.to_string()).arg(out);
+        if let Some((flag, cert, key)) = tls {
+            cmd.arg(flag).arg(cert).arg(key);
+        }
+        if let Some((user, pass)) = auth {
+            cmd.arg("--auth").arg(user).arg(pass);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting aiosmtpd");
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "READY", "aiosmtpd did not start");
+        Smtp {
+            port,
+            out: out.to_owned(),
+            child,
+        }
+    }
+
+    /// The messages accepted so far, oldest first (see smtp_server.py for the fields).
+    pub fn messages(&self) -> Vec<Value> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CA and a server certificate for `localhost` and 127.0.0.1 signed by it (openssl):
+/// returns (ca.pem, server.pem, server.key).
+pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=keywatch test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
