@@ -17,6 +17,7 @@ pub mod aggregate;
 pub mod app;
 pub mod backtest;
 pub mod config;
+pub mod connect;
 pub mod deadletter;
 pub mod deadletter_kafka;
 pub mod detect;

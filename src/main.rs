@@ -36,8 +36,14 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate a config file without connecting to anything
-    CheckConfig { file: PathBuf },
+    /// Validate a config file without connecting to anything (and with --connect, reach
+    /// the Kafka brokers and ClickHouse it names)
+    CheckConfig {
+        file: PathBuf,
+        /// Also reach the services the config names and say what failed
+        #[arg(long)]
+        connect: bool,
+    },
     /// Per-key usage from the store
     Usage {
         #[arg(long, short)]
@@ -220,7 +226,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig { file } => match config::load(&file).and_then(check_rules) {
+        Command::CheckConfig { file, connect } => match config::load(&file).and_then(check_rules) {
             Ok(c) => {
                 println!(
                     "{}: ok (input {:?} as {}, state in {})",
@@ -229,7 +235,25 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     c.input.format.name(),
                     c.state_dir.display()
                 );
-                Ok(ExitCode::SUCCESS)
+                if !connect {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let checks = tokio::runtime::Runtime::new()?.block_on(keywatch::connect::check(&c));
+                let mut failed = false;
+                for (what, result) in checks {
+                    match result {
+                        Ok(detail) => println!("{what}: ok: {detail}"),
+                        Err(reason) => {
+                            failed = true;
+                            println!("{what}: FAILED: {reason}");
+                        }
+                    }
+                }
+                Ok(if failed {
+                    ExitCode::from(3)
+                } else {
+                    ExitCode::SUCCESS
+                })
             }
             Err(e) => {
                 eprintln!("{e}");

@@ -390,3 +390,60 @@ fn clickhouse_down_for_a_while_loses_nothing() {
     assert_eq!(got, 10_000);
     assert_eq!(ch.totals(db), Some((10_000, 10_000)));
 }
+
+#[test]
+fn check_config_connect_says_what_works_and_what_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = common::clickhouse::ClickHouse::shared_or_start(&dir.path().join("ch"));
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 1);
+    let cfg = clickhouse_config(
+        dir.path(),
+        &broker.brokers(),
+        &topic,
+        "g",
+        &ch.url,
+        "kw_connect",
+    );
+    let out = keywatch()
+        .arg("check-config")
+        .arg(&cfg)
+        .arg("--connect")
+        .env("KW_TEST_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("topics {topic} (1 partitions)")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("clickhouse") && stdout.contains(": ok: ClickHouse"),
+        "{stdout}"
+    );
+
+    // A missing topic and an unreachable ClickHouse: exit 3, each said plainly.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&topic, "no-such-topic")
+        .replace(&ch.url, "http://127.0.0.1:1");
+    std::fs::write(&cfg, text).unwrap();
+    let out = keywatch()
+        .arg("check-config")
+        .arg(&cfg)
+        .arg("--connect")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("FAILED: topic no-such-topic does not exist"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("FAILED: cannot reach the server"),
+        "{stdout}"
+    );
+}
