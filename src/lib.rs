@@ -14,6 +14,7 @@
 //! - [`config`]: raw serde structs validated into [`config::Config`]; no IO in validation.
 
 pub mod aggregate;
+pub mod anomaly;
 pub mod app;
 pub mod backtest;
 pub mod config;

@@ -102,6 +102,16 @@ enum Command {
         #[command(subcommand)]
         action: SilenceAction,
     },
+    /// Score a time series (CSV `timestamp,value`) with the anomaly models: writes
+    /// `timestamp,value,anomaly_score`, same rows, same order, scores in [0,1], causal
+    Score {
+        /// Input CSV (stdin without it)
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Output CSV (stdout without it)
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Print the fingerprint id of a raw key read from stdin (to match it in reports)
     Fingerprint {
         #[arg(long, short)]
@@ -414,6 +424,32 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Score { input, output } => {
+            let reader: Box<dyn std::io::Read> = match &input {
+                Some(p) => Box::new(
+                    std::fs::File::open(p)
+                        .with_context(|| format!("cannot open {}", p.display()))?,
+                ),
+                None => Box::new(std::io::stdin().lock()),
+            };
+            let writer: Box<dyn std::io::Write> = match &output {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("cannot create {}", p.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let name = input
+                .as_ref()
+                .map_or("<stdin>".to_owned(), |p| p.display().to_string());
+            let summary = keywatch::anomaly::score::score_csv(reader, writer)
+                .with_context(|| name.clone())?;
+            eprintln!(
+                "{name}: scored {} rows, {} at 0.5 or more",
+                summary.rows, summary.flagged
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Fingerprint { config } => {
