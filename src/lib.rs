@@ -2,14 +2,18 @@
 //!
 //! The crate map, in the order an event travels:
 //!
-//! - [`source`]: follows a gateway log file (like `tail -F`) or stdin and hands out batches of
-//!   lines with the position after them.
+//! - [`source`]: follows a gateway log file (like `tail -F`), stdin, or Kafka, and hands out
+//!   batches of lines with the position after them.
 //! - [`event`]: decodes a line into [`event::AuthEvent`]s (gateway presets or a field
 //!   mapping) and fingerprints raw key material on arrival. Pure, no IO.
 //! - [`aggregate`]: folds a batch of events into per-key per-minute rollups and per-key
 //!   sources. Pure, no IO.
-//! - [`store`]: writes a batch's rollups, sources and the source position in one transaction
-//!   (embedded SQLite).
+//! - [`store`]: writes a batch's rollups, sources and the source position atomically
+//!   (embedded SQLite, or ClickHouse with offsets kept with the data).
+//! - [`detect`] / [`detection`]: the rotation and stream detectors (pure) and how the
+//!   daemon runs them; [`registry`]: keys, owners and lifecycle events.
+//! - [`notify`]: routes findings to owners and teams over email, Telegram, Slack, webhooks.
+//! - [`anomaly`]: statistical models per key, and `keywatch score` for one series.
 //! - [`app`]: the wiring: bounded channels, tasks, metrics, shutdown order.
 //! - [`config`]: raw serde structs validated into [`config::Config`]; no IO in validation.
 

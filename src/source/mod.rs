@@ -3,7 +3,7 @@
 //! Checkpoint contract: a source hands out [`Batch`]es of complete lines together with the
 //! [`Position`] just after the batch's last line. The pipeline stores the batch's effect and
 //! the position in one store transaction; only then is the batch acknowledged
-//! ([`Batch::ack`]). After a crash, the source restarts from the stored position, so every
+//! ([`Batch::on_commit`]). After a crash, the source restarts from the stored position, so every
 //! line is counted exactly once. A source never reads ahead by more than its bounded
 //! channel holds.
 
