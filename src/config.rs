@@ -15,6 +15,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::event::{FieldMapping, Format};
@@ -413,21 +414,33 @@ pub fn defaults() -> Config {
 
 /// Parses TOML text into the raw structs; `file` is only used in errors.
 pub fn parse(file: &str, text: &str) -> Result<RawConfig, ConfigError> {
-    let line_of = |span: Option<std::ops::Range<usize>>| {
-        span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-    };
+    parse_toml(file, text)
+}
+
+/// 1-based line of the start of `span` in `text`.
+pub fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> {
+    span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+}
+
+/// Parses TOML text into `T` (every keywatch TOML file): syntax and type errors carry the
+/// line and the dotted path of the field.
+pub fn parse_toml<T: DeserializeOwned>(file: &str, text: &str) -> Result<T, ConfigError> {
     let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
         file: file.to_owned(),
-        line: line_of(e.span()),
+        line: line_of(text, e.span()),
         field: String::new(),
         reason: e.message().trim().to_owned(),
     })?;
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = e.path().to_string();
+        let mut field = e.path().to_string();
+        // A value wrapped in `Spanned` shows up as an inner field of its own.
+        if let Some(i) = field.find(".$__serde_spanned") {
+            field.truncate(i);
+        }
         let inner = e.into_inner();
         ConfigError {
             file: file.to_owned(),
-            line: line_of(inner.span()),
+            line: line_of(text, inner.span()),
             field: if field == "." { String::new() } else { field },
             reason: inner.message().trim().to_owned(),
         }

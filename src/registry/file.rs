@@ -7,42 +7,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::{parse_time, parse_timezone, Key, KeyState, Owner, Registry, Rotation, SecretRef};
 use crate::config::ConfigError;
 
-/// 1-based line of the start of `span` in `text`.
-pub(crate) fn line_of(text: &str, span: Option<Range<usize>>) -> Option<usize> {
-    span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-}
-
-/// Parses TOML text into `T` like `config::parse` does: syntax and type errors carry the
-/// line and the dotted path of the field.
-pub fn parse_toml<T: DeserializeOwned>(file: &str, text: &str) -> Result<T, ConfigError> {
-    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
-        file: file.to_owned(),
-        line: line_of(text, e.span()),
-        field: String::new(),
-        reason: e.message().trim().to_owned(),
-    })?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let mut field = e.path().to_string();
-        // A value wrapped in `Spanned` shows up as an inner field of its own.
-        if let Some(i) = field.find(".$__serde_spanned") {
-            field.truncate(i);
-        }
-        let inner = e.into_inner();
-        ConfigError {
-            file: file.to_owned(),
-            line: line_of(text, inner.span()),
-            field: if field == "." { String::new() } else { field },
-            reason: inner.message().trim().to_owned(),
-        }
-    })
-}
+pub use crate::config::{line_of, parse_toml};
 
 /// Reads a rules file; the error names the file.
 pub(crate) fn read_text(path: &Path) -> Result<String, ConfigError> {
