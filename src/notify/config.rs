@@ -904,35 +904,11 @@ impl Validator<'_> {
             }
             names.push(cname.to_owned());
         }
-        let mut email = Vec::new();
-        for (i, e) in r.email.iter().enumerate() {
-            let addr = e.get_ref().trim();
-            if addr.parse::<lettre::Address>().is_err() {
-                return Err(self.err(
-                    format!("receivers.{name}.email[{i}]"),
-                    Some(e.span()),
-                    format!("expected an email address like \"ops@example.com\", found `{addr}`"),
-                ));
-            }
-            email.push(addr.to_owned());
-        }
-        let telegram_chat_id =
-            match &r.telegram_chat_id {
-                None => None,
-                Some(v) => Some(match v.get_ref() {
-                    toml::Value::Integer(i) => i.to_string(),
-                    toml::Value::String(s)
-                        if (s.starts_with('@') && s.len() > 1) || s.parse::<i64>().is_ok() =>
-                    {
-                        s.clone()
-                    }
-                    _ => return Err(self.err(
-                        f("telegram_chat_id"),
-                        Some(v.span()),
-                        "expected a chat id like -1001234567890 or a channel like \"@acme_ops\"",
-                    )),
-                }),
-            };
+        let email = crate::registry::contacts::emails(&r.email).map_err(|(i, span, reason)| {
+            self.err(format!("receivers.{name}.email[{i}]"), Some(span), reason)
+        })?;
+        let telegram_chat_id = crate::registry::contacts::telegram_chat_id(&r.telegram_chat_id)
+            .map_err(|(span, reason)| self.err(f("telegram_chat_id"), Some(span), reason))?;
         let slack_webhook = self.secret(
             &f("slack_webhook"),
             &r.slack_webhook_env,

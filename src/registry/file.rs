@@ -178,36 +178,11 @@ impl Validator<'_> {
                 .map_err(|e| self.err(f("timezone"), Some(tz.span()), e))?,
             None => chrono_tz::Tz::UTC,
         };
-        let mut email = Vec::with_capacity(o.email.len());
-        for (i, e) in o.email.iter().enumerate() {
-            let addr = e.get_ref().trim();
-            if !looks_like_email(addr) {
-                return Err(self.err(
-                    format!("owners.{name}.email[{i}]"),
-                    Some(e.span()),
-                    format!("expected an email address like \"ops@example.com\", found `{addr}`"),
-                ));
-            }
-            email.push(addr.to_owned());
-        }
-        let telegram_chat_id =
-            match &o.telegram_chat_id {
-                None => None,
-                Some(v) => Some(match v.get_ref() {
-                    toml::Value::Integer(i) => i.to_string(),
-                    toml::Value::String(s)
-                        if (s.starts_with('@') && s.len() > 1) || s.parse::<i64>().is_ok() =>
-                    {
-                        s.clone()
-                    }
-                    _ => return Err(self.err(
-                        f("telegram_chat_id"),
-                        Some(v.span()),
-                        "expected a chat id like -1001234567890 or a channel like \"@acme_ops\""
-                            .into(),
-                    )),
-                }),
-            };
+        let email = super::contacts::emails(&o.email).map_err(|(i, span, reason)| {
+            self.err(format!("owners.{name}.email[{i}]"), Some(span), reason)
+        })?;
+        let telegram_chat_id = super::contacts::telegram_chat_id(&o.telegram_chat_id)
+            .map_err(|(span, reason)| self.err(f("telegram_chat_id"), Some(span), reason))?;
         let slack_webhook = match (&o.slack_webhook_env, &o.slack_webhook_file) {
             (Some(_), Some(_)) => {
                 return Err(self.err(
@@ -410,19 +385,6 @@ impl Validator<'_> {
             scopes: k.scopes.clone(),
         })
     }
-}
-
-fn looks_like_email(s: &str) -> bool {
-    let Some((local, domain)) = s.split_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !s.contains(char::is_whitespace)
-        && !domain.contains('@')
-        && s.len() <= 254
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 //!   included) cannot leak one.
 //! - Parsing and applying events do no IO; only [`Registry::load`] and the watcher read files.
 
+pub(crate) mod contacts;
 mod file;
 mod lifecycle;
 mod watch;
