@@ -151,7 +151,13 @@ impl SqliteStore {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let tx = self.conn.transaction().map_err(classify)?;
+        // IMMEDIATE, like commits: a deferred transaction that reads the version and then
+        // writes fails at once with "database is locked" when another process (a second
+        // instance, or the notifier's own connection) writes meanwhile, instead of waiting.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(classify)?;
         let version: usize = tx
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(classify)?;
