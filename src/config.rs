@@ -104,6 +104,27 @@ pub struct RawRules {
     /// Notification routes and channels (rules/routes.toml); without it, every finding goes
     /// to the console.
     pub routes: Option<PathBuf>,
+    /// Lifecycle events (key created, rotation started, key revoked or expired) from a
+    /// Kafka topic, applied on top of the registry file.
+    pub lifecycle: Option<RawLifecycle>,
+}
+
+/// `[rules.lifecycle]`: where lifecycle events come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLifecycle {
+    /// `host:port[,host:port...]`; default: `input.kafka.brokers` (and its properties).
+    pub brokers: Option<String>,
+    pub topic: String,
+    /// How long start-up waits to read the topic to its end before reading traffic
+    /// (default 30s); after it, keywatch starts anyway and catches up as it goes.
+    #[serde(default, deserialize_with = "duration::opt")]
+    pub catch_up_timeout: Option<Duration>,
+    /// librdkafka properties passed through, as for `input.kafka`.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub properties_env: std::collections::BTreeMap<String, String>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -307,6 +328,32 @@ pub struct RulesConfig {
     pub evaluate_every: Duration,
     pub reload_every: Duration,
     pub routes: Option<PathBuf>,
+    pub lifecycle: Option<LifecycleInput>,
+}
+
+/// A validated `[rules.lifecycle]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LifecycleInput {
+    pub brokers: String,
+    pub topic: String,
+    pub catch_up_timeout: Duration,
+    pub properties: Vec<(String, String)>,
+    /// (property, environment variable), resolved at start.
+    pub properties_env: Vec<(String, String)>,
+}
+
+impl fmt::Debug for LifecycleInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Property values may be credentials: show the names only.
+        let names: Vec<&str> = self.properties.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("LifecycleInput")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("catch_up_timeout", &self.catch_up_timeout)
+            .field("properties", &names)
+            .field("properties_env", &self.properties_env)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -633,6 +680,13 @@ impl RawConfig {
                 Duration::from_secs(5),
             )?,
             routes: self.rules.routes.clone(),
+            lifecycle: match &self.rules.lifecycle {
+                Some(l) => Some(
+                    validate_lifecycle(l, &source)
+                        .map_err(|(f, r)| err(&format!("rules.lifecycle.{f}"), r))?,
+                ),
+                None => None,
+            },
         };
 
         Ok(Config {
@@ -653,6 +707,78 @@ impl RawConfig {
             store,
         })
     }
+}
+
+fn validate_lifecycle(
+    l: &RawLifecycle,
+    input: &InputSource,
+) -> Result<LifecycleInput, (String, String)> {
+    let e = |f: &str, r: &str| (f.to_owned(), r.to_owned());
+    if l.topic.trim().is_empty() {
+        return Err(e("topic", "must not be empty"));
+    }
+    let kafka = match input {
+        InputSource::Kafka(k) => Some(k),
+        _ => None,
+    };
+    if let Some(k) = kafka {
+        if k.topics.contains(&l.topic) || k.dead_letter_topic.as_ref() == Some(&l.topic) {
+            return Err(e(
+                "topic",
+                "must not be an input or dead-letter topic of input.kafka",
+            ));
+        }
+    }
+    let (brokers, mut properties, mut properties_env) = match (&l.brokers, kafka) {
+        (Some(b), _) => (b.clone(), Vec::new(), Vec::new()),
+        // The same cluster as the traffic: the same client settings.
+        (None, Some(k)) => (
+            k.brokers.clone(),
+            k.properties.clone(),
+            k.properties_env.clone(),
+        ),
+        (None, None) => {
+            return Err(e(
+                "brokers",
+                "required unless input.kind = \"kafka\" (then input.kafka.brokers is used)",
+            ))
+        }
+    };
+    if brokers.split(',').all(|b| b.trim().is_empty()) {
+        return Err(e("brokers", "expected host:port[,host:port...]"));
+    }
+    for (field, map) in [
+        ("properties", &l.properties),
+        ("properties_env", &l.properties_env),
+    ] {
+        for name in map.keys() {
+            if MANAGED_KAFKA_PROPERTIES.contains(&name.as_str()) {
+                return Err((
+                    format!("{field}.{name}"),
+                    "set by keywatch (the topic is read from its start by every instance)"
+                        .to_owned(),
+                ));
+            }
+        }
+    }
+    for (name, value) in &l.properties {
+        properties.retain(|(k, _)| k != name);
+        properties_env.retain(|(k, _)| k != name);
+        properties.push((name.clone(), value.clone()));
+    }
+    for (name, var) in &l.properties_env {
+        properties.retain(|(k, _)| k != name);
+        properties_env.retain(|(k, _)| k != name);
+        properties_env.push((name.clone(), var.clone()));
+    }
+    let catch_up_timeout = l.catch_up_timeout.unwrap_or(Duration::from_secs(30));
+    Ok(LifecycleInput {
+        brokers,
+        topic: l.topic.clone(),
+        catch_up_timeout,
+        properties,
+        properties_env,
+    })
 }
 
 fn validate_kafka(k: &RawKafka) -> Result<KafkaInput, (String, String)> {
@@ -781,6 +907,32 @@ level = "keywatch=debug"
     }
 
     #[test]
+    fn the_lifecycle_topic_shares_the_input_cluster_settings_unless_told_otherwise() {
+        let c = check(
+            "[input]\nkind = \"kafka\"\n[input.kafka]\nbrokers = \"b:9092\"\ntopics = [\"t\"]\n\
+             [input.kafka.properties]\n\"security.protocol\" = \"ssl\"\n\
+             [input.kafka.properties_env]\n\"ssl.key.password\" = \"KP\"\n\
+             [rules.lifecycle]\ntopic = \"key-lifecycle\"\n\
+             [rules.lifecycle.properties]\n\"ssl.key.password\" = \"inline\"\n",
+        )
+        .unwrap();
+        let l = c.rules.lifecycle.unwrap();
+        assert_eq!(l.brokers, "b:9092");
+        assert_eq!(l.topic, "key-lifecycle");
+        assert_eq!(l.catch_up_timeout, Duration::from_secs(30));
+        assert_eq!(
+            l.properties,
+            vec![
+                ("security.protocol".to_owned(), "ssl".to_owned()),
+                ("ssl.key.password".to_owned(), "inline".to_owned())
+            ]
+        );
+        assert!(l.properties_env.is_empty());
+        // Values never reach the debug output (logs).
+        assert!(!format!("{l:?}").contains("inline"));
+    }
+
+    #[test]
     fn errors_name_file_line_field_and_reason() {
         let cases: &[(&str, &str)] = &[
             (
@@ -810,6 +962,18 @@ level = "keywatch=debug"
             (
                 "[input]\nkind = \"file\"\n",
                 "kw.toml: input.path: required when input.kind = \"file\"",
+            ),
+            (
+                "[rules.lifecycle]\ntopic = \"key-lifecycle\"\n",
+                "kw.toml: rules.lifecycle.brokers: required unless input.kind = \"kafka\" (then input.kafka.brokers is used)",
+            ),
+            (
+                "[input]\nkind = \"kafka\"\n[input.kafka]\nbrokers = \"b:9092\"\ntopics = [\"t\"]\n[rules.lifecycle]\ntopic = \"t\"\n",
+                "kw.toml: rules.lifecycle.topic: must not be an input or dead-letter topic of input.kafka",
+            ),
+            (
+                "[rules.lifecycle]\nbrokers = \"b:9092\"\ntopic = \"l\"\n[rules.lifecycle.properties]\n\"group.id\" = \"x\"\n",
+                "kw.toml: rules.lifecycle.properties.group.id: set by keywatch (the topic is read from its start by every instance)",
             ),
             (
                 "[input]\nformat = \"kongg\"\n",

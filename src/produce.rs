@@ -1,7 +1,8 @@
 //! `keywatch produce`: sends a gateway log into Kafka, one message per line, keyed by the
 //! key id keywatch decodes from it (so that a consumer group gives all of a key's events to
-//! one instance). A line that does not decode is still sent, without a key: keywatch will
-//! dead-letter it, which is what a test of the dead-letter path wants.
+//! one instance). A lifecycle event (`rules/README.md`) is keyed by its `key_id`, so that a
+//! key's events stay in order. A line that does not decode is still sent, without a key:
+//! keywatch will dead-letter it, which is what a test of the dead-letter path wants.
 
 use std::io::BufRead;
 use std::time::Duration;
@@ -41,7 +42,13 @@ pub fn produce(
         let mut events = Vec::new();
         let key: Option<String> = decoder
             .and_then(|d| d.decode(payload, &mut events).ok())
-            .and_then(|_| events.first().map(|e| e.key_id.to_string()));
+            .and_then(|_| events.first().map(|e| e.key_id.to_string()))
+            // A lifecycle event: keyed by its key, so that one key's events stay in order.
+            .or_else(|| {
+                crate::registry::LifecycleEvent::from_json(payload)
+                    .ok()
+                    .map(|e| e.key_id().to_owned())
+            });
         let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(payload);
         if let Some(k) = key.as_deref() {
             record = record.key(k);

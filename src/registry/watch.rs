@@ -48,7 +48,8 @@ pub enum Reload {
 
 #[derive(Debug)]
 pub struct RegistryWatcher {
-    path: PathBuf,
+    /// `None` for a registry made of lifecycle events only.
+    path: Option<PathBuf>,
     /// `None` while the file cannot be read.
     stamp: Option<Stamp>,
     /// The last valid file.
@@ -64,7 +65,7 @@ impl RegistryWatcher {
         let stamp = stamp(path);
         let base = Registry::load(path)?;
         Ok(RegistryWatcher {
-            path: path.to_owned(),
+            path: Some(path.to_owned()),
             stamp,
             current: Arc::new(base.clone()),
             base,
@@ -72,8 +73,20 @@ impl RegistryWatcher {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// A registry without a file: it starts empty and only lifecycle events fill it.
+    pub fn without_file() -> RegistryWatcher {
+        RegistryWatcher {
+            path: None,
+            stamp: None,
+            base: Registry::empty(),
+            events: Vec::new(),
+            current: Arc::new(Registry::empty()),
+        }
+    }
+
+    /// The registry file, if there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// The registry in force.
@@ -84,19 +97,22 @@ impl RegistryWatcher {
     /// Reloads the file if its modification time, length or inode changed. Call it every
     /// few seconds.
     pub fn poll(&mut self) -> Reload {
-        let now = stamp(&self.path);
+        let Some(path) = self.path.clone() else {
+            return Reload::Unchanged;
+        };
+        let now = stamp(&path);
         if now == self.stamp {
             return Reload::Unchanged;
         }
         // Remember the new stamp before reading: a change during the read is seen next time,
         // and an invalid version is reported once, not on every poll.
         self.stamp = now;
-        match Registry::load(&self.path) {
+        match Registry::load(&path) {
             Ok(base) => {
                 self.base = base;
                 self.current = Arc::new(self.replay());
                 tracing::info!(
-                    file = %self.path.display(),
+                    file = %path.display(),
                     keys = self.current.keys().count(),
                     "reloaded the key registry"
                 );
@@ -109,11 +125,14 @@ impl RegistryWatcher {
         }
     }
 
-    /// Applies a lifecycle event to the registry in force and remembers it for reloads.
+    /// Applies a lifecycle event to the registry in force and remembers it for reloads
+    /// (an event seen before, such as a redelivery, is not remembered twice).
     pub fn apply(&mut self, ev: LifecycleEvent) -> Result<Arc<Registry>, String> {
         let mut next = (*self.current).clone();
         next.apply(&ev)?;
-        self.events.push(ev);
+        if !self.events.contains(&ev) {
+            self.events.push(ev);
+        }
         self.current = Arc::new(next);
         Ok(self.registry())
     }

@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod kafka;
+pub mod lifecycle;
 pub mod stdin;
 
 use std::ops::Range;
