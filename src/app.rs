@@ -289,6 +289,8 @@ struct Pipeline {
 impl Pipeline {
     fn run(mut self, mut rx: mpsc::Receiver<Batch>) -> anyhow::Result<RunSummary> {
         let rt = tokio::runtime::Handle::current();
+        // Before the first batch: the source reads ahead into the bounded channel meanwhile.
+        self.detection.warm_up(self.store.as_mut());
         loop {
             // Wake up for the detectors' schedule even when no input comes.
             let wait = self.detection.next_due();
@@ -396,7 +398,10 @@ impl Pipeline {
             events: &raw,
             checkpoint,
         }) {
-            Ok(()) => agg.events,
+            Ok(()) => {
+                self.detection.observe_aggregate(&agg);
+                agg.events
+            }
             Err(StoreError::Rejected(reason)) => {
                 drop(raw);
                 self.isolate_rejected(batch, &reason)?
@@ -464,7 +469,11 @@ impl Pipeline {
                 events: &raw,
                 checkpoint,
             }) {
-                Ok(()) => stored += agg.events,
+                Ok(()) => {
+                    // Only the lines stored: the first pass fed nothing.
+                    self.detection.observe_aggregate(&agg);
+                    stored += agg.events
+                }
                 Err(StoreError::Rejected(why)) => {
                     metrics::counter!("keywatch_events_rejected_total", "reason" => "store_rejected")
                         .increment(1);

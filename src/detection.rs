@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
+use crate::aggregate::Aggregate;
+use crate::anomaly_feed::AnomalyFeed;
 use crate::config::Config;
 use crate::detect::{Engine, Finding, Policy};
 use crate::event::AuthEvent;
@@ -29,6 +31,8 @@ pub struct Detection {
     latest_ms: i64,
     /// New findings go here (the notifier); full channel: the oldest wait, none is dropped.
     out: Option<mpsc::Sender<Vec<Finding>>>,
+    /// The per-key anomaly models, fed committed batches (`None`: `[anomaly] enabled = false`).
+    anomaly: Option<AnomalyFeed>,
     /// Every new finding of this run, for the one-shot report.
     pub raised: Vec<Finding>,
 }
@@ -52,7 +56,9 @@ impl Detection {
         let registry = watcher
             .as_ref()
             .map_or_else(|| Arc::new(Registry::empty()), |w| w.registry());
+        let anomaly = AnomalyFeed::new(&policy.anomaly, Arc::clone(&registry));
         Ok(Detection {
+            anomaly,
             engine: Engine::new(registry, policy),
             watcher,
             evaluate_every: config.rules.evaluate_every,
@@ -69,6 +75,23 @@ impl Detection {
     pub fn observe(&mut self, ev: &AuthEvent<'_>) {
         self.latest_ms = self.latest_ms.max(ev.ts_ms);
         self.engine.observe(ev);
+    }
+
+    /// At start: warms the anomaly models up from the store's history (see
+    /// [`crate::anomaly_feed`]).
+    pub fn warm_up(&mut self, store: &mut dyn Store) {
+        if let Some(a) = &mut self.anomaly {
+            a.warm_up(store);
+        }
+    }
+
+    /// After a batch is committed: feeds its aggregate to the anomaly models, once per
+    /// stored event; their findings wait with the stream findings for [`Self::after_commit`].
+    pub fn observe_aggregate(&mut self, agg: &Aggregate) {
+        if let Some(a) = &mut self.anomaly {
+            let found = a.observe(agg, self.engine.registry());
+            self.engine.push_pending(found);
+        }
     }
 
     /// How long the pipeline may wait for input before [`Detection::tick`] is due.

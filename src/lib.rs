@@ -13,12 +13,14 @@
 //! - [`detect`] / [`detection`]: the rotation and stream detectors (pure) and how the
 //!   daemon runs them; [`registry`]: keys, owners and lifecycle events.
 //! - [`notify`]: routes findings to owners and teams over email, Telegram, Slack, webhooks.
-//! - [`anomaly`]: statistical models per key, and `keywatch score` for one series.
+//! - [`anomaly`]: statistical models per key, and `keywatch score` for one series;
+//!   [`anomaly_feed`]: how the daemon warms them up and feeds them committed batches.
 //! - [`app`]: the wiring: bounded channels, tasks, metrics, shutdown order.
 //! - [`config`]: raw serde structs validated into [`config::Config`]; no IO in validation.
 
 pub mod aggregate;
 pub mod anomaly;
+pub mod anomaly_feed;
 pub mod app;
 pub mod backtest;
 pub mod config;

@@ -584,6 +584,9 @@ impl AnomalyModels {
                 .or_insert_with(|| KeyModel::new(minute_index(first)));
             m.first_min = m.first_min.min(minute_index(first));
             let (fm, lm) = (minute_index(first), minute_index(last));
+            // A key whose rollups are older than the warm-up window was still in use until
+            // its sources' last sight: its dormancy counts from there.
+            m.last_min = m.last_min.max(lm);
             let mut sets: Vec<(&mut SourceSet, u32)> = vec![(&mut m.agents, ha)];
             if !ip.is_empty() {
                 sets.push((&mut m.nets, hn));

@@ -23,12 +23,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use policy::{BurstPolicy, Policy, Reminder, RolloverPolicy};
+pub use policy::{AnomalyPolicy, BurstPolicy, Policy, Reminder, RolloverPolicy};
 pub use rotation::{
     evaluate_rotation, Forecast, HourRow, LingeringSource, Phase, RotationData, RotationStatus,
     SharePoint,
 };
 
+use crate::anomaly::{AnomalyFinding, AnomalyKind};
 use crate::event::AuthEvent;
 use crate::registry::{format_local, KeyState, Registry};
 
@@ -56,10 +57,26 @@ pub enum FindingKind {
     UnknownKeyBurst,
     /// A key seen in traffic that the registry does not know.
     UnknownKey,
+    // The anomaly models (`anomaly::keys`): each states what was expected, what was seen
+    // and how surprising it is.
+    /// Request volume far from the key's seasonal baseline (an hour, or a minute burst).
+    VolumeAnomaly,
+    /// Auth failures far above the key's usual rate.
+    FailureRateSpike,
+    /// Latency far from the key's usual latency.
+    LatencyShift,
+    /// A new network, user agent or endpoint for a key whose sources were stable.
+    NewSource,
+    /// Traffic on a key that had none for a long time.
+    DormantKeyWoke,
+    /// An endpoint outside the key's scopes, or a jump in requests the gateway forbade.
+    OutOfScopeUse,
+    /// The hour's behaviour is unlike the key's own past and its peer group.
+    BehaviourAnomaly,
 }
 
 impl FindingKind {
-    pub const ALL: [FindingKind; 11] = [
+    pub const ALL: [FindingKind; 18] = [
         FindingKind::LingeringOldKey,
         FindingKind::RotationAtRisk,
         FindingKind::RotationOverdue,
@@ -71,6 +88,13 @@ impl FindingKind {
         FindingKind::KeyAgeExceeded,
         FindingKind::UnknownKeyBurst,
         FindingKind::UnknownKey,
+        FindingKind::VolumeAnomaly,
+        FindingKind::FailureRateSpike,
+        FindingKind::LatencyShift,
+        FindingKind::NewSource,
+        FindingKind::DormantKeyWoke,
+        FindingKind::OutOfScopeUse,
+        FindingKind::BehaviourAnomaly,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +110,34 @@ impl FindingKind {
             FindingKind::KeyAgeExceeded => "key_age_exceeded",
             FindingKind::UnknownKeyBurst => "unknown_key_burst",
             FindingKind::UnknownKey => "unknown_key",
+            FindingKind::VolumeAnomaly => "volume_anomaly",
+            FindingKind::FailureRateSpike => "failure_rate_spike",
+            FindingKind::LatencyShift => "latency_shift",
+            FindingKind::NewSource => "new_source",
+            FindingKind::DormantKeyWoke => "dormant_key_woke",
+            FindingKind::OutOfScopeUse => "out_of_scope_use",
+            FindingKind::BehaviourAnomaly => "behaviour_anomaly",
+        }
+    }
+
+    /// Whether the anomaly models raise this kind.
+    pub fn is_anomaly(self) -> bool {
+        AnomalyKind::ALL
+            .iter()
+            .any(|a| FindingKind::from(*a) == self)
+    }
+}
+
+impl From<AnomalyKind> for FindingKind {
+    fn from(k: AnomalyKind) -> FindingKind {
+        match k {
+            AnomalyKind::VolumeAnomaly => FindingKind::VolumeAnomaly,
+            AnomalyKind::FailureRateSpike => FindingKind::FailureRateSpike,
+            AnomalyKind::LatencyShift => FindingKind::LatencyShift,
+            AnomalyKind::NewSource => FindingKind::NewSource,
+            AnomalyKind::DormantKeyWoke => FindingKind::DormantKeyWoke,
+            AnomalyKind::OutOfScopeUse => FindingKind::OutOfScopeUse,
+            AnomalyKind::BehaviourAnomaly => FindingKind::BehaviourAnomaly,
         }
     }
 }
@@ -177,6 +229,36 @@ pub struct Finding {
     pub dedup_key: String,
 }
 
+impl Finding {
+    /// A finding of the anomaly models, with the key's owner from the registry (none for a
+    /// key the registry does not know) and the key's name in the evidence when it has one.
+    ///
+    /// The dedup key is the models' own: kind, key, and the hour (volume, failure and
+    /// latency, behaviour), the minute (dormant key) or the new member (`network:10.1.2.0/24`)
+    /// the fact is about. It names event times only, so a replay of the same events after a
+    /// restart gives the same key and the findings table keeps one row.
+    pub fn from_anomaly(a: AnomalyFinding, registry: &Registry) -> Finding {
+        let key = registry.key(&a.key_id);
+        let mut evidence = a.evidence;
+        if let (Some(name), serde_json::Value::Object(e)) =
+            (key.and_then(|k| k.name.as_ref()), &mut evidence)
+        {
+            e.insert("key_name".into(), serde_json::Value::String(name.clone()));
+        }
+        Finding {
+            kind: a.kind.into(),
+            owner: key.map(|k| k.owner.clone()),
+            key_id: a.key_id,
+            at_ms: a.at_ms,
+            severity: a.severity,
+            // One line: a user agent or endpoint in the summary could carry a newline.
+            summary: a.summary.replace(['\n', '\r'], " "),
+            evidence,
+            dedup_key: a.dedup_key,
+        }
+    }
+}
+
 mod rfc3339_ms {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -244,6 +326,17 @@ impl Engine {
     pub fn observe(&mut self, ev: &AuthEvent<'_>) {
         self.stream
             .observe(ev, &self.registry, &self.policy, &mut self.pending);
+        self.trim_pending();
+    }
+
+    /// Adds findings raised outside the engine (the anomaly models) to the pending ones, so
+    /// that they are stored and told like stream findings.
+    pub fn push_pending(&mut self, found: impl IntoIterator<Item = Finding>) {
+        self.pending.extend(found);
+        self.trim_pending();
+    }
+
+    fn trim_pending(&mut self) {
         if self.pending.len() > MAX_PENDING {
             // Nobody is collecting: keep the newest, count the rest.
             let excess = self.pending.len() - MAX_PENDING;
@@ -389,6 +482,46 @@ mod tests {
             );
         }
         assert!("lingering".parse::<FindingKind>().is_err());
+    }
+
+    #[test]
+    fn anomaly_findings_get_the_owner_and_keep_their_dedup_key() {
+        let reg = Registry::parse(
+            "k.toml",
+            "[owners.o]\n[[keys]]\nid = \"k1\"\nname = \"billing\"\nowner = \"o\"\n",
+        )
+        .unwrap();
+        let a = AnomalyFinding {
+            kind: AnomalyKind::NewSource,
+            key_id: "k1".into(),
+            at_ms: 1_795_132_800_000,
+            severity: Severity::Warning,
+            summary: "key k1 is used from a new user agent \"x\ny\"".into(),
+            evidence: serde_json::json!({"expected": {"known": 2}, "seen": {"user_agent": "x"},
+                "surprise": null, "score": 1.0, "model": "new_user_agent"}),
+            dedup_key: "new_source:k1:user_agent:x".into(),
+        };
+        let f = Finding::from_anomaly(a.clone(), &reg);
+        assert_eq!(f.kind, FindingKind::NewSource);
+        assert_eq!(f.owner.as_deref(), Some("o"));
+        assert_eq!(f.dedup_key, "new_source:k1:user_agent:x");
+        assert_eq!(f.evidence["key_name"], "billing");
+        assert_eq!(f.evidence["expected"]["known"], 2);
+        assert!(!f.summary.contains('\n'), "{}", f.summary);
+        let unknown = Finding::from_anomaly(
+            AnomalyFinding {
+                key_id: "k2".into(),
+                ..a
+            },
+            &reg,
+        );
+        assert_eq!(unknown.owner, None);
+        for k in AnomalyKind::ALL {
+            let fk = FindingKind::from(k);
+            assert_eq!(fk.as_str(), k.finding_kind_name());
+            assert!(fk.is_anomaly());
+        }
+        assert!(!FindingKind::SafeToRevoke.is_anomaly());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::anomaly::AnomalyConfig;
 use crate::config::duration;
 use crate::config::ConfigError;
 use crate::registry::parse_toml;
@@ -62,6 +63,22 @@ pub struct Policy {
     pub repeat_after_ms: i64,
     pub unknown_key_burst: BurstPolicy,
     pub failed_rollover: RolloverPolicy,
+    pub anomaly: AnomalyPolicy,
+}
+
+/// The anomaly models in the daemon (`[anomaly]`): whether they run, their thresholds, and
+/// how much stored history they warm up from at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnomalyPolicy {
+    pub enabled: bool,
+    pub models: AnomalyConfig,
+    /// Peer groups are refitted this often, by event time.
+    pub refit_peers_every_ms: i64,
+    /// At start, the models replay this much stored history (per-minute rollups).
+    pub warm_up_ms: i64,
+    /// ... but at most this many rollup rows (and as many source rows), newest days first
+    /// cut: a bound on start time and memory.
+    pub warm_up_max_rows: u64,
 }
 
 impl Default for Policy {
@@ -81,6 +98,30 @@ struct RawPolicy {
     unknown_key_burst: RawBurst,
     #[serde(default)]
     failed_rollover: RawRollover,
+    #[serde(default)]
+    anomaly: RawAnomaly,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnomaly {
+    enabled: Option<bool>,
+    min_surprise: Option<f64>,
+    #[serde(default, deserialize_with = "duration::opt")]
+    dormant_after: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::opt")]
+    source_stable: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::opt")]
+    min_history: Option<Duration>,
+    min_requests: Option<u64>,
+    min_latency_samples: Option<u64>,
+    max_keys: Option<u64>,
+    peer_groups: Option<u64>,
+    #[serde(default, deserialize_with = "duration::opt")]
+    refit_peers_every: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::opt")]
+    warm_up: Option<Duration>,
+    warm_up_max_rows: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,6 +286,8 @@ impl Policy {
         }
         let baseline_ms = positive("failed_rollover.baseline", f.baseline, 7 * DAY_MS)?;
 
+        let anomaly = anomaly_policy(&raw.anomaly, &err, &positive)?;
+
         Ok(Policy {
             grace_period_ms,
             quiet_period_ms,
@@ -263,8 +306,109 @@ impl Policy {
                 factor,
                 baseline_ms,
             },
+            anomaly,
         })
     }
+}
+
+fn anomaly_policy(
+    a: &RawAnomaly,
+    err: &dyn Fn(&str, Option<usize>, String) -> ConfigError,
+    positive: &dyn Fn(&str, Option<Duration>, i64) -> Result<i64, ConfigError>,
+) -> Result<AnomalyPolicy, ConfigError> {
+    let d = AnomalyConfig::default();
+    let min_surprise = a.min_surprise.unwrap_or(d.min_surprise);
+    if !(min_surprise.is_finite() && (2.0..=30.0).contains(&min_surprise)) {
+        return Err(err(
+            "anomaly.min_surprise",
+            None,
+            format!("expected -log10 of a probability from 2 to 30, found {min_surprise}"),
+        ));
+    }
+    let range = |field: &str, v: Option<u64>, default: u64, lo: u64, hi: u64, what: &str| {
+        let v = v.unwrap_or(default);
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(err(
+                field,
+                None,
+                format!("expected {lo} to {hi} {what}, found {v}"),
+            ))
+        }
+    };
+    let min_requests = range(
+        "anomaly.min_requests",
+        a.min_requests,
+        d.min_requests,
+        1,
+        1_000_000,
+        "requests",
+    )?;
+    let min_latency_samples = range(
+        "anomaly.min_latency_samples",
+        a.min_latency_samples,
+        d.min_latency_samples,
+        1,
+        1_000_000,
+        "samples",
+    )?;
+    let max_keys = range(
+        "anomaly.max_keys",
+        a.max_keys,
+        d.max_keys as u64,
+        10,
+        100_000_000,
+        "keys",
+    )?;
+    let peer_groups = range(
+        "anomaly.peer_groups",
+        a.peer_groups,
+        d.peer_groups as u64,
+        1,
+        64,
+        "groups",
+    )?;
+    let warm_up_max_rows = range(
+        "anomaly.warm_up_max_rows",
+        a.warm_up_max_rows,
+        50_000_000,
+        0,
+        10_000_000_000,
+        "rows",
+    )?;
+    let warm_up_ms = a.warm_up.map_or(28 * DAY_MS, ms);
+    if warm_up_ms > 366 * DAY_MS {
+        return Err(err(
+            "anomaly.warm_up",
+            None,
+            format!("expected at most 366d, found {}d", warm_up_ms / DAY_MS),
+        ));
+    }
+    Ok(AnomalyPolicy {
+        enabled: a.enabled.unwrap_or(true),
+        models: AnomalyConfig {
+            min_surprise,
+            dormant_after_ms: positive(
+                "anomaly.dormant_after",
+                a.dormant_after,
+                d.dormant_after_ms,
+            )?,
+            source_stable_ms: positive(
+                "anomaly.source_stable",
+                a.source_stable,
+                d.source_stable_ms,
+            )?,
+            min_history_ms: positive("anomaly.min_history", a.min_history, d.min_history_ms)?,
+            min_requests,
+            min_latency_samples,
+            max_keys: max_keys as usize,
+            peer_groups: peer_groups as usize,
+        },
+        refit_peers_every_ms: positive("anomaly.refit_peers_every", a.refit_peers_every, HOUR_MS)?,
+        warm_up_ms,
+        warm_up_max_rows,
+    })
 }
 
 #[cfg(test)]
@@ -307,6 +451,57 @@ mod tests {
         assert_eq!(p.max_key_age_ms, 0);
         assert_eq!(p.unknown_key_burst.threshold, 50);
         assert_eq!(p.unknown_key_burst.window_ms, 60_000);
+    }
+
+    #[test]
+    fn the_anomaly_section_is_read_and_checked() {
+        let d = Policy::default().anomaly;
+        assert!(d.enabled);
+        assert_eq!(d.models, AnomalyConfig::default());
+        assert_eq!(d.warm_up_ms, 28 * DAY_MS);
+        assert_eq!(d.refit_peers_every_ms, HOUR_MS);
+        let p = Policy::parse(
+            "policy.toml",
+            "[anomaly]\nenabled = false\nmin_surprise = 6.5\ndormant_after = \"14d\"\n\
+             warm_up = \"7d\"\nwarm_up_max_rows = 0\npeer_groups = 3\n",
+        )
+        .unwrap()
+        .anomaly;
+        assert!(!p.enabled);
+        assert_eq!(p.models.min_surprise, 6.5);
+        assert_eq!(p.models.dormant_after_ms, 14 * DAY_MS);
+        assert_eq!(p.models.peer_groups, 3);
+        assert_eq!(p.warm_up_ms, 7 * DAY_MS);
+        assert_eq!(p.warm_up_max_rows, 0);
+        let cases = [
+            (
+                "[anomaly]\nmin_surprise = 1\n",
+                "policy.toml: anomaly.min_surprise: expected -log10 of a probability from 2 to 30, found 1",
+            ),
+            (
+                "[anomaly]\npeer_groups = 0\n",
+                "policy.toml: anomaly.peer_groups: expected 1 to 64 groups, found 0",
+            ),
+            (
+                "[anomaly]\nsource_stable = \"0s\"\n",
+                "policy.toml: anomaly.source_stable: must be more than 0",
+            ),
+            (
+                "[anomaly]\nwarm_up = \"400d\"\n",
+                "policy.toml: anomaly.warm_up: expected at most 366d, found 400d",
+            ),
+            (
+                "[anomaly]\n\nenable = true\n",
+                "policy.toml:3: anomaly.enable: unknown field `enable`, expected one of `enabled`, `min_surprise`, `dormant_after`, `source_stable`, `min_history`, `min_requests`, `min_latency_samples`, `max_keys`, `peer_groups`, `refit_peers_every`, `warm_up`, `warm_up_max_rows`",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(
+                Policy::parse("policy.toml", text).unwrap_err().to_string(),
+                want,
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -314,13 +314,21 @@ const DEFAULT_REPEAT: &str = "24h";
 /// Kinds whose facts are each told once unless the file says otherwise: their dedup keys
 /// already name the step or the period (a reminder step, a revoked key used per
 /// `alerts.repeat_after`), or telling them again says nothing new.
-const NEVER_REPEATED: [FindingKind; 6] = [
+const NEVER_REPEATED: [FindingKind; 13] = [
     FindingKind::RotationReminder,
     FindingKind::SafeToRevoke,
     FindingKind::RevokedKeyUsed,
     FindingKind::ExpiredKeyUsed,
     FindingKind::UnknownKeyBurst,
     FindingKind::UnknownKey,
+    // Anomaly findings name their hour, minute or new source.
+    FindingKind::VolumeAnomaly,
+    FindingKind::FailureRateSpike,
+    FindingKind::LatencyShift,
+    FindingKind::NewSource,
+    FindingKind::DormantKeyWoke,
+    FindingKind::OutOfScopeUse,
+    FindingKind::BehaviourAnomaly,
 ];
 
 impl Config {

@@ -52,6 +52,13 @@ impl Kind {
                 FindingKind::KeyAgeExceeded => "Key older than the maximum age",
                 FindingKind::UnknownKeyBurst => "Burst of invalid keys",
                 FindingKind::UnknownKey => "Unknown key",
+                FindingKind::VolumeAnomaly => "Unusual request volume",
+                FindingKind::FailureRateSpike => "Auth failure spike",
+                FindingKind::LatencyShift => "Latency shift",
+                FindingKind::NewSource => "New source for a key",
+                FindingKind::DormantKeyWoke => "Dormant key used again",
+                FindingKind::OutOfScopeUse => "Key used outside its scopes",
+                FindingKind::BehaviourAnomaly => "Unusual key behaviour",
             },
             Kind::NotificationFailed => "Notification failed",
         }

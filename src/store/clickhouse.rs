@@ -40,6 +40,7 @@
 pub mod catalog;
 mod config;
 mod error;
+mod history;
 mod rowbinary;
 pub mod schema;
 
@@ -1112,6 +1113,10 @@ impl Store for ClickHouseStore {
 
     fn keeps_raw_events(&self) -> bool {
         true
+    }
+
+    fn history(&mut self) -> Option<&mut dyn super::HistoryStore> {
+        Some(self)
     }
 
     fn position(&self, source: &str) -> Result<Option<Position>, StoreError> {

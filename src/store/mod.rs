@@ -89,6 +89,11 @@ pub trait Store {
         None
     }
 
+    /// Stored usage history, for stores that can give it back (the anomaly models' warm-up).
+    fn history(&mut self) -> Option<&mut dyn HistoryStore> {
+        None
+    }
+
     /// Whether [`BatchWrite::events`] should be filled (it costs a copy of every event).
     fn keeps_raw_events(&self) -> bool {
         false
@@ -103,6 +108,61 @@ pub trait Store {
 pub trait DetectionStore: RotationSource {
     /// Stores findings (upsert by dedup key) and returns those not seen before.
     fn record_findings(&mut self, found: &[Finding]) -> Result<Vec<Finding>, StoreError>;
+}
+
+/// A stored source of a key as the anomaly models' warm-up reads it:
+/// `(key, ip, user agent, endpoint, first_seen_ms, last_seen_ms)`.
+pub type SourceHistoryRow<'a> = (&'a str, &'a str, &'a str, &'a str, i64, i64);
+
+/// Stored usage read back at start, so that the anomaly models keep their baselines across
+/// a restart. Rows are handed to a callback one at a time: nothing of the size of the
+/// history is held in memory.
+pub trait HistoryStore {
+    /// Per-minute rollups `(key, minute start ms, rollup)` of the last `window_ms` before
+    /// the latest stored minute (event time, so that a replay of old logs warms up like a
+    /// live daemon), ordered by key then minute. When those minutes hold more than
+    /// `max_rows` rows, the oldest minutes are left out: the read starts at
+    /// [`HistoryRead::since_ms`].
+    fn rollup_history(
+        &mut self,
+        window_ms: i64,
+        max_rows: u64,
+        f: &mut dyn FnMut(&str, i64, &Rollup),
+    ) -> Result<HistoryRead, StoreError>;
+
+    /// Every key's sources, the most recently seen first, at most `max_rows` (one row per
+    /// key, IP, user agent and endpoint: gateways are not told apart). Returns the rows read.
+    fn source_history(
+        &mut self,
+        max_rows: u64,
+        f: &mut dyn FnMut(SourceHistoryRow<'_>),
+    ) -> Result<u64, StoreError>;
+}
+
+/// What [`HistoryStore::rollup_history`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryRead {
+    pub rows: u64,
+    /// The first minute read: later than the window's start when the rows would not fit.
+    pub since_ms: i64,
+    /// The latest stored minute (`None`: nothing stored).
+    pub latest_ms: Option<i64>,
+}
+
+/// The start of the newest minutes whose rows fit in `max_rows`, from per-minute row counts
+/// `(minute ms, rows)` newest first; `since_ms` when they all fit.
+pub fn history_cut(since_ms: i64, max_rows: u64, newest_first: Vec<(i64, u64)>) -> i64 {
+    let mut total = 0u64;
+    let mut cut = since_ms;
+    for (minute_ms, rows) in newest_first {
+        total = total.saturating_add(rows);
+        if total > max_rows {
+            // This minute no longer fits: start just after it.
+            return cut.max(minute_ms + 60_000);
+        }
+        cut = minute_ms;
+    }
+    since_ms
 }
 
 /// One key's usage over a time range, for reports.

@@ -295,8 +295,129 @@ impl SqliteStore {
     }
 }
 
+impl super::HistoryStore for SqliteStore {
+    fn rollup_history(
+        &mut self,
+        window_ms: i64,
+        max_rows: u64,
+        f: &mut dyn FnMut(&str, i64, &Rollup),
+    ) -> Result<super::HistoryRead, StoreError> {
+        let latest: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(minute) FROM rollup_minute", [], |r| r.get(0))
+            .map_err(classify)?;
+        let Some(latest_ms) = latest.map(|s| s * 1000) else {
+            return Ok(super::HistoryRead {
+                rows: 0,
+                since_ms: 0,
+                latest_ms: None,
+            });
+        };
+        let since_ms = latest_ms.saturating_sub(window_ms);
+        // Keep the newest minutes that fit in `max_rows` (the minute index answers this).
+        let mut per_minute = self
+            .conn
+            .prepare(
+                "SELECT minute, COUNT(*) FROM rollup_minute WHERE minute >= ?1
+                 GROUP BY minute ORDER BY minute DESC",
+            )
+            .map_err(classify)?;
+        let counts = per_minute
+            .query_map([since_ms.div_euclid(1000)], |r| {
+                Ok((r.get::<_, i64>(0)? * 1000, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(classify)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(classify)?;
+        let since_ms = super::history_cut(since_ms, max_rows, counts);
+        let mut cols = vec!["key_id", "minute", "requests"];
+        cols.extend(OUTCOME_COLUMNS);
+        cols.extend(["latency_count", "latency_sum_ms", "latency_max_ms"]);
+        let buckets: Vec<String> = (0..LATENCY_BUCKETS).map(|i| format!("lat_b{i}")).collect();
+        cols.extend(buckets.iter().map(String::as_str));
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {} FROM rollup_minute WHERE minute >= ?1 ORDER BY key_id, minute LIMIT ?2",
+                cols.join(", ")
+            ))
+            .map_err(classify)?;
+        let mut rows = stmt
+            .query(params![
+                since_ms.div_euclid(1000),
+                i64::try_from(max_rows).unwrap_or(i64::MAX)
+            ])
+            .map_err(classify)?;
+        let mut n = 0;
+        let mut r = Rollup::default();
+        while let Some(row) = rows.next().map_err(classify)? {
+            let key: String = row.get(0).map_err(classify)?;
+            let minute_ms = row.get::<_, i64>(1).map_err(classify)? * 1000;
+            let int = |i: usize| row.get::<_, i64>(i).map(|v| v as u64).map_err(classify);
+            r.requests = int(2)?;
+            for i in 0..OUTCOME_COLUMNS.len() {
+                r.outcomes[i] = int(3 + i)?;
+            }
+            let base = 3 + OUTCOME_COLUMNS.len();
+            r.latency_count = int(base)?;
+            r.latency_sum_ms = row.get(base + 1).map_err(classify)?;
+            r.latency_max_ms = row.get(base + 2).map_err(classify)?;
+            for i in 0..LATENCY_BUCKETS {
+                r.latency_buckets[i] = int(base + 3 + i)?;
+            }
+            f(&key, minute_ms, &r);
+            n += 1;
+        }
+        Ok(super::HistoryRead {
+            rows: n,
+            since_ms,
+            latest_ms: Some(latest_ms),
+        })
+    }
+
+    fn source_history(
+        &mut self,
+        max_rows: u64,
+        f: &mut dyn FnMut(super::SourceHistoryRow<'_>),
+    ) -> Result<u64, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT key_id, ip, user_agent, endpoint, MIN(first_seen_ms), MAX(last_seen_ms)
+                 FROM key_sources GROUP BY key_id, ip, user_agent, endpoint
+                 ORDER BY MAX(last_seen_ms) DESC LIMIT ?1",
+            )
+            .map_err(classify)?;
+        let mut rows = stmt
+            .query([i64::try_from(max_rows).unwrap_or(i64::MAX)])
+            .map_err(classify)?;
+        let mut n = 0;
+        while let Some(row) = rows.next().map_err(classify)? {
+            let text = |i: usize| {
+                row.get_ref(i)
+                    .and_then(|v| Ok(v.as_str()?))
+                    .map_err(classify)
+            };
+            f((
+                text(0)?,
+                text(1)?,
+                text(2)?,
+                text(3)?,
+                row.get(4).map_err(classify)?,
+                row.get(5).map_err(classify)?,
+            ));
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 impl Store for SqliteStore {
     fn detection(&mut self) -> Option<&mut dyn super::DetectionStore> {
+        Some(self)
+    }
+
+    fn history(&mut self) -> Option<&mut dyn super::HistoryStore> {
         Some(self)
     }
 
@@ -573,6 +694,88 @@ mod tests {
             Some(Position::Kafka {
                 offsets: vec![po(0, 20), po(1, 5), po(2, 7)]
             })
+        );
+    }
+
+    #[test]
+    fn history_is_read_by_key_and_minute_newest_minutes_first_kept() {
+        use crate::store::HistoryStore;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let mut empty = 0;
+        let r = store
+            .rollup_history(86_400_000, 100, &mut |_, _, _| empty += 1)
+            .unwrap();
+        assert_eq!((r.rows, r.latest_ms, empty), (0, None, 0));
+        let mut agg = Aggregate::default();
+        // Minutes 0, 1, 2 for k2, minutes 1 and 2 for k1, one a day earlier for k1.
+        let t = 10 * 86_400_000;
+        for (ts, key) in [
+            (t, "k2"),
+            (t + 60_000, "k2"),
+            (t + 120_000, "k2"),
+            (t + 61_000, "k1"),
+            (t + 62_000, "k1"),
+            (t + 125_000, "k1"),
+            (t - 86_400_000, "k1"),
+        ] {
+            agg.add(&event(ts, key, "10.0.0.1"));
+        }
+        store
+            .commit(&BatchWrite {
+                aggregate: &agg,
+                events: &[],
+                checkpoint: None,
+            })
+            .unwrap();
+        let mut rows = Vec::new();
+        let r = store
+            .rollup_history(3_600_000, 100, &mut |k, m, r| {
+                rows.push((k.to_owned(), (m - t) / 60_000, r.requests, r.latency_count))
+            })
+            .unwrap();
+        assert_eq!(r.latest_ms, Some(t + 120_000));
+        assert_eq!(r.since_ms, t + 120_000 - 3_600_000);
+        let want = [
+            ("k1", 1, 2, 2),
+            ("k1", 2, 1, 1),
+            ("k2", 0, 1, 1),
+            ("k2", 1, 1, 1),
+            ("k2", 2, 1, 1),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(k, m, n, l)| (k.to_string(), *m, *n, *l))
+            .collect();
+        assert_eq!(rows, want);
+        // Four rows allowed: minute 0 (one row) would make five, so it is left out whole.
+        let mut rows = Vec::new();
+        let r = store
+            .rollup_history(3_600_000, 4, &mut |k, m, _| {
+                rows.push((k.to_owned(), (m - t) / 60_000))
+            })
+            .unwrap();
+        assert_eq!(r.since_ms, t + 60_000);
+        assert_eq!(r.rows, 4);
+        assert!(rows.iter().all(|(_, m)| *m >= 1), "{rows:?}");
+        let mut sources = Vec::new();
+        let n = store
+            .source_history(10, &mut |(k, ip, _, _, first, last)| {
+                sources.push((k.to_owned(), ip.to_owned(), first, last))
+            })
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(
+            sources,
+            [
+                (
+                    "k1".to_owned(),
+                    "10.0.0.1".to_owned(),
+                    t - 86_400_000,
+                    t + 125_000
+                ),
+                ("k2".to_owned(), "10.0.0.1".to_owned(), t, t + 120_000),
+            ]
         );
     }
 

@@ -310,6 +310,33 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
     steps.push(query("key_sources_none", sql.key_sources("nobody'"), true));
     steps.push(query("totals", sql.totals(), true));
     steps.push(query("latest_event", sql.latest_event(), true));
+    // The anomaly models' warm-up (history.rs).
+    let since = super::rowbinary::seconds(T0 - 86_400_000);
+    steps.push(query(
+        "history_latest_minute",
+        super::history::latest_minute(sql),
+        true,
+    ));
+    steps.push(query(
+        "history_rollup_minutes",
+        super::history::rollup_minutes(sql, since),
+        true,
+    ));
+    steps.push(query(
+        "history_rollups",
+        super::history::rollup_history(sql, since, 1000),
+        true,
+    ));
+    steps.push(query(
+        "history_rollups_limited",
+        super::history::rollup_history(sql, since, 1),
+        true,
+    ));
+    steps.push(query(
+        "history_sources",
+        super::history::source_history(sql, 1000),
+        true,
+    ));
     // The views dashboards read, and the raw rows as the server decoded them.
     let d = &sql.database;
     let p = &sql.prefix;
