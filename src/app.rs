@@ -17,7 +17,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregate;
-use crate::config::{Config, InputSource, KafkaInput, SecretSource, StartAt, StoreConfig};
+use crate::config::{
+    Config, InputSource, KafkaInput, LifecycleInput, SecretSource, StartAt, StoreConfig,
+};
 use crate::deadletter::{
     DeadLetter, DeadLetterFile, DeadLetterSink, DEAD_LETTER_FILE, DEFAULT_MAX_BYTES,
 };
@@ -25,8 +27,10 @@ use crate::deadletter_kafka::KafkaDeadLetters;
 use crate::detect::Finding;
 use crate::detection::Detection;
 use crate::event::{AuthEvent, Decoder, Fingerprinter};
+use crate::notify::Input;
 use crate::server::Health;
 use crate::source::kafka::{KafkaSettings, KafkaSource, OffsetStore};
+use crate::source::lifecycle::LifecycleConsumer;
 use crate::source::{self, Batch, FileFollower, FollowOptions, PartitionOffset, Position};
 use crate::store::clickhouse::ClickHouseStore;
 use crate::store::sqlite_offsets::SqliteOffsets;
@@ -131,16 +135,39 @@ pub fn open_store(
     }
 }
 
-/// Resolves `properties_env` and builds the Kafka settings.
-pub fn kafka_settings(k: &KafkaInput, config: &Config) -> anyhow::Result<KafkaSettings> {
-    let mut properties = vec![("bootstrap.servers".to_owned(), k.brokers.clone())];
-    properties.extend(k.properties.iter().cloned());
-    for (prop, var) in &k.properties_env {
+/// librdkafka properties: `bootstrap.servers`, the fixed ones, and those read from the
+/// environment (`field` names the config section in errors).
+fn client_properties(
+    field: &str,
+    brokers: &str,
+    fixed: &[(String, String)],
+    from_env: &[(String, String)],
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut properties = vec![("bootstrap.servers".to_owned(), brokers.to_owned())];
+    properties.extend(fixed.iter().cloned());
+    for (prop, var) in from_env {
         let value = std::env::var(var).with_context(|| {
-            format!("input.kafka.properties_env.{prop}: environment variable {var} is not set")
+            format!("{field}.properties_env.{prop}: environment variable {var} is not set")
         })?;
         properties.push((prop.clone(), value));
     }
+    Ok(properties)
+}
+
+/// The lifecycle consumer's librdkafka properties.
+pub fn lifecycle_properties(l: &LifecycleInput) -> anyhow::Result<Vec<(String, String)>> {
+    client_properties(
+        "rules.lifecycle",
+        &l.brokers,
+        &l.properties,
+        &l.properties_env,
+    )
+}
+
+/// Resolves `properties_env` and builds the Kafka settings.
+pub fn kafka_settings(k: &KafkaInput, config: &Config) -> anyhow::Result<KafkaSettings> {
+    let properties =
+        client_properties("input.kafka", &k.brokers, &k.properties, &k.properties_env)?;
     Ok(KafkaSettings {
         properties,
         topics: k.topics.clone(),
@@ -155,13 +182,39 @@ pub async fn run(
     config: Config,
     health: Arc<Health>,
     cancel: CancellationToken,
-    findings: Option<mpsc::Sender<Vec<Finding>>>,
+    findings: Option<mpsc::Sender<Input>>,
 ) -> anyhow::Result<RunSummary> {
     // The state directory holds the fingerprint secret and dead letters in every mode.
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir: cannot create {}", config.state_dir.display()))?;
     let (store, offsets) = open_store(&config)?;
-    let detection = Detection::new(&config, findings)?;
+    let mut detection = Detection::new(&config, findings)?;
+    // Lifecycle events first: traffic is judged against a registry that knows them.
+    let lifecycle_cancel = cancel.child_token();
+    let lifecycle = match &config.rules.lifecycle {
+        Some(l) => {
+            let (tx, rx) = mpsc::channel(1024);
+            let consumer = LifecycleConsumer::spawn(
+                &lifecycle_properties(l)?,
+                &l.topic,
+                tx,
+                lifecycle_cancel.clone(),
+            )
+            .context("rules.lifecycle")?;
+            detection.follow_lifecycle(&config, &l.topic, rx)?;
+            tracing::info!(topic = %l.topic, brokers = %l.brokers, "reading lifecycle events");
+            if !detection.catch_up(l.catch_up_timeout).await? {
+                tracing::warn!(
+                    topic = %l.topic,
+                    timeout = ?l.catch_up_timeout,
+                    "the lifecycle topic was not read to its end in time; starting anyway, \
+                     events are applied as they arrive"
+                );
+            }
+            Some(consumer)
+        }
+        None => None,
+    };
     let decoder = decoder(&config)?;
     let source_id = config.input.source.id();
     let saved = store
@@ -217,10 +270,14 @@ pub async fn run(
         InputSource::Kafka(k) => {
             let settings = kafka_settings(k, &config)?;
             tracing::info!(brokers = %k.brokers, topics = ?k.topics, group = %k.group_id, "consuming from Kafka");
-            Reader::Kafka(
-                KafkaSource::spawn(settings, offsets, tx, source_cancel.clone())
-                    .context("input.kafka")?,
-            )
+            let source = KafkaSource::spawn(settings, offsets, tx, source_cancel.clone())
+                .context("input.kafka")?;
+            // Members of a group share a ClickHouse store: one of them evaluates rotations.
+            // (Each embedded store holds its own instance's partitions: each judges those.)
+            if matches!(config.store, StoreConfig::ClickHouse(_)) {
+                detection.evaluate_only_when(source.leader());
+            }
+            Reader::Kafka(source)
         }
     };
 
@@ -240,6 +297,12 @@ pub async fn run(
     // The pipeline ends when the source does, or on a fatal error: stop the source either way.
     source_cancel.cancel();
     let source_result = reader.join().await;
+    if let Some(consumer) = lifecycle {
+        // The pipeline has dropped the receiving end: the consumer stops at its next send;
+        // `lifecycle_cancel` stops it while it waits for messages.
+        lifecycle_cancel.cancel();
+        let _ = tokio::task::spawn_blocking(move || consumer.join()).await;
+    }
     match result {
         Ok(summary) => {
             source_result.context("source failed")?;

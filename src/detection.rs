@@ -4,6 +4,17 @@
 //! Clock: a daemon following live logs evaluates at wall-clock time; a one-shot read of a
 //! file (`follow = false`) evaluates at the latest event time, like `keywatch backtest`, so
 //! that replaying yesterday's log says what was true then.
+//!
+//! What goes to the notifier ([`crate::notify::Input`]): stream findings as soon as their
+//! batch is committed; every evaluation's findings (new or not: the notification log
+//! deduplicates, and a finding raised again is what drives reminders and repeats) with the
+//! open rotations' state; and the registry whenever it changes (file reload or lifecycle
+//! event), for owners' contacts and time zones.
+//!
+//! Lifecycle events ([`crate::source::lifecycle`]) are applied between batches. An event that
+//! does not parse or does not apply (unknown key, bad time, ...) is logged with its reason,
+//! counted (`keywatch_lifecycle_events_total{outcome="rejected"}`) and kept aside in
+//! `lifecycle-dead-letter.jsonl` in the state directory; the registry stays as it was.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,10 +25,24 @@ use tokio::sync::mpsc;
 use crate::aggregate::Aggregate;
 use crate::anomaly_feed::AnomalyFeed;
 use crate::config::Config;
+use crate::deadletter::{DeadLetter, DeadLetterFile, DEFAULT_MAX_BYTES};
 use crate::detect::{Engine, Finding, Policy};
 use crate::event::AuthEvent;
-use crate::registry::{Registry, RegistryWatcher, Reload};
+use crate::notify::Input;
+use crate::registry::{LifecycleEvent, Registry, RegistryWatcher, Reload};
+use crate::source::lifecycle::LifecycleMessage;
 use crate::store::Store;
+
+/// File in the state directory where refused lifecycle events are kept.
+pub const LIFECYCLE_DEAD_LETTER_FILE: &str = "lifecycle-dead-letter.jsonl";
+
+/// Lifecycle messages waiting to be applied, and where refused ones go.
+struct Lifecycle {
+    rx: mpsc::Receiver<LifecycleMessage>,
+    topic: String,
+    dead_letters: DeadLetterFile,
+    caught_up: bool,
+}
 
 pub struct Detection {
     engine: Engine,
@@ -29,8 +54,12 @@ pub struct Detection {
     /// Evaluate at the latest event time instead of the wall clock.
     event_clock: bool,
     latest_ms: i64,
-    /// New findings go here (the notifier); full channel: the oldest wait, none is dropped.
-    out: Option<mpsc::Sender<Vec<Finding>>>,
+    /// Findings and registry changes go here (the notifier); a full channel makes the
+    /// pipeline wait: none is dropped.
+    out: Option<mpsc::Sender<Input>>,
+    lifecycle: Option<Lifecycle>,
+    /// See [`Detection::evaluate_only_when`].
+    gate: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The per-key anomaly models, fed committed batches (`None`: `[anomaly] enabled = false`).
     anomaly: Option<AnomalyFeed>,
     /// Every new finding of this run, for the one-shot report.
@@ -51,8 +80,11 @@ pub fn load_rules(config: &Config) -> anyhow::Result<(Option<RegistryWatcher>, P
 }
 
 impl Detection {
-    pub fn new(config: &Config, out: Option<mpsc::Sender<Vec<Finding>>>) -> anyhow::Result<Self> {
-        let (watcher, policy) = load_rules(config).context("rules")?;
+    pub fn new(config: &Config, out: Option<mpsc::Sender<Input>>) -> anyhow::Result<Self> {
+        let (mut watcher, policy) = load_rules(config).context("rules")?;
+        if watcher.is_none() && config.rules.lifecycle.is_some() {
+            watcher = Some(RegistryWatcher::without_file());
+        }
         let registry = watcher
             .as_ref()
             .map_or_else(|| Arc::new(Registry::empty()), |w| w.registry());
@@ -68,8 +100,158 @@ impl Detection {
             event_clock: !config.input.follow,
             latest_ms: i64::MIN,
             out,
+            lifecycle: None,
+            gate: None,
             raised: Vec::new(),
         })
+    }
+
+    /// Evaluates rotations and key ages only while `gate` is set: with several instances
+    /// in a consumer group, one evaluation per group (the partition-0 owner's,
+    /// [`crate::source::kafka::KafkaSource::leader`]). Stream and anomaly findings, which come
+    /// from each instance's own partitions, are not gated.
+    pub fn evaluate_only_when(&mut self, gate: Arc<std::sync::atomic::AtomicBool>) {
+        self.gate = Some(gate);
+    }
+
+    /// Takes lifecycle messages from `rx` from now on (see [`crate::source::lifecycle`]).
+    pub fn follow_lifecycle(
+        &mut self,
+        config: &Config,
+        topic: &str,
+        rx: mpsc::Receiver<LifecycleMessage>,
+    ) -> anyhow::Result<()> {
+        let path = config.state_dir.join(LIFECYCLE_DEAD_LETTER_FILE);
+        let dead_letters = DeadLetterFile::open(&path, DEFAULT_MAX_BYTES)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if self.watcher.is_none() {
+            self.watcher = Some(RegistryWatcher::without_file());
+        }
+        self.lifecycle = Some(Lifecycle {
+            rx,
+            topic: topic.to_owned(),
+            dead_letters,
+            caught_up: false,
+        });
+        Ok(())
+    }
+
+    /// At start: applies lifecycle events until the topic has been read to its end, or
+    /// `timeout`; returns whether it got there.
+    pub async fn catch_up(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changed = false;
+        loop {
+            let Some(l) = self.lifecycle.as_mut() else {
+                return Ok(true);
+            };
+            if l.caught_up {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, l.rx.recv()).await {
+                Ok(Some(msg)) => changed |= self.lifecycle_message(msg)?,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if changed {
+            self.registry_changed_async().await;
+        }
+        Ok(self.lifecycle.as_ref().is_none_or(|l| l.caught_up))
+    }
+
+    /// Applies the lifecycle messages waiting now; returns whether the registry changed.
+    fn drain_lifecycle(&mut self) -> anyhow::Result<bool> {
+        let mut changed = false;
+        while let Some(msg) = self.lifecycle.as_mut().and_then(|l| l.rx.try_recv().ok()) {
+            changed |= self.lifecycle_message(msg)?;
+        }
+        Ok(changed)
+    }
+
+    fn lifecycle_message(&mut self, msg: LifecycleMessage) -> anyhow::Result<bool> {
+        let (Some(l), Some(w)) = (self.lifecycle.as_mut(), self.watcher.as_mut()) else {
+            return Ok(false);
+        };
+        let (partition, offset, payload) = match msg {
+            LifecycleMessage::CaughtUp { events } => {
+                l.caught_up = true;
+                tracing::info!(
+                    events,
+                    keys = w.registry().keys().count(),
+                    "lifecycle events applied"
+                );
+                return Ok(false);
+            }
+            LifecycleMessage::Event {
+                partition,
+                offset,
+                payload,
+            } => (partition, offset, payload),
+        };
+        let outcome = LifecycleEvent::from_json(&payload).and_then(|ev| {
+            let key = ev.key_id().to_owned();
+            w.apply(ev).map(|r| (key, r))
+        });
+        match outcome {
+            Ok((key, registry)) => {
+                metrics::counter!("keywatch_lifecycle_events_total", "outcome" => "applied")
+                    .increment(1);
+                tracing::debug!(%key, partition, offset, "lifecycle event applied");
+                self.engine.set_registry(registry);
+                Ok(true)
+            }
+            Err(reason) => {
+                metrics::counter!("keywatch_lifecycle_events_total", "outcome" => "rejected")
+                    .increment(1);
+                tracing::warn!(topic = %l.topic, partition, offset, %reason, "refused a lifecycle event");
+                // Lifecycle events name keys by id and carry no key material; cut what
+                // is kept of a message that is not even an event.
+                let mut line = String::from_utf8_lossy(&payload).into_owned();
+                if line.len() > 4096 {
+                    let mut end = 4096;
+                    while !line.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    line.truncate(end);
+                }
+                l.dead_letters
+                    .write(&DeadLetter {
+                        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        source: "lifecycle",
+                        topic: Some(&l.topic),
+                        partition: Some(partition),
+                        offset: offset.max(0) as u64,
+                        reason,
+                        line,
+                    })
+                    .and_then(|_| l.dead_letters.flush())
+                    .context("writing the lifecycle dead letters")?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// The registry changed (reload or lifecycle event): tell the notifier.
+    fn registry_changed(&mut self) {
+        let registry = Arc::clone(self.engine.registry());
+        self.send(Input::Registry(registry));
+    }
+
+    async fn registry_changed_async(&mut self) {
+        let registry = Arc::clone(self.engine.registry());
+        if let Some(out) = &self.out {
+            if out.send(Input::Registry(registry)).await.is_err() {
+                tracing::debug!("the notifier has stopped");
+            }
+        }
+    }
+
+    fn send(&mut self, input: Input) {
+        if let Some(out) = &self.out {
+            if out.blocking_send(input).is_err() {
+                tracing::debug!("the notifier has stopped; findings stay in the store");
+            }
+        }
     }
 
     pub fn observe(&mut self, ev: &AuthEvent<'_>) {
@@ -98,7 +280,13 @@ impl Detection {
     pub fn next_due(&self) -> Duration {
         let eval = self.evaluate_every.saturating_sub(self.last_eval.elapsed());
         let reload = self.reload_every.saturating_sub(self.last_reload.elapsed());
-        eval.min(reload)
+        // Lifecycle events are applied within a second even without traffic.
+        let lifecycle = if self.lifecycle.is_some() {
+            Duration::from_secs(1)
+        } else {
+            Duration::MAX
+        };
+        eval.min(reload).min(lifecycle)
     }
 
     /// After a batch is committed: stores the stream findings (revoked key used, ...) at once.
@@ -112,14 +300,18 @@ impl Detection {
 
     /// Reloads the registry and evaluates rotations when their time has come.
     pub fn tick(&mut self, store: &mut dyn Store) -> anyhow::Result<()> {
+        let mut changed = self.drain_lifecycle()?;
         if self.last_reload.elapsed() >= self.reload_every {
             self.last_reload = Instant::now();
             if let Some(w) = &mut self.watcher {
                 if let Reload::Reloaded(r) = w.poll() {
-                    tracing::info!(path = %w.path().display(), "registry reloaded");
                     self.engine.set_registry(r);
+                    changed = true;
                 }
             }
+        }
+        if changed {
+            self.registry_changed();
         }
         if self.last_eval.elapsed() >= self.evaluate_every {
             self.evaluate(store)?;
@@ -138,21 +330,50 @@ impl Detection {
         } else {
             chrono::Utc::now().timestamp_millis()
         };
+        if self
+            .gate
+            .as_ref()
+            .is_some_and(|g| !g.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            // Another member of the group evaluates rotations.
+            return self.after_commit(store);
+        }
         let Some(ds) = store.detection() else {
             return Ok(());
         };
-        let found = self.engine.evaluate(now, &*ds);
-        let mut pending = self.engine.take_pending();
-        pending.extend(found);
-        if !pending.is_empty() {
-            self.record(store, &pending)?;
+        let (found, rotations) = self.engine.evaluate_with_rotations(now, &*ds);
+        let new = self.store_findings(store, &found)?;
+        self.raised.extend(new);
+        if !found.is_empty() || !rotations.is_empty() {
+            self.send(Input::Evaluated {
+                findings: found,
+                rotations,
+            });
         }
         Ok(())
     }
 
+    /// Stores stream findings and hands the new ones to the notifier.
     fn record(&mut self, store: &mut dyn Store, found: &[Finding]) -> anyhow::Result<()> {
+        let new = self.store_findings(store, found)?;
+        if !new.is_empty() {
+            self.send(Input::Findings(new.clone()));
+            self.raised.extend(new);
+        }
+        Ok(())
+    }
+
+    /// Stores findings; returns those never stored before (logged and counted here).
+    fn store_findings(
+        &mut self,
+        store: &mut dyn Store,
+        found: &[Finding],
+    ) -> anyhow::Result<Vec<Finding>> {
+        if found.is_empty() {
+            return Ok(Vec::new());
+        }
         let Some(ds) = store.detection() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let new = ds.record_findings(found).context("storing findings")?;
         for f in &new {
@@ -166,14 +387,6 @@ impl Detection {
                 f.summary
             );
         }
-        if !new.is_empty() {
-            if let Some(out) = &self.out {
-                if out.blocking_send(new.clone()).is_err() {
-                    tracing::debug!("the notifier has stopped; findings stay in the store");
-                }
-            }
-            self.raised.extend(new);
-        }
-        Ok(())
+        Ok(new)
     }
 }

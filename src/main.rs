@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use keywatch::config::StoreConfig;
 use keywatch::config::{self, Config, LogFormat};
-use keywatch::detect::Finding;
 use keywatch::server::{self, Health};
+use keywatch::store::clickhouse::ClickHouseStore;
 use keywatch::store::{SqliteStore, UsageReport};
 use keywatch::{app, report, report_rotation, sample};
 
@@ -309,7 +309,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}", serde_json::to_string(&f.finding)?);
                 }
             } else if rows.is_empty() {
-                println!("no findings stored in {}", config.state_dir.display());
+                println!("no findings stored in {}", store.describe(&config));
             } else {
                 println!("{}", report_rotation::stored_findings_table(&rows));
             }
@@ -545,7 +545,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         registry(&config)?,
         SqliteStore::open(&config.state_dir)?,
     )?;
-    let (findings_tx, findings_rx) = tokio::sync::mpsc::channel::<Vec<Finding>>(64);
+    let (findings_tx, findings_rx) = tokio::sync::mpsc::channel::<keywatch::notify::Input>(64);
     let notify_cancel = CancellationToken::new();
     let notify_task = tokio::spawn(notifier.run(findings_rx, notify_cancel.clone()));
 
@@ -637,15 +637,68 @@ fn check_rules(c: Config) -> Result<Config, config::ConfigError> {
     Ok(c)
 }
 
-/// The embedded store, for the commands that need the rotation view and findings table
-/// (the ClickHouse store does not have them yet).
-fn detection_store(config: &Config) -> anyhow::Result<SqliteStore> {
+/// What `rotations` and `findings` read: the rotation view and the stored findings of the
+/// configured store.
+enum DetectionReader {
+    Sqlite(SqliteStore),
+    ClickHouse(ClickHouseStore),
+}
+
+impl DetectionReader {
+    fn findings(
+        &self,
+        since_ms: Option<i64>,
+        kind: Option<keywatch::detect::FindingKind>,
+    ) -> Result<Vec<keywatch::store::views::StoredFinding>, keywatch::store::StoreError> {
+        match self {
+            DetectionReader::Sqlite(s) => s.findings(since_ms, kind),
+            DetectionReader::ClickHouse(c) => c.findings(since_ms, kind),
+        }
+    }
+
+    fn latest_event_ms(&self) -> Result<Option<i64>, keywatch::store::StoreError> {
+        match self {
+            DetectionReader::Sqlite(s) => s.latest_event_ms(),
+            DetectionReader::ClickHouse(c) => c.latest_event_ms(),
+        }
+    }
+
+    fn rotation_source(&self) -> &dyn keywatch::detect::RotationSource {
+        match self {
+            DetectionReader::Sqlite(s) => s,
+            DetectionReader::ClickHouse(c) => c,
+        }
+    }
+
+    /// Where the findings are, for "no findings stored in ...".
+    fn describe(&self, config: &Config) -> String {
+        match (self, &config.store) {
+            (DetectionReader::ClickHouse(_), StoreConfig::ClickHouse(c)) => {
+                format!("ClickHouse database {}", c.database)
+            }
+            _ => config.state_dir.display().to_string(),
+        }
+    }
+}
+
+/// The configured store, for the commands that need the rotation view and findings.
+fn detection_store(config: &Config) -> anyhow::Result<DetectionReader> {
     match &config.store {
-        StoreConfig::Sqlite => Ok(SqliteStore::open(&config.state_dir)?),
-        StoreConfig::ClickHouse(_) => anyhow::bail!(
-            "rotations and findings are kept in the embedded store only for now; \
-             store.kind = \"clickhouse\" does not evaluate them yet"
-        ),
+        StoreConfig::Sqlite => Ok(DetectionReader::Sqlite(SqliteStore::open(
+            &config.state_dir,
+        )?)),
+        StoreConfig::ClickHouse(c) => {
+            let password = c
+                .load_password()
+                .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
+            Ok(DetectionReader::ClickHouse(
+                ClickHouseStore::open_read_only(
+                    c,
+                    password,
+                    tokio::runtime::Handle::try_current().ok(),
+                )?,
+            ))
+        }
     }
 }
 
@@ -666,7 +719,7 @@ fn print_rotations(config: &Config, at: &str) -> anyhow::Result<()> {
         return Ok(());
     };
     let engine = keywatch::detect::Engine::new(watcher.registry(), policy);
-    let rows = engine.rotations(now, &store);
+    let rows = engine.rotations(now, store.rotation_source());
     if rows.is_empty() {
         println!("no rotations in progress");
     } else {
@@ -688,13 +741,11 @@ fn print_usage(
             let password = c
                 .load_password()
                 .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
-            Box::new(
-                keywatch::store::clickhouse::ClickHouseStore::open_read_only(
-                    c,
-                    password,
-                    tokio::runtime::Handle::try_current().ok(),
-                )?,
-            )
+            Box::new(ClickHouseStore::open_read_only(
+                c,
+                password,
+                tokio::runtime::Handle::try_current().ok(),
+            )?)
         }
     };
     if let Some(key) = key {

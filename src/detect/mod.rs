@@ -359,13 +359,25 @@ impl Engine {
     /// findings, and keys past the maximum age; ordered by `at`. A rotation whose data cannot
     /// be read is skipped (and logged); the others still count.
     pub fn evaluate<S: RotationSource + ?Sized>(&mut self, now_ms: i64, src: &S) -> Vec<Finding> {
+        self.evaluate_with_rotations(now_ms, src).0
+    }
+
+    /// [`Engine::evaluate`], with the state of every open rotation it looked at (what the
+    /// notifier puts in reminders).
+    pub fn evaluate_with_rotations<S: RotationSource + ?Sized>(
+        &mut self,
+        now_ms: i64,
+        src: &S,
+    ) -> (Vec<Finding>, Vec<RotationStatus>) {
         let mut out = self.take_pending();
-        for (_, findings) in self.rotation_results(now_ms, src) {
+        let mut rotations = Vec::new();
+        for (status, findings) in self.rotation_results(now_ms, src) {
             out.extend(findings);
+            rotations.push(status);
         }
         out.extend(self.key_age(now_ms));
         out.sort_by(|a, b| (a.at_ms, a.kind, &a.dedup_key).cmp(&(b.at_ms, b.kind, &b.dedup_key)));
-        out
+        (out, rotations)
     }
 
     /// The state of every open rotation at `now_ms`, for `keywatch rotations`.

@@ -15,7 +15,7 @@
 //! was filling; so the next owner of a partition never races a write from this instance.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,9 @@ struct Context {
     /// message already stored (librdkafka may still deliver prefetched ones).
     expected: std::sync::Mutex<HashMap<TopicPartition, i64>>,
     cancel: CancellationToken,
+    /// The partition that makes its owner the group's evaluator (see [`KafkaSource::leader`]).
+    leader_partition: TopicPartition,
+    leader: Arc<AtomicBool>,
 }
 
 impl ClientContext for Context {
@@ -130,9 +133,13 @@ impl ConsumerContext for Context {
                     expected.insert(tp.clone(), *offset);
                 }
                 drop(expected);
+                if partitions.contains(&self.leader_partition) {
+                    self.leader.store(true, Ordering::SeqCst);
+                }
                 tracing::info!(
                     partitions = ?partitions,
                     resumed = recovered.len(),
+                    leader = self.leader.load(Ordering::SeqCst),
                     "partitions assigned"
                 );
                 if let Err(e) = consumer.assign(tpl) {
@@ -151,6 +158,9 @@ impl ConsumerContext for Context {
                     expected.remove(tp);
                 }
                 drop(expected);
+                if partitions.contains(&self.leader_partition) {
+                    self.leader.store(false, Ordering::SeqCst);
+                }
                 tracing::info!(partitions = ?partitions, "partitions revoked");
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(error = %e, "unassigning partitions failed");
@@ -158,6 +168,7 @@ impl ConsumerContext for Context {
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error");
+                self.leader.store(false, Ordering::SeqCst);
                 let _ = consumer.unassign();
             }
         }
@@ -189,6 +200,7 @@ impl Context {
 /// A running Kafka source.
 pub struct KafkaSource {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    leader: Arc<AtomicBool>,
 }
 
 impl KafkaSource {
@@ -200,7 +212,10 @@ impl KafkaSource {
         cancel: CancellationToken,
     ) -> anyhow::Result<KafkaSource> {
         let in_flight = Arc::new(InFlight::default());
+        let leader = Arc::new(AtomicBool::new(false));
         let context = Context {
+            leader_partition: (settings.topics.first().cloned().unwrap_or_default(), 0),
+            leader: leader.clone(),
             source: settings.source_id(),
             offsets,
             in_flight: in_flight.clone(),
@@ -226,7 +241,15 @@ impl KafkaSource {
             .map_err(|e| anyhow::anyhow!("subscribing to {topics:?}: {e}"))?;
         let consumer = Arc::new(consumer);
         let task = tokio::spawn(consume(consumer, settings, in_flight, tx, cancel));
-        Ok(KafkaSource { task })
+        Ok(KafkaSource { task, leader })
+    }
+
+    /// True while this instance owns partition 0 of the first topic. Exactly one member of
+    /// the group does at a time (partitions are revoked before they are given to another),
+    /// so the work that must be done once per group, not once per instance (evaluating
+    /// rotations over the shared store, and the reminders that follow), is done by it.
+    pub fn leader(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.leader)
     }
 
     pub async fn join(self) -> anyhow::Result<()> {
