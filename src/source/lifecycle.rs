@@ -96,7 +96,7 @@ fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, String> 
         return Err("the broker does not list the topic".into());
     };
     if let Some(e) = t.error() {
-        return Err(format!("{:?}", rdkafka::types::RDKafkaRespErr::from(e)));
+        return Err(format!("{e:?}"));
     }
     let mut ps: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
     ps.sort_unstable();
