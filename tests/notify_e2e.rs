@@ -126,8 +126,6 @@ fn append(log: &Path, line: &str) {
     f.flush().unwrap();
 }
 
-// Ignored until the daemon wiring lands: `keywatch run` must read `[rules] routes` and run
-// the notifier (notify::Notifier::run) on the findings the detectors raise.
 #[test]
 fn a_revoked_key_used_reaches_the_webhook_once_within_seconds() {
     let hook = StandIn::start("unused:token", &[], &[]);
@@ -170,6 +168,113 @@ fn a_revoked_key_used_reaches_the_webhook_once_within_seconds() {
     // use is not told twice.
     let child = spawn(&config);
     std::thread::sleep(Duration::from_secs(3));
+    let stderr = stop(child);
+    assert_eq!(hook.accepted().len(), 1, "{stderr}");
+}
+
+/// The reminder path through the real daemon: the detectors evaluate the rotation every
+/// second and hand every evaluation to the notifier; the owner gets one grouped message
+/// (the reminder step and both hosts still on the old key), not one per evaluation, and
+/// not again after a restart.
+#[test]
+fn a_rotation_reminder_lists_the_lingering_hosts_once_across_evaluations_and_restarts() {
+    const OLD: &str = "rotating-old-key-0001";
+    const NEW: &str = "rotating-new-key-0002";
+    let hook = StandIn::start("unused:token", &[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let now = chrono::Utc::now().timestamp_millis();
+    let hour = 3_600_000;
+    let fmt = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339()
+    };
+    // Started 30 h ago, due in 2 days: the "3d" step (a day ago) is the one due now.
+    let mut lines = Vec::new();
+    for i in 0..6 {
+        let t = now - 90 * 60_000 + i * 60_000;
+        lines.push(kong_line(OLD, "10.1.1.1", t));
+        lines.push(kong_line(OLD, "10.2.2.2", t + 1));
+        lines.push(kong_line(NEW, "10.3.3.3", t + 2));
+    }
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let config = write_config(dir.path(), &log, &hook.url());
+    std::fs::write(
+        dir.path().join("keys.toml"),
+        format!(
+            "[owners.acme-billing]\ntimezone = \"Europe/Berlin\"\n\
+             [[keys]]\nid = \"{OLD}\"\nowner = \"acme-billing\"\nstate = \"rotating\"\n\
+             successor = \"{NEW}\"\nrotation_started = {:?}\ndeadline = {:?}\n\
+             [[keys]]\nid = \"{NEW}\"\nowner = \"acme-billing\"\n",
+            fmt(now - 30 * hour),
+            fmt(now + 48 * hour),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("routes.toml"),
+        format!(
+            r#"
+[channels.hook]
+type = "webhook"
+url = "{}/keywatch"
+[receivers.owner]
+owner = true
+channels = ["hook"]
+[[routes]]
+kinds = ["rotation_reminder", "lingering_old_key"]
+receivers = ["owner"]
+group_by = ["key"]
+group_wait = "1s"
+"#,
+            hook.url()
+        ),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[rules]\n", "[rules]\nevaluate_every = \"1s\"\n");
+    std::fs::write(&config, text).unwrap();
+
+    let child = spawn(&config);
+    let got = hook.wait_accepted(1, Duration::from_secs(20));
+    // Several more evaluations: nothing new to tell.
+    std::thread::sleep(Duration::from_secs(4));
+    let stderr = stop(child);
+    let all = hook.accepted();
+    assert_eq!(all.len(), 1, "{all:?}\n{stderr}");
+    let findings = got[0].body["findings"].as_array().unwrap();
+    let kinds: std::collections::BTreeSet<&str> = findings
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["lingering_old_key", "rotation_reminder"].into(),
+        "{findings:?}"
+    );
+    let lingering: std::collections::BTreeSet<&str> = findings
+        .iter()
+        .filter(|f| f["kind"] == "lingering_old_key")
+        .map(|f| f["evidence"]["ip"].as_str().unwrap())
+        .collect();
+    assert_eq!(lingering, ["10.1.1.1", "10.2.2.2"].into());
+    assert!(findings
+        .iter()
+        .all(|f| f["key_id"] == OLD && f["owner"] == "acme-billing"));
+    let reminder = findings
+        .iter()
+        .find(|f| f["kind"] == "rotation_reminder")
+        .unwrap();
+    assert!(
+        reminder["dedup_key"].as_str().unwrap().ends_with(":3d"),
+        "{reminder}"
+    );
+
+    // A restart evaluates the same rotation again: the log knows it was told.
+    let child = spawn(&config);
+    std::thread::sleep(Duration::from_secs(4));
     let stderr = stop(child);
     assert_eq!(hook.accepted().len(), 1, "{stderr}");
 }
