@@ -390,3 +390,43 @@ impl Detection {
         Ok(new)
     }
 }
+
+/// The registry as the daemon sees it: the registry file, plus the lifecycle topic read to
+/// its end (waiting at most `rules.lifecycle.catch_up_timeout`), for the commands that show
+/// rotations or address owners outside the daemon. Events that do not apply are skipped
+/// here (the daemon keeps them aside); `None` without a registry file or lifecycle topic.
+pub async fn registry_now(config: &Config) -> anyhow::Result<Option<Arc<Registry>>> {
+    let (watcher, _) = load_rules(config).context("rules")?;
+    let Some(l) = &config.rules.lifecycle else {
+        return Ok(watcher.map(|w| w.registry()));
+    };
+    let mut watcher = watcher.unwrap_or_else(RegistryWatcher::without_file);
+    let (tx, mut rx) = mpsc::channel(1024);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let consumer = crate::source::lifecycle::LifecycleConsumer::spawn(
+        &crate::app::lifecycle_properties(l)?,
+        &l.topic,
+        tx,
+        cancel.clone(),
+    )
+    .context("rules.lifecycle")?;
+    let deadline = tokio::time::Instant::now() + l.catch_up_timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(LifecycleMessage::Event { payload, .. })) => {
+                if let Ok(ev) = LifecycleEvent::from_json(&payload) {
+                    let _ = watcher.apply(ev);
+                }
+            }
+            Ok(Some(LifecycleMessage::CaughtUp { .. })) => break,
+            Ok(None) | Err(_) => {
+                tracing::warn!(topic = %l.topic, "the lifecycle topic was not read to its end in time; showing what was read");
+                break;
+            }
+        }
+    }
+    cancel.cancel();
+    drop(rx);
+    tokio::task::spawn_blocking(move || consumer.join()).await?;
+    Ok(Some(watcher.registry()))
+}

@@ -360,10 +360,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = load(config.as_ref())?;
             let routes = notify_config(&config)?;
-            let registry = registry(&config)?;
-            let sent = tokio::runtime::Runtime::new()?.block_on(keywatch::notify::send_test(
-                &routes, &registry, &channel, &owner,
-            ))?;
+            let sent = tokio::runtime::Runtime::new()?.block_on(async {
+                let registry = registry(&config).await?;
+                anyhow::Ok(
+                    keywatch::notify::send_test(&routes, &registry, &channel, &owner).await?,
+                )
+            })?;
             println!("sent a test message: {sent}");
             Ok(ExitCode::SUCCESS)
         }
@@ -542,7 +544,11 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     // channel. Its log lives in the embedded store in every mode.
     let notifier = keywatch::notify::Notifier::new(
         notify_config(&config)?,
-        registry(&config)?,
+        // The file's registry; the detectors send the lifecycle topic's changes once read.
+        match &config.rules.keys {
+            Some(p) => Arc::new(keywatch::registry::Registry::load(p)?),
+            None => Arc::new(keywatch::registry::Registry::empty()),
+        },
         SqliteStore::open(&config.state_dir)?,
     )?;
     let (findings_tx, findings_rx) = tokio::sync::mpsc::channel::<keywatch::notify::Input>(64);
@@ -615,11 +621,12 @@ fn notify_config(config: &Config) -> anyhow::Result<keywatch::notify::Config> {
     })
 }
 
-fn registry(config: &Config) -> anyhow::Result<Arc<keywatch::registry::Registry>> {
-    Ok(match &config.rules.keys {
-        Some(p) => Arc::new(keywatch::registry::Registry::load(p)?),
-        None => Arc::new(keywatch::registry::Registry::empty()),
-    })
+/// The registry file plus the lifecycle topic, read to its end (see
+/// [`keywatch::detection::registry_now`]).
+async fn registry(config: &Config) -> anyhow::Result<Arc<keywatch::registry::Registry>> {
+    Ok(keywatch::detection::registry_now(config)
+        .await?
+        .unwrap_or_else(|| Arc::new(keywatch::registry::Registry::empty())))
 }
 
 /// `check-config` also validates the rule files the config names (still no connections).
