@@ -577,7 +577,8 @@ impl AnomalyModels {
         sources: impl IntoIterator<Item = (&'a str, &'a str, &'a str, &'a str, i64, i64)>,
     ) {
         for (key, ip, ua, ep, first, last) in sources {
-            let (hn, ha, he) = (self.hash(&network_of(ip)), self.hash(ua), self.hash(ep));
+            // The same hashes as `observe_inner`: a stored network must match a live one.
+            let (hn, ha, he) = (network_hash(&self.hasher, ip), self.hash(ua), self.hash(ep));
             let m = self
                 .keys
                 .entry(key.to_owned())
