@@ -39,6 +39,7 @@
 
 pub mod catalog;
 mod config;
+mod detection;
 mod error;
 mod history;
 mod rowbinary;
@@ -55,6 +56,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::runtime::{Handle, Runtime};
 
 pub use config::{ClickHouseConfig, Password};
+pub use detection::{redact_attempt, run_attempt_sink};
 pub use schema::{ServerFeatures, Sql, Table};
 
 use super::{BatchWrite, KeyUsage, SourceRow, Store, StoreError, StoredEvent};
@@ -67,7 +69,7 @@ use error::{classify, code_of, Phase, ALREADY_EXISTS};
 use rowbinary::{encode, RowBinary};
 
 /// The schema version this keywatch creates (the number of migrations).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// How often raw events past retention are dropped on servers without TTL.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
@@ -1113,6 +1115,10 @@ impl Store for ClickHouseStore {
 
     fn keeps_raw_events(&self) -> bool {
         true
+    }
+
+    fn detection(&mut self) -> Option<&mut dyn super::DetectionStore> {
+        Some(self)
     }
 
     fn history(&mut self) -> Option<&mut dyn super::HistoryStore> {

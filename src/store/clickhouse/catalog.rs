@@ -10,9 +10,12 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::detection::{attempt_row, finding_row, StateRow};
 use super::rowbinary::{encode, BatchId, RowBinary};
 use super::schema::{ServerFeatures, Sql, Table};
+use crate::detect::{Finding, FindingKind, Severity};
 use crate::event::{AuthEvent, Outcome};
+use crate::notify::AttemptRecord;
 use crate::store::Origin;
 
 /// One statement of the catalog.
@@ -253,6 +256,13 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         ));
     }
 
+    // The rotation view counts committed batches only, before recovery too.
+    steps.push(query(
+        "rotation_hours_before_recovery",
+        sql.rotation_hours("fp:aaaa", "ghost", 0),
+        true,
+    ));
+
     // Recovery, as ClickHouseStore::recover runs it.
     steps.push(query("running_writes", sql.running_writes(), true));
     steps.push(query(
@@ -372,6 +382,132 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
             "SELECT {} FROM {} ORDER BY part, msg_offset, idx",
             cols.join(", "),
             sql.table(Table::Events)
+        ),
+        true,
+    ));
+
+    // Rotations and findings (schema version 2).
+    steps.push(query(
+        "rotation_hours",
+        sql.rotation_hours("fp:aaaa", "cred-123", ((T0 + 3_600_000) / 1000) as u32),
+        true,
+    ));
+    steps.push(query(
+        "rotation_hours_all",
+        sql.rotation_hours("fp:aaaa", "cred-123", 0),
+        true,
+    ));
+    steps.push(query(
+        "rotation_sources",
+        sql.rotation_sources("fp:aaaa", "cred-123"),
+        true,
+    ));
+    steps.push(query(
+        "finding_states_empty",
+        sql.finding_states(&["lingering:fp:aaaa"]),
+        true,
+    ));
+    let mut findings = RowBinary::default();
+    for (key, kind, first, last, raised, summary) in [
+        (
+            "lingering:fp:aaaa:10.0.0.1",
+            FindingKind::LingeringOldKey,
+            5_123,
+            5_123,
+            1,
+            "one",
+        ),
+        (
+            "lingering:fp:aaaa:10.0.0.1",
+            FindingKind::LingeringOldKey,
+            5_123,
+            61_000,
+            2,
+            "two",
+        ),
+        (
+            "revoked:cred-123",
+            FindingKind::RevokedKeyUsed,
+            30_000,
+            30_000,
+            1,
+            "o'brien\t",
+        ),
+    ] {
+        let f = Finding {
+            kind,
+            key_id: "fp:aaaa".into(),
+            owner: (raised == 2).then(|| "acme".into()),
+            at_ms: T0 + last,
+            severity: Severity::Warning,
+            summary: summary.into(),
+            evidence: serde_json::json!({"raised": raised, "ua": "é中\n"}),
+            dedup_key: key.into(),
+        };
+        let state = StateRow {
+            dedup_key: key.into(),
+            first_at_ms: T0 + first,
+            last_at_ms: T0 + last,
+            raised,
+            claimed_by: "catalog".into(),
+        };
+        finding_row(&mut findings, &state, &f).expect("sample evidence");
+    }
+    steps.push(insert_step(
+        sql,
+        features,
+        "insert_finding_state",
+        Table::FindingState,
+        &findings,
+    ));
+    steps.push(query(
+        "finding_states",
+        sql.finding_states(&["lingering:fp:aaaa:10.0.0.1", "revoked:cred-123", "none'"]),
+        true,
+    ));
+    steps.push(query(
+        "stored_findings_all",
+        sql.stored_findings(None, None),
+        true,
+    ));
+    steps.push(query(
+        "stored_findings_since_kind",
+        sql.stored_findings(Some(T0 + 30_000), Some("lingering_old_key")),
+        true,
+    ));
+    let mut attempts = RowBinary::default();
+    attempt_row(
+        &mut attempts,
+        &AttemptRecord {
+            message_id: "m-1".into(),
+            recipient: "acme".into(),
+            receiver: "owner".into(),
+            channel: "tg".into(),
+            channel_type: "telegram".into(),
+            target: "telegram:-1001234567890".into(),
+            kinds: "lingering_old_key,rotation_reminder".into(),
+            severity: "warning".into(),
+            created_ms: T0,
+            attempt: 2,
+            started_ms: T0 + 1_000,
+            finished_ms: T0 + 1_250,
+            outcome: "transient",
+            detail: Some("429 retry after 3s".into()),
+        },
+    );
+    steps.push(insert_step(
+        sql,
+        features,
+        "insert_notify_attempts",
+        Table::NotifyAttempts,
+        &attempts,
+    ));
+    steps.push(query(
+        "notify_attempts",
+        format!(
+            "SELECT message_id, target, attempt, started_ms, outcome, detail, toUInt32(at) FROM {} \
+             ORDER BY message_id, attempt",
+            sql.table(Table::NotifyAttempts)
         ),
         true,
     ));

@@ -22,6 +22,10 @@ pub enum Table {
     Findings,
     Notifications,
     SchemaMigrations,
+    /// Version 2: one row per finding (dedup key) and raise, the latest state winning.
+    FindingState,
+    /// Version 2: one row per notification attempt.
+    NotifyAttempts,
 }
 
 impl Table {
@@ -35,6 +39,8 @@ impl Table {
             Table::Findings => "findings",
             Table::Notifications => "notifications",
             Table::SchemaMigrations => "schema_migrations",
+            Table::FindingState => "finding_state",
+            Table::NotifyAttempts => "notify_attempts",
         }
     }
 
@@ -73,6 +79,8 @@ impl Table {
             Table::Findings => FINDING_COLUMNS,
             Table::Notifications => NOTIFICATION_COLUMNS,
             Table::SchemaMigrations => MIGRATION_COLUMNS,
+            Table::FindingState => FINDING_STATE_COLUMNS,
+            Table::NotifyAttempts => NOTIFY_ATTEMPT_COLUMNS,
         };
         fixed.iter().map(|(n, t)| (n.to_string(), *t)).collect()
     }
@@ -190,6 +198,48 @@ const NOTIFICATION_COLUMNS: &[(&str, &str)] = &[
     ("attempt", "UInt32"),
     ("outcome", "String"),
     ("error", "String"),
+    ("at", "DateTime"),
+];
+
+/// Version 2's findings (`store::clickhouse::detection`): the version 1 `findings` table
+/// has second times and no first time or count, and 18.16 cannot add columns idempotently
+/// (no `ADD COLUMN IF NOT EXISTS`), so the state lives in a new table. Every raise inserts
+/// the fact's whole state; `raised` (the count) is the version that wins.
+const FINDING_STATE_COLUMNS: &[(&str, &str)] = &[
+    ("dedup_key", "String"),
+    ("kind", "String"),
+    ("key_id", "String"),
+    // Empty when the registry knows no owner.
+    ("owner", "String"),
+    ("severity", "String"),
+    ("first_at_ms", "Int64"),
+    ("last_at_ms", "Int64"),
+    ("raised", "UInt64"),
+    ("summary", "String"),
+    ("evidence", "String"),
+    // The instance that first stored the fact: two instances racing on a new fact both
+    // insert it, and only the smallest id among the rows tells it as new.
+    ("claimed_by", "String"),
+    // `last_at_ms` as a DateTime, for dashboards.
+    ("at", "DateTime"),
+];
+
+/// Version 2's notification log (`notify::AttemptRecord`), secrets removed before insert.
+const NOTIFY_ATTEMPT_COLUMNS: &[(&str, &str)] = &[
+    ("message_id", "String"),
+    ("recipient", "String"),
+    ("receiver", "String"),
+    ("channel", "String"),
+    ("channel_type", "String"),
+    ("target", "String"),
+    ("kinds", "String"),
+    ("severity", "String"),
+    ("created_ms", "Int64"),
+    ("attempt", "UInt32"),
+    ("started_ms", "Int64"),
+    ("finished_ms", "Int64"),
+    ("outcome", "String"),
+    ("detail", "String"),
     ("at", "DateTime"),
 ];
 
@@ -426,7 +476,25 @@ impl Sql {
                 t(Table::KeysSeen)
             ),
         ];
-        vec![v1]
+        // Version 2: findings with first/last time in ms and a count, and the attempts of
+        // the notifier (the version 1 `findings` and `notifications` tables were never
+        // written and stay empty).
+        let v2 = vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = ReplacingMergeTree(raised) \
+                 ORDER BY dedup_key",
+                t(Table::FindingState),
+                column_defs(Table::FindingState)
+            ),
+            // A retried insert whose first answer was lost lands twice; merges fold it.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = ReplacingMergeTree \
+                 PARTITION BY toYYYYMM(at) ORDER BY (message_id, attempt, started_ms, outcome)",
+                t(Table::NotifyAttempts),
+                column_defs(Table::NotifyAttempts)
+            ),
+        ];
+        vec![v1, v2]
     }
 
     /// The RowBinary insert of a table, with every column named.
