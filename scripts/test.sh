@@ -8,6 +8,8 @@
 #   - clickhouse-server, from Debian's packages (ClickHouse 18.16);
 #   - python3-aiosmtpd and openssl, from Debian's packages (a real SMTP server with STARTTLS
 #     and AUTH for the email tests);
+#   - docker-compose, from Debian's packages (tests/deploy.rs validates docker-compose.yml
+#     with `docker-compose config`; no Docker engine is needed);
 #   - chdb-core, from PyPI, into a venv under target/ (tests/chdb/run.sh): a current
 #     ClickHouse engine, in-process, to check that the schema and queries also run on
 #     today's ClickHouse.
@@ -37,6 +39,11 @@ if ! /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || ! command -v openssl >
     echo "installing aiosmtpd (a real SMTP server for the email tests) and openssl"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-aiosmtpd openssl
+fi
+if ! command -v docker-compose >/dev/null; then
+    echo "installing docker-compose (validates docker-compose.yml without an engine)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq docker-compose
 fi
 echo "tansu: $(command -v tansu)"
 echo "clickhouse-server: $(command -v clickhouse-server)"
