@@ -272,11 +272,9 @@ pub async fn run(
             tracing::info!(brokers = %k.brokers, topics = ?k.topics, group = %k.group_id, "consuming from Kafka");
             let source = KafkaSource::spawn(settings, offsets, tx, source_cancel.clone())
                 .context("input.kafka")?;
-            // Members of a group share a ClickHouse store: one of them evaluates rotations.
-            // (Each embedded store holds its own instance's partitions: each judges those.)
-            if matches!(config.store, StoreConfig::ClickHouse(_)) {
-                detection.evaluate_only_when(source.leader());
-            }
+            // Members of a group share the store (ClickHouse, or one SQLite state directory
+            // on one host): one of them evaluates rotations.
+            detection.evaluate_only_when(source.leader());
             Reader::Kafka(source)
         }
     };

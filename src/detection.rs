@@ -330,14 +330,16 @@ impl Detection {
         } else {
             chrono::Utc::now().timestamp_millis()
         };
-        if self
+        let evaluator = self
             .gate
             .as_ref()
-            .is_some_and(|g| !g.load(std::sync::atomic::Ordering::SeqCst))
-        {
+            .is_none_or(|g| g.load(std::sync::atomic::Ordering::SeqCst));
+        metrics::gauge!("keywatch_rotation_evaluator").set(if evaluator { 1.0 } else { 0.0 });
+        if !evaluator {
             // Another member of the group evaluates rotations.
             return self.after_commit(store);
         }
+        metrics::counter!("keywatch_evaluations_total").increment(1);
         let Some(ds) = store.detection() else {
             return Ok(());
         };

@@ -447,3 +447,103 @@ fn check_config_connect_says_what_works_and_what_fails() {
         "{stdout}"
     );
 }
+
+/// One value of an instance's /metrics.
+fn metric(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    resp.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Members of a group share the store: exactly one of them (the owner of partition 0)
+/// evaluates rotations, so reminders are not sent once per instance; when it leaves, the
+/// member that gets partition 0 takes over.
+#[test]
+fn one_member_of_a_group_evaluates_rotations_and_another_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 4);
+    let log = sample(dir.path(), "nginx", 2000, 7);
+    produce(&broker.brokers(), &topic, &log);
+    let state = dir.path().join("state");
+    let group = unique("g");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let config_on = |name: &str, port: u16| {
+        let cfg = kafka_config(dir.path(), &state, &broker.brokers(), &topic, &group, "");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(
+                "[server]\nenabled = false\n",
+                &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+            )
+            .replace(
+                "[fingerprint]",
+                "[rules]\nevaluate_every = \"200ms\"\n[fingerprint]",
+            );
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (pa, pb) = (free(), free());
+    let evaluator = |port| metric(port, "keywatch_rotation_evaluator");
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !f() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "timed out: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    let a = Running(spawn_quiet(&mut run_config(&config_on("a", pa))));
+    wait("a alone evaluates", &|| evaluator(pa) == Some(1.0));
+    let b = Running(spawn_quiet(&mut run_config(&config_on("b", pb))));
+    // Never two evaluators (none for a moment during a rebalance); one once it settles.
+    wait("b is up", &|| evaluator(pb).is_some());
+    let start = Instant::now();
+    let mut settled = 0;
+    while settled < 10 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no evaluator");
+        let (x, y) = (evaluator(pa).unwrap(), evaluator(pb).unwrap());
+        assert!(x + y <= 1.0, "two evaluators: a={x} b={y}");
+        settled = if x + y == 1.0 { settled + 1 } else { 0 };
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The evaluator leaves: the other takes over.
+    let (mut leader, other_port, mut other) = if evaluator(pa) == Some(1.0) {
+        (a, pb, b)
+    } else {
+        (b, pa, a)
+    };
+    sigterm(&mut leader.0);
+    wait("the other takes over", &|| {
+        evaluator(other_port) == Some(1.0)
+    });
+    sigterm(&mut other.0);
+}
+
+/// A daemon killed if the test fails before stopping it (no orphan keeps running).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
