@@ -303,6 +303,18 @@ fn findings_are_new_once_across_a_restart_like_the_embedded_store() {
     assert_eq!(s.finding.owner, None);
     assert_eq!(s.count, 2);
 
+    // The version 1 table the dashboards read: one row per fact once merged, the latest.
+    let v1 = store
+        .query_tsv(&format!(
+            "SELECT dedup_key, toUInt32(at), owner FROM {} FINAL ORDER BY dedup_key",
+            store.sql().table(Table::Findings)
+        ))
+        .unwrap();
+    assert_eq!(
+        v1,
+        "l:1\t5\tacme\nr:1\t1\tacme\nrem:7d\t3\tacme\ns:1\t2\t\n"
+    );
+
     // A read-only store (the CLI) reads the same.
     let ro = ClickHouseStore::open_read_only(&cfg, None, None).unwrap();
     assert_eq!(ro.findings(None, None).unwrap(), all);
@@ -400,6 +412,16 @@ fn attempts_are_stored_without_secrets() {
         .query_tsv(&format!("SELECT * FROM {table} ORDER BY attempt"))
         .unwrap();
     assert_eq!(all.lines().count(), 3, "{all}");
+    // The version 1 table the dashboards read holds the same attempts, as safe.
+    let v1 = store
+        .query_tsv(&format!(
+            "SELECT * FROM {} ORDER BY attempt",
+            store.sql().table(Table::Notifications)
+        ))
+        .unwrap();
+    assert_eq!(v1.lines().count(), 3, "{v1}");
+    assert!(v1.starts_with("m-1\tlingering_old_key\ttg\ttelegram:…3210\t0\t1\ttransient\t429 from https://api.telegram.org/<redacted> chat_id=…3210\t"), "{v1}");
+    let all = format!("{all}{v1}");
     for secret in [token, chat, hook, "/services/", "AAHdqTcv"] {
         assert!(!all.contains(secret), "{secret} stored in:\n{all}");
     }

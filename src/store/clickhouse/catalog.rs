@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::detection::{attempt_row, finding_row, StateRow};
+use super::detection::{attempt_row, finding_row, finding_row_v1, notification_row_v1, StateRow};
 use super::rowbinary::{encode, BatchId, RowBinary};
 use super::schema::{ServerFeatures, Sql, Table};
 use crate::detect::{Finding, FindingKind, Severity};
@@ -408,6 +408,7 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         true,
     ));
     let mut findings = RowBinary::default();
+    let mut mirror = RowBinary::default();
     for (key, kind, first, last, raised, summary) in [
         (
             "lingering:fp:aaaa:10.0.0.1",
@@ -452,6 +453,7 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
             claimed_by: "catalog".into(),
         };
         finding_row(&mut findings, &state, &f).expect("sample evidence");
+        finding_row_v1(&mut mirror, &state, &f).expect("sample evidence");
     }
     steps.push(insert_step(
         sql,
@@ -459,6 +461,22 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         "insert_finding_state",
         Table::FindingState,
         &findings,
+    ));
+    steps.push(insert_step(
+        sql,
+        features,
+        "insert_findings_v1",
+        Table::Findings,
+        &mirror,
+    ));
+    steps.push(query(
+        "findings_v1",
+        format!(
+            "SELECT dedup_key, kind, owner, toUInt32(at), summary FROM {} FINAL \
+             ORDER BY dedup_key",
+            sql.table(Table::Findings)
+        ),
+        true,
     ));
     steps.push(query(
         "finding_states",
@@ -476,25 +494,25 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         true,
     ));
     let mut attempts = RowBinary::default();
-    attempt_row(
-        &mut attempts,
-        &AttemptRecord {
-            message_id: "m-1".into(),
-            recipient: "acme".into(),
-            receiver: "owner".into(),
-            channel: "tg".into(),
-            channel_type: "telegram".into(),
-            target: "telegram:-1001234567890".into(),
-            kinds: "lingering_old_key,rotation_reminder".into(),
-            severity: "warning".into(),
-            created_ms: T0,
-            attempt: 2,
-            started_ms: T0 + 1_000,
-            finished_ms: T0 + 1_250,
-            outcome: "transient",
-            detail: Some("429 retry after 3s".into()),
-        },
-    );
+    let mut notifications = RowBinary::default();
+    let attempt = AttemptRecord {
+        message_id: "m-1".into(),
+        recipient: "acme".into(),
+        receiver: "owner".into(),
+        channel: "tg".into(),
+        channel_type: "telegram".into(),
+        target: "telegram:-1001234567890".into(),
+        kinds: "lingering_old_key,rotation_reminder".into(),
+        severity: "warning".into(),
+        created_ms: T0,
+        attempt: 2,
+        started_ms: T0 + 1_000,
+        finished_ms: T0 + 1_250,
+        outcome: "transient",
+        detail: Some("429 retry after 3s".into()),
+    };
+    attempt_row(&mut attempts, &attempt);
+    notification_row_v1(&mut notifications, &attempt);
     steps.push(insert_step(
         sql,
         features,
@@ -508,6 +526,23 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
             "SELECT message_id, target, attempt, started_ms, outcome, detail, toUInt32(at) FROM {} \
              ORDER BY message_id, attempt",
             sql.table(Table::NotifyAttempts)
+        ),
+        true,
+    ));
+
+    steps.push(insert_step(
+        sql,
+        features,
+        "insert_notifications_v1",
+        Table::Notifications,
+        &notifications,
+    ));
+    steps.push(query(
+        "notifications_v1",
+        format!(
+            "SELECT id, finding_key, channel, recipient, step, attempt, outcome, error, \
+             toUInt32(at) FROM {} ORDER BY id, attempt",
+            sql.table(Table::Notifications)
         ),
         true,
     ));

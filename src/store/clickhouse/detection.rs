@@ -35,9 +35,13 @@
 //! `raised` may be one short after such a race (both wrote the same count). Nothing else is
 //! lost or counted twice. The read-back costs one query, only when a fact is new.
 //!
+//! Each state is also written, as its latest raise, to the version 1 `findings` table
+//! (second times, no count), which the dashboards read.
+//!
 //! # Notification attempts
 //!
-//! [`ClickHouseStore::record_attempts`] writes [`AttemptRecord`]s with secrets removed
+//! [`ClickHouseStore::record_attempts`] writes [`AttemptRecord`]s to `notify_attempts` and,
+//! in the version 1 shape the dashboards read, to `notifications`, with secrets removed
 //! ([`redact_attempt`]): Telegram chat ids are cut to their last digits, URLs lose their
 //! path and query, and anything shaped like a bot token is replaced, in the target and in
 //! the error text. [`run_attempt_sink`] is the task that batches them.
@@ -394,11 +398,14 @@ impl ClickHouseStore {
         }
 
         let mut rows = RowBinary::default();
+        let mut mirror = RowBinary::default();
         for key in &keys {
             finding_row(&mut rows, &state[*key], latest[key])?;
+            finding_row_v1(&mut mirror, &state[*key], latest[key])?;
         }
         self.insert(Table::FindingState, &rows, Phase::Query)
             .await?;
+        self.insert(Table::Findings, &mirror, Phase::Query).await?;
 
         if unknown.is_empty() {
             return Ok(Vec::new());
@@ -479,10 +486,15 @@ impl ClickHouseStore {
     /// [`Self::record_attempts`] for async callers.
     pub async fn record_attempts_async(&self, rows: &[AttemptRecord]) -> Result<(), StoreError> {
         let mut rb = RowBinary::default();
+        let mut mirror = RowBinary::default();
         for r in rows {
             attempt_row(&mut rb, r);
+            notification_row_v1(&mut mirror, r);
         }
-        self.insert(Table::NotifyAttempts, &rb, Phase::Query).await
+        self.insert(Table::NotifyAttempts, &rb, Phase::Query)
+            .await?;
+        self.insert(Table::Notifications, &mirror, Phase::Query)
+            .await
     }
 }
 
@@ -508,6 +520,44 @@ pub(crate) fn finding_row(
     rows.datetime_ms(s.last_at_ms);
     rows.rows += 1;
     Ok(())
+}
+
+/// The fact's state in the version 1 `findings` table, which dashboards read: its latest
+/// raise, `at` in seconds (ReplacingMergeTree(at) keeps the latest).
+pub(crate) fn finding_row_v1(
+    rows: &mut RowBinary,
+    s: &StateRow,
+    f: &Finding,
+) -> Result<(), StoreError> {
+    let evidence = serde_json::to_string(&f.evidence)
+        .map_err(|e| StoreError::Fatal(format!("finding evidence: {e}")))?;
+    rows.string(&s.dedup_key);
+    rows.string(f.kind.as_str());
+    rows.string(&f.key_id);
+    rows.string(f.owner.as_deref().unwrap_or(""));
+    rows.string(f.severity.as_str());
+    rows.datetime_ms(s.last_at_ms);
+    rows.string(&f.summary);
+    rows.string(&evidence);
+    rows.rows += 1;
+    Ok(())
+}
+
+/// The attempt in the version 1 `notifications` table, which dashboards read: `recipient`
+/// is where it went (the redacted target), `finding_key` the message's finding kinds (an
+/// attempt record names no dedup keys), `step` 0, `at` when the attempt ended.
+pub(crate) fn notification_row_v1(rb: &mut RowBinary, r: &AttemptRecord) {
+    let r = redact_attempt(r);
+    rb.string(&r.message_id);
+    rb.string(&r.kinds);
+    rb.string(&r.channel);
+    rb.string(&r.target);
+    rb.u32(0);
+    rb.u32(r.attempt);
+    rb.string(r.outcome);
+    rb.string(r.detail.as_deref().unwrap_or(""));
+    rb.datetime_ms(r.finished_ms);
+    rb.rows += 1;
 }
 
 /// One `notify_attempts` row, secrets removed.
