@@ -117,7 +117,7 @@ fn main() {
             for (k, key) in key_names.iter().enumerate() {
                 for i in 0..rate {
                     let ts = start + m * 60_000 + i64::from(i) * (60_000 / i64::from(rate));
-                    let outcome = if (k + i as usize + m as usize) % 97 == 0 {
+                    let outcome = if (k + i as usize + m as usize).is_multiple_of(97) {
                         Outcome::InvalidKey
                     } else {
                         Outcome::Ok

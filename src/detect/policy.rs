@@ -311,10 +311,15 @@ impl Policy {
     }
 }
 
+/// Builds a [`ConfigError`] for a field (and line, when known).
+type ErrFn<'a> = &'a dyn Fn(&str, Option<usize>, String) -> ConfigError;
+/// A duration field that must be more than 0, with its default.
+type PositiveFn<'a> = &'a dyn Fn(&str, Option<Duration>, i64) -> Result<i64, ConfigError>;
+
 fn anomaly_policy(
     a: &RawAnomaly,
-    err: &dyn Fn(&str, Option<usize>, String) -> ConfigError,
-    positive: &dyn Fn(&str, Option<Duration>, i64) -> Result<i64, ConfigError>,
+    err: ErrFn<'_>,
+    positive: PositiveFn<'_>,
 ) -> Result<AnomalyPolicy, ConfigError> {
     let d = AnomalyConfig::default();
     let min_surprise = a.min_surprise.unwrap_or(d.min_surprise);
