@@ -266,8 +266,8 @@ fn findings_are_new_once_across_a_restart_like_the_embedded_store() {
     let early = finding(FindingKind::RevokedKeyUsed, "r:1", 500, Some("acme"));
     let d = finding(FindingKind::RotationReminder, "rem:7d", 3_000, Some("acme"));
     let second = [a2.clone(), b.clone(), early.clone(), d.clone()];
-    assert_eq!(sqlite.record_findings(&second).unwrap(), [d.clone()]);
-    assert_eq!(store.record_findings(&second).unwrap(), [d.clone()]);
+    assert_eq!(sqlite.record_findings(&second).unwrap(), vec![d.clone()]);
+    assert_eq!(store.record_findings(&second).unwrap(), vec![d.clone()]);
     // Another instance raising known facts finds them known.
     assert!(store
         .record_findings_as_instance(&[a2.clone(), d.clone()], "other")
@@ -346,12 +346,12 @@ fn a_fact_stored_by_another_instance_is_known() {
     let f = finding(FindingKind::RotationAtRisk, "risk:1", 10, None);
     assert_eq!(
         store
-            .record_findings_as_instance(&[f.clone()], "b")
+            .record_findings_as_instance(std::slice::from_ref(&f), "b")
             .unwrap(),
-        [f.clone()]
+        vec![f.clone()]
     );
     assert!(store
-        .record_findings_as_instance(&[f.clone()], "a")
+        .record_findings_as_instance(std::slice::from_ref(&f), "a")
         .unwrap()
         .is_empty());
     let claimed = store
