@@ -26,9 +26,10 @@ use common::clickhouse::ClickHouse;
 use common::{keywatch, run_ok};
 use keywatch::detect::Finding;
 use keywatch::event::{AuthEvent, Decoder, Fingerprinter, Format, Outcome, NO_KEY};
+use keywatch::notify::AttemptRecord;
 use keywatch::sample::{generate_sample, SampleOptions, Truth};
 use keywatch::store::clickhouse::catalog::Step;
-use keywatch::store::clickhouse::{ServerFeatures, Sql, Table};
+use keywatch::store::clickhouse::{ClickHouseConfig, ClickHouseStore, ServerFeatures, Sql, Table};
 use serde_json::Value;
 
 const CLICKHOUSE_UID: &str = "keywatch-clickhouse";
@@ -393,10 +394,6 @@ impl Http {
         self.bytes(&format!("{sql} FORMAT TabSeparated"))
             .map(|b| String::from_utf8(b).unwrap())
     }
-
-    fn exec(&self, sql: &str) {
-        self.bytes(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
 }
 
 /// A TabSeparated answer as rows of fields.
@@ -421,10 +418,10 @@ struct Fixture {
     truth: Truth,
     /// Decoded events of the log (as the daemon decodes them).
     events: Vec<AuthEvent<'static>>,
-    /// What `keywatch backtest` raised for the log, as stored.
+    /// The findings the daemon stored, as `keywatch findings` reads them.
     findings: Vec<Finding>,
-    /// (id, channel, attempt, outcome) of the notification log written.
-    notifications: Vec<(String, String, u32, String)>,
+    /// The notification log written.
+    notifications: Vec<AttemptRecord>,
 }
 
 const ROTATION_KINDS: [&str; 6] = [
@@ -526,15 +523,12 @@ fn fixture() -> Fixture {
         .unwrap();
     assert_eq!(stored.trim(), sample.lines.len().to_string());
 
-    // The findings keywatch raises for this log (backtest: event time as the clock), stored
-    // in the findings table the way the store writes them.
+    // The findings the daemon stored, as keywatch itself reads them back
+    // (`keywatch findings`, from the finding_state table).
     let out = run_ok(
         keywatch()
-            .arg("backtest")
-            .arg("--config")
-            .arg(&config)
-            .arg("--input")
-            .arg(&log),
+            .args(["findings", "--since", "3650d", "--json", "--config"])
+            .arg(&config),
     );
     let findings: Vec<Finding> = String::from_utf8(out.stdout)
         .unwrap()
@@ -545,8 +539,20 @@ fn fixture() -> Fixture {
         findings.iter().any(|f| kind(f) == "rotation_at_risk"),
         "the sample's rotation is at risk: {findings:?}"
     );
-    insert_findings(&http, &database, &findings);
-    let notifications = insert_notifications(&http, &database, &findings);
+    // A notification log, written with the store's own API.
+    let notifications = attempts(&findings);
+    let store = ClickHouseStore::open_standalone(
+        &ClickHouseConfig {
+            url: server.url.clone(),
+            database: database.clone(),
+            retention_days: 0,
+            ..ClickHouseConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    store.record_attempts(&notifications).unwrap();
+    drop(store);
 
     Fixture {
         _dir: dir,
@@ -560,81 +566,96 @@ fn fixture() -> Fixture {
     }
 }
 
-fn insert_findings(http: &Http, database: &str, findings: &[Finding]) {
-    let mut body = format!("INSERT INTO {database}.keywatch_findings FORMAT JSONEachRow\n");
-    for f in findings {
-        let row = serde_json::json!({
-            "dedup_key": f.dedup_key,
-            "kind": kind(f),
-            "key_id": f.key_id,
-            "owner": f.owner.clone().unwrap_or_default(),
-            "severity": f.severity.as_str(),
-            "at": f.at_ms / 1000,
-            "summary": f.summary,
-            "evidence": f.evidence.to_string(),
-        });
-        body.push_str(&row.to_string());
-        body.push('\n');
-    }
-    http.exec(&body);
-}
+/// The chat id of acme-billing's Telegram chat (examples/registry.toml): never shown whole.
+const CHAT_ID: &str = "-1001234567890";
 
-/// A notification log: the owner's email delivered at once, Slack after one 429, Telegram
-/// refused for good (chat not found).
-fn insert_notifications(
-    http: &Http,
-    database: &str,
-    findings: &[Finding],
-) -> Vec<(String, String, u32, String)> {
+/// Attempts of three messages about the rotation: the owner's email delivered at once,
+/// Slack after one 429, Telegram refused for good; and the security team's email.
+fn attempts(findings: &[Finding]) -> Vec<AttemptRecord> {
     let f = findings
         .iter()
         .find(|f| kind(f) == "rotation_at_risk")
         .unwrap();
-    let at = f.at_ms / 1000;
-    let attempts = [
-        (
+    let at = f.at_ms;
+    let rec = |id: &str,
+               recipient: &str,
+               channel: &str,
+               target: String,
+               attempt: u32,
+               outcome: &'static str,
+               detail: Option<&str>,
+               delay_ms: i64| AttemptRecord {
+        message_id: id.into(),
+        recipient: recipient.into(),
+        receiver: if recipient == "security" {
+            "security".into()
+        } else {
+            "owner".into()
+        },
+        channel: channel.into(),
+        channel_type: channel.into(),
+        target,
+        kinds: "lingering_old_key,rotation_at_risk".into(),
+        severity: "warning".into(),
+        created_ms: at + 30_000,
+        attempt,
+        started_ms: at + delay_ms,
+        finished_ms: at + delay_ms + 200,
+        outcome,
+        detail: detail.map(str::to_owned),
+    };
+    vec![
+        rec(
             "m-email",
+            "acme-billing",
             "email",
-            "b***@acme.example",
+            "billing-oncall@acme.example".into(),
             1,
             "ok",
-            "",
-            at + 31,
+            None,
+            31_000,
         ),
-        (
+        rec(
             "m-slack",
+            "acme-billing",
             "slack",
-            "slack:acme",
+            "https://hooks.slack.com/services/T0/B0/SECRET".into(),
             1,
             "transient",
-            "429 retry after 2 s",
-            at + 31,
+            Some("429 retry after 2 s"),
+            31_000,
         ),
-        ("m-slack", "slack", "slack:acme", 2, "ok", "", at + 33),
-        (
+        rec(
+            "m-slack",
+            "acme-billing",
+            "slack",
+            "https://hooks.slack.com/services/T0/B0/SECRET".into(),
+            2,
+            "ok",
+            None,
+            33_000,
+        ),
+        rec(
             "m-telegram",
+            "acme-billing",
             "telegram",
-            "telegram:-100…890",
+            format!("telegram:{CHAT_ID}"),
             1,
             "permanent",
-            "chat not found",
-            at + 31,
+            Some("400 Bad Request: chat not found"),
+            31_000,
         ),
-    ];
-    let mut body = format!("INSERT INTO {database}.keywatch_notifications FORMAT JSONEachRow\n");
-    for (id, channel, recipient, attempt, outcome, error, at) in attempts {
-        let row = serde_json::json!({
-            "id": id, "finding_key": f.dedup_key, "channel": channel, "recipient": recipient,
-            "step": 0, "attempt": attempt, "outcome": outcome, "error": error, "at": at,
-        });
-        body.push_str(&row.to_string());
-        body.push('\n');
-    }
-    http.exec(&body);
-    attempts
-        .iter()
-        .map(|a| (a.0.to_owned(), a.1.to_owned(), a.3, a.4.to_owned()))
-        .collect()
+        rec(
+            "m-security",
+            "security",
+            "email",
+            "security@keywatch.local".into(),
+            1,
+            "ok",
+            None,
+            32_000,
+        ),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------
@@ -871,7 +892,23 @@ fn every_clickhouse_query_answers_on_data_keywatch_wrote() {
         .map(|k| k.identity.clone())
         .chain([NO_KEY.to_owned()])
         .collect();
-    for (owner, key) in [(ALL, old.as_str()), ("acme-billing", new.as_str())] {
+    // The key with the most anomaly findings (the daemon feeds the per-key models).
+    let mut anomalies_per_key: BTreeMap<&str, usize> = BTreeMap::new();
+    for f in &fx.findings {
+        if f.key_id != NO_KEY && ANOMALY_KINDS.contains(&kind(f).as_str()) {
+            *anomalies_per_key.entry(f.key_id.as_str()).or_default() += 1;
+        }
+    }
+    let anomalous = anomalies_per_key
+        .iter()
+        .max_by_key(|(k, n)| (**n, *k))
+        .map(|(k, _)| k.to_string())
+        .expect("the daemon raised anomaly findings");
+    for (owner, key) in [
+        (ALL, old.as_str()),
+        ("acme-billing", new.as_str()),
+        (ALL, anomalous.as_str()),
+    ] {
         let pass = format!("owner={owner},key={key}");
         let a = r.run(
             uid,
@@ -980,6 +1017,9 @@ fn every_clickhouse_query_answers_on_data_keywatch_wrote() {
             .filter(|f| !ANOMALY_KINDS.contains(&kind(f).as_str()))
             .count();
         assert_eq!(others.len(), want);
+        if key == anomalous {
+            assert!(!anomalies.is_empty());
+        }
         if key == old {
             // The broken rollover on the new key is marked on the old key's graphs.
             assert!(
@@ -1017,7 +1057,8 @@ fn every_clickhouse_query_answers_on_data_keywatch_wrote() {
             .filter(|f| in_range(f))
             .collect();
         assert!(!want.is_empty());
-        let by_kind = r.check(&a, uid, &pass, "panel Findings by kind/A");
+        let by_kind = r.check(&a, uid, &pass, "panel New findings by kind/A");
+        // Each fact once; the range covers every first raise of the facts last raised in it.
         assert_eq!(sum(by_kind, 2) as usize, want.len());
         let by_severity = r.check(&a, uid, &pass, "panel By severity/A");
         for row in by_severity {
@@ -1026,46 +1067,70 @@ fn every_clickhouse_query_answers_on_data_keywatch_wrote() {
                 .filter(|f| f.severity.as_str() == row[0])
                 .count();
             assert_eq!(num(&row[1]) as usize, n, "{row:?}");
+            assert!(
+                num(&row[3]) >= num(&row[1]),
+                "raised at least once each: {row:?}"
+            );
         }
         assert_eq!(sum(by_severity, 1) as usize, want.len());
         let table = r.check(&a, uid, &pass, "panel Findings/A");
         assert_eq!(table.len(), want.len());
         let newest = want.iter().map(|f| f.at_ms / 1000).max().unwrap();
         assert_eq!(table[0][0], datetime(newest));
+        for row in table {
+            assert!(row[1] <= row[0], "first raise after the last: {row:?}");
+            assert!(num(&row[2]) >= 1.0);
+        }
 
-        let n = &fx.notifications;
+        // Notifications, filtered by the owner they went to.
+        let n: Vec<&AttemptRecord> = fx
+            .notifications
+            .iter()
+            .filter(|a| owner == ALL || a.recipient == owner)
+            .collect();
         let attempts = r.check(&a, uid, &pass, "panel Notification attempts by outcome/A");
         assert_eq!(sum(attempts, 2) as usize, n.len());
         let by_channel = r.check(&a, uid, &pass, "panel Delivery by channel/A");
+        let email_messages = if owner == ALL { "2" } else { "1" };
         assert_eq!(
             by_channel
                 .iter()
                 .map(|row| (
                     row[0].as_str(),
-                    row[1].as_str(),
                     row[2].as_str(),
-                    row[3].as_str()
+                    row[3].as_str(),
+                    row[4].as_str()
                 ))
                 .collect::<Vec<_>>(),
             vec![
-                ("email", "1", "0", "1"),
+                ("email", email_messages, "0", email_messages),
                 ("slack", "1", "1", "1"),
                 ("telegram", "0", "1", "1")
             ]
         );
         let sent = r.check(&a, uid, &pass, "panel What was sent to whom/A");
         assert_eq!(sent.len(), n.len());
+        let recipients: BTreeSet<&str> = column(sent, 1).into_iter().collect();
+        let want_recipients: BTreeSet<&str> = n.iter().map(|a| a.recipient.as_str()).collect();
+        assert_eq!(recipients, want_recipients);
         let failed = r.check(&a, uid, &pass, "panel Delivery failures/A");
         assert_eq!(
             failed
                 .iter()
-                .map(|row| (row[1].as_str(), row[4].as_str(), row[5].as_str()))
+                .map(|row| (row[2].as_str(), row[5].as_str(), row[6].as_str()))
                 .collect::<BTreeSet<_>>(),
             BTreeSet::from([
                 ("slack", "transient", "429 retry after 2 s"),
-                ("telegram", "permanent", "chat not found")
+                ("telegram", "permanent", "400 Bad Request: chat not found")
             ])
         );
+        // The dashboards show where messages went without the secrets in it.
+        for row in sent.iter().chain(failed) {
+            let line = row.join("\t");
+            for secret in [CHAT_ID, "SECRET", "/services/"] {
+                assert!(!line.contains(secret), "{secret} shown: {line}");
+            }
+        }
     }
 
     // Every query of every ClickHouse dashboard was run and its answer checked.
@@ -1133,6 +1198,8 @@ fn write_chdb_catalog(fx: &Fixture, ran: &[Ran]) {
         Table::Offsets,
         Table::Findings,
         Table::Notifications,
+        Table::FindingState,
+        Table::NotifyAttempts,
     ] {
         let cols = t.columns();
         let names: Vec<&str> = cols.iter().map(|(n, _)| n.as_str()).collect();
