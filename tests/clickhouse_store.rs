@@ -1168,3 +1168,79 @@ fn throughput() {
     let u = store.key_usage(None).unwrap();
     println!("key_usage over {} keys: {:?}", u.len(), started.elapsed());
 }
+
+// ---------------------------------------------------------------------------------------
+// Anomaly models' warm-up
+
+/// What a warm-up reads: rollups in order, sources sorted.
+type History = (
+    Vec<(String, i64, keywatch::aggregate::Rollup)>,
+    Vec<(String, String, String, String, i64, i64)>,
+    keywatch::store::HistoryRead,
+);
+
+fn history(store: &mut dyn Store, window_ms: i64, max_rows: u64) -> History {
+    let h = store.history().expect("a history store");
+    let mut rollups = Vec::new();
+    let read = h
+        .rollup_history(window_ms, max_rows, &mut |k, m, r| {
+            rollups.push((k.to_owned(), m, r.clone()))
+        })
+        .unwrap();
+    let mut sources = Vec::new();
+    h.source_history(max_rows, &mut |(k, ip, ua, ep, f, l)| {
+        sources.push((k.into(), ip.into(), ua.into(), ep.into(), f, l))
+    })
+    .unwrap();
+    sources.sort();
+    (rollups, sources, read)
+}
+
+#[test]
+fn warm_up_history_reads_like_the_embedded_store() {
+    let server = shared_server();
+    let cfg = config(&server);
+    let mut store = open(&cfg);
+    let b1: Vec<_> = events(20, 0, 0, 300)
+        .into_iter()
+        .chain(events(21, 1, 1000, 200))
+        .collect();
+    let b2 = events(22, 0, 300, 250);
+    commit(
+        &mut store,
+        KAFKA_SRC,
+        &b1,
+        &kafka_position(&[(0, 300), (1, 1200)]),
+    )
+    .unwrap();
+    commit(&mut store, KAFKA_SRC, &b2, &kafka_position(&[(0, 550)])).unwrap();
+    let (_dir, mut sqlite) = reference(&[b1, b2]);
+    // Everything; the newest minutes within 40 rows; the last minute only.
+    for (window, max_rows) in [(86_400_000, 1_000_000), (86_400_000, 40), (60_000, 1_000)] {
+        let (ch_rollups, ch_sources, ch_read) = history(&mut store, window, max_rows);
+        let (sq_rollups, sq_sources, sq_read) = history(&mut sqlite, window, max_rows);
+        if max_rows >= 1_000 {
+            assert!(!sq_rollups.is_empty());
+        }
+        assert_eq!(ch_read, sq_read, "window {window}, max {max_rows}");
+        assert!(ch_read.rows <= max_rows);
+        // Latency sums are floats added in another order: compare them apart.
+        let strip = |v: &[(String, i64, keywatch::aggregate::Rollup)]| -> Vec<_> {
+            v.iter()
+                .map(|(k, m, r)| {
+                    let mut r = r.clone();
+                    let sum = r.latency_sum_ms;
+                    r.latency_sum_ms = 0.0;
+                    (k.clone(), *m, r, (sum * 1000.0).round())
+                })
+                .collect()
+        };
+        assert_eq!(strip(&ch_rollups), strip(&sq_rollups), "window {window}");
+        if max_rows >= 1_000 {
+            assert_eq!(ch_sources, sq_sources);
+        } else {
+            assert!(ch_read.since_ms > ch_read.latest_ms.unwrap() - window);
+            assert_eq!(ch_sources.len() as u64, max_rows);
+        }
+    }
+}
