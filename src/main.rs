@@ -287,7 +287,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Rotations { config, at } => {
             let config = load(config.as_ref())?;
-            print_rotations(&config, &at)?;
+            let registry = tokio::runtime::Runtime::new()?
+                .block_on(keywatch::detection::registry_now(&config))?;
+            print_rotations(&config, registry, &at)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Findings {
@@ -362,9 +364,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let routes = notify_config(&config)?;
             let sent = tokio::runtime::Runtime::new()?.block_on(async {
                 let registry = registry(&config).await?;
-                anyhow::Ok(
-                    keywatch::notify::send_test(&routes, &registry, &channel, &owner).await?,
-                )
+                anyhow::Ok(keywatch::notify::send_test(&routes, &registry, &channel, &owner).await?)
             })?;
             println!("sent a test message: {sent}");
             Ok(ExitCode::SUCCESS)
@@ -542,7 +542,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
 
     // The notifier: its own task, fed new findings by the pipeline through a bounded
     // channel. Its log lives in the embedded store in every mode.
-    let notifier = keywatch::notify::Notifier::new(
+    let mut notifier = keywatch::notify::Notifier::new(
         notify_config(&config)?,
         // The file's registry; the detectors send the lifecycle topic's changes once read.
         match &config.rules.keys {
@@ -551,6 +551,22 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         },
         SqliteStore::open(&config.state_dir)?,
     )?;
+    // In full mode every attempt is also written to ClickHouse (dashboards), in batches.
+    let attempt_sink = match &config.store {
+        StoreConfig::ClickHouse(c) => {
+            let password = c
+                .load_password()
+                .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
+            let store = ClickHouseStore::open(c, password, tokio::runtime::Handle::current())
+                .with_context(|| format!("store.clickhouse {}", c.url))?;
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            notifier = notifier.with_attempt_sink(tx);
+            Some(tokio::spawn(keywatch::store::clickhouse::run_attempt_sink(
+                store, rx,
+            )))
+        }
+        StoreConfig::Sqlite => None,
+    };
     let (findings_tx, findings_rx) = tokio::sync::mpsc::channel::<keywatch::notify::Input>(64);
     let notify_cancel = CancellationToken::new();
     let notify_task = tokio::spawn(notifier.run(findings_rx, notify_cancel.clone()));
@@ -563,6 +579,15 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         .is_err()
     {
         notify_cancel.cancel();
+    }
+    if let Some(sink) = attempt_sink {
+        // The notifier has ended and dropped its sender: the sink writes what it holds.
+        if tokio::time::timeout(Duration::from_secs(15), sink)
+            .await
+            .is_err()
+        {
+            tracing::warn!("notification attempts not yet written to ClickHouse were dropped (they are in the embedded log)");
+        }
     }
     cancel.cancel();
     if let Some(task) = server_task {
@@ -578,8 +603,8 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     if !config.input.follow {
         // A one-shot read (the quick start): show what was stored.
         print_usage(&config, None, None, 50)?;
-        if config.rules.keys.is_some() && matches!(config.store, StoreConfig::Sqlite) {
-            print_rotations(&config, "latest")?;
+        if let Some(registry) = keywatch::detection::registry_now(&config).await? {
+            print_rotations(&config, Some(registry), "latest")?;
         }
         if !summary.findings.is_empty() {
             println!("Findings raised by this run:");
@@ -709,7 +734,13 @@ fn detection_store(config: &Config) -> anyhow::Result<DetectionReader> {
     }
 }
 
-fn print_rotations(config: &Config, at: &str) -> anyhow::Result<()> {
+/// The rotations in `registry` (the file plus the lifecycle topic, see
+/// [`keywatch::detection::registry_now`]) as of `at`.
+fn print_rotations(
+    config: &Config,
+    registry: Option<Arc<keywatch::registry::Registry>>,
+    at: &str,
+) -> anyhow::Result<()> {
     let store = detection_store(config)?;
     let now = match at {
         "latest" => store
@@ -720,12 +751,14 @@ fn print_rotations(config: &Config, at: &str) -> anyhow::Result<()> {
             .with_context(|| format!("--at: expected latest, now or RFC 3339, found `{other}`"))?
             .timestamp_millis(),
     };
-    let (watcher, policy) = keywatch::detection::load_rules(config)?;
-    let Some(watcher) = watcher else {
-        println!("no key registry configured (rules.keys): no rotations to show");
+    let (_, policy) = keywatch::detection::load_rules(config)?;
+    let Some(registry) = registry else {
+        println!(
+            "no key registry configured (rules.keys or rules.lifecycle): no rotations to show"
+        );
         return Ok(());
     };
-    let engine = keywatch::detect::Engine::new(watcher.registry(), policy);
+    let engine = keywatch::detect::Engine::new(registry, policy);
     let rows = engine.rotations(now, store.rotation_source());
     if rows.is_empty() {
         println!("no rotations in progress");

@@ -549,6 +549,33 @@ fn full_mode_shows_the_same_rotations_and_findings_as_embedded_mode() {
     assert!(raised(&run_e).is_some(), "{run_e}");
     assert_eq!(raised(&run_f), raised(&run_e), "findings raised by the run");
 
+    // Every notification attempt of the full-mode run (the console, without routes) is in
+    // ClickHouse too, as in the embedded notification log.
+    let sqlite_attempts: u64 = {
+        let conn = rusqlite::Connection::open(dir.path().join("full/keywatch.db")).unwrap();
+        conn.query_row(
+            "SELECT count(*) FROM notify_attempts WHERE finished_ms IS NOT NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+    };
+    assert!(sqlite_attempts > 0, "the run notified nothing");
+    let store = open(&ClickHouseConfig {
+        database: db.clone(),
+        ..config(&ch)
+    });
+    let in_clickhouse: u64 = store
+        .query_tsv(&format!(
+            "SELECT count() FROM {}",
+            store.sql().table(Table::NotifyAttempts)
+        ))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(in_clickhouse, sqlite_attempts);
+
     let rotations = |cfg: &Path| stdout(keywatch().arg("rotations").arg("--config").arg(cfg));
     let (rot_e, rot_f) = (rotations(&embedded), rotations(&full));
     assert!(rot_e.contains("Rotations as of"), "{rot_e}");
