@@ -447,3 +447,19 @@ fn warm_up_from_history_keeps_baselines_across_a_restart() {
         sim.found
     );
 }
+
+#[test]
+fn requests_without_a_key_are_not_modelled() {
+    let mut sim = Sim::new();
+    sim.normal_days(keywatch::event::NO_KEY, 0, 2);
+    sim.models.warm_up_sources([(
+        keywatch::event::NO_KEY,
+        "10.0.0.1",
+        "ua",
+        "/x",
+        START,
+        START,
+    )]);
+    assert_eq!(sim.models.key_count(), 0);
+    assert!(sim.found.is_empty());
+}

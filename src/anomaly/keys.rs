@@ -42,7 +42,7 @@ use serde_json::{json, Value};
 use super::stats::{score_of_surprise, surprise, EwScale, Tail};
 use crate::aggregate::{Aggregate, Rollup};
 use crate::detect::Severity;
-use crate::event::Outcome;
+use crate::event::{Outcome, NO_KEY};
 use crate::registry::{format_rfc3339, Registry};
 
 const MINUTE_MS: i64 = 60_000;
@@ -577,6 +577,9 @@ impl AnomalyModels {
         sources: impl IntoIterator<Item = (&'a str, &'a str, &'a str, &'a str, i64, i64)>,
     ) {
         for (key, ip, ua, ep, first, last) in sources {
+            if key == NO_KEY {
+                continue;
+            }
             // The same hashes as `observe_inner`: a stored network must match a live one.
             let (hn, ha, he) = (network_hash(&self.hasher, ip), self.hash(ua), self.hash(ep));
             let m = self
@@ -660,6 +663,11 @@ impl AnomalyModels {
         out: &mut Vec<AnomalyFinding>,
         raise: bool,
     ) {
+        if key == NO_KEY {
+            // Requests without a key are many clients at once, not a key's behaviour; the
+            // stream detectors (unknown-key bursts) watch them.
+            return;
+        }
         if self.keys.len() >= self.cfg.max_keys && !self.keys.contains_key(key) {
             self.evict();
         }
