@@ -1031,16 +1031,20 @@ fn every_clickhouse_query_answers_on_data_keywatch_wrote() {
 
     // ---- Findings and notifications.
     let uid = "keywatch-findings";
-    for (owner, kind_var) in [
-        (ALL, ALL),
-        ("acme-billing", ALL),
-        (ALL, "lingering_old_key"),
+    for (owner, key, kind_var) in [
+        (ALL, ALL, ALL),
+        ("acme-billing", ALL, ALL),
+        (ALL, ALL, "lingering_old_key"),
+        (ALL, anomalous.as_str(), ALL),
     ] {
-        let pass = format!("owner={owner},kind={kind_var}");
+        let pass = format!("owner={owner},key={key},kind={kind_var}");
         let a = r.run(
             uid,
             &pass,
-            &vars(&fx.database, &[("owner", owner), ("kind", kind_var)]),
+            &vars(
+                &fx.database,
+                &[("owner", owner), ("key", key), ("kind", kind_var)],
+            ),
         );
         let kinds: BTreeSet<String> = fx.findings.iter().map(kind).collect();
         let got: BTreeSet<String> = column(r.check(&a, uid, &pass, "var kind"), 0)
@@ -1049,10 +1053,21 @@ fn every_clickhouse_query_answers_on_data_keywatch_wrote() {
             .collect();
         assert_eq!(got, kinds);
         r.check(&a, uid, &pass, "var owner");
+        let keys: BTreeSet<&str> = column(r.check(&a, uid, &pass, "var key"), 0)
+            .into_iter()
+            .collect();
+        let want_keys: BTreeSet<&str> = fx
+            .findings
+            .iter()
+            .filter(|f| owner == ALL || f.owner.as_deref() == Some(owner))
+            .map(|f| f.key_id.as_str())
+            .collect();
+        assert_eq!(keys, want_keys);
         let want: Vec<&Finding> = fx
             .findings
             .iter()
             .filter(|f| owner == ALL || f.owner.as_deref() == Some(owner))
+            .filter(|f| key == ALL || f.key_id == key)
             .filter(|f| kind_var == ALL || kind(f) == kind_var)
             .filter(|f| in_range(f))
             .collect();
