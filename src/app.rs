@@ -124,11 +124,7 @@ pub fn open_store(
             Ok((Box::new(store), offsets))
         }
         StoreConfig::ClickHouse(c) => {
-            let password = c
-                .load_password()
-                .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
-            let store = ClickHouseStore::open(c, password, tokio::runtime::Handle::current())
-                .with_context(|| format!("store.clickhouse {}", c.url))?;
+            let store = open_clickhouse(c)?;
             let offsets: Arc<dyn OffsetStore> = Arc::new(store.clone());
             Ok((Box::new(store), offsets))
         }
@@ -162,6 +158,17 @@ pub fn lifecycle_properties(l: &LifecycleInput) -> anyhow::Result<Vec<(String, S
         &l.properties,
         &l.properties_env,
     )
+}
+
+/// The ClickHouse store of the config, its password read and its schema migrated.
+pub fn open_clickhouse(
+    c: &crate::store::clickhouse::ClickHouseConfig,
+) -> anyhow::Result<ClickHouseStore> {
+    let password = c
+        .load_password()
+        .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
+    ClickHouseStore::open(c, password, tokio::runtime::Handle::current())
+        .with_context(|| format!("store.clickhouse {}", c.url))
 }
 
 /// Resolves `properties_env` and builds the Kafka settings.

@@ -554,11 +554,7 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     // In full mode every attempt is also written to ClickHouse (dashboards), in batches.
     let attempt_sink = match &config.store {
         StoreConfig::ClickHouse(c) => {
-            let password = c
-                .load_password()
-                .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
-            let store = ClickHouseStore::open(c, password, tokio::runtime::Handle::current())
-                .with_context(|| format!("store.clickhouse {}", c.url))?;
+            let store = app::open_clickhouse(c)?;
             let (tx, rx) = tokio::sync::mpsc::channel(1024);
             notifier = notifier.with_attempt_sink(tx);
             Some(tokio::spawn(keywatch::store::clickhouse::run_attempt_sink(

@@ -46,17 +46,7 @@ fn server() -> Arc<ClickHouse> {
 }
 
 fn database() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "kwdet_{}_{}_{nanos}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    common::clickhouse::fresh_database("kwdet")
 }
 
 fn config(ch: &ClickHouse) -> ClickHouseConfig {

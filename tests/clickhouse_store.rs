@@ -5,11 +5,12 @@
 //! it when the last test using it ends. Every test works in a database of its own.
 //! `server_down_is_transient_and_recovers` always runs a private server, since it stops it.
 
+mod common;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Barrier, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -132,16 +133,7 @@ fn shared_server() -> Arc<Server> {
 }
 
 fn fresh_database() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "kwtest_{}_{}_{nanos}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    common::clickhouse::fresh_database("kwtest")
 }
 
 fn config(server: &Server) -> ClickHouseConfig {

@@ -448,20 +448,6 @@ fn check_config_connect_says_what_works_and_what_fails() {
     );
 }
 
-/// One value of an instance's /metrics.
-fn metric(port: u16, name: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    resp.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Members of a group share the store: exactly one of them (the owner of partition 0)
 /// evaluates rotations, so reminders are not sent once per instance; when it leaves, the
 /// member that gets partition 0 takes over.

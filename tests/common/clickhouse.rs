@@ -104,3 +104,18 @@ impl Drop for ClickHouse {
         self.stop();
     }
 }
+
+/// A database name no other test (or test run) uses: `{prefix}_{pid}_{n}_{nanos}`.
+pub fn fresh_database(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
