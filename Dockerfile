@@ -4,15 +4,20 @@
 #   docker run --rm -v "$PWD/deploy:/etc/keywatch:ro" keywatch check-config /etc/keywatch/keywatch.toml
 #
 # The builder compiles the bundled librdkafka (rdkafka-sys: configure + make, zlib) and the
-# bundled SQLite; the runtime only needs glibc, zlib and CA certificates.
+# bundled SQLite; the runtime only needs glibc, zlib, OpenSSL (for kafka-tls) and CA
+# certificates.
 
 ARG RUST_VERSION=1.89
 ARG DEBIAN=bookworm
+# Cargo features: `kafka-tls` (TLS and SASL to Kafka, librdkafka with OpenSSL) by default;
+# `--build-arg FEATURES=` for a build without OpenSSL.
+ARG FEATURES=kafka-tls
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN} AS builder
+ARG FEATURES
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      build-essential cmake pkg-config python3 perl zlib1g-dev \
+      build-essential cmake pkg-config python3 perl zlib1g-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, so that a source change does not rebuild them: a stub crate with the
@@ -23,18 +28,18 @@ COPY benches ./benches
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && cargo build --locked --release --bin keywatch \
+ && cargo build --locked --release --features "$FEATURES" --bin keywatch \
  && rm -rf src
 COPY src ./src
 # Make cargo see the real sources as newer than the stub's build.
 RUN touch src/main.rs src/lib.rs \
- && cargo build --locked --release --bin keywatch \
+ && cargo build --locked --release --features "$FEATURES" --bin keywatch \
  && cp target/release/keywatch /keywatch \
  && strip /keywatch
 
 FROM debian:${DEBIAN}-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates zlib1g tzdata \
+ && apt-get install -y --no-install-recommends ca-certificates zlib1g libssl3 tzdata \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 keywatch \
  && useradd --system --uid 10001 --gid keywatch --home-dir /var/lib/keywatch \

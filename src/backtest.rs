@@ -6,11 +6,14 @@
 //! so each evaluation sees exactly the events before its clock; a last evaluation runs at the
 //! last event's time. Findings go through [`SqliteStore::record_findings`], so each fact is
 //! reported once, when it is first raised, as the notifier would have sent it. Lines that
-//! do not decode are skipped and counted (logged at the end).
+//! do not decode are skipped and counted (logged at the end). The anomaly models (when the
+//! policy enables them) are fed each committed chunk, as the daemon feeds its batches;
+//! their findings are recorded the same way, when the chunk that raises them is committed.
 //!
 //! Use a fresh store (a temporary directory): findings already in it count as known.
 
 use crate::aggregate::Aggregate;
+use crate::anomaly_feed::AnomalyFeed;
 use crate::detect::{Engine, Finding};
 use crate::event::{AuthEvent, Decoder};
 use crate::store::{BatchWrite, SqliteStore, Store};
@@ -33,6 +36,7 @@ pub fn backtest(
     }
     let mut out = Vec::new();
     let mut agg = Aggregate::default();
+    let mut anomaly = AnomalyFeed::new(&engine.policy().anomaly, engine.registry().clone());
     let mut next_tick: Option<i64> = None;
     let mut last_ts: Option<i64> = None;
     let (mut rejected, mut events_seen) = (0u64, 0u64);
@@ -45,7 +49,7 @@ pub fn backtest(
         for ev in &events {
             let tick = next_tick.get_or_insert_with(|| first_tick(ev.ts_ms, eval_every_ms));
             if ev.ts_ms >= *tick {
-                flush(&mut agg, store)?;
+                flush(&mut agg, store, anomaly.as_mut(), engine, &mut out)?;
                 let behind = (ev.ts_ms - *tick) / eval_every_ms;
                 if behind > MAX_EMPTY_TICKS {
                     *tick += behind * eval_every_ms;
@@ -61,7 +65,7 @@ pub fn backtest(
             last_ts = Some(last_ts.map_or(ev.ts_ms, |t| t.max(ev.ts_ms)));
         }
     }
-    flush(&mut agg, store)?;
+    flush(&mut agg, store, anomaly.as_mut(), engine, &mut out)?;
     if let Some(t) = last_ts {
         evaluate(engine, store, t, &mut out)?;
     }
@@ -80,7 +84,13 @@ fn first_tick(ts: i64, every: i64) -> i64 {
     (ts.div_euclid(every) + 1) * every
 }
 
-fn flush(agg: &mut Aggregate, store: &mut SqliteStore) -> Result<(), String> {
+fn flush(
+    agg: &mut Aggregate,
+    store: &mut SqliteStore,
+    anomaly: Option<&mut AnomalyFeed>,
+    engine: &Engine,
+    out: &mut Vec<Finding>,
+) -> Result<(), String> {
     if agg.is_empty() {
         return Ok(());
     }
@@ -91,6 +101,13 @@ fn flush(agg: &mut Aggregate, store: &mut SqliteStore) -> Result<(), String> {
             checkpoint: None,
         })
         .map_err(|e| e.to_string())?;
+    if let Some(feed) = anomaly {
+        let found = feed.observe(agg, engine.registry());
+        if !found.is_empty() {
+            let new = store.record_findings(&found).map_err(|e| e.to_string())?;
+            out.extend(new);
+        }
+    }
     *agg = Aggregate::default();
     Ok(())
 }

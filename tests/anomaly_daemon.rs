@@ -282,3 +282,55 @@ fn without_the_warm_up_a_restart_forgets_the_baselines() {
     let found = findings(&cfg);
     assert!(anomalies(&found).is_empty(), "{found:#?}");
 }
+
+/// `keywatch backtest` runs the same models over the same log with event time as the clock:
+/// it raises the same anomaly facts (kind, key, dedup key) as the daemon stored.
+#[test]
+fn the_backtest_raises_the_anomalies_the_daemon_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path());
+    let log = dir.path().join("gateway.log");
+    let mut rng = Rng::new(7);
+    append(&log, &mut rng, 0, 9 * 1440 + 14 * 60, |_| 1.0, None);
+    append(
+        &log,
+        &mut rng,
+        9 * 1440 + 14 * 60,
+        9 * 1440 + 16 * 60,
+        |_| 8.0,
+        Some(("203.0.113.9", "python-requests/2.31", 2)),
+    );
+    append(&log, &mut rng, 9 * 1440 + 16 * 60, 10 * 1440, |_| 1.0, None);
+    run(&cfg);
+    let facts = |found: &[Finding]| -> std::collections::BTreeSet<(String, String, String)> {
+        anomalies(found)
+            .iter()
+            .map(|f| {
+                (
+                    f.kind.as_str().to_owned(),
+                    f.key_id.clone(),
+                    f.dedup_key.clone(),
+                )
+            })
+            .collect()
+    };
+    let daemon = facts(&findings(&cfg));
+    assert!(!daemon.is_empty());
+
+    let out = run_ok(
+        keywatch()
+            .args(["backtest", "--config"])
+            .arg(&cfg)
+            .arg("--input")
+            .arg(&log)
+            .env("KW_TEST_SECRET", SECRET),
+    );
+    let backtest: Vec<Finding> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(facts(&backtest), daemon);
+    // Each fact once.
+    assert_eq!(anomalies(&backtest).len(), daemon.len());
+}
