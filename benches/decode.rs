@@ -1,5 +1,6 @@
 //! Decode + fingerprint + aggregate throughput per preset, next to a plain
-//! `serde_json::from_slice::<serde_json::Value>` of the same lines.
+//! `serde_json::from_slice::<serde_json::Value>` of the same lines, and decode + fingerprint
+//! alone (the ratio columns compare each with the `Value` parse).
 //!
 //! Run: `cargo bench --bench decode` (optionally `-- LINES` to change the corpus size).
 //! Single-threaded: both loops run on one core, one after the other, best of 5 rounds.
@@ -30,8 +31,8 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(50_000);
     println!(
-        "{:<10} {:>9} {:>8} {:>14} {:>14} {:>7}",
-        "preset", "lines", "avg B", "Value ev/s", "keywatch ev/s", "ratio"
+        "{:<10} {:>9} {:>8} {:>14} {:>14} {:>7} {:>14} {:>7}",
+        "preset", "lines", "avg B", "Value ev/s", "keywatch ev/s", "ratio", "decode ev/s", "ratio"
     );
     for preset in PRESETS {
         let opts = SampleOptions {
@@ -74,16 +75,30 @@ fn main() {
             agg.events
         });
 
+        let (t_dec, n_dec) = best_of(ROUNDS, || {
+            let mut n = 0u64;
+            let mut events = Vec::new();
+            for line in &corpus {
+                decoder.decode(line, &mut events).expect("decode");
+                n += events.len() as u64;
+                black_box(&events);
+                events.clear();
+            }
+            n
+        });
+
         let rate = |n: u64, t: Duration| n as f64 / t.as_secs_f64();
-        let (rv, rk) = (rate(n_value, t_value), rate(n_kw, t_kw));
+        let (rv, rk, rd) = (rate(n_value, t_value), rate(n_kw, t_kw), rate(n_dec, t_dec));
         println!(
-            "{:<10} {:>9} {:>8} {:>14.0} {:>14.0} {:>6.2}x",
+            "{:<10} {:>9} {:>8} {:>14.0} {:>14.0} {:>6.2}x {:>14.0} {:>6.2}x",
             preset,
             corpus.len(),
             bytes / corpus.len().max(1),
             rv,
             rk,
-            rk / rv
+            rk / rv,
+            rd,
+            rd / rv
         );
     }
 }

@@ -1123,45 +1123,6 @@ fn sql_catalog_runs_here_and_is_written_for_chdb() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Figures
-
-/// `cargo test --release --test clickhouse_store -- --ignored --nocapture throughput`
-#[test]
-#[ignore = "prints figures; run by hand"]
-fn throughput() {
-    let server = shared_server();
-    let cfg = config(&server);
-    let mut store = open(&cfg);
-    for (run, batch) in [1_000usize, 10_000, 50_000].into_iter().enumerate() {
-        let n = 200_000;
-        let evs: Vec<_> = (0..n / batch)
-            .map(|i| events(i as u64, 0, (i * batch) as i64, batch))
-            .collect();
-        let src = format!("kafka:bench/{run}");
-        let started = Instant::now();
-        for (i, b) in evs.iter().enumerate() {
-            let pos = Position::Kafka {
-                offsets: vec![PartitionOffset {
-                    topic: "t".into(),
-                    partition: 0,
-                    offset: ((i + 1) * batch) as i64,
-                }],
-            };
-            commit(&mut store, &src, b, &pos).unwrap();
-        }
-        let took = started.elapsed();
-        println!(
-            "batches of {batch:>6}: {n} events in {took:.2?} = {:.0} events/s ({:.1} ms per commit)",
-            n as f64 / took.as_secs_f64(),
-            took.as_secs_f64() * 1000.0 / (n / batch) as f64
-        );
-    }
-    let started = Instant::now();
-    let u = store.key_usage(None).unwrap();
-    println!("key_usage over {} keys: {:?}", u.len(), started.elapsed());
-}
-
-// ---------------------------------------------------------------------------------------
 // Anomaly models' warm-up
 
 /// What a warm-up reads: rollups in order, sources sorted.
