@@ -210,6 +210,10 @@ fn compose_file_is_valid_and_starts_in_order() {
         "{}:",
         kw["input"]["kafka"]["dead_letter_topic"].as_str().unwrap()
     )));
+    assert!(topics_cmd.contains(&format!(
+        "{}:",
+        kw["rules"]["lifecycle"]["topic"].as_str().unwrap()
+    )));
     if let Some(v) = yaml(&read("deploy/vector.yaml")) {
         let sink = &v["sinks"]["kafka"];
         assert_eq!(sink["type"], "kafka");
