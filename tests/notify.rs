@@ -1489,3 +1489,70 @@ fn the_stand_in_checks_telegram_html_like_the_bot_api() {
         .contains("unexpected end tag"));
     assert!(check(&"x".repeat(4097)).unwrap_err().contains("too long"));
 }
+
+/// Anomaly findings get their own section in every channel: what was seen against what was
+/// expected (the summary), how unusual it is for statistical ones, and what to do; hostile
+/// strings from the traffic (a user agent in a new-source summary) stay escaped.
+#[tokio::test]
+async fn anomaly_findings_say_how_unusual_and_what_to_do_in_every_channel() {
+    let api = StandIn::start(TOKEN, &["-1001", "@evil_chat"], &[SLACK_PATH]);
+    let env = Env::new(&api, &chat_routes(10, &api.url()));
+    let mut n = env.notifier();
+    let now = at("2026-11-21T10:00:00Z");
+    let anomaly = |kind: FindingKind, summary: String, surprise: serde_json::Value| Finding {
+        kind,
+        key_id: "key-old".into(),
+        owner: env.registry.key("key-old").map(|k| k.owner.clone()),
+        at_ms: now,
+        severity: keywatch::detect::Severity::Warning,
+        summary,
+        evidence: serde_json::json!({"model": "test", "surprise": surprise, "score": 0.93}),
+        dedup_key: format!("{}:key-old:test", kind.as_str()),
+    };
+    let found = vec![
+        anomaly(
+            FindingKind::VolumeAnomaly,
+            "key key-old sent 900 requests in the hour, about 110 expected".into(),
+            serde_json::json!(9.26),
+        ),
+        anomaly(
+            FindingKind::NewSource,
+            format!("key key-old was used from a new user agent {HOSTILE_UA}"),
+            serde_json::Value::Null,
+        ),
+    ];
+    n.handle(found, &[], now).await.unwrap();
+
+    let tg: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.api == Api::Telegram)
+        .collect();
+    assert!(!tg.is_empty());
+    assert!(tg.iter().all(|r| r.accepted), "{:?}", tg[0].answer);
+    let all: String = tg.iter().map(|r| r.text()).collect::<Vec<_>>().join("\n");
+    assert!(
+        all.contains("about 110 expected (how unusual: score 0.93, about one chance in 10^9)"),
+        "{all}"
+    );
+    assert!(all.contains("<b>What to do:</b> check the client that uses this key"));
+    assert!(all.contains("<b>What to do:</b> check that this use of the key is yours"));
+    assert!(all.contains("&lt;script&gt;") && !all.contains("<script>"));
+    // A rule finding states a fact: no probability is made up for it.
+    assert_eq!(all.matches("how unusual").count(), 1);
+
+    let slack: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.api == Api::Slack)
+        .collect();
+    assert!(slack.iter().all(|r| r.accepted));
+    let all: String = slack
+        .iter()
+        .map(|r| r.text())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(all.contains("*What to do:* check that this use of the key is yours"));
+    assert!(all.contains("how unusual: score 0.93"));
+    assert!(!all.contains('<') && !all.contains('>'), "{all}");
+}
