@@ -455,6 +455,8 @@ impl Pipeline {
 
     fn store_batch(&mut self, batch: &Batch) -> anyhow::Result<()> {
         let (agg, raw, rejected) = self.decode(batch, 0..batch.len(), true)?;
+        // What the events raised is safe with the notifier before the batch is committed.
+        self.detection.before_commit(self.store.as_mut())?;
         let source_id = self.source_id.clone();
         let checkpoint = batch.position.as_ref().map(|position| Checkpoint {
             source: &source_id,

@@ -33,6 +33,9 @@ use crate::registry::{LifecycleEvent, Registry, RegistryWatcher, Reload};
 use crate::source::lifecycle::LifecycleMessage;
 use crate::store::Store;
 
+/// How long the pipeline waits for the notifier to confirm a batch's findings.
+const NOTIFIER_ACK_WAIT: Duration = Duration::from_secs(30);
+
 /// File in the state directory where refused lifecycle events are kept.
 pub const LIFECYCLE_DEAD_LETTER_FILE: &str = "lifecycle-dead-letter.jsonl";
 
@@ -289,7 +292,50 @@ impl Detection {
         eval.min(reload).min(lifecycle)
     }
 
-    /// After a batch is committed: stores the stream findings (revoked key used, ...) at once.
+    /// Before a batch is committed: the stream findings its events raised (revoked key
+    /// used, ...) are stored, and handed to the notifier, which confirms once they are in
+    /// its log. The batch is committed only then: after a crash before the commit, the batch
+    /// is read again and raises them again (stored already: not new), and the notifier's
+    /// log knows what it has told, so a finding is neither lost nor told twice. All of
+    /// them go to the notifier, new or not, for that reason.
+    pub fn before_commit(&mut self, store: &mut dyn Store) -> anyhow::Result<()> {
+        let pending = self.engine.take_pending();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let new = self.store_findings(store, &pending)?;
+        self.raised.extend(new);
+        self.send_durably(pending);
+        Ok(())
+    }
+
+    /// Sends findings to the notifier and waits until they are in its log (at most
+    /// [`NOTIFIER_ACK_WAIT`]: a notifier that cannot answer must not stop ingestion).
+    fn send_durably(&mut self, findings: Vec<Finding>) {
+        let Some(out) = &self.out else {
+            return;
+        };
+        let (ack, confirmed) = tokio::sync::oneshot::channel();
+        if out.blocking_send(Input::Durable { findings, ack }).is_err() {
+            tracing::debug!("the notifier has stopped; findings stay in the store");
+            return;
+        }
+        let waited = tokio::runtime::Handle::current()
+            .block_on(tokio::time::timeout(NOTIFIER_ACK_WAIT, confirmed));
+        match waited {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => tracing::error!(
+                "the notifier could not log findings; they are in the findings table"
+            ),
+            Ok(Err(_)) => tracing::debug!("the notifier has stopped; findings stay in the store"),
+            Err(_) => tracing::warn!(
+                wait = ?NOTIFIER_ACK_WAIT,
+                "the notifier did not confirm findings in time; storing the batch anyway"
+            ),
+        }
+    }
+
+    /// After a batch is committed: stores what the anomaly models raised on it.
     pub fn after_commit(&mut self, store: &mut dyn Store) -> anyhow::Result<()> {
         let pending = self.engine.take_pending();
         if !pending.is_empty() {

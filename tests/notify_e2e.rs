@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -277,4 +278,103 @@ group_wait = "1s"
     std::thread::sleep(Duration::from_secs(4));
     let stderr = stop(child);
     assert_eq!(hook.accepted().len(), 1, "{stderr}");
+}
+
+/// Nothing lost, nothing told twice across kill -9: 300 uses of a revoked key, each from its
+/// own host, spread through 30,000 lines that the daemon reads in small batches while it is
+/// killed five times at random moments. Every stored finding reaches the webhook under
+/// exactly one idempotency key (a message cut short by a kill may be posted again, with
+/// the same key, which is how a receiver tells a retry from a new message).
+#[test]
+fn revoked_key_uses_are_told_once_each_across_kill_9() {
+    let hook = StandIn::start("unused:token", &[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let start = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    let mut lines = Vec::with_capacity(30_000);
+    let mut uses = std::collections::BTreeSet::new();
+    for i in 0..30_000i64 {
+        if i % 100 == 50 {
+            let ip = format!("10.9.{}.{}", i / 25_600, (i / 100) % 256);
+            lines.push(kong_line(REVOKED, &ip, start + i * 100));
+            uses.insert(ip);
+        } else {
+            lines.push(kong_line("live-key-0002", "10.0.0.1", start + i * 100));
+        }
+    }
+    assert_eq!(uses.len(), 300);
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let config = write_config(dir.path(), &log, &hook.url());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[pipeline]\n", "[pipeline]\nbatch_max_events = 200\n");
+    std::fs::write(&config, text).unwrap();
+
+    let db = dir.path().join("state/keywatch.db");
+    let stored = || {
+        keywatch::store::SqliteStore::open_read_only(&dir.path().join("state"))
+            .ok()
+            .and_then(|s| s.totals().ok())
+            .map_or(0, |(r, _)| r)
+    };
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut progress = Vec::new();
+    for _ in 0..5 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let mut child = spawn(&config);
+        let t = Instant::now();
+        while !db.exists() && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(100 + rng % 500));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        progress.push(stored());
+    }
+    let child = spawn(&config);
+    let t = Instant::now();
+    while stored() < 30_000 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "stuck at {}",
+            stored()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Let the last messages go out.
+    let t = Instant::now();
+    let told = |hook: &StandIn| {
+        let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in hook.accepted() {
+            let key = r.header("idempotency-key").unwrap().to_owned();
+            let ips: Vec<String> = r.body["findings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["evidence"]["ip"].as_str().unwrap().to_owned())
+                .collect();
+            let e = by_key.entry(key).or_insert_with(|| ips.clone());
+            assert_eq!(*e, ips, "a retry carries the same message");
+        }
+        by_key
+    };
+    while told(&hook).values().map(Vec::len).sum::<usize>() < 300
+        && t.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let stderr = stop(child);
+    eprintln!(
+        "events stored after each kill: {progress:?}; posts {} for {} messages",
+        hook.accepted().len(),
+        told(&hook).len()
+    );
+    let mut told_ips: Vec<String> = told(&hook).into_values().flatten().collect();
+    told_ips.sort();
+    let mut expected: Vec<String> = uses.into_iter().collect();
+    expected.sort();
+    assert_eq!(told_ips, expected, "each use told exactly once\n{stderr}");
 }

@@ -107,6 +107,14 @@ pub enum Input {
     },
     /// A reloaded registry (owner contacts and time zones).
     Registry(Arc<Registry>),
+    /// Findings the sender waits on: `ack` gets `true` once they are in the notification
+    /// log (queued or grouped, durable), before any delivery is tried; `false` when the log
+    /// could not take them. The pipeline commits a batch only after this, so a crash
+    /// between the two cannot lose a finding (see [`crate::detection`]).
+    Durable {
+        findings: Vec<Finding>,
+        ack: tokio::sync::oneshot::Sender<bool>,
+    },
 }
 
 impl From<Vec<Finding>> for Input {
@@ -252,14 +260,25 @@ impl Notifier {
         rotations: &[RotationStatus],
         now_ms: i64,
     ) -> Result<(), NotifyError> {
+        self.take(findings, rotations, now_ms)?;
+        self.deliver(now_ms).await
+    }
+
+    /// The first half of [`Notifier::handle`]: routes the findings and puts them in the
+    /// log (waiting in their groups, or queued as messages), without sending anything.
+    pub fn take(
+        &mut self,
+        findings: Vec<Finding>,
+        rotations: &[RotationStatus],
+        now_ms: i64,
+    ) -> Result<(), NotifyError> {
         self.read_silences(now_ms)?;
         for r in rotations {
             self.rotations.insert(r.old_key.clone(), r.clone());
         }
         let items = findings.into_iter().map(Item::from).collect();
         self.accept(items, now_ms, now_ms)?;
-        self.flush(now_ms, false)?;
-        self.deliver(now_ms).await
+        self.flush(now_ms, false)
     }
 
     /// Flushes the groups whose time has come and sends (or retries) what is due.
@@ -331,6 +350,15 @@ impl Notifier {
                     Some(Input::Registry(r)) => {
                         self.set_registry(r);
                         Ok(())
+                    }
+                    Some(Input::Durable { findings, ack }) => {
+                        let now = wall_ms();
+                        let taken = self.take(findings, &[], now);
+                        let _ = ack.send(taken.is_ok());
+                        match taken {
+                            Ok(()) => self.deliver(now).await,
+                            Err(e) => Err(e),
+                        }
                     }
                     None => {
                         if let Err(e) = self.drain(wall_ms()).await {
