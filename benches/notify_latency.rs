@@ -4,7 +4,7 @@
 //! Two measurements:
 //! - `daemon`: the real binary following a log file (`keywatch run`, with
 //!   `[rules] routes`): from appending the line to the local webhook (tests/support) having
-//!   the request. Skipped, with a note, while `keywatch run` does not notify yet.
+//!   the request.
 //! - `notifier`: the library alone: from `Notifier::handle` receiving the finding to the
 //!   webhook having the request (routing, the SQLite log, rendering, HTTP).
 //!
