@@ -363,6 +363,7 @@ fn attempt(i: u32, target: &str, detail: Option<&str>) -> AttemptRecord {
         channel_type: "telegram".into(),
         target: target.into(),
         kinds: "lingering_old_key".into(),
+        findings: vec![format!("lingering_old_key:old:new:10.0.0.{i}|curl")],
         severity: "warning".into(),
         created_ms: 1_795_168_800_000,
         attempt: i,
@@ -410,7 +411,7 @@ fn attempts_are_stored_without_secrets() {
         ))
         .unwrap();
     assert_eq!(v1.lines().count(), 3, "{v1}");
-    assert!(v1.starts_with("m-1\tlingering_old_key\ttg\ttelegram:…3210\t0\t1\ttransient\t429 from https://api.telegram.org/<redacted> chat_id=…3210\t"), "{v1}");
+    assert!(v1.starts_with("m-1\tlingering_old_key:old:new:10.0.0.1|curl\ttg\ttelegram:…3210\t0\t1\ttransient\t429 from https://api.telegram.org/<redacted> chat_id=…3210\t"), "{v1}");
     let all = format!("{all}{v1}");
     for secret in [token, chat, hook, "/services/", "AAHdqTcv"] {
         assert!(!all.contains(secret), "{secret} stored in:\n{all}");
@@ -565,6 +566,31 @@ fn full_mode_shows_the_same_rotations_and_findings_as_embedded_mode() {
         .parse()
         .unwrap();
     assert_eq!(in_clickhouse, sqlite_attempts);
+    // Each stored finding joins to what was told about it: the notifications rows name the
+    // findings by dedup key.
+    let told: std::collections::BTreeSet<String> = store
+        .query_tsv(&format!(
+            "SELECT DISTINCT finding_key FROM {}",
+            store.sql().table(Table::Notifications)
+        ))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let raised: std::collections::BTreeSet<String> = stdout(
+        keywatch()
+            .args(["findings", "--json", "--config"])
+            .arg(&full),
+    )
+    .lines()
+    .map(|l| {
+        serde_json::from_str::<serde_json::Value>(l).unwrap()["dedup_key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    })
+    .collect();
+    assert_eq!(told, raised);
 
     let rotations = |cfg: &Path| stdout(keywatch().arg("rotations").arg("--config").arg(cfg));
     let (rot_e, rot_f) = (rotations(&embedded), rotations(&full));

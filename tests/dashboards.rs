@@ -596,6 +596,7 @@ fn attempts(findings: &[Finding]) -> Vec<AttemptRecord> {
         channel_type: channel.into(),
         target,
         kinds: "lingering_old_key,rotation_at_risk".into(),
+        findings: Vec::new(),
         severity: "warning".into(),
         created_ms: at + 30_000,
         attempt,

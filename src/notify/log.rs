@@ -58,6 +58,8 @@ pub struct AttemptRecord {
     pub target: String,
     /// Finding kinds in the message, comma-separated.
     pub kinds: String,
+    /// Dedup keys of the findings the message carries (what was told).
+    pub findings: Vec<String>,
     pub severity: String,
     pub created_ms: i64,
     pub attempt: u32,

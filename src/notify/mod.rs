@@ -870,7 +870,15 @@ impl Notifier {
             ),
         }
         if let Some(sink) = &self.attempt_sink {
+            let findings = match self.store.notify_message_findings(&m.id) {
+                Ok(f) => f.into_iter().map(|f| f.dedup_key).collect(),
+                Err(e) => {
+                    tracing::warn!(message = %m.id, error = %e, "cannot read a message's findings");
+                    Vec::new()
+                }
+            };
             let record = AttemptRecord {
+                findings,
                 message_id: m.id.clone(),
                 recipient: m.recipient.clone(),
                 receiver: m.receiver.clone(),

@@ -503,6 +503,7 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         channel_type: "telegram".into(),
         target: "telegram:-1001234567890".into(),
         kinds: "lingering_old_key,rotation_reminder".into(),
+        findings: vec!["lingering_old_key:a:b:10.0.0.1|curl".into()],
         severity: "warning".into(),
         created_ms: T0,
         attempt: 2,

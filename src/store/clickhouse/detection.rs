@@ -543,21 +543,29 @@ pub(crate) fn finding_row_v1(
     Ok(())
 }
 
-/// The attempt in the version 1 `notifications` table, which dashboards read: `recipient`
-/// is where it went (the redacted target), `finding_key` the message's finding kinds (an
-/// attempt record names no dedup keys), `step` 0, `at` when the attempt ended.
+/// The attempt in the version 1 `notifications` table: one row per finding the message
+/// carries (`finding_key` its dedup key, so a finding joins to what was told about it; the
+/// message's kinds when it names none), `recipient` where it went (the redacted target),
+/// `step` 0, `at` when the attempt ended.
 pub(crate) fn notification_row_v1(rb: &mut RowBinary, r: &AttemptRecord) {
     let r = redact_attempt(r);
-    rb.string(&r.message_id);
-    rb.string(&r.kinds);
-    rb.string(&r.channel);
-    rb.string(&r.target);
-    rb.u32(0);
-    rb.u32(r.attempt);
-    rb.string(r.outcome);
-    rb.string(r.detail.as_deref().unwrap_or(""));
-    rb.datetime_ms(r.finished_ms);
-    rb.rows += 1;
+    let keys: Vec<&str> = if r.findings.is_empty() {
+        vec![r.kinds.as_str()]
+    } else {
+        r.findings.iter().map(String::as_str).collect()
+    };
+    for key in keys {
+        rb.string(&r.message_id);
+        rb.string(key);
+        rb.string(&r.channel);
+        rb.string(&r.target);
+        rb.u32(0);
+        rb.u32(r.attempt);
+        rb.string(r.outcome);
+        rb.string(r.detail.as_deref().unwrap_or(""));
+        rb.datetime_ms(r.finished_ms);
+        rb.rows += 1;
+    }
 }
 
 /// One `notify_attempts` row, secrets removed.
@@ -751,6 +759,7 @@ mod tests {
             channel_type: "telegram".into(),
             target: target.into(),
             kinds: "lingering_old_key".into(),
+            findings: Vec::new(),
             severity: "warning".into(),
             created_ms: 1,
             attempt: 1,
