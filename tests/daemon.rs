@@ -92,6 +92,12 @@ fn follows_appends_serves_metrics_and_stops_on_sigterm() {
     drop(f);
     let body = events(1000.0);
     assert_eq!(metric(&body, "keywatch_events_total"), Some(1000.0));
+    // The anomaly models saw every batch: one model per key that sent a key.
+    let modelled = metric(&body, "keywatch_anomaly_keys").unwrap();
+    assert!(
+        metric(&body, "keywatch_anomaly_batch_seconds_count").unwrap() >= 2.0,
+        "fed at least the two reads"
+    );
 
     let (status, health) = get(port, "/healthz").unwrap();
     assert!(status.contains("200"), "{status}");
@@ -111,6 +117,14 @@ fn follows_appends_serves_metrics_and_stops_on_sigterm() {
     let state = dir.path().join("state");
     assert_eq!(totals(&state), (1000, 1000));
     let store = SqliteStore::open(&state).unwrap();
+    let keys = store
+        .key_usage(None)
+        .unwrap()
+        .iter()
+        .filter(|k| k.key_id != "-")
+        .count();
+    assert!(keys > 0);
+    assert_eq!(modelled, keys as f64);
     let source = format!("file:{}", log.display());
     match store.position(&source).unwrap() {
         Some(Position::File(p)) => {
