@@ -22,7 +22,22 @@ pub async fn check(config: &Config) -> Vec<Check> {
                     t.extend(k.dead_letter_topic.clone());
                     t
                 };
-                tokio::task::spawn_blocking(move || kafka(settings, topics))
+                tokio::task::spawn_blocking(move || {
+                    kafka(settings.properties, &settings.group_id, topics)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+            }
+        };
+        out.push((what, result));
+    }
+    if let Some(l) = &config.rules.lifecycle {
+        let what = format!("lifecycle topic on {}", l.brokers);
+        let result = match crate::app::lifecycle_properties(l) {
+            Err(e) => Err(format!("{e:#}")),
+            Ok(properties) => {
+                let topics = vec![l.topic.clone()];
+                tokio::task::spawn_blocking(move || kafka(properties, "keywatch-lifecycle", topics))
                     .await
                     .unwrap_or_else(|e| Err(e.to_string()))
             }
@@ -41,12 +56,17 @@ pub async fn check(config: &Config) -> Vec<Check> {
     out
 }
 
+/// Reaches the brokers with these client `properties` and checks that `topics` exist.
 fn kafka(
-    settings: crate::source::kafka::KafkaSettings,
+    properties: Vec<(String, String)>,
+    group_id: &str,
     topics: Vec<String>,
 ) -> Result<String, String> {
-    let mut cc = settings.client_config();
-    cc.set("group.id", &settings.group_id);
+    let mut cc = rdkafka::ClientConfig::new();
+    for (k, v) in &properties {
+        cc.set(k, v);
+    }
+    cc.set("group.id", group_id);
     let consumer: BaseConsumer = cc.create().map_err(|e| format!("client: {e}"))?;
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))

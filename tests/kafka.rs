@@ -424,6 +424,32 @@ fn check_config_connect_says_what_works_and_what_fails() {
         "{stdout}"
     );
 
+    // A lifecycle topic that does not exist (yet): exit 3, said plainly.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "[fingerprint]",
+            "[rules.lifecycle]\ntopic = \"no-such-lifecycle\"\n[fingerprint]",
+        ),
+    )
+    .unwrap();
+    let out = keywatch()
+        .arg("check-config")
+        .arg(&cfg)
+        .arg("--connect")
+        .env("KW_TEST_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("lifecycle topic on")
+            && stdout.contains("FAILED: topic no-such-lifecycle does not exist"),
+        "{stdout}"
+    );
+    std::fs::write(&cfg, text).unwrap();
+
     // A missing topic and an unreachable ClickHouse: exit 3, each said plainly.
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
