@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use keywatch::config::StoreConfig;
@@ -82,12 +82,20 @@ enum Command {
     },
     /// Replay a log through the detectors (event time as the clock) and print every finding
     /// it would raise, one JSON object per line
+    #[command(group(ArgGroup::new("replay").required(true).args(["input", "from"])))]
     Backtest {
         #[arg(long, short)]
         config: PathBuf,
         /// The log to replay (in the config's input format)
         #[arg(long)]
-        input: PathBuf,
+        input: Option<PathBuf>,
+        /// Replay the events stored in ClickHouse from this time on (RFC 3339; needs
+        /// store.kind = "clickhouse" in the config)
+        #[arg(long, value_parser = parse_rfc3339_ms)]
+        from: Option<i64>,
+        /// With --from: up to this time, excluded (RFC 3339; default: every stored event)
+        #[arg(long, requires = "from", conflicts_with = "input", value_parser = parse_rfc3339_ms)]
+        to: Option<i64>,
         /// How often rotations are evaluated, in event time
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         every: Duration,
@@ -204,6 +212,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30m, 24h, 7d)"))
 }
 
+/// An RFC 3339 time as milliseconds since the epoch.
+fn parse_rfc3339_ms(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("{e} (expected RFC 3339, e.g. 2026-11-20T10:00:00Z)"))
+}
+
 fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     match path {
         Some(p) => Ok(config::load(p)?),
@@ -318,12 +333,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Backtest {
-            config,
+            config: config_path,
             input,
+            from,
+            to,
             every,
         } => {
-            let config = load(Some(&config))?;
-            let decoder = app::decoder(&config)?;
+            let config = load(Some(&config_path))?;
             let (watcher, policy) = keywatch::detection::load_rules(&config)?;
             let registry = watcher.map_or_else(
                 || Arc::new(keywatch::registry::Registry::empty()),
@@ -332,17 +348,50 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut engine = keywatch::detect::Engine::new(registry, policy);
             // A scratch store in memory: the backtest must not touch the daemon's state.
             let mut store = SqliteStore::open_file(std::path::Path::new(":memory:"))?;
-            let file = std::fs::File::open(&input)
-                .with_context(|| format!("cannot open {}", input.display()))?;
-            let lines =
-                std::io::BufRead::split(std::io::BufReader::new(file), b'\n').map_while(Result::ok);
-            let found = keywatch::backtest::backtest(
-                lines,
-                &decoder,
-                &mut engine,
-                &mut store,
-                every.as_millis() as i64,
-            )
+            let every_ms = every.as_millis() as i64;
+            let found = match (input, from) {
+                (Some(input), _) => {
+                    let decoder = app::decoder(&config)?;
+                    let file = std::fs::File::open(&input)
+                        .with_context(|| format!("cannot open {}", input.display()))?;
+                    let lines = std::io::BufRead::split(std::io::BufReader::new(file), b'\n')
+                        .map_while(Result::ok);
+                    keywatch::backtest::backtest(lines, &decoder, &mut engine, &mut store, every_ms)
+                }
+                (None, Some(from)) => {
+                    let to = to.unwrap_or(i64::MAX);
+                    if to <= from {
+                        anyhow::bail!("--to must be after --from");
+                    }
+                    let StoreConfig::ClickHouse(c) = &config.store else {
+                        anyhow::bail!(
+                            "{}: store.kind: --from/--to replay the events stored in ClickHouse, \
+                             and this config's store is SQLite (store.kind = \"sqlite\", which \
+                             keeps no raw events); set store.kind = \"clickhouse\" or replay a \
+                             log with --input",
+                            config_path.display()
+                        );
+                    };
+                    let password = c
+                        .load_password()
+                        .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
+                    let ch = ClickHouseStore::open_read_only(c, password, None)?;
+                    let mut events = ch.replay(from, to);
+                    let found = keywatch::backtest::backtest_events(
+                        &mut events,
+                        &mut engine,
+                        &mut store,
+                        every_ms,
+                    );
+                    eprintln!(
+                        "replayed {} event(s) from ClickHouse database {}",
+                        events.events_read(),
+                        c.database
+                    );
+                    found
+                }
+                (None, None) => unreachable!("clap requires --input or --from"),
+            }
             .map_err(|e| anyhow::anyhow!(e))?;
             let mut out = std::io::stdout().lock();
             for f in &found {

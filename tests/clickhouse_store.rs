@@ -1092,6 +1092,23 @@ fn sql_catalog_runs_here_and_is_written_for_chdb() {
         "{}",
         answers["key_usage_all"]
     );
+    // The replay reads the committed events in time order, the interrupted batch left out.
+    let replay: Vec<&str> = answers["replay_events_before_recovery"]
+        .lines()
+        .map(|l| l.split('\t').nth(1).unwrap())
+        .collect();
+    assert_eq!(replay, ["fp:aaaa", "fp:aaaa", "cred-123", "-", "fp:aaaa"]);
+    assert_eq!(
+        answers["replay_next_event_before_recovery"].trim(),
+        "0\t0",
+        "the interrupted batch's events are not replayed"
+    );
+    assert_eq!(
+        answers["replay_events_page"].lines().count()
+            + answers["replay_events_next_page"].lines().count(),
+        4
+    );
+    assert!(answers["replay_next_event"].starts_with("1795255200000\t1"));
     assert!(
         answers["events_as_stored"].contains("o\\'brien\\tteam"),
         "{}",

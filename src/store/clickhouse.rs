@@ -42,6 +42,7 @@ mod config;
 mod detection;
 mod error;
 mod history;
+mod replay;
 mod rowbinary;
 pub mod schema;
 
@@ -57,6 +58,7 @@ use tokio::runtime::{Handle, Runtime};
 
 pub use config::{ClickHouseConfig, Password};
 pub use detection::{redact_attempt, run_attempt_sink};
+pub use replay::{Replay, ReplayKey};
 pub use schema::{ServerFeatures, Sql, Table};
 
 use super::{BatchWrite, KeyUsage, SourceRow, Store, StoreError, StoredEvent};

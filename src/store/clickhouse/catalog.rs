@@ -263,6 +263,18 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         true,
     ));
 
+    // The backtest's replay (replay.rs) reads committed batches only, before recovery too.
+    steps.push(query(
+        "replay_events_before_recovery",
+        sql.replay_events(T0, T0 + 3_600_000, None, 1000),
+        true,
+    ));
+    steps.push(query(
+        "replay_next_event_before_recovery",
+        sql.replay_next_event(T0 + 61_001, T0 + 3_600_000),
+        true,
+    ));
+
     // Recovery, as ClickHouseStore::recover runs it.
     steps.push(query("running_writes", sql.running_writes(), true));
     steps.push(query(
@@ -383,6 +395,42 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
             cols.join(", "),
             sql.table(Table::Events)
         ),
+        true,
+    ));
+
+    // The backtest's replay: a page, the page after it (keyset on the replay order), the
+    // next event after an empty hour, and none left.
+    steps.push(query(
+        "replay_events_all",
+        sql.replay_events(i64::MIN, i64::MAX, None, 1000),
+        true,
+    ));
+    steps.push(query(
+        "replay_events_page",
+        sql.replay_events(T0, T0 + 3_600_000, None, 2),
+        true,
+    ));
+    let after = super::replay::ReplayKey {
+        ts_ms: T0 + 5_900,
+        src: SAMPLE_SOURCE.into(),
+        topic: TOPIC.into(),
+        part: 0,
+        msg_offset: 100,
+        idx: 1,
+    };
+    steps.push(query(
+        "replay_events_next_page",
+        sql.replay_events(T0, T0 + 3_600_000, Some(&after), 2),
+        true,
+    ));
+    steps.push(query(
+        "replay_next_event",
+        sql.replay_next_event(T0 + 3_600_000, i64::MAX),
+        true,
+    ));
+    steps.push(query(
+        "replay_next_event_none",
+        sql.replay_next_event(T0 + 86_400_001, i64::MAX),
         true,
     ));
 

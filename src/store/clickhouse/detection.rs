@@ -81,7 +81,7 @@ impl Sql {
     /// counts iff its `batch_end` is below it. Joined with `ANY LEFT JOIN` (a partition
     /// never committed gets 0, and `batch_end` is never negative): current versions'
     /// `ANY INNER JOIN` also keeps one left row per key, unlike 18.16's.
-    fn committed_batches(&self) -> String {
+    pub(super) fn committed_batches(&self) -> String {
         format!(
             "SELECT src, topic, part, toInt64(max(next_offset)) AS committed_next FROM {} \
              GROUP BY src, topic, part",
