@@ -231,14 +231,10 @@ fn with_policy(dir: &Path, cfg: &Path, policy: &str) {
     std::fs::write(cfg, text).unwrap();
 }
 
-/// Nine days, then two hours at 8 times the volume with a new host, in one run.
-fn incident_in_one_run(policy: Option<&str>) -> Vec<Finding> {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = setup(dir.path());
-    if let Some(p) = policy {
-        with_policy(dir.path(), &cfg, p);
-    }
-    let log = dir.path().join("gateway.log");
+/// Nine days, then two hours at 8 times the volume with a new host, then the rest of the
+/// tenth day, in `dir/gateway.log`.
+fn write_incident_log(dir: &Path) -> std::path::PathBuf {
+    let log = dir.join("gateway.log");
     let mut rng = Rng::new(7);
     append(&log, &mut rng, 0, 9 * 1440 + 14 * 60, |_| 1.0, None);
     append(
@@ -250,6 +246,17 @@ fn incident_in_one_run(policy: Option<&str>) -> Vec<Finding> {
         Some(("203.0.113.9", "python-requests/2.31", 2)),
     );
     append(&log, &mut rng, 9 * 1440 + 16 * 60, 10 * 1440, |_| 1.0, None);
+    log
+}
+
+/// The incident log in one run.
+fn incident_in_one_run(policy: Option<&str>) -> Vec<Finding> {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path());
+    if let Some(p) = policy {
+        with_policy(dir.path(), &cfg, p);
+    }
+    write_incident_log(dir.path());
     run(&cfg);
     findings(&cfg)
 }
@@ -289,18 +296,7 @@ fn without_the_warm_up_a_restart_forgets_the_baselines() {
 fn the_backtest_raises_the_anomalies_the_daemon_stores() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path());
-    let log = dir.path().join("gateway.log");
-    let mut rng = Rng::new(7);
-    append(&log, &mut rng, 0, 9 * 1440 + 14 * 60, |_| 1.0, None);
-    append(
-        &log,
-        &mut rng,
-        9 * 1440 + 14 * 60,
-        9 * 1440 + 16 * 60,
-        |_| 8.0,
-        Some(("203.0.113.9", "python-requests/2.31", 2)),
-    );
-    append(&log, &mut rng, 9 * 1440 + 16 * 60, 10 * 1440, |_| 1.0, None);
+    let log = write_incident_log(dir.path());
     run(&cfg);
     let facts = |found: &[Finding]| -> std::collections::BTreeSet<(String, String, String)> {
         anomalies(found)
