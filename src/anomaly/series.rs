@@ -9,7 +9,7 @@
 //!
 //! | model | expected value | statistic |
 //! | --- | --- | --- |
-//! | `spike` | median of the last `local` (24) points | \|x − expected\| / robust scale |
+//! | `spike` | median of the last `local` (24) points, and the last value | the smaller of \|x − expected\| and \|x − last value\|, / robust scale |
 //! | `level_shift` | median of the `local` points before the last `shift` (6) | \|median(last `shift`) − expected\| / scale |
 //! | `range`, `range_shift` | the 1st–99th percentile range of the last `long` (512) points | how far x (the median of the last `shift`) lies outside it, in interquartile ranges |
 //! | `drift` | median of the `long`/2 points before the last `drift` (48) | \|median(last `drift`) − expected\| / their interquartile range |
@@ -18,7 +18,9 @@
 //! | `persistence` | the usual mean surprise of 32 consecutive points | the mean surprise of the last 32 points |
 //!
 //! A point's surprise is `−log10` of the smallest tail probability times the number of
-//! models that voted (Bonferroni); `persistence` then competes with it (both doubled). It
+//! models that voted (Bonferroni); `persistence` then competes with it (both doubled, and
+//! `persistence` doubled again: its 32-point means overlap, so its tail is fitted on far
+//! fewer independent values than it counts, and is less sure than it looks). It
 //! is what Numenta's "anomaly likelihood" does with HTM's raw scores: many models mildly
 //! surprised for many points in a row is strong evidence, though no single point is.
 //!
@@ -400,6 +402,9 @@ const MAX_HELD: f64 = 20.0;
 const ALERT: f64 = 0.5;
 /// Points of the persistence model.
 const PERSIST: usize = 32;
+/// How much the persistence tail's p-values are inflated for the dependence of its
+/// overlapping means (an effective-sample-size correction).
+const PERSIST_DEPENDENCE: f64 = 2.0;
 /// How much less than its surprise a detection holds (so that stronger evidence for the
 /// same incident a few points later still stands out).
 const HOLD_MARGIN: f64 = 1.0;
@@ -490,12 +495,16 @@ impl SeriesDetector {
             }
         };
 
-        // Spike: the point against the local median.
+        // Spike: the point against the local median and against the last value. A spike
+        // stands out from both; the first points after a level shift stand out only from
+        // the median (so the spike tail does not learn shifts as spikes), and autocorrelated
+        // noise wanders away from the median but not from the last value.
         let scale = self.scale_floor();
         let local_med = self.local.median();
         let mut z_spike = None;
         if let Some(m) = local_med {
-            let z = (x - m).abs() / scale;
+            let last = self.local.recent(0).unwrap_or(m);
+            let z = (x - m).abs().min((x - last).abs()) / scale;
             if self.spike.ready() {
                 vote(self.spike.p_value(z), Model::Spike, m);
             }
@@ -609,7 +618,7 @@ impl SeriesDetector {
         self.persist_head = (self.persist_head + 1) % self.persist_ring.len();
         let mean_s = (self.persist_sum / self.persist_ring.len() as f64).max(0.0);
         let (s, model, p, expected) = if self.persist.ready() {
-            let pp = self.persist.p_value(mean_s);
+            let pp = (self.persist.p_value(mean_s) * PERSIST_DEPENDENCE).min(1.0);
             let s_point = surprise((corrected * 2.0).min(1.0));
             let s_persist = surprise((pp * 2.0).min(1.0));
             if s_persist > s_point {
@@ -775,5 +784,45 @@ mod tests {
         assert!(alerts <= 1, "{alerts}");
         let worst = scores[200..1500].iter().cloned().fold(0.0, f64::max);
         assert!(worst < 0.7, "{worst}");
+    }
+
+    #[test]
+    fn edge_series_score_in_range() {
+        let cases: Vec<Vec<f64>> = vec![
+            vec![5.0; 3000],
+            vec![0.0; 3000],
+            (0..3000)
+                .map(|i| 1e300 * (1.0 + (i % 7) as f64 * 0.1))
+                .collect(),
+            (0..3000).map(|i| ((i * 7919) % 5 / 4) as f64).collect(),
+            vec![1.0, 2.0, 3.0],
+            vec![],
+        ];
+        for (k, xs) in cases.iter().enumerate() {
+            let mut d = SeriesDetector::default();
+            for (i, x) in xs.iter().enumerate() {
+                let s = d.update(i as i64 * 60_000, *x).score;
+                assert!((0.0..=1.0).contains(&s), "case {k} point {i}: {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn spike_under_autocorrelated_noise_and_level_shifts_scores_high() {
+        // AR(1) noise (phi 0.9) wanders away from the local median; a step every 500 points.
+        let mut d = SeriesDetector::default();
+        let (mut ar, mut r) = (0.0f64, 1u64);
+        let mut scores = Vec::new();
+        for i in 0..3000i64 {
+            r = r
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let e = ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 3.46;
+            ar = 0.9 * ar + 0.436 * e;
+            let step = (i / 500) as f64 * 3.0;
+            let x = 100.0 + ar + step + if i == 2700 { 8.0 } else { 0.0 };
+            scores.push(d.update(i * 60_000, x).score);
+        }
+        assert!(scores[2700] >= 0.5, "{}", scores[2700]);
     }
 }
