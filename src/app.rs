@@ -295,6 +295,7 @@ pub async fn run(
         health: health.clone(),
         cancel: cancel.clone(),
         summary: RunSummary::default(),
+        batch_max: config.pipeline.batch_max_events.get(),
     };
     let result = tokio::task::spawn_blocking(move || pipeline.run(rx))
         .await
@@ -352,6 +353,8 @@ struct Pipeline {
     health: Arc<Health>,
     cancel: CancellationToken,
     summary: RunSummary,
+    /// `pipeline.batch_max_events`: a batch this long says the source is behind.
+    batch_max: usize,
 }
 
 impl Pipeline {
@@ -363,9 +366,15 @@ impl Pipeline {
             // Wake up for the detectors' schedule even when no input comes.
             let wait = self.detection.next_due();
             match rt.block_on(tokio::time::timeout(wait, rx.recv())) {
-                Ok(Some(batch)) => self.process(batch)?,
+                Ok(Some(batch)) => {
+                    // A full batch, or more waiting: the source is behind (a backlog after
+                    // an outage or at start).
+                    let behind = batch.len() >= self.batch_max || !rx.is_empty();
+                    self.process(batch)?;
+                    self.detection.set_behind(behind);
+                }
                 Ok(None) => break,
-                Err(_elapsed) => {}
+                Err(_elapsed) => self.detection.set_behind(false),
             }
             self.detection.tick(self.store.as_mut())?;
         }

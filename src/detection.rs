@@ -33,6 +33,9 @@ use crate::registry::{LifecycleEvent, Registry, RegistryWatcher, Reload};
 use crate::source::lifecycle::LifecycleMessage;
 use crate::store::Store;
 
+/// While the source is behind, rotation evaluation waits at most this many intervals.
+const MAX_POSTPONED: u32 = 10;
+
 /// How long the pipeline waits for the notifier to confirm a batch's findings.
 const NOTIFIER_ACK_WAIT: Duration = Duration::from_secs(30);
 
@@ -63,6 +66,10 @@ pub struct Detection {
     lifecycle: Option<Lifecycle>,
     /// See [`Detection::evaluate_only_when`].
     gate: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The source is reading a backlog ([`Detection::set_behind`]): rotation evaluation
+    /// waits.
+    behind: bool,
+    postponing: bool,
     /// The per-key anomaly models, fed committed batches (`None`: `[anomaly] enabled = false`).
     anomaly: Option<AnomalyFeed>,
     /// Every new finding of this run, for the one-shot report.
@@ -105,6 +112,8 @@ impl Detection {
             out,
             lifecycle: None,
             gate: None,
+            behind: false,
+            postponing: false,
             raised: Vec::new(),
         })
     }
@@ -360,9 +369,28 @@ impl Detection {
             self.registry_changed();
         }
         if self.last_eval.elapsed() >= self.evaluate_every {
+            // While reading a backlog, what is stored is the past up to some point, not
+            // now: a host that switched later in the backlog would look like it lingers.
+            // Wait until the source has caught up (or for MAX_POSTPONED evaluations, so
+            // that sustained full load cannot starve the reminders).
+            let postponed = self.last_eval.elapsed() < self.evaluate_every * MAX_POSTPONED;
+            if self.behind && postponed {
+                if !self.postponing {
+                    self.postponing = true;
+                    tracing::info!("reading a backlog: rotations are evaluated once it is read");
+                }
+                metrics::counter!("keywatch_evaluations_postponed_total").increment(1);
+                return self.after_commit(store);
+            }
+            self.postponing = false;
             self.evaluate(store)?;
         }
         Ok(())
+    }
+
+    /// Whether the source is behind (the pipeline's last batch was full, or more wait).
+    pub fn set_behind(&mut self, behind: bool) {
+        self.behind = behind;
     }
 
     /// Evaluates rotations now (at the end of a one-shot run, for instance).
