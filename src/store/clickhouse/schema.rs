@@ -477,8 +477,9 @@ impl Sql {
             ),
         ];
         // Version 2: findings with first/last time in ms and a count, and the attempts of
-        // the notifier (the version 1 `findings` and `notifications` tables were never
-        // written and stay empty).
+        // the notifier with every field. The version 1 `findings` (each fact's latest
+        // raise) and `notifications` (one row per finding told) tables are still written,
+        // for the dashboards.
         let v2 = vec![
             format!(
                 "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = ReplacingMergeTree(raised) \
