@@ -1,11 +1,13 @@
 //! The anomaly models inside the daemon: warmed up from the store at start, fed every
-//! committed batch's [`Aggregate`], their findings turned into [`Finding`]s.
+//! batch's [`Aggregate`] before it is committed, their findings turned into [`Finding`]s.
 //!
 //! Contract:
-//! - The models see each stored event exactly once: the pipeline feeds a batch's aggregate
-//!   after the store committed it (and, when the store refused a batch and it was stored
-//!   again line by line, only the lines stored). A batch that is read again after a crash
-//!   was never committed, so it was never fed either.
+//! - The models see each event once per process: the pipeline feeds a batch's aggregate
+//!   before committing it, and the findings go to the findings table and the notifier's log
+//!   before the commit too (`Detection::before_commit`). A batch read again after a crash
+//!   was never committed: the warm-up (from the store) did not see it, so the models see it
+//!   once more and raise the same facts, which the findings table and the notification log
+//!   already know. Lines the store refuses for good were seen too (they happened).
 //! - A restart keeps the baselines: [`AnomalyFeed::warm_up`] replays the stored per-minute
 //!   rollups of the last `[anomaly] warm_up` (event time, bounded by `warm_up_max_rows`)
 //!   and the stored sources, without raising anything. Events after the stored position

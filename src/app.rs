@@ -464,7 +464,10 @@ impl Pipeline {
 
     fn store_batch(&mut self, batch: &Batch) -> anyhow::Result<()> {
         let (agg, raw, rejected) = self.decode(batch, 0..batch.len(), true)?;
-        // What the events raised is safe with the notifier before the batch is committed.
+        // The anomaly models see the batch once, here; what it raised (stream and anomaly
+        // findings) is safe with the notifier before the batch is committed. After a crash
+        // the models are warmed up from the store without this batch, and see it again.
+        self.detection.observe_aggregate(&agg);
         self.detection.before_commit(self.store.as_mut())?;
         let source_id = self.source_id.clone();
         let checkpoint = batch.position.as_ref().map(|position| Checkpoint {
@@ -477,10 +480,7 @@ impl Pipeline {
             events: &raw,
             checkpoint,
         }) {
-            Ok(()) => {
-                self.detection.observe_aggregate(&agg);
-                agg.events
-            }
+            Ok(()) => agg.events,
             Err(StoreError::Rejected(reason)) => {
                 drop(raw);
                 self.isolate_rejected(batch, &reason)?
@@ -548,11 +548,9 @@ impl Pipeline {
                 events: &raw,
                 checkpoint,
             }) {
-                Ok(()) => {
-                    // Only the lines stored: the first pass fed nothing.
-                    self.detection.observe_aggregate(&agg);
-                    stored += agg.events
-                }
+                // The models saw these lines in the first pass (those the store refuses
+                // too: they happened at the gateway).
+                Ok(()) => stored += agg.events,
                 Err(StoreError::Rejected(why)) => {
                     metrics::counter!("keywatch_events_rejected_total", "reason" => "store_rejected")
                         .increment(1);

@@ -279,8 +279,8 @@ impl Detection {
         }
     }
 
-    /// After a batch is committed: feeds its aggregate to the anomaly models, once per
-    /// stored event; their findings wait with the stream findings for [`Self::after_commit`].
+    /// Before a batch is committed: feeds its aggregate to the anomaly models, once per
+    /// event; their findings wait with the stream findings for [`Self::before_commit`].
     pub fn observe_aggregate(&mut self, agg: &Aggregate) {
         if let Some(a) = &mut self.anomaly {
             let found = a.observe(agg, self.engine.registry());
@@ -344,7 +344,8 @@ impl Detection {
         }
     }
 
-    /// After a batch is committed: stores what the anomaly models raised on it.
+    /// After a batch is committed: stores findings still pending (none in the pipeline's
+    /// order, where [`Self::before_commit`] takes them; kept for callers that feed later).
     pub fn after_commit(&mut self, store: &mut dyn Store) -> anyhow::Result<()> {
         let pending = self.engine.take_pending();
         if !pending.is_empty() {
