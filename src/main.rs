@@ -605,7 +605,10 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
         StoreConfig::ClickHouse(c) => {
             let store = app::open_clickhouse(c)?;
             let (tx, rx) = tokio::sync::mpsc::channel(1024);
-            notifier = notifier.with_attempt_sink(tx);
+            // What the group's other instances delivered counts as told here too.
+            notifier = notifier
+                .with_attempt_sink(tx)
+                .with_shared_log(Arc::new(store.clone()));
             Some(tokio::spawn(keywatch::store::clickhouse::run_attempt_sink(
                 store, rx,
             )))

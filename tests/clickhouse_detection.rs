@@ -657,3 +657,91 @@ fn full_mode_shows_the_same_rotations_and_findings_as_embedded_mode() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no keywatch tables"), "{err}");
 }
+
+/// Two instances of a group, each with its own notification log, sharing ClickHouse: what
+/// one delivered, the other does not tell again (the evaluator moved, say); what one only
+/// queued and never delivered, the other tells.
+#[test]
+fn a_fact_delivered_by_another_instance_is_not_told_again() {
+    use keywatch::notify::{Config as NotifyConfig, Console, Notifier};
+    let ch = server();
+    let cfg = config(&ch);
+    let store = open(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let registry = Arc::new(
+        keywatch::registry::Registry::parse(
+            "keys.toml",
+            "[owners.acme-billing]\n[[keys]]\nid = \"old\"\nowner = \"acme-billing\"\n",
+        )
+        .unwrap(),
+    );
+    let t0 = 1_795_168_800_000;
+    let delivered = finding(
+        FindingKind::LingeringOldKey,
+        "lingering:old:10.0.0.1",
+        t0,
+        Some("acme-billing"),
+    );
+    let queued = finding(
+        FindingKind::LingeringOldKey,
+        "lingering:old:10.0.0.2",
+        t0,
+        Some("acme-billing"),
+    );
+    let instance = |dir: &Path| {
+        let (console, told) = Console::capture();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let n = Notifier::with_console(
+            NotifyConfig::default(),
+            registry.clone(),
+            SqliteStore::open(dir).unwrap(),
+            console,
+        )
+        .unwrap()
+        .with_attempt_sink(tx)
+        .with_shared_log(Arc::new(store.clone()));
+        (n, told, rx)
+    };
+
+    // Instance A tells both; only the first delivery reaches ClickHouse (A dies before
+    // its sink writes the second).
+    let dir_a = tempfile::tempdir().unwrap();
+    let (mut a, told_a, mut records) = instance(dir_a.path());
+    rt.block_on(async {
+        a.handle(vec![delivered.clone(), queued.clone()], &[], t0)
+            .await
+            .unwrap();
+        a.drain(t0).await.unwrap();
+    });
+    assert_eq!(told_a.lock().unwrap().len(), 1, "one grouped message");
+    let mut recs = Vec::new();
+    while let Ok(r) = records.try_recv() {
+        recs.push(r);
+    }
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].outcome, "ok");
+    let mut rec = recs.remove(0);
+    rec.findings.retain(|k| k == &delivered.dedup_key);
+    store.record_attempts(&[rec]).unwrap();
+
+    // Instance B, a fresh log, raises both again: only the one never delivered is told.
+    let dir_b = tempfile::tempdir().unwrap();
+    let (mut b, told_b, _records) = instance(dir_b.path());
+    rt.block_on(async {
+        b.handle(vec![delivered.clone(), queued.clone()], &[], t0 + 60_000)
+            .await
+            .unwrap();
+        b.drain(t0 + 60_000).await.unwrap();
+    });
+    let told_b = told_b.lock().unwrap().clone();
+    assert_eq!(told_b.len(), 1, "{told_b:?}");
+    assert!(
+        told_b[0].contains("10.0.0.2") || told_b[0].contains(&queued.summary),
+        "{told_b:?}"
+    );
+    assert!(!told_b[0].contains(&delivered.summary), "{told_b:?}");
+}

@@ -123,6 +123,14 @@ impl From<Vec<Finding>> for Input {
     }
 }
 
+/// What the other instances of a consumer group have told: in full mode, the ClickHouse
+/// notification tables every instance writes its attempts to.
+pub trait SharedLog: Send + Sync {
+    /// When a message carrying the fact `dedup_key` was last delivered to `recipient` by
+    /// any instance, if ever.
+    fn last_delivered(&self, recipient: &str, dedup_key: &str) -> Result<Option<i64>, String>;
+}
+
 /// The wall clock, in the only place that reads it.
 pub fn wall_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -178,6 +186,8 @@ pub struct Notifier {
     /// (recipient, dedup key) → when last told: a cache of the log.
     told: HashMap<(String, String), Option<i64>>,
     attempt_sink: Option<mpsc::Sender<AttemptRecord>>,
+    /// See [`Notifier::with_shared_log`].
+    shared: Option<Arc<dyn SharedLog>>,
     pruned_ms: Option<i64>,
     /// A delivery round stopped on an error: attempts it marked as started are orphans.
     orphaned: bool,
@@ -219,6 +229,7 @@ impl Notifier {
             silences_read_ms: None,
             told: HashMap::new(),
             attempt_sink: None,
+            shared: None,
             pruned_ms: None,
             orphaned: false,
         };
@@ -230,6 +241,15 @@ impl Notifier {
     /// dropped and counted), for the ClickHouse notifications table in full mode.
     pub fn with_attempt_sink(mut self, sink: mpsc::Sender<AttemptRecord>) -> Notifier {
         self.attempt_sink = Some(sink);
+        self
+    }
+
+    /// Consults `shared` for facts this instance's log has never told: in a consumer group,
+    /// another instance (the previous rotation evaluator, before partition 0 moved) may
+    /// have. A fact delivered there counts as told then, so it is not sent again (but is
+    /// repeated on its schedule); a fact queued there but never delivered is sent here.
+    pub fn with_shared_log(mut self, shared: Arc<dyn SharedLog>) -> Notifier {
+        self.shared = Some(shared);
         self
     }
 
@@ -452,7 +472,19 @@ impl Notifier {
         if let Some(t) = self.told.get(&k) {
             return Ok(*t);
         }
-        let t = self.store.notify_fact_last(recipient, dedup_key)?;
+        let mut t = self.store.notify_fact_last(recipient, dedup_key)?;
+        if let (None, Some(shared)) = (t, &self.shared) {
+            match shared.last_delivered(recipient, dedup_key) {
+                Ok(Some(at)) => {
+                    metrics::counter!("keywatch_notify_told_elsewhere_total").increment(1);
+                    tracing::debug!(%recipient, finding = %dedup_key, "told by another instance");
+                    t = Some(at);
+                }
+                Ok(None) => {}
+                // Unknown: tell it (at least once, rather than perhaps never).
+                Err(e) => tracing::warn!(error = %e, "cannot read the shared notification log"),
+            }
+        }
         if self.told.len() >= MAX_TOLD_CACHE {
             self.told.clear();
         }

@@ -560,8 +560,19 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         outcome: "transient",
         detail: Some("429 retry after 3s".into()),
     };
-    attempt_row(&mut attempts, &attempt);
-    notification_row_v1(&mut notifications, &attempt);
+    let delivered = AttemptRecord {
+        message_id: "m-2".into(),
+        attempt: 1,
+        started_ms: T0 + 2_000,
+        finished_ms: T0 + 2_300,
+        outcome: "ok",
+        detail: None,
+        ..attempt.clone()
+    };
+    for a in [&attempt, &delivered] {
+        attempt_row(&mut attempts, a);
+        notification_row_v1(&mut notifications, a);
+    }
     steps.push(insert_step(
         sql,
         features,
@@ -586,6 +597,21 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         Table::Notifications,
         &notifications,
     ));
+    for (name, recipient, key) in [
+        (
+            "last_delivered",
+            "acme",
+            "lingering_old_key:a:b:10.0.0.1|curl",
+        ),
+        (
+            "last_delivered_other_recipient",
+            "globex",
+            "lingering_old_key:a:b:10.0.0.1|curl",
+        ),
+        ("last_delivered_never", "acme", "revoked:cred-123"),
+    ] {
+        steps.push(query(name, sql.last_delivered(recipient, key), true));
+    }
     steps.push(query(
         "notifications_v1",
         format!(

@@ -147,6 +147,20 @@ impl Sql {
         )
     }
 
+    /// When a message carrying `dedup_key` was last delivered to `recipient`, by any
+    /// instance (ms; 0 when never): an `ok` attempt of a message whose rows name the fact.
+    pub fn last_delivered(&self, recipient: &str, dedup_key: &str) -> String {
+        format!(
+            "SELECT toInt64(max(finished_ms)) FROM {attempts} WHERE recipient = {r} \
+             AND outcome = 'ok' AND message_id IN (SELECT id FROM {notifications} \
+             WHERE finding_key = {k} AND outcome = 'ok')",
+            attempts = self.table(Table::NotifyAttempts),
+            notifications = self.table(Table::Notifications),
+            r = lit(recipient),
+            k = lit(dedup_key),
+        )
+    }
+
     /// Stored findings last raised at or after `since_ms`, of one kind or all, oldest
     /// first: `dedup_key, kind, key_id, owner, severity, first_at_ms, last_at_ms, raised,
     /// summary, evidence`.
@@ -744,6 +758,18 @@ fn redact_word(w: &str) -> String {
         }
     }
     w.to_owned()
+}
+
+impl crate::notify::SharedLog for ClickHouseStore {
+    fn last_delivered(&self, recipient: &str, dedup_key: &str) -> Result<Option<i64>, String> {
+        let sql = self.sql().last_delivered(recipient, dedup_key);
+        let answer = self.query_tsv(&sql).map_err(|e| e.to_string())?;
+        let ms: i64 = answer
+            .trim()
+            .parse()
+            .map_err(|e| format!("last delivery: unexpected answer `{}`: {e}", answer.trim()))?;
+        Ok((ms > 0).then_some(ms))
+    }
 }
 
 #[cfg(test)]
