@@ -182,7 +182,7 @@ fn main() {
     let t = Instant::now();
     let mut producer = ClientConfig::new();
     producer.set("bootstrap.servers", &brokers);
-    let sent = keywatch::produce::produce(
+    let sent = keywatch::cli::produce::produce(
         producer,
         topic,
         &mut Cursor::new(text.as_bytes()),

@@ -20,22 +20,13 @@
 
 pub mod aggregate;
 pub mod anomaly;
-pub mod anomaly_feed;
-pub mod app;
-pub mod backtest;
+pub mod cli;
 pub mod config;
-pub mod connect;
-pub mod deadletter;
-pub mod deadletter_kafka;
+pub mod daemon;
 pub mod detect;
-pub mod detection;
 pub mod event;
 pub mod notify;
-pub mod produce;
 pub mod registry;
-pub mod report;
-pub mod report_rotation;
 pub mod sample;
-pub mod server;
 pub mod source;
 pub mod store;

@@ -162,7 +162,7 @@ fn a_range_replayed_from_clickhouse_raises_what_the_log_raises() {
     };
     let mut store = ClickHouseStore::open_standalone(&ch_cfg, None).unwrap();
     let config = keywatch::config::load(&cfg).unwrap();
-    let decoder = keywatch::app::decoder(&config).unwrap();
+    let decoder = keywatch::daemon::decoder(&config).unwrap();
     let shift = (last - first) + 7 * DAY_MS;
     let mut crashed = Vec::new();
     let mut offset = 0i64;

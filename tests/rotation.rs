@@ -6,12 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use keywatch::aggregate::Aggregate;
+use keywatch::daemon::backtest::replay_pipeline;
+use keywatch::daemon::pipeline::Pipeline;
+use keywatch::daemon::schedule::Ticks;
 use keywatch::detect::{Engine, Finding, FindingKind, Phase, Policy};
 use keywatch::event::{AuthEvent, Decoder, Fingerprinter, Format};
 use keywatch::registry::{format_rfc3339, KeyState, Registry, RegistryWatcher, Reload};
 use keywatch::sample::{generate_sample, Sample, SampleOptions, Truth};
-use keywatch::store::{BatchWrite, SqliteStore, Store};
+use keywatch::store::DetectionStore;
 
 const HOUR: i64 = 3_600_000;
 const QUIET: i64 = 72 * HOUR;
@@ -85,41 +87,49 @@ fn rotating(t: &Truth, deadline: &str) -> String {
     )
 }
 
-/// Feeds `events` (sorted by time) to the engine and the store; before the first event at
-/// or after each time in `clocks` (sorted), calls `at(clock, ..)` with exactly the events
-/// before it observed and stored. Clocks after the last event see everything.
+/// Feeds `events` (sorted by time) through the daemon's pipeline (scratch store, no
+/// evaluation of its own); before the first event at or after each time in `clocks`
+/// (sorted), calls `at(clock, ..)` with exactly the events before it ingested, and the
+/// stream findings the pipeline handed over since the last clock. Clocks after the last
+/// event see everything. Returns the pipeline, to look at the engine and store after.
 fn replay(
     events: &[AuthEvent<'static>],
-    engine: &mut Engine,
-    store: &mut SqliteStore,
+    registry: Arc<Registry>,
     clocks: impl IntoIterator<Item = i64>,
-    mut at: impl FnMut(i64, &mut Engine, &mut SqliteStore),
-) {
-    let mut clocks = clocks.into_iter().peekable();
-    let mut agg = Aggregate::default();
-    let commit = |agg: &mut Aggregate, store: &mut SqliteStore| {
-        store
-            .commit(&BatchWrite {
-                aggregate: agg,
-                events: &[],
-                checkpoint: None,
-            })
-            .unwrap();
-        *agg = Aggregate::default();
-    };
-    for ev in events {
-        while let Some(&c) = clocks.peek().filter(|c| ev.ts_ms >= **c) {
-            commit(&mut agg, store);
-            at(c, engine, store);
-            clocks.next();
-        }
-        engine.observe(ev);
-        agg.add(ev);
-    }
-    commit(&mut agg, store);
+    mut at: impl FnMut(i64, &mut Engine, &mut dyn DetectionStore, Vec<Finding>),
+) -> Pipeline {
+    let mut p = replay_pipeline(registry, Policy::default(), Ticks::At(Vec::new())).unwrap();
+    p.collect_streamed();
+    let mut rest = events;
     for c in clocks {
-        at(c, engine, store);
+        let n = rest.iter().take_while(|e| e.ts_ms < c).count();
+        let (now, later) = rest.split_at(n);
+        if !now.is_empty() {
+            p.process_events(now.to_vec()).unwrap();
+        }
+        rest = later;
+        let streamed = p.take_streamed();
+        let (engine, store) = p.parts_mut();
+        at(c, engine, store.detection().unwrap(), streamed);
     }
+    if !rest.is_empty() {
+        p.process_events(rest.to_vec()).unwrap();
+    }
+    p
+}
+
+/// What the daemon hands over by `now`: the stream findings since the last clock, then the
+/// evaluation's findings (ordered like [`Engine::evaluate`]).
+fn evaluate(
+    engine: &mut Engine,
+    now: i64,
+    store: &dyn DetectionStore,
+    streamed: Vec<Finding>,
+) -> Vec<Finding> {
+    let mut found = streamed;
+    found.extend(engine.evaluate(now, store));
+    found.sort_by(|a, b| (a.at_ms, a.kind, &a.dedup_key).cmp(&(b.at_ms, b.kind, &b.dedup_key)));
+    found
 }
 
 /// Every hour from the first hour after `from` to `to` (inclusive).
@@ -183,22 +193,19 @@ fn exactly_the_two_laggards_linger_and_nothing_is_safe_to_revoke() {
     let (s, events) = sample(SampleOptions::default());
     let t = &s.truth;
     let rot = &t.rotation;
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = SqliteStore::open(dir.path()).unwrap();
-    let mut engine = Engine::new(Arc::new(example_registry()), Policy::default());
+    let registry = Arc::new(example_registry());
     let last_switch = rot.switched.iter().map(|s| s.switch_ms).max().unwrap();
     let laggards: BTreeSet<String> = rot.laggards.iter().cloned().collect();
     assert_eq!(laggards.len(), 2);
 
     let mut evaluations = 0;
     let mut last_findings = Vec::new();
-    replay(
+    let mut pipeline = replay(
         &events,
-        &mut engine,
-        &mut store,
+        registry,
         hourly(t.start_ms, t.end_ms),
-        |now, engine, store| {
-            let found = engine.evaluate(now, &*store);
+        |now, engine, store, streamed| {
+            let found = evaluate(engine, now, store, streamed.clone());
             assert!(
                 of_kind(&found, FindingKind::SafeToRevoke).is_empty(),
                 "safe_to_revoke at {} while hosts still use A",
@@ -253,14 +260,15 @@ fn exactly_the_two_laggards_linger_and_nothing_is_safe_to_revoke() {
         assert_eq!(&f.key_id, a);
     }
 
-    let status = engine.rotations(t.end_ms, &store);
+    let (engine, store) = pipeline.parts_mut();
+    let status = engine.rotations(t.end_ms, store.detection().unwrap());
     assert_eq!(status.len(), 1);
     let st = &status[0];
     assert_eq!(st.phase, Phase::AtRisk, "{:?}", st.forecast);
     let share = st.share_24h.unwrap();
     assert!((0.45..0.75).contains(&share), "3 of 5 hosts on B: {share}");
     assert!(of_kind(&last_findings, FindingKind::RotationAtRisk).len() == 1);
-    let table = keywatch::report_rotation::rotations_table(&status);
+    let table = keywatch::cli::report_rotation::rotations_table(&status);
     for lag in &rot.laggards {
         assert!(table.contains(lag.as_str()), "{table}");
     }
@@ -318,9 +326,6 @@ fn safe_to_revoke_once_the_last_laggard_has_been_quiet_for_the_quiet_period() {
 
     let toml = registry_toml(t, "Europe/Berlin", &rotating(t, "2026-12-15T12:00"));
     let registry = Arc::new(Registry::parse("keys.toml", &toml).unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = SqliteStore::open(dir.path()).unwrap();
-    let mut engine = Engine::new(Arc::clone(&registry), Policy::default());
     let mut new_safe = Vec::new();
     let mut raised_at = Vec::new();
     let clocks: Vec<i64> = hourly(t.start_ms, t.end_ms)
@@ -330,11 +335,10 @@ fn safe_to_revoke_once_the_last_laggard_has_been_quiet_for_the_quiet_period() {
         .collect();
     replay(
         &events,
-        &mut engine,
-        &mut store,
+        Arc::clone(&registry),
         clocks,
-        |now, engine, store| {
-            let found = engine.evaluate(now, &*store);
+        |now, engine, store, streamed| {
+            let found = evaluate(engine, now, store, streamed.clone());
             let safe = of_kind(&found, FindingKind::SafeToRevoke);
             if now < safe_at {
                 assert!(safe.is_empty(), "safe_to_revoke at {}", format_rfc3339(now));
@@ -362,22 +366,23 @@ fn safe_to_revoke_once_the_last_laggard_has_been_quiet_for_the_quiet_period() {
 
     // The backtest of the same log says the same, once.
     let d = decoder();
-    let lines = s.lines.iter().filter(|l| {
-        let mut out = Vec::new();
-        d.decode(l.as_bytes(), &mut out).unwrap();
-        out.iter().all(keep)
-    });
-    let dir2 = tempfile::tempdir().unwrap();
-    let mut store2 = SqliteStore::open(dir2.path()).unwrap();
-    let mut engine2 = Engine::new(registry, Policy::default());
-    let found = keywatch::backtest::backtest(
-        lines.map(|l| l.clone().into_bytes()),
-        &d,
-        &mut engine2,
-        &mut store2,
-        HOUR,
+    let lines: Vec<Vec<u8>> = s
+        .lines
+        .iter()
+        .filter(|l| {
+            let mut out = Vec::new();
+            d.decode(l.as_bytes(), &mut out).unwrap();
+            out.iter().all(keep)
+        })
+        .map(|l| l.clone().into_bytes())
+        .collect();
+    let found = keywatch::daemon::backtest::backtest(
+        lines.into_iter(),
+        d,
+        replay_pipeline(registry, Policy::default(), Ticks::Every(HOUR)).unwrap(),
     )
-    .unwrap();
+    .unwrap()
+    .findings;
     let safe: Vec<_> = of_kind(&found, FindingKind::SafeToRevoke);
     assert_eq!(safe.len(), 1);
     assert_eq!(safe[0].at_ms, safe_at);
@@ -426,20 +431,14 @@ fn a_revoked_key_used_once_is_one_finding() {
             format_rfc3339(revoked_at)
         ),
     );
-    let mut engine = Engine::new(
-        Arc::new(Registry::parse("keys.toml", &toml).unwrap()),
-        Policy::default(),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let registry = Arc::new(Registry::parse("keys.toml", &toml).unwrap());
     let mut seen: Vec<(i64, Finding)> = Vec::new();
     replay(
         &events,
-        &mut engine,
-        &mut store,
+        registry,
         hourly(t.start_ms, t.end_ms + HOUR),
-        |now, engine, store| {
-            for f in engine.evaluate(now, &*store) {
+        |now, engine, store, streamed| {
+            for f in evaluate(engine, now, store, streamed.clone()) {
                 assert_ne!(
                     f.kind,
                     FindingKind::LingeringOldKey,
@@ -478,17 +477,14 @@ fn a_broken_rollover_is_raised_before_the_old_key_is_revoked() {
         .find(|s| s.ip == rot.fumbled_host)
         .unwrap()
         .switch_ms;
-    let mut engine = Engine::new(Arc::new(example_registry()), Policy::default());
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let registry = Arc::new(example_registry());
     let mut raised: Vec<(i64, Finding)> = Vec::new();
     replay(
         &events,
-        &mut engine,
-        &mut store,
+        registry,
         hourly(t.start_ms, t.end_ms),
-        |now, engine, store| {
-            let found = engine.evaluate(now, &*store);
+        |now, engine, store, streamed| {
+            let found = evaluate(engine, now, store, streamed.clone());
             assert!(of_kind(&found, FindingKind::SafeToRevoke).is_empty());
             for f in store.record_findings(&found).unwrap() {
                 if f.kind == FindingKind::FailedRollover {
@@ -585,17 +581,14 @@ fn deadlines_in_local_time_across_daylight_saving_changes() {
         assert_eq!(rot.deadline_ms, Some(deadline), "{}", c.deadline_local);
         assert!(t.rotation.start_ms < day_before - HOUR && deadline < t.end_ms);
 
-        let mut engine = Engine::new(Arc::new(reg), Policy::default());
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let registry = Arc::new(reg);
         let mut results: BTreeMap<i64, Vec<Finding>> = BTreeMap::new();
         replay(
             &events,
-            &mut engine,
-            &mut store,
+            registry,
             [day_before - 1, day_before, deadline - 1, deadline],
-            |now, engine, store| {
-                results.insert(now, engine.evaluate(now, &*store));
+            |now, engine, store, streamed| {
+                results.insert(now, evaluate(engine, now, store, streamed.clone()));
             },
         );
         let step = |now: i64| {
@@ -661,21 +654,19 @@ fn a_registry_reload_during_a_rotation() {
     let path = dir.path().join("keys.toml");
     std::fs::write(&path, &v1).unwrap();
     let mut watcher = RegistryWatcher::open(&path).unwrap();
-    let mut engine = Engine::new(watcher.registry(), Policy::default());
-    let mut store = SqliteStore::open(&dir.path().join("state")).unwrap();
+    let registry = watcher.registry();
 
     let mut before: Vec<Finding> = Vec::new();
     let mut after: Vec<Finding> = Vec::new();
     let mut reloaded = false;
     replay(
         &events,
-        &mut engine,
-        &mut store,
+        registry,
         hourly(t.start_ms, t.end_ms),
-        |now, engine, store| {
+        |now, engine, store, streamed| {
             if now >= reload_at && !reloaded {
                 // What was pending is evaluated under the old registry.
-                before.extend(engine.evaluate(now, &*store));
+                before.extend(evaluate(engine, now, store, streamed.clone()));
                 std::fs::write(&path, &v2).unwrap();
                 let Reload::Reloaded(reg) = watcher.poll() else {
                     panic!("the changed file reloads")
@@ -685,7 +676,7 @@ fn a_registry_reload_during_a_rotation() {
                 assert!(engine.rotations(now, &*store).is_empty());
                 return;
             }
-            let found = engine.evaluate(now, &*store);
+            let found = evaluate(engine, now, store, streamed.clone());
             if reloaded {
                 after.extend(found);
             } else {
@@ -732,16 +723,13 @@ fn a_registry_reload_during_a_rotation() {
 fn the_scanners_bursts_are_unknown_key_bursts() {
     let (s, events) = sample(SampleOptions::default());
     let t = &s.truth;
-    let mut engine = Engine::new(Arc::new(example_registry()), Policy::default());
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let registry = Arc::new(example_registry());
     let mut found = Vec::new();
     replay(
         &events,
-        &mut engine,
-        &mut store,
+        registry,
         [t.end_ms],
-        |now, engine, store| found = engine.evaluate(now, &*store),
+        |now, engine, store, streamed| found = evaluate(engine, now, store, streamed),
     );
     let bursts = of_kind(&found, FindingKind::UnknownKeyBurst);
     assert!(!bursts.is_empty());

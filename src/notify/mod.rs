@@ -110,7 +110,7 @@ pub enum Input {
     /// Findings the sender waits on: `ack` gets `true` once they are in the notification
     /// log (queued or grouped, durable), before any delivery is tried; `false` when the log
     /// could not take them. The pipeline commits a batch only after this, so a crash
-    /// between the two cannot lose a finding (see [`crate::detection`]).
+    /// between the two cannot lose a finding (see [`crate::daemon::findings`]).
     Durable {
         findings: Vec<Finding>,
         ack: tokio::sync::oneshot::Sender<bool>,

@@ -84,6 +84,18 @@ impl RegistryWatcher {
         }
     }
 
+    /// A registry given as it is, without a file (a backtest's, a test's); lifecycle events
+    /// still apply to it.
+    pub fn fixed(registry: Registry) -> RegistryWatcher {
+        RegistryWatcher {
+            path: None,
+            stamp: None,
+            current: Arc::new(registry.clone()),
+            base: registry,
+            events: Vec::new(),
+        }
+    }
+
     /// The registry file, if there is one.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()

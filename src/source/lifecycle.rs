@@ -13,7 +13,7 @@
 //! bounded channel; once it has read every partition to the end it had at start, it sends
 //! [`LifecycleMessage::CaughtUp`] in the same channel, so that whoever waits for it has
 //! applied everything before. Parsing and applying happen in the detectors
-//! ([`crate::detection::Detection`]), which count and keep aside what they refuse.
+//! ([`crate::daemon::lifecycle::RegistryFeed`]), which count and keep aside what they refuse.
 
 use std::collections::HashMap;
 use std::thread::JoinHandle;

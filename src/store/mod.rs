@@ -6,6 +6,7 @@
 
 pub mod clickhouse;
 pub mod notify_log;
+pub mod open;
 pub mod sqlite;
 pub mod sqlite_offsets;
 pub mod views;

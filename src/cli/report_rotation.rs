@@ -1,5 +1,5 @@
 //! Terminal tables for `keywatch rotations` and `keywatch findings` (comfy-table, like
-//! [`crate::report`]). Pure: the caller reads the store and evaluates.
+//! [`super::report`]). Pure: the caller reads the store and evaluates.
 //!
 //! Rotation times (start, deadline, forecast) are shown in the owner's time zone, because
 //! that is how the owner was told the deadline; traffic times (first/last seen) in UTC, like
@@ -8,9 +8,9 @@
 use chrono_tz::Tz;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
 
+use super::report::format_ms;
 use crate::detect::{Finding, Phase, RotationStatus};
 use crate::registry::format_local;
-use crate::report::format_ms;
 use crate::store::views::StoredFinding;
 
 fn new_table(header: &[&str]) -> Table {

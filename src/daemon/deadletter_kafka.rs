@@ -13,7 +13,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
-use crate::deadletter::{DeadLetter, DeadLetterSink};
+use super::deadletter::{DeadLetter, DeadLetterSink};
 
 #[derive(Default)]
 struct Deliveries {

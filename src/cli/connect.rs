@@ -14,7 +14,7 @@ pub async fn check(config: &Config) -> Vec<Check> {
     let mut out = Vec::new();
     if let InputSource::Kafka(k) = &config.input.source {
         let what = format!("kafka {}", k.brokers);
-        let result = match crate::app::kafka_settings(k, config) {
+        let result = match crate::daemon::kafka_settings(k, config) {
             Err(e) => Err(format!("{e:#}")),
             Ok(settings) => {
                 let topics = {
@@ -33,7 +33,7 @@ pub async fn check(config: &Config) -> Vec<Check> {
     }
     if let Some(l) = &config.rules.lifecycle {
         let what = format!("lifecycle topic on {}", l.brokers);
-        let result = match crate::app::lifecycle_properties(l) {
+        let result = match crate::daemon::lifecycle_properties(l) {
             Err(e) => Err(format!("{e:#}")),
             Ok(properties) => {
                 let topics = vec![l.topic.clone()];

@@ -1,0 +1,858 @@
+//! The per-batch pipeline: what happens to one batch, and in what order. The daemon, a
+//! backtest (of a log or of a ClickHouse time range) and the scenario tests run this one
+//! implementation; only the clock ([`Clock`]), the store and where findings go differ.
+//!
+//! The order, per batch (see [`Pipeline::process_batch`]):
+//! 1. decode each line into events (gateway preset or field mapping; raw keys fingerprinted);
+//!    an undecodable line is counted and kept in the dead letters;
+//! 2. with an event-time clock, cut the batch before the first line whose event reaches the
+//!    next evaluation tick or lifecycle change ([`Schedule::next_cut`]); each segment runs
+//!    steps 3-6, then the ticks and changes it reached are applied in time order;
+//! 3. the stream detectors observe every event; the events fold into one [`Aggregate`];
+//! 4. the anomaly models see the aggregate (once per event: after a crash they are warmed up
+//!    from the store, which does not hold the uncommitted batch, and see it again);
+//! 5. the findings of steps 3-4 are stored and in the notifier's log ([`FindingSink`]);
+//! 6. the aggregate (and raw events, when the store keeps them) is committed with the
+//!    position after the segment, in one store transaction; a store that refuses it for good
+//!    gets it line by line, each with the position after it, and what it refuses again is
+//!    dead-lettered; transient store errors are retried until they pass or keywatch stops;
+//! 7. the batch is acknowledged to its source (Kafka: its offsets may be committed).
+//!
+//! Between batches ([`Pipeline::tick`]): the registry file and the lifecycle topic are
+//! followed, and with the wall clock rotations are evaluated on their schedule. When the
+//! input ends ([`Pipeline::finish`]) a last evaluation runs.
+//!
+//! Architecture invariant: a batch's position is stored only by [`Store::commit`], with the
+//! batch's effect; nothing acknowledges a batch before that.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::anomaly_feed::AnomalyFeed;
+use super::deadletter::{DeadLetter, DeadLetterSink};
+use super::findings::FindingSink;
+use super::lifecycle::{RegistryFeed, TimedLifecycle};
+use super::schedule::{Clock, Schedule, WallTick};
+use super::server::Health;
+use crate::aggregate::Aggregate;
+use crate::detect::{Engine, Finding, Policy};
+use crate::event::{AuthEvent, Decoder};
+use crate::registry::Registry;
+use crate::source::{Batch, PartitionOffset, Position};
+use crate::store::{BatchWrite, Checkpoint, Origin, Store, StoreError, StoredEvent};
+
+/// What a run did, for the final log line, the one-shot report and tests.
+#[derive(Debug, Default, Clone)]
+pub struct RunSummary {
+    pub lines: u64,
+    pub events: u64,
+    pub dead_letters: u64,
+    pub batches: u64,
+    /// Findings raised for the first time during the run, in the order raised.
+    pub findings: Vec<Finding>,
+}
+
+/// One decoded event and where it came from.
+#[derive(Debug, Clone)]
+pub struct Decoded<'b> {
+    /// The line (or message) of the batch.
+    pub line: usize,
+    /// Its place among the line's events (a Kong batch array holds several).
+    pub index: u32,
+    pub event: AuthEvent<'b>,
+}
+
+/// What a test sees at each evaluation tick when it replaces the evaluation
+/// ([`Pipeline::on_tick`]).
+pub struct Tick<'a> {
+    pub now_ms: i64,
+    pub engine: &'a mut Engine,
+    pub store: &'a mut dyn Store,
+    /// The stream and anomaly findings of the segments committed since the last tick (all
+    /// of them, new or not), which the daemon hands over before each commit.
+    pub streamed: Vec<Finding>,
+}
+
+type TickHook = Box<dyn FnMut(Tick<'_>) + Send>;
+
+/// The lines of a batch: their stored origins, the positions between them, and where
+/// undecodable or refused lines go.
+pub trait Lines {
+    /// The stored origin of event `index` of line `line`.
+    fn origin(&self, line: usize, index: u32) -> Origin;
+    /// The position just before line `line` (`line` = the number of lines: after the batch).
+    fn position_before(&self, line: usize) -> Option<Position>;
+    /// Keeps line `line` aside with `reason`.
+    fn dead_letter(&mut self, line: usize, reason: &str) -> anyhow::Result<()>;
+    /// Makes the dead letters written so far durable (before the commit that passes them).
+    fn flush_dead_letters(&mut self) -> anyhow::Result<()>;
+}
+
+/// How lines become events: the decoder, and where undecodable lines go.
+pub struct LineStage {
+    pub decoder: Decoder,
+    /// `None`: only counted (a backtest).
+    pub dead_letters: Option<Box<dyn DeadLetterSink>>,
+    /// The source's name in dead letters and logs.
+    pub source_id: String,
+}
+
+impl LineStage {
+    /// Decodes every line of `batch`; undecodable lines are dead-lettered. Returns the events
+    /// and the number of lines rejected.
+    fn decode<'b>(&mut self, batch: &'b Batch) -> anyhow::Result<(Vec<Decoded<'b>>, u64)> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut events: Vec<AuthEvent<'b>> = Vec::new();
+        let mut rejected = 0u64;
+        for i in 0..batch.len() {
+            match self.decoder.decode(batch.line(i), &mut events) {
+                Ok(_) => out.extend(events.drain(..).enumerate().map(|(index, event)| Decoded {
+                    line: i,
+                    index: index as u32,
+                    event,
+                })),
+                Err(e) => {
+                    rejected += 1;
+                    events.clear();
+                    metrics::counter!("keywatch_events_rejected_total", "reason" => e.kind())
+                        .increment(1);
+                    self.write_dead_letter(batch, i, &e.to_string())?;
+                }
+            }
+        }
+        if rejected > 0 {
+            self.flush()?;
+        }
+        Ok((out, rejected))
+    }
+
+    fn write_dead_letter(&mut self, batch: &Batch, i: usize, reason: &str) -> anyhow::Result<()> {
+        let offset = batch.line_offsets.get(i).copied().unwrap_or(0);
+        let Some(sink) = &mut self.dead_letters else {
+            return Ok(());
+        };
+        tracing::warn!(source = %self.source_id, offset, reason, "rejected a line");
+        sink.write(&DeadLetter {
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            source: &self.source_id,
+            topic: batch.topics.get(i).map(|t| t.as_ref()),
+            partition: batch.partitions.get(i).copied(),
+            offset,
+            reason: reason.to_owned(),
+            line: self.decoder.redact(batch.line(i)),
+        })
+        .context("writing the dead letters")
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some(sink) = &mut self.dead_letters {
+            sink.flush().context("writing the dead letters")?;
+        }
+        Ok(())
+    }
+}
+
+/// A batch seen through its [`LineStage`].
+struct BatchLines<'a> {
+    batch: &'a Batch,
+    stage: &'a mut LineStage,
+}
+
+impl Lines for BatchLines<'_> {
+    fn origin(&self, line: usize, index: u32) -> Origin {
+        Origin {
+            partition: self.batch.partition(line),
+            offset: self.batch.line_offsets.get(line).copied().unwrap_or(0) as i64,
+            index,
+        }
+    }
+
+    fn position_before(&self, line: usize) -> Option<Position> {
+        position_before(self.batch, line)
+    }
+
+    fn dead_letter(&mut self, line: usize, reason: &str) -> anyhow::Result<()> {
+        self.stage.write_dead_letter(self.batch, line, reason)
+    }
+
+    fn flush_dead_letters(&mut self) -> anyhow::Result<()> {
+        self.stage.flush()
+    }
+}
+
+/// The position just before line `line` of `batch`: a file's or stdin's byte offset of that
+/// line; for Kafka, the next offset of every partition of the lines before it.
+pub fn position_before(batch: &Batch, line: usize) -> Option<Position> {
+    if line >= batch.len() {
+        return batch.position.clone();
+    }
+    let offset = batch.line_offsets.get(line).copied()?;
+    match batch.position.as_ref()? {
+        Position::File(f) => Some(Position::File(crate::source::FilePosition {
+            offset,
+            ..f.clone()
+        })),
+        Position::Stdin { .. } => Some(Position::Stdin { offset }),
+        Position::Kafka { .. } => {
+            let mut offsets: Vec<PartitionOffset> = Vec::new();
+            for i in 0..line {
+                let topic = batch
+                    .topics
+                    .get(i)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                let partition = batch.partition(i);
+                let next = batch.line_offsets.get(i).copied().unwrap_or(0) as i64 + 1;
+                match offsets
+                    .iter_mut()
+                    .find(|p| p.partition == partition && p.topic == topic)
+                {
+                    Some(p) => p.offset = p.offset.max(next),
+                    None => offsets.push(PartitionOffset {
+                        topic,
+                        partition,
+                        offset: next,
+                    }),
+                }
+            }
+            (!offsets.is_empty()).then_some(Position::Kafka { offsets })
+        }
+    }
+}
+
+/// Events that come without lines (a backtest of stored events, tests): no positions, and
+/// nothing to dead-letter (a scratch store refuses nothing).
+struct NoLines;
+
+impl Lines for NoLines {
+    fn origin(&self, line: usize, index: u32) -> Origin {
+        Origin {
+            partition: 0,
+            offset: line as i64,
+            index,
+        }
+    }
+
+    fn position_before(&self, _line: usize) -> Option<Position> {
+        None
+    }
+
+    fn dead_letter(&mut self, line: usize, reason: &str) -> anyhow::Result<()> {
+        tracing::warn!(event = line, reason, "the store refused an event");
+        Ok(())
+    }
+
+    fn flush_dead_letters(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// The pipeline's parts; [`Pipeline::new`] puts them together.
+pub struct Parts {
+    pub store: Box<dyn Store + Send>,
+    pub registry: RegistryFeed,
+    pub policy: Policy,
+    pub clock: Clock,
+    pub findings: FindingSink,
+    /// The source's name, under which its position is stored.
+    pub source_id: String,
+}
+
+/// See the module doc.
+pub struct Pipeline {
+    store: Box<dyn Store + Send>,
+    /// The stream and rotation detectors, with the registry in force.
+    engine: Engine,
+    /// The per-key anomaly models (`None`: `[anomaly] enabled = false`).
+    anomaly: Option<AnomalyFeed>,
+    registry: RegistryFeed,
+    /// A backtest's lifecycle events, applied at their event time.
+    timed: TimedLifecycle,
+    schedule: Schedule,
+    /// With several instances in a consumer group, one evaluates rotations (see
+    /// [`Pipeline::evaluate_only_when`]).
+    gate: Option<Arc<AtomicBool>>,
+    sink: FindingSink,
+    source_id: String,
+    /// Stops commit retries at shutdown (the batch is read again at the next start).
+    cancel: CancellationToken,
+    health: Option<Arc<Health>>,
+    /// Replaces the evaluation at each tick (tests).
+    on_tick: Option<TickHook>,
+    /// The findings handed over since the last tick, kept for [`Tick::streamed`] (only
+    /// while `collect_streamed`).
+    streamed: Vec<Finding>,
+    collect_streamed: bool,
+    summary: RunSummary,
+}
+
+impl Pipeline {
+    pub fn new(parts: Parts) -> anyhow::Result<Pipeline> {
+        let registry = parts.registry.registry();
+        Ok(Pipeline {
+            anomaly: AnomalyFeed::new(&parts.policy.anomaly, Arc::clone(&registry)),
+            engine: Engine::new(registry, parts.policy),
+            store: parts.store,
+            registry: parts.registry,
+            timed: TimedLifecycle::default(),
+            schedule: Schedule::new(parts.clock).map_err(anyhow::Error::msg)?,
+            gate: None,
+            sink: parts.findings,
+            source_id: parts.source_id,
+            cancel: CancellationToken::new(),
+            health: None,
+            on_tick: None,
+            streamed: Vec::new(),
+            collect_streamed: false,
+            summary: RunSummary::default(),
+        })
+    }
+
+    /// Evaluates rotations and key ages only while `gate` is set: with several instances in
+    /// a consumer group, one evaluation per group (the partition-0 owner's,
+    /// [`crate::source::kafka::KafkaSource::leader`]). Stream and anomaly findings, which come
+    /// from each instance's own partitions, are not gated.
+    pub fn evaluate_only_when(&mut self, gate: Arc<AtomicBool>) {
+        self.gate = Some(gate);
+    }
+
+    /// Commit retries stop when `cancel` fires.
+    pub fn stop_retrying_on(&mut self, cancel: CancellationToken) {
+        self.cancel = cancel;
+    }
+
+    /// `/healthz` learns of every commit.
+    pub fn report_health(&mut self, health: Arc<Health>) {
+        self.health = Some(health);
+    }
+
+    /// Lifecycle events applied at their own event time (a backtest's `--lifecycle`).
+    pub fn apply_at_their_time(&mut self, events: TimedLifecycle) {
+        self.timed = events;
+    }
+
+    /// Replaces the evaluation at each tick by `hook` (scenario tests look at the engine and
+    /// the store at chosen times, with exactly the events before each time ingested).
+    pub fn on_tick(&mut self, hook: impl FnMut(Tick<'_>) + Send + 'static) {
+        self.on_tick = Some(Box::new(hook));
+        self.collect_streamed = true;
+    }
+
+    /// Keeps the stream and anomaly findings handed over, for [`Self::take_streamed`] (a test
+    /// that steps the pipeline itself).
+    pub fn collect_streamed(&mut self) {
+        self.collect_streamed = true;
+    }
+
+    /// The stream and anomaly findings handed over since the last call (see
+    /// [`Self::collect_streamed`]).
+    pub fn take_streamed(&mut self) -> Vec<Finding> {
+        std::mem::take(&mut self.streamed)
+    }
+
+    /// The detectors and the store, to look at between steps.
+    pub fn parts_mut(&mut self) -> (&mut Engine, &mut dyn Store) {
+        (&mut self.engine, self.store.as_mut())
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn store(&mut self) -> &mut dyn Store {
+        self.store.as_mut()
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        self.engine.registry()
+    }
+
+    pub fn anomaly(&self) -> Option<&AnomalyFeed> {
+        self.anomaly.as_ref()
+    }
+
+    /// The new findings of the run so far, in the order raised.
+    pub fn raised(&self) -> &[Finding] {
+        self.sink.raised()
+    }
+
+    /// At start: applies the lifecycle topic up to its end (or `timeout`); returns whether
+    /// it got there.
+    pub async fn catch_up(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        let (caught_up, changed) = self.registry.catch_up(timeout).await?;
+        if let Some(r) = changed {
+            self.engine.set_registry(Arc::clone(&r));
+            self.sink.registry_async(r).await;
+        }
+        Ok(caught_up)
+    }
+
+    /// Follows lifecycle messages (see [`RegistryFeed::follow_topic`]).
+    pub fn registry_feed(&mut self) -> &mut RegistryFeed {
+        &mut self.registry
+    }
+
+    /// At start: warms the anomaly models up from the store's history.
+    pub fn warm_up(&mut self) {
+        if let Some(a) = &mut self.anomaly {
+            a.warm_up(self.store.as_mut());
+        }
+    }
+
+    /// The daemon's loop: batches from `rx` until the source ends, with the registry and the
+    /// wall-clock schedule looked after between batches. `batch_max` is
+    /// `pipeline.batch_max_events`: a batch that long says the source is behind.
+    pub fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Batch>,
+        mut lines: LineStage,
+        batch_max: usize,
+    ) -> anyhow::Result<RunSummary> {
+        let rt = tokio::runtime::Handle::current();
+        // Before the first batch: the source reads ahead into the bounded channel meanwhile.
+        self.warm_up();
+        loop {
+            // Wake up for the schedule and the registry even when no input comes.
+            let wait = self.schedule.wall_wait().min(self.registry.wait());
+            match rt.block_on(tokio::time::timeout(wait, rx.recv())) {
+                Ok(Some(batch)) => {
+                    // A full batch, or more waiting: the source is behind (a backlog after
+                    // an outage or at start).
+                    let behind = batch.len() >= batch_max || !rx.is_empty();
+                    self.process_batch(&mut lines, batch)?;
+                    self.schedule.set_behind(behind);
+                }
+                Ok(None) => break,
+                Err(_elapsed) => self.schedule.set_behind(false),
+            }
+            self.tick()?;
+        }
+        self.finish()
+    }
+
+    /// Steps 1-7 of the module doc for one batch of lines.
+    pub fn process_batch(&mut self, stage: &mut LineStage, mut batch: Batch) -> anyhow::Result<()> {
+        let (decoded, rejected) = stage.decode(&batch)?;
+        let n = batch.len();
+        let stored = self.ingest(
+            &decoded,
+            &mut BatchLines {
+                batch: &batch,
+                stage,
+            },
+            n,
+        )?;
+        drop(decoded);
+        self.summary.lines += n as u64;
+        self.summary.events += stored;
+        self.summary.dead_letters += rejected;
+        self.summary.batches += 1;
+        tracing::debug!(lines = n, events = stored, rejected, "batch committed");
+        if let Some(ack) = batch.on_commit.take() {
+            ack();
+        }
+        Ok(())
+    }
+
+    /// Steps 2-6 for events that come without lines (a backtest of stored events, tests),
+    /// in time order.
+    pub fn process_events(&mut self, events: Vec<AuthEvent<'_>>) -> anyhow::Result<()> {
+        let decoded: Vec<Decoded<'_>> = events
+            .into_iter()
+            .enumerate()
+            .map(|(line, event)| Decoded {
+                line,
+                index: 0,
+                event,
+            })
+            .collect();
+        let n = decoded.len();
+        let stored = self.ingest(&decoded, &mut NoLines, n)?;
+        self.summary.lines += n as u64;
+        self.summary.events += stored;
+        self.summary.batches += 1;
+        Ok(())
+    }
+
+    /// Between batches: the registry followed, and a wall-clock evaluation when it is due.
+    pub fn tick(&mut self) -> anyhow::Result<()> {
+        if let Some(r) = self.registry.poll()? {
+            self.registry_changed(r);
+        }
+        match self.schedule.wall_due() {
+            WallTick::Due => self.evaluate(chrono::Utc::now().timestamp_millis())?,
+            WallTick::Postponed => {
+                metrics::counter!("keywatch_evaluations_postponed_total").increment(1)
+            }
+            WallTick::NotYet => {}
+        }
+        Ok(())
+    }
+
+    /// The input has ended (a one-shot read, a backtest, or shutdown): the last evaluations
+    /// (see [`Schedule::finish`]); returns what the run did.
+    pub fn finish(mut self) -> anyhow::Result<RunSummary> {
+        for t in self.schedule.finish() {
+            self.apply_timed_until(t);
+            self.evaluate(t)?;
+        }
+        self.summary.findings = self.sink.take_raised();
+        Ok(self.summary)
+    }
+
+    fn registry_changed(&mut self, registry: Arc<Registry>) {
+        self.engine.set_registry(Arc::clone(&registry));
+        self.sink.registry(registry);
+    }
+
+    /// The next event time at which ingestion must stop for a tick or a lifecycle change.
+    fn next_cut(&mut self, ts_ms: i64) -> Option<i64> {
+        match (self.schedule.next_cut(ts_ms), self.timed.next_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Steps 2-6: cuts `decoded` at the ticks and changes it reaches, commits each segment
+    /// with the position after it, and applies the ticks and changes in time order. The
+    /// last segment (possibly without events) carries the position after all `n_lines`.
+    /// Returns the events stored.
+    fn ingest(
+        &mut self,
+        decoded: &[Decoded<'_>],
+        lines: &mut dyn Lines,
+        n_lines: usize,
+    ) -> anyhow::Result<u64> {
+        let mut stored = 0;
+        let (mut start, mut first_line) = (0, 0);
+        while start < decoded.len() {
+            let Some(cut) = self.next_cut(decoded[start].event.ts_ms) else {
+                break;
+            };
+            let Some(reach) = decoded[start..]
+                .iter()
+                .position(|d| d.event.ts_ms >= cut)
+                .map(|i| start + i)
+            else {
+                break;
+            };
+            // Cut between lines: the whole line of the event that reached the cut waits.
+            let line = decoded[reach].line;
+            let end = decoded[start..reach]
+                .iter()
+                .position(|d| d.line == line)
+                .map_or(reach, |i| start + i);
+            if end > start {
+                stored += self.commit_segment(&decoded[start..end], lines, first_line..line)?;
+                (start, first_line) = (end, line);
+            }
+            self.advance_to(decoded[reach].event.ts_ms)?;
+        }
+        stored += self.commit_segment(&decoded[start..], lines, first_line..n_lines)?;
+        Ok(stored)
+    }
+
+    /// Applies the lifecycle changes and evaluates the ticks up to `ts_ms`, in time order (a
+    /// change at the time of a tick comes first).
+    fn advance_to(&mut self, ts_ms: i64) -> anyhow::Result<()> {
+        for t in self.schedule.ticks_until(ts_ms) {
+            self.apply_timed_until(t);
+            self.evaluate(t)?;
+        }
+        self.apply_timed_until(ts_ms);
+        Ok(())
+    }
+
+    fn apply_timed_until(&mut self, ts_ms: i64) {
+        for (at, ev) in self.timed.until(ts_ms) {
+            let key = ev.key_id().to_owned();
+            match self.registry.apply(ev) {
+                Ok(r) => self.registry_changed(r),
+                Err(reason) => {
+                    tracing::warn!(%key, at = %crate::registry::format_rfc3339(at), %reason, "refused a lifecycle event")
+                }
+            }
+        }
+    }
+
+    /// Steps 3-6 for one segment: `events` of `lines` (all of them, for the position).
+    fn commit_segment(
+        &mut self,
+        events: &[Decoded<'_>],
+        src: &mut dyn Lines,
+        lines: std::ops::Range<usize>,
+    ) -> anyhow::Result<u64> {
+        let mut agg = Aggregate::default();
+        let keep_raw = self.store.keeps_raw_events();
+        let mut raw: Vec<StoredEvent<'_>> = Vec::new();
+        for d in events {
+            self.schedule.saw(d.event.ts_ms);
+            self.engine.observe(&d.event);
+            agg.add(&d.event);
+            if keep_raw {
+                raw.push(StoredEvent {
+                    origin: src.origin(d.line, d.index),
+                    event: d.event.clone(),
+                });
+            }
+        }
+        // The anomaly models see the segment once, here; what it raised (stream and anomaly
+        // findings) is safe with the notifier before the segment is committed.
+        if let Some(a) = &mut self.anomaly {
+            let found = a.observe(&agg, self.engine.registry());
+            self.engine.push_pending(found);
+        }
+        let found = self.engine.take_pending();
+        if self.collect_streamed {
+            self.streamed.extend(found.iter().cloned());
+        }
+        self.sink.before_commit(self.store.as_mut(), found)?;
+
+        let position = src.position_before(lines.end);
+        let source_id = self.source_id.clone();
+        let checkpoint = position.as_ref().map(|position| Checkpoint {
+            source: &source_id,
+            position,
+        });
+        let started = Instant::now();
+        let stored = match self.commit_with_retry(&BatchWrite {
+            aggregate: &agg,
+            events: &raw,
+            checkpoint,
+        }) {
+            Ok(()) => agg.events,
+            Err(StoreError::Rejected(reason)) => {
+                drop(raw);
+                self.isolate_rejected(events, src, lines, &reason)?
+            }
+            Err(e) => return Err(e).context("storing a batch"),
+        };
+        metrics::histogram!("keywatch_store_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("keywatch_events_total").increment(stored);
+        metrics::counter!("keywatch_batches_committed_total").increment(1);
+        metrics::gauge!("keywatch_last_commit_timestamp_seconds")
+            .set(chrono::Utc::now().timestamp() as f64);
+        if let Some(h) = &self.health {
+            h.committed();
+        }
+        Ok(stored)
+    }
+
+    /// The store refused a segment for good. Stores it again line by line, each with the
+    /// position just after it, so that only the lines the store refuses go to the dead
+    /// letter and a crash in the middle neither loses nor repeats a line. The detectors saw
+    /// every line already (those the store refuses too: they happened at the gateway).
+    fn isolate_rejected(
+        &mut self,
+        events: &[Decoded<'_>],
+        src: &mut dyn Lines,
+        lines: std::ops::Range<usize>,
+        reason: &str,
+    ) -> anyhow::Result<u64> {
+        tracing::warn!(
+            lines = lines.len(),
+            reason,
+            "the store rejected a batch; storing it line by line"
+        );
+        let source_id = self.source_id.clone();
+        let keep_raw = self.store.keeps_raw_events();
+        let mut stored = 0;
+        let mut rest = events;
+        for line in lines {
+            let n = rest.iter().take_while(|d| d.line == line).count();
+            let (mine, after) = rest.split_at(n);
+            rest = after;
+            let mut agg = Aggregate::default();
+            let mut raw = Vec::new();
+            for d in mine {
+                agg.add(&d.event);
+                if keep_raw {
+                    raw.push(StoredEvent {
+                        origin: src.origin(d.line, d.index),
+                        event: d.event.clone(),
+                    });
+                }
+            }
+            let position = src.position_before(line + 1);
+            let checkpoint = position.as_ref().map(|position| Checkpoint {
+                source: &source_id,
+                position,
+            });
+            match self.commit_with_retry(&BatchWrite {
+                aggregate: &agg,
+                events: &raw,
+                checkpoint,
+            }) {
+                Ok(()) => stored += agg.events,
+                Err(StoreError::Rejected(why)) => {
+                    metrics::counter!("keywatch_events_rejected_total", "reason" => "store_rejected")
+                        .increment(1);
+                    src.dead_letter(line, &format!("rejected by the store: {why}"))?;
+                    src.flush_dead_letters()?;
+                    let empty = Aggregate::default();
+                    self.commit_with_retry(&BatchWrite {
+                        aggregate: &empty,
+                        events: &[],
+                        checkpoint,
+                    })
+                    .context("storing the position after a rejected line")?;
+                }
+                Err(e) => return Err(e).context("storing a line"),
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Retries transient store errors with capped exponential backoff until it works or
+    /// keywatch is asked to stop (the batch is then read again at the next start).
+    fn commit_with_retry(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.store.commit(batch) {
+                Err(e) if e.is_transient() && !self.cancel.is_cancelled() => {
+                    metrics::counter!("keywatch_store_errors_total", "kind" => "transient")
+                        .increment(1);
+                    tracing::warn!(error = %e, retry_in = ?delay, "store unavailable, retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Evaluates rotations and key ages at `now_ms` (or hands the tick to the test hook).
+    fn evaluate(&mut self, now_ms: i64) -> anyhow::Result<()> {
+        if let Some(hook) = &mut self.on_tick {
+            hook(Tick {
+                now_ms,
+                engine: &mut self.engine,
+                store: self.store.as_mut(),
+                streamed: std::mem::take(&mut self.streamed),
+            });
+            return Ok(());
+        }
+        let evaluator = self
+            .gate
+            .as_ref()
+            .is_none_or(|g| g.load(std::sync::atomic::Ordering::SeqCst));
+        metrics::gauge!("keywatch_rotation_evaluator").set(if evaluator { 1.0 } else { 0.0 });
+        if !evaluator {
+            // Another member of the group evaluates rotations.
+            return Ok(());
+        }
+        metrics::counter!("keywatch_evaluations_total").increment(1);
+        let Some(ds) = self.store.detection() else {
+            return Ok(());
+        };
+        let (found, rotations) = self.engine.evaluate_with_rotations(now_ms, &*ds);
+        self.sink.evaluated(self.store.as_mut(), found, rotations)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Outcome;
+    use crate::source::FilePosition;
+    use crate::store::SqliteStore;
+    use std::borrow::Cow;
+    use std::sync::Mutex;
+
+    const H: i64 = 3_600_000;
+
+    fn scratch(clock: Clock) -> Pipeline {
+        Pipeline::new(Parts {
+            store: Box::new(SqliteStore::open_file(std::path::Path::new(":memory:")).unwrap()),
+            registry: RegistryFeed::new(None, Duration::from_secs(3600)),
+            policy: Policy::default(),
+            clock,
+            findings: FindingSink::new(None),
+            source_id: "test".into(),
+        })
+        .unwrap()
+    }
+
+    fn event(ts_ms: i64) -> AuthEvent<'static> {
+        AuthEvent::new(ts_ms, Cow::Borrowed("k1"), 200, Outcome::Ok)
+    }
+
+    #[test]
+    fn each_tick_sees_exactly_the_events_before_it_whatever_the_batches() {
+        // Events every 10 minutes over 5 hours; ticks at each hour. The count stored when a
+        // tick runs must be the number of events before it, in one batch or many.
+        let times: Vec<i64> = (0..30).map(|i| 10 * H + i * 600_000).collect();
+        let expected: Vec<(i64, u64)> = (11..=14)
+            .map(|h| (h * H, times.iter().filter(|t| **t < h * H).count() as u64))
+            .collect();
+        for chunk in [1, 7, 30] {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let mut p = scratch(Clock::Event(crate::daemon::schedule::Ticks::Every(H)));
+            let s = Arc::clone(&seen);
+            p.on_tick(move |t| {
+                let usage = t
+                    .store
+                    .detection()
+                    .unwrap()
+                    .rotation_data("k1", "k2", 0)
+                    .unwrap();
+                let n: u64 = usage.hourly.iter().map(|h| h.old_requests).sum();
+                s.lock().unwrap().push((t.now_ms, n));
+            });
+            for c in times.chunks(chunk) {
+                p.process_events(c.iter().map(|t| event(*t)).collect())
+                    .unwrap();
+            }
+            let summary = p.finish().unwrap();
+            assert_eq!(summary.events, 30);
+            let seen = seen.lock().unwrap();
+            assert_eq!(&seen[..4], &expected[..], "chunks of {chunk}");
+            // The last evaluation: at the last event, with everything.
+            assert_eq!(seen[4], (*times.last().unwrap(), 30), "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_batch_position_is_cut_between_lines() {
+        let mut b = Batch::default();
+        for (i, line) in ["a", "bb", "ccc"].iter().enumerate() {
+            b.push_line(line.as_bytes(), [0u64, 2, 5][i]);
+        }
+        b.position = Some(Position::File(FilePosition {
+            path: "/x".into(),
+            dev: 1,
+            inode: 2,
+            offset: 9,
+        }));
+        let offset = |p: Option<Position>| match p {
+            Some(Position::File(f)) => f.offset,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(offset(position_before(&b, 1)), 2);
+        assert_eq!(offset(position_before(&b, 2)), 5);
+        assert_eq!(offset(position_before(&b, 3)), 9);
+
+        let mut k = Batch::default();
+        for (i, (p, o)) in [(0, 10u64), (1, 4), (0, 11)].iter().enumerate() {
+            k.push_line(format!("m{i}").as_bytes(), *o);
+            k.partitions.push(*p);
+            k.topics.push(Arc::from("t"));
+        }
+        k.position = Some(Position::Kafka {
+            offsets: Vec::new(),
+        });
+        assert_eq!(position_before(&k, 0), None);
+        let Some(Position::Kafka { offsets }) = position_before(&k, 2) else {
+            panic!()
+        };
+        let mut got: Vec<_> = offsets.iter().map(|p| (p.partition, p.offset)).collect();
+        got.sort();
+        assert_eq!(got, [(0, 11), (1, 5)]);
+    }
+}
