@@ -30,3 +30,4 @@ pub mod registry;
 pub mod sample;
 pub mod source;
 pub mod store;
+pub mod telemetry;

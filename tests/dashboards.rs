@@ -1304,7 +1304,13 @@ fn metric_names(text: &str) -> BTreeSet<String> {
         let n = tail
             .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
             .unwrap_or(tail.len());
-        out.insert(tail[..n].to_owned());
+        // A histogram's series are its name plus _bucket, _sum and _count.
+        let name = &tail[..n];
+        let name = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.insert(name.to_owned());
         rest = &tail[n..];
     }
     out
@@ -1385,15 +1391,21 @@ fn health_dashboard_reads_metrics_keywatch_exports() {
         assert!(used.contains(name), "the health dashboard shows {name}");
         assert!(scraped.contains(name), "/metrics has {name}:\n{body}");
     }
-    // The commit time is a summary with the quantiles the dashboard selects.
-    for q in ["0.5", "0.9", "0.99"] {
+    // The commit time is a histogram (the dashboard computes its quantiles from the
+    // buckets, which add up across the instances of a group).
+    for le in ["0.01", "0.1", "1", "+Inf"] {
         assert!(
             body.contains(&format!(
-                "keywatch_store_commit_seconds{{quantile=\"{q}\"}}"
+                "keywatch_store_commit_seconds_bucket{{le=\"{le}\"}}"
             )),
             "{body}"
         );
     }
+    assert!(
+        body.contains("# TYPE keywatch_store_commit_seconds histogram"),
+        "{body}"
+    );
+    assert!(body.contains("keywatch_build_info{version="), "{body}");
     // The others appear once something happens (Kafka, errors, findings): they must at
     // least be metrics keywatch's source emits.
     let mut known = BTreeSet::new();

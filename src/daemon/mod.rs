@@ -349,9 +349,7 @@ impl Reader {
 pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     let cancel = CancellationToken::new();
     let health = Arc::new(Health::default());
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+    let metrics = crate::telemetry::install().context("installing the metrics recorder")?;
     let server_task = match config.server {
         Some(addr) => {
             let (bound, task) = server::serve(addr, health.clone(), Some(metrics), cancel.clone())
