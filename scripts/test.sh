@@ -10,6 +10,8 @@
 #     and AUTH for the email tests);
 #   - docker-compose, from Debian's packages (tests/deploy.rs validates docker-compose.yml
 #     with `docker-compose config`; no Docker engine is needed);
+#   - python3-yaml and systemd, from Debian's packages (tests/deploy.rs reads the YAML files
+#     and runs `systemd-analyze verify` on the unit);
 #   - chdb-core, from PyPI, into a venv under target/ (tests/chdb/run.sh): a current
 #     ClickHouse engine, in-process, to check that the schema and queries also run on
 #     today's ClickHouse.
@@ -39,6 +41,11 @@ if ! /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || ! command -v openssl >
     echo "installing aiosmtpd (a real SMTP server for the email tests) and openssl"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-aiosmtpd openssl
+fi
+if ! /usr/bin/python3 -c 'import yaml' 2>/dev/null || ! command -v systemd-analyze >/dev/null; then
+    echo "installing python3-yaml and systemd (tests/deploy.rs reads YAML and verifies the unit)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-yaml systemd
 fi
 if ! command -v docker-compose >/dev/null; then
     echo "installing docker-compose (validates docker-compose.yml without an engine)"
