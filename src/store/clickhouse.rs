@@ -952,9 +952,9 @@ impl ClickHouseStore {
         Ok(())
     }
 
-    /// Test hook: writes a batch's rows but not its offsets, as a crash between the two
-    /// would.
-    #[doc(hidden)]
+    /// Test hook (feature `test-hooks`): writes a batch's rows but not its offsets, as a
+    /// crash between the two would.
+    #[cfg(feature = "test-hooks")]
     pub fn commit_without_offsets(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
         self.block_on(self.commit_async(batch, false))
     }
