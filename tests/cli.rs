@@ -229,3 +229,81 @@ fn a_one_shot_run_and_a_backtest_raise_the_same_findings() {
     );
     assert_eq!(daemon, backtest);
 }
+
+/// `backtest --lifecycle`: lifecycle events apply at their own time, in event-time order with
+/// the traffic. Key A of the quick-start sample is active in the file; the events start its
+/// rotation, then revoke it while two hosts still send it.
+#[test]
+fn backtest_applies_lifecycle_events_at_their_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let registry = std::fs::read_to_string(cwd.join("examples/registry.toml")).unwrap();
+    let active = registry
+        .replace("state = \"rotating\"\n", "")
+        .replace("successor = \"ac009636-a60d-420a-bec7-5e2bf891558f\"\n", "")
+        .replace("rotation_started = \"2026-11-21T15:24\"\n", "")
+        .replace("deadline = \"2026-11-24T18:00\"\n", "");
+    assert!(!active.contains("rotation_started"), "{active}");
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, active).unwrap();
+    let events = dir.path().join("lifecycle.jsonl");
+    std::fs::write(
+        &events,
+        "{\"type\":\"key_revoked\",\"key_id\":\"bb3ab5b2-819d-4491-b795-90ac9c7824e4\",\
+         \"revoked_at\":\"2026-11-23T12:00:00Z\"}\n\
+         {\"type\":\"rotation_started\",\"key_id\":\"bb3ab5b2-819d-4491-b795-90ac9c7824e4\",\
+         \"successor\":\"ac009636-a60d-420a-bec7-5e2bf891558f\",\
+         \"started_at\":\"2026-11-21T15:24\",\"deadline\":\"2026-11-24T18:00\"}\n",
+    )
+    .unwrap();
+    let config = config(
+        dir.path(),
+        &cwd.join("examples/gateway.log"),
+        "kong",
+        &format!("[rules]\nkeys = {keys:?}\n"),
+    );
+    let backtest = |lifecycle: bool| -> Vec<serde_json::Value> {
+        let mut cmd = keywatch();
+        cmd.args(["backtest", "--config"])
+            .arg(&config)
+            .arg("--input")
+            .arg(cwd.join("examples/gateway.log"))
+            .env("KW_TEST_SECRET", SECRET);
+        if lifecycle {
+            cmd.arg("--lifecycle").arg(&events);
+        }
+        String::from_utf8(run_ok(&mut cmd).stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let of = |found: &[serde_json::Value], kind: &str| -> Vec<String> {
+        found
+            .iter()
+            .filter(|f| f["kind"] == kind)
+            .map(|f| f["at"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let without = backtest(false);
+    assert!(of(&without, "lingering_old_key").is_empty(), "{without:#?}");
+    assert!(of(&without, "revoked_key_used").is_empty(), "{without:#?}");
+
+    let with = backtest(true);
+    let lingering = of(&with, "lingering_old_key");
+    let revoked = of(&with, "revoked_key_used");
+    assert!(!lingering.is_empty(), "{with:#?}");
+    assert!(!revoked.is_empty(), "{with:#?}");
+    // RFC 3339 in UTC compares as text.
+    let (started, revoked_at) = ("2026-11-21T14:24:00.000Z", "2026-11-23T12:00:00.000Z");
+    assert!(
+        lingering
+            .iter()
+            .all(|at| at.as_str() >= started && at.as_str() < revoked_at),
+        "{lingering:?}"
+    );
+    assert!(
+        revoked.iter().all(|at| at.as_str() >= revoked_at),
+        "{revoked:?}"
+    );
+}
