@@ -45,7 +45,10 @@ pub async fn check(config: &Config) -> Vec<Check> {
         out.push((what, result));
     }
     if let StoreConfig::ClickHouse(c) = &config.store {
-        out.push((format!("clickhouse {}", c.url), clickhouse(c).await));
+        out.push((
+            format!("clickhouse {}", c.url),
+            crate::store::open::ping(c).await,
+        ));
     }
     if out.is_empty() {
         out.push((
@@ -85,56 +88,4 @@ fn kafka(
         md.brokers().len(),
         found.join(", ")
     ))
-}
-
-async fn clickhouse(c: &crate::store::clickhouse::ClickHouseConfig) -> Result<String, String> {
-    let password = c.load_password()?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.without_url().to_string())?;
-    let mut req = client
-        .post(&c.url)
-        .header("X-ClickHouse-User", &c.user)
-        .body("SELECT version()");
-    if let Some(p) = &password {
-        req = req.header("X-ClickHouse-Key", p.expose());
-    }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach the server: {}", chain(&e.without_url())))?;
-    let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    if !status.is_success() {
-        let first = body
-            .lines()
-            .next()
-            .unwrap_or("")
-            .chars()
-            .take(200)
-            .collect::<String>();
-        return Err(format!("HTTP {status}: {first}"));
-    }
-    Ok(format!(
-        "ClickHouse {} (database {})",
-        body.trim(),
-        c.database
-    ))
-}
-
-/// An error with its causes (`error sending request: connection refused`); reqwest errors
-/// have had their URL removed before they get here.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    out
 }

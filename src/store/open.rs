@@ -120,3 +120,58 @@ impl UsageReport for Reader {
         self.usage().latest_event_ms()
     }
 }
+
+/// `check-config --connect`: reaches the ClickHouse server of `c` with its credentials
+/// (`SELECT version()`, ten seconds at most) and says what answered, or what failed (without
+/// the URL, which may carry credentials).
+pub async fn ping(c: &ClickHouseConfig) -> Result<String, String> {
+    let password = c.load_password()?;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.without_url().to_string())?;
+    let mut req = client
+        .post(&c.url)
+        .header("X-ClickHouse-User", &c.user)
+        .body("SELECT version()");
+    if let Some(p) = &password {
+        req = req.header("X-ClickHouse-Key", p.expose());
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach the server: {}", chain(&e.without_url())))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let first = body
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect::<String>();
+        return Err(format!("HTTP {status}: {first}"));
+    }
+    Ok(format!(
+        "ClickHouse {} (database {})",
+        body.trim(),
+        c.database
+    ))
+}
+
+/// An error with its causes (`error sending request: connection refused`); reqwest errors
+/// have had their URL removed before they get here.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    out
+}
