@@ -311,26 +311,6 @@ struct RawInhibit {
 const DEFAULT_GROUP_WAIT: &str = "30s";
 const DEFAULT_GROUP_INTERVAL: &str = "5m";
 const DEFAULT_REPEAT: &str = "24h";
-/// Kinds whose facts are each told once unless the file says otherwise: their dedup keys
-/// already name the step or the period (a reminder step, a revoked key used per
-/// `alerts.repeat_after`), or telling them again says nothing new.
-const NEVER_REPEATED: [FindingKind; 13] = [
-    FindingKind::RotationReminder,
-    FindingKind::SafeToRevoke,
-    FindingKind::RevokedKeyUsed,
-    FindingKind::ExpiredKeyUsed,
-    FindingKind::UnknownKeyBurst,
-    FindingKind::UnknownKey,
-    // Anomaly findings name their hour, minute or new source.
-    FindingKind::VolumeAnomaly,
-    FindingKind::FailureRateSpike,
-    FindingKind::LatencyShift,
-    FindingKind::NewSource,
-    FindingKind::DormantKeyWoke,
-    FindingKind::OutOfScopeUse,
-    FindingKind::BehaviourAnomaly,
-];
-
 impl Config {
     /// Reads and validates a routes file; templates named relative to it.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -585,8 +565,10 @@ impl Validator<'_> {
             Some(v) => self.repeat_ms("repeat.default", v)?,
             None => Some(duration::parse(DEFAULT_REPEAT).expect("valid").as_millis() as i64),
         };
-        let mut by_kind: BTreeMap<Kind, Option<i64>> = NEVER_REPEATED
+        // Kinds told once unless the file says otherwise (`KindInfo::repeats`).
+        let mut by_kind: BTreeMap<Kind, Option<i64>> = FindingKind::ALL
             .into_iter()
+            .filter(|k| !k.info().repeats)
             .map(|k| (Kind::Finding(k), None))
             .collect();
         for (name, v) in raw {
