@@ -275,7 +275,13 @@ mod tests {
         .map(|w| (w.item.dedup_key.clone(), w))
         .collect();
         // (quiet hours except, dropped, held, sent)
-        let cases: [(Option<Severity>, &[&str], &[&str], &[&str]); 3] = [
+        type Case = (
+            Option<Severity>,
+            &'static [&'static str],
+            &'static [&'static str],
+            &'static [&'static str],
+        );
+        let cases: [Case; 3] = [
             (None, &["x"], &[], &["b", "c", "a"]),
             (Some(Severity::Warning), &["x"], &["a"], &["b", "c"]),
             (Some(Severity::Critical), &["x"], &["a", "c"], &["b"]),

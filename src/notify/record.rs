@@ -273,6 +273,15 @@ mod tests {
         }
     }
 
+    fn finding() -> MessageFinding {
+        MessageFinding {
+            dedup_key: "unknown_key:k9".into(),
+            kind: "unknown_key".into(),
+            key_id: "k9".into(),
+            owner: None,
+        }
+    }
+
     #[test]
     fn outcomes_name_the_ending() {
         let d = || "503".to_owned();
@@ -312,12 +321,7 @@ mod tests {
     fn failures_are_told_once_and_say_what_was_lost() {
         assert!(tells_failure(&message("lingering_old_key,unknown_key")));
         assert!(!tells_failure(&message("unknown_key,notification_failed")));
-        let findings = [MessageFinding {
-            dedup_key: "unknown_key:k9".into(),
-            kind: "unknown_key".into(),
-            key_id: "k9".into(),
-            owner: None,
-        }];
+        let findings = [finding()];
         let m = message("unknown_key");
         let i = failure_item(&m, &findings, "chat not found", 7);
         assert_eq!(i.kind, Kind::NotificationFailed);
@@ -346,12 +350,7 @@ mod tests {
             severity: "warning".into(),
             created_ms: 1,
             payload: "{}".into(),
-            findings: vec![MessageFinding {
-                dedup_key: "unknown_key:k9".into(),
-                kind: "unknown_key".into(),
-                key_id: "k9".into(),
-                owner: None,
-            }],
+            findings: vec![finding()],
         };
         log.enqueue(&[new], &[], 1).unwrap();
         let (tx, mut rx) = mpsc::channel(1);
