@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use chrono_tz::Tz;
 use serde_json::{json, Value};
 
+use super::channel::{slack, telegram};
 use super::route::{Item, Kind};
 use super::template::{self, Templates};
 use crate::detect::{FindingKind, LingeringSource, RotationClass, RotationStatus, Severity};
@@ -371,18 +372,15 @@ pub fn render(
     };
     match channel_type {
         "telegram" => {
-            r.parts = template::split_html(
+            r.parts = telegram::split_html(
                 get(template::TELEGRAM).trim(),
-                template::TELEGRAM_LIMIT,
+                telegram::TELEGRAM_LIMIT,
                 max_parts,
             )
         }
         "slack" => {
-            r.parts = template::split_mrkdwn(
-                get(template::SLACK).trim(),
-                template::SLACK_LIMIT,
-                max_parts,
-            )
+            r.parts =
+                slack::split_mrkdwn(get(template::SLACK).trim(), slack::SLACK_LIMIT, max_parts)
         }
         "webhook" => {
             let text = get(template::TEXT);

@@ -48,7 +48,6 @@ mod check;
 pub mod config;
 mod dedup;
 mod deliver;
-mod email;
 mod group;
 mod inhibit;
 pub mod log;
@@ -59,10 +58,7 @@ mod redact;
 mod render;
 pub mod route;
 mod silence;
-mod slack;
-mod telegram;
 pub mod template;
-mod webhook;
 
 use std::sync::Arc;
 
