@@ -250,8 +250,11 @@ mod tests {
     use crate::notify::log::NewMessage;
     use crate::store::SqliteStore;
 
-    fn message(kinds: &str) -> MessageRow {
-        MessageRow {
+    /// A message about `kinds` queued in a fresh log, as the log returns it.
+    fn queued(kinds: &str) -> (tempfile::TempDir, SqliteStore, MessageRow) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SqliteStore::open(dir.path()).unwrap();
+        let new = NewMessage {
             id: "m1".into(),
             recipient: "owner:acme".into(),
             receiver: "owner".into(),
@@ -263,14 +266,12 @@ mod tests {
             kinds: kinds.into(),
             severity: "warning".into(),
             created_ms: 1,
-            state: "sending".into(),
-            attempts: 1,
-            next_attempt_ms: 1,
-            parts_done: 0,
-            sent_ms: None,
-            last_error: None,
             payload: "{}".into(),
-        }
+            findings: vec![finding()],
+        };
+        log.enqueue(&[new], &[], 1).unwrap();
+        let m = log.notify_message("m1").unwrap().unwrap();
+        (dir, log, m)
     }
 
     fn finding() -> MessageFinding {
@@ -319,10 +320,10 @@ mod tests {
 
     #[test]
     fn failures_are_told_once_and_say_what_was_lost() {
-        assert!(tells_failure(&message("lingering_old_key,unknown_key")));
-        assert!(!tells_failure(&message("unknown_key,notification_failed")));
+        assert!(tells_failure(&queued("lingering_old_key,unknown_key").2));
+        assert!(!tells_failure(&queued("unknown_key,notification_failed").2));
         let findings = [finding()];
-        let m = message("unknown_key");
+        let (_dir, _log, m) = queued("unknown_key");
         let i = failure_item(&m, &findings, "chat not found", 7);
         assert_eq!(i.kind, Kind::NotificationFailed);
         assert_eq!(i.key_id, "k9");
@@ -335,28 +336,10 @@ mod tests {
 
     #[test]
     fn attempts_go_to_the_sink_with_their_findings_and_are_dropped_when_it_is_full() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = SqliteStore::open(dir.path()).unwrap();
-        let new = NewMessage {
-            id: "m1".into(),
-            recipient: "owner:acme".into(),
-            receiver: "owner".into(),
-            channel: "tg".into(),
-            channel_type: "telegram".into(),
-            target: "telegram:-100".into(),
-            address: "{}".into(),
-            group_key: "g".into(),
-            kinds: "unknown_key".into(),
-            severity: "warning".into(),
-            created_ms: 1,
-            payload: "{}".into(),
-            findings: vec![finding()],
-        };
-        log.enqueue(&[new], &[], 1).unwrap();
+        let (_dir, log, m) = queued("unknown_key");
         let (tx, mut rx) = mpsc::channel(1);
         let mut r = Recorder::default();
         r.set_sink(tx);
-        let m = message("unknown_key");
         let end = AttemptEnd::Retry {
             next_attempt_ms: 10,
             detail: "503".into(),

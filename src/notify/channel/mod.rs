@@ -114,6 +114,18 @@ pub(crate) fn url_secrets(url: &str) -> Vec<String> {
     out
 }
 
+/// `s` with the characters `entity` names replaced (a markup's escaping).
+pub(crate) fn escape_with(s: &str, entity: impl Fn(char) -> Option<&'static str>) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match entity(c) {
+            Some(e) => out.push_str(e),
+            None => out.push(c),
+        }
+    }
+    out
+}
+
 /// A message split by `split(limit)` in at most `max_parts` parts: when there are more, the
 /// text is split again with room for a marker, the first `max_parts` are kept and the last
 /// says how many were not sent (`mark` puts the sentence in the channel's markup).

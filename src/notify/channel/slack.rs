@@ -55,17 +55,13 @@ pub const SLACK_LIMIT: usize = 4000;
 
 /// `&`, `<`, `>` as Slack asks, and backticks as `ˋ` so a value cannot leave a code span.
 pub fn escape_mrkdwn(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '`' => out.push('\u{02CB}'),
-            c => out.push(c),
-        }
-    }
-    out
+    super::escape_with(s, |c| match c {
+        '&' => Some("&amp;"),
+        '<' => Some("&lt;"),
+        '>' => Some("&gt;"),
+        '`' => Some("\u{02CB}"),
+        _ => None,
+    })
 }
 
 /// Splits Slack mrkdwn into parts of at most `limit` characters, at line ends where it can,
