@@ -492,3 +492,98 @@ impl<L: NotifyLog + Send> Notifier<L> {
         Ok(panicked)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::{FindingKind, Severity};
+    use crate::notify::silence::{silence_add, Matcher};
+
+    const ROUTES: &str = "[channels.out]\ntype = \"console\"\n\
+        [receivers.owner]\nowner = true\nchannels = [\"out\"]\n\
+        [[routes]]\nreceivers = [\"owner\"]\ngroup_by = [\"owner\"]\ngroup_wait = \"30s\"\n";
+    const KEYS: &str = "[owners.acme]\n[[keys]]\nid = \"k1\"\nowner = \"acme\"\n\
+        [[keys]]\nid = \"k2\"\nowner = \"acme\"\n";
+
+    fn used(key: &str, ip: &str, at_ms: i64) -> Finding {
+        Finding {
+            kind: FindingKind::RevokedKeyUsed,
+            key_id: key.into(),
+            owner: Some("acme".into()),
+            at_ms,
+            severity: Severity::Critical,
+            summary: format!("revoked key {key} used from {ip}"),
+            evidence: serde_json::json!({"ip": ip}),
+            dedup_key: format!("revoked_key_used:{key}:{ip}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn findings_wait_for_company_go_out_once_and_silences_hold_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse("routes.toml", ROUTES).unwrap();
+        let registry = Arc::new(Registry::parse("keys.toml", KEYS).unwrap());
+        let (console, out) = Console::capture();
+        let log = SqliteStore::open(dir.path()).unwrap();
+        let mut n = Notifier::with_console(config, registry, log, console).unwrap();
+        let t0 = 1_795_132_800_000;
+        let sent = || out.lock().unwrap().clone();
+
+        n.take(
+            vec![used("k1", "10.0.0.1", t0), used("k1", "10.0.0.2", t0)],
+            &[],
+            t0,
+        )
+        .unwrap();
+        assert_eq!(n.next_wakeup_ms().unwrap(), Some(t0 + 30_000));
+        n.tick(t0 + 29_999).await.unwrap();
+        assert!(sent().is_empty(), "group_wait holds the first message");
+        n.tick(t0 + 30_000).await.unwrap();
+        assert_eq!(sent().len(), 1, "one message for the group");
+        assert!(sent()[0].contains("10.0.0.1") && sent()[0].contains("10.0.0.2"));
+        assert_eq!(
+            n.store().notify_messages(i64::MIN).unwrap()[0].state,
+            "sent"
+        );
+
+        // Told once: raised again a day later, it is not repeated (never for this kind).
+        n.handle(vec![used("k1", "10.0.0.1", t0)], &[], t0 + 86_400_000)
+            .await
+            .unwrap();
+        n.drain(t0 + 86_400_000).await.unwrap();
+        assert_eq!(sent().len(), 1);
+
+        // A silence set from another connection (the CLI) holds back k2, not k1.
+        let mut cli = SqliteStore::open(dir.path()).unwrap();
+        let until = t0 + 3 * 86_400_000;
+        silence_add(&mut cli, &Matcher::Key("k2".into()), until, "", t0).unwrap();
+        let later = t0 + 2 * 86_400_000;
+        let found = vec![used("k2", "10.0.0.3", later), used("k1", "10.0.0.4", later)];
+        n.take(found, &[], later).unwrap();
+        n.drain(later).await.unwrap();
+        assert_eq!(sent().len(), 2);
+        assert!(sent()[1].contains("10.0.0.4") && !sent()[1].contains("10.0.0.3"));
+    }
+
+    #[tokio::test]
+    async fn a_restart_puts_waiting_findings_back_in_their_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse("routes.toml", ROUTES).unwrap();
+        let registry = Arc::new(Registry::parse("keys.toml", KEYS).unwrap());
+        let t0 = 1_795_132_800_000;
+        let log = SqliteStore::open(dir.path()).unwrap();
+        let mut n = Notifier::new(config.clone(), registry.clone(), log).unwrap();
+        n.take(vec![used("k1", "10.0.0.1", t0)], &[], t0).unwrap();
+        drop(n);
+        let (console, out) = Console::capture();
+        let log = SqliteStore::open(dir.path()).unwrap();
+        let mut n = Notifier::with_console(config, registry, log, console).unwrap();
+        assert_eq!(
+            n.next_wakeup_ms().unwrap(),
+            Some(t0 + 30_000),
+            "its original time"
+        );
+        n.tick(t0 + 30_000).await.unwrap();
+        assert_eq!(out.lock().unwrap().len(), 1);
+    }
+}
