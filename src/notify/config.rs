@@ -17,9 +17,11 @@ use chrono_tz::Tz;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::channel::email::{self, EmailSettings};
-use super::channel::telegram::{self, TelegramSettings};
-use super::channel::webhook::{self, WebhookSettings};
+use super::channel::{email, telegram, webhook};
+// Each channel owns its settings; they are named here too, with the file they come from.
+pub use super::channel::email::{EmailSettings, SmtpSecurity};
+pub use super::channel::telegram::{TelegramSettings, TELEGRAM_API};
+pub use super::channel::webhook::{UrlRef, WebhookSettings};
 use super::route::{Equal, GroupBy, Inhibit, Kind, QuietHours, Route};
 use crate::config::{duration, ConfigError};
 use crate::detect::{FindingKind, Severity};
@@ -885,7 +887,6 @@ impl Validator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notify::channel::email::SmtpSecurity;
 
     fn err(text: &str) -> String {
         Config::parse("routes.toml", text).unwrap_err().to_string()
