@@ -28,7 +28,8 @@ use std::sync::Arc;
 
 use keywatch::aggregate::Rollup;
 use keywatch::anomaly::eval::{self, Labelled, Rng, Summary, STANDARD};
-use keywatch::anomaly::{AnomalyConfig, AnomalyKind, AnomalyModels, SeriesDetector, SourceSeen};
+use keywatch::anomaly::{AnomalyConfig, AnomalyModels, SeriesDetector, SourceSeen};
+use keywatch::detect::FindingKind;
 use keywatch::event::Outcome;
 use keywatch::registry::Registry;
 
@@ -200,14 +201,14 @@ enum Inject {
 }
 
 impl Inject {
-    fn kind(self) -> AnomalyKind {
+    fn kind(self) -> FindingKind {
         match self {
-            Inject::Burst => AnomalyKind::VolumeAnomaly,
-            Inject::Failures => AnomalyKind::FailureRateSpike,
-            Inject::Latency => AnomalyKind::LatencyShift,
-            Inject::NewNetwork => AnomalyKind::NewSource,
-            Inject::Dormant => AnomalyKind::DormantKeyWoke,
-            Inject::OutOfScope => AnomalyKind::OutOfScopeUse,
+            Inject::Burst => FindingKind::VolumeAnomaly,
+            Inject::Failures => FindingKind::FailureRateSpike,
+            Inject::Latency => FindingKind::LatencyShift,
+            Inject::NewNetwork => FindingKind::NewSource,
+            Inject::Dormant => FindingKind::DormantKeyWoke,
+            Inject::OutOfScope => FindingKind::OutOfScopeUse,
         }
     }
 }
@@ -374,7 +375,7 @@ fn fleet(keys: usize, seed: u64) {
         };
         println!(
             "{:<18} {:>9} {:>7} {:>12.2} {:>14.1}",
-            inj.kind().finding_kind_name(),
+            inj.kind().as_str(),
             n,
             hit,
             if n > 0 { hit as f64 / n as f64 } else { 0.0 },
@@ -384,7 +385,7 @@ fn fleet(keys: usize, seed: u64) {
     let mut false_by_kind: std::collections::BTreeMap<&str, usize> = Default::default();
     for (f, m) in found.iter().zip(&matched) {
         if !m {
-            *false_by_kind.entry(f.kind.finding_kind_name()).or_default() += 1;
+            *false_by_kind.entry(f.kind.as_str()).or_default() += 1;
         }
     }
     let false_total: usize = false_by_kind.values().sum();
@@ -392,7 +393,7 @@ fn fleet(keys: usize, seed: u64) {
     let mut facts: std::collections::BTreeSet<&str> = Default::default();
     for (f, m) in found.iter().zip(&matched) {
         if *m {
-            *related.entry(f.kind.finding_kind_name()).or_default() += 1;
+            *related.entry(f.kind.as_str()).or_default() += 1;
         }
         facts.insert(&f.dedup_key);
     }

@@ -129,7 +129,7 @@ fn main() {
                 endpoint: "/v1/invoices",
             }];
             for f in models.observe_minute(k, minute_ms, &r, &s) {
-                let n = findings.entry(f.kind.finding_kind_name()).or_default();
+                let n = findings.entry(f.kind.as_str()).or_default();
                 *n += 1;
                 if *n <= 2 && std::env::args().any(|a| a == "--show") {
                     println!("  {} {} {}", f.kind, f.summary, f.evidence);

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use keywatch::aggregate::Rollup;
 use keywatch::anomaly::eval::{self, Rng};
 use keywatch::anomaly::{
-    score_csv, AnomalyConfig, AnomalyFinding, AnomalyKind, AnomalyModels, ScoreError,
-    SeriesDetector, SourceSeen,
+    score_csv, AnomalyConfig, AnomalyFinding, AnomalyModels, ScoreError, SeriesDetector, SourceSeen,
 };
+use keywatch::detect::FindingKind;
 use keywatch::event::Outcome;
 use keywatch::registry::Registry;
 
@@ -242,7 +242,7 @@ impl Sim {
         }
     }
 
-    fn kinds(&self) -> Vec<AnomalyKind> {
+    fn kinds(&self) -> Vec<FindingKind> {
         self.found.iter().map(|f| f.kind).collect()
     }
 }
@@ -269,7 +269,7 @@ fn volume_anomaly_says_what_was_expected_and_seen() {
     let v: Vec<&AnomalyFinding> = sim
         .found
         .iter()
-        .filter(|f| f.kind == AnomalyKind::VolumeAnomaly)
+        .filter(|f| f.kind == FindingKind::VolumeAnomaly)
         .collect();
     assert!(!v.is_empty(), "{:#?}", sim.found);
     let e = &v[0].evidence;
@@ -278,7 +278,7 @@ fn volume_anomaly_says_what_was_expected_and_seen() {
     assert!(e["score"].as_f64().unwrap() > 0.9, "{e}");
     assert!(e["model"].is_string());
     assert!(
-        sim.kinds().iter().all(|k| *k == AnomalyKind::VolumeAnomaly),
+        sim.kinds().iter().all(|k| *k == FindingKind::VolumeAnomaly),
         "{:#?}",
         sim.found
     );
@@ -295,7 +295,7 @@ fn failure_rate_spike_is_raised_once_per_hour() {
     let f: Vec<&AnomalyFinding> = sim
         .found
         .iter()
-        .filter(|f| f.kind == AnomalyKind::FailureRateSpike)
+        .filter(|f| f.kind == FindingKind::FailureRateSpike)
         .collect();
     assert_eq!(f.len(), 1, "{:#?}", sim.found);
     assert!(f[0].evidence["seen"]["failure_rate"].as_f64().unwrap() > 0.4);
@@ -311,7 +311,7 @@ fn latency_shift_is_raised() {
         sim.minute("k", m, 3.0, 0.01, 400.0, "10.1.2.3");
     }
     assert!(
-        sim.kinds().contains(&AnomalyKind::LatencyShift),
+        sim.kinds().contains(&FindingKind::LatencyShift),
         "{:#?}",
         sim.found
     );
@@ -330,7 +330,7 @@ fn new_network_of_a_stable_key_is_raised_once() {
     let f: Vec<&AnomalyFinding> = sim
         .found
         .iter()
-        .filter(|f| f.kind == AnomalyKind::NewSource)
+        .filter(|f| f.kind == FindingKind::NewSource)
         .collect();
     assert_eq!(f.len(), 1, "{:#?}", sim.found);
     assert_eq!(f[0].evidence["seen"]["network"], "203.0.113.0/24");
@@ -345,7 +345,7 @@ fn dormant_key_waking_up_is_raised() {
     let f: Vec<&AnomalyFinding> = sim
         .found
         .iter()
-        .filter(|f| f.kind == AnomalyKind::DormantKeyWoke)
+        .filter(|f| f.kind == FindingKind::DormantKeyWoke)
         .collect();
     assert_eq!(f.len(), 1, "{:#?}", sim.found);
     assert!(f[0].evidence["dormant_days"].as_f64().unwrap() > 40.0);
@@ -375,9 +375,9 @@ fn out_of_scope_use_is_raised() {
     }];
     let f = models.observe_minute("k", START + MIN, &r, &bad);
     assert_eq!(f.len(), 1, "{f:#?}");
-    assert_eq!(f[0].kind, AnomalyKind::OutOfScopeUse);
+    assert_eq!(f[0].kind, FindingKind::OutOfScopeUse);
     assert_eq!(f[0].evidence["seen"]["endpoint"], "/v1/users/export");
-    assert_eq!(f[0].kind.finding_kind_name(), "out_of_scope_use");
+    assert_eq!(f[0].kind.as_str(), "out_of_scope_use");
 }
 
 #[test]
@@ -396,14 +396,14 @@ fn behaviour_unlike_own_past_and_peers_is_raised() {
         sim.minute("k0", m, 1.0, 0.3, 900.0, &ip);
     }
     assert!(
-        sim.kinds().contains(&AnomalyKind::BehaviourAnomaly),
+        sim.kinds().contains(&FindingKind::BehaviourAnomaly),
         "{:#?}",
         sim.kinds()
     );
     let b = sim
         .found
         .iter()
-        .find(|f| f.kind == AnomalyKind::BehaviourAnomaly)
+        .find(|f| f.kind == FindingKind::BehaviourAnomaly)
         .unwrap();
     assert_eq!(b.evidence["features"].as_array().unwrap().len(), 3);
 }
@@ -442,7 +442,7 @@ fn warm_up_from_history_keeps_baselines_across_a_restart() {
         sim.minute("k", m, 8.0, 0.01, 40.0, "10.1.2.3");
     }
     assert!(
-        sim.kinds().contains(&AnomalyKind::VolumeAnomaly),
+        sim.kinds().contains(&FindingKind::VolumeAnomaly),
         "{:#?}",
         sim.found
     );

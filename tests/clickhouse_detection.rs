@@ -15,10 +15,10 @@ use std::time::Duration;
 use keywatch::aggregate::Aggregate;
 use keywatch::detect::{Finding, FindingKind, RotationSource, Severity};
 use keywatch::event::{Decoder, Fingerprinter, Format};
-use keywatch::notify::AttemptRecord;
+use keywatch::notify::{run_attempt_sink, AttemptRecord};
 use keywatch::sample::{generate_sample, SampleOptions};
 use keywatch::source::Position;
-use keywatch::store::clickhouse::{run_attempt_sink, ClickHouseConfig, ClickHouseStore, Table};
+use keywatch::store::clickhouse::{ClickHouseConfig, ClickHouseStore, Table};
 use keywatch::store::{
     BatchWrite, Checkpoint, DetectionStore, Origin, SqliteStore, Store, StoredEvent,
 };

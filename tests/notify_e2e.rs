@@ -88,8 +88,8 @@ routes = {routes:?}
     config
 }
 
-pub fn spawn(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_keywatch"))
+pub fn spawn(config: &Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keywatch"))
         .arg("run")
         .arg("--config")
         .arg(config)
@@ -98,27 +98,50 @@ pub fn spawn(config: &Path) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("starting keywatch")
+        .expect("starting keywatch");
+    let mut pipe = child.stderr.take().expect("piped");
+    let stderr = std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut err);
+        err
+    });
+    Daemon { child, stderr }
 }
 
-fn stop(mut child: Child) -> String {
+/// The daemon under test, its standard error read as it comes: a pipe nobody reads fills
+/// up (64 KiB, a few hundred log lines) and blocks the daemon at its next log line.
+pub struct Daemon {
+    child: Child,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+fn stop(mut d: Daemon) -> String {
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &d.id().to_string()])
         .status();
     let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
+    while d.try_wait().unwrap().is_none() {
         if start.elapsed() > Duration::from_secs(15) {
-            let _ = child.kill();
+            let _ = d.kill();
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut err = String::new();
-    use std::io::Read;
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    err
+    d.stderr.join().unwrap_or_default()
 }
 
 fn append(log: &Path, line: &str) {

@@ -41,7 +41,7 @@ use serde_json::{json, Value};
 
 use super::stats::{score_of_surprise, surprise, EwScale, Tail};
 use crate::aggregate::{Aggregate, Rollup};
-use crate::detect::Severity;
+use crate::detect::{FindingKind, Severity};
 use crate::event::{Outcome, NO_KEY};
 use crate::registry::{format_rfc3339, Registry};
 
@@ -49,54 +49,11 @@ const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
-/// What an anomaly finding states. The names are the proposed `FindingKind` variants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum AnomalyKind {
-    VolumeAnomaly,
-    FailureRateSpike,
-    LatencyShift,
-    NewSource,
-    DormantKeyWoke,
-    OutOfScopeUse,
-    BehaviourAnomaly,
-}
-
-impl AnomalyKind {
-    pub const ALL: [AnomalyKind; 7] = [
-        AnomalyKind::VolumeAnomaly,
-        AnomalyKind::FailureRateSpike,
-        AnomalyKind::LatencyShift,
-        AnomalyKind::NewSource,
-        AnomalyKind::DormantKeyWoke,
-        AnomalyKind::OutOfScopeUse,
-        AnomalyKind::BehaviourAnomaly,
-    ];
-
-    /// The `FindingKind` name (snake case) this kind maps to.
-    pub fn finding_kind_name(&self) -> &'static str {
-        match self {
-            AnomalyKind::VolumeAnomaly => "volume_anomaly",
-            AnomalyKind::FailureRateSpike => "failure_rate_spike",
-            AnomalyKind::LatencyShift => "latency_shift",
-            AnomalyKind::NewSource => "new_source",
-            AnomalyKind::DormantKeyWoke => "dormant_key_woke",
-            AnomalyKind::OutOfScopeUse => "out_of_scope_use",
-            AnomalyKind::BehaviourAnomaly => "behaviour_anomaly",
-        }
-    }
-}
-
-impl std::fmt::Display for AnomalyKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.finding_kind_name())
-    }
-}
-
-/// A finding of the anomaly models; the fields of `detect::Finding` but the kind (and the
-/// owner, which the caller knows from the registry).
+/// A finding of the anomaly models: the fields of `detect::Finding` but the owner, which the
+/// caller knows from the registry. Its kind is one of [`FindingKind::anomalies`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnomalyFinding {
-    pub kind: AnomalyKind,
+    pub kind: FindingKind,
     pub key_id: String,
     pub at_ms: i64,
     pub severity: Severity,
@@ -473,7 +430,7 @@ fn severity_of(s: f64) -> Severity {
 
 #[allow(clippy::too_many_arguments)]
 fn finding(
-    kind: AnomalyKind,
+    kind: FindingKind,
     key: &str,
     at_ms: i64,
     severity: Severity,
@@ -503,7 +460,7 @@ fn finding(
         severity,
         summary,
         evidence,
-        dedup_key: format!("{}:{key}:{dedup}", kind.finding_kind_name()),
+        dedup_key: format!("{}:{key}:{dedup}", kind.as_str()),
     }
 }
 
@@ -695,7 +652,7 @@ impl AnomalyModels {
             if silent >= cfg.dormant_after_ms && raise_now {
                 let days = silent as f64 / DAY_MS as f64;
                 found.push(finding(
-                    AnomalyKind::DormantKeyWoke,
+                    FindingKind::DormantKeyWoke,
                     key,
                     minute_ms,
                     Severity::Warning,
@@ -744,7 +701,7 @@ impl AnomalyModels {
                 {
                     m.burst_alert_min = minute + 60;
                     found.push(finding(
-                        AnomalyKind::VolumeAnomaly,
+                        FindingKind::VolumeAnomaly,
                         key,
                         minute_ms,
                         severity_of(s),
@@ -811,7 +768,7 @@ impl AnomalyModels {
                 {
                     m.fail_alert_min = minute + 60;
                     found.push(finding(
-                        AnomalyKind::FailureRateSpike,
+                        FindingKind::FailureRateSpike,
                         key,
                         minute_ms,
                         if q >= 0.5 {
@@ -840,7 +797,7 @@ impl AnomalyModels {
                 {
                     m.forbid_alert_min = minute + 60;
                     found.push(finding(
-                        AnomalyKind::OutOfScopeUse,
+                        FindingKind::OutOfScopeUse,
                         key,
                         minute_ms,
                         severity_of(sf),
@@ -913,7 +870,7 @@ impl AnomalyModels {
                         {
                             m.lat_alert_min = minute + 60;
                             found.push(finding(
-                                AnomalyKind::LatencyShift,
+                                FindingKind::LatencyShift,
                                 key,
                                 minute_ms,
                                 severity_of(s),
@@ -971,7 +928,7 @@ impl AnomalyModels {
                     {
                         let days = stable_for as f64 / DAY_MS as f64;
                         found.push(finding(
-                            AnomalyKind::NewSource,
+                            FindingKind::NewSource,
                             key,
                             minute_ms,
                             Severity::Warning,
@@ -995,7 +952,7 @@ impl AnomalyModels {
             if let Some(scopes) = scopes {
                 if raise && !endpoint_in_scopes(src.endpoint, scopes) {
                     found.push(finding(
-                        AnomalyKind::OutOfScopeUse,
+                        FindingKind::OutOfScopeUse,
                         key,
                         minute_ms,
                         Severity::Critical,
@@ -1186,7 +1143,7 @@ fn close_hour(
                         "fewer"
                     };
                     out.push(finding(
-                        AnomalyKind::VolumeAnomaly,
+                        FindingKind::VolumeAnomaly,
                         key,
                         at,
                         severity_of(s),
@@ -1231,7 +1188,7 @@ fn close_hour(
         if s >= cfg.min_surprise && q >= (2.0 * p_fail).max(p_fail + 0.05) {
             m.fail_alert_min = hour_min + 120;
             out.push(finding(
-                AnomalyKind::FailureRateSpike,
+                FindingKind::FailureRateSpike,
                 key,
                 at,
                 if q >= 0.5 { Severity::Critical } else { severity_of(s) },
@@ -1262,7 +1219,7 @@ fn close_hour(
         if s >= cfg.min_surprise && !(0.5..=1.5).contains(&ratio) {
             m.lat_alert_min = hour_min + 120;
             out.push(finding(
-                AnomalyKind::LatencyShift,
+                FindingKind::LatencyShift,
                 key,
                 at,
                 severity_of(s),
@@ -1334,7 +1291,7 @@ fn close_hour(
                     .collect();
                 let s = s_self.min(s_peer + 3.0);
                 out.push(finding(
-                    AnomalyKind::BehaviourAnomaly,
+                    FindingKind::BehaviourAnomaly,
                     key,
                     at,
                     severity_of(s),

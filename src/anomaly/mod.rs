@@ -34,6 +34,6 @@ pub mod score;
 pub mod series;
 pub mod stats;
 
-pub use keys::{AnomalyConfig, AnomalyFinding, AnomalyKind, AnomalyModels, KeyModel, SourceSeen};
+pub use keys::{AnomalyConfig, AnomalyFinding, AnomalyModels, KeyModel, SourceSeen};
 pub use score::{score_csv, ScoreError, ScoreSummary};
 pub use series::{Model, Params, Scored, SeriesDetector};

@@ -388,9 +388,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
             notifier = notifier
                 .with_attempt_sink(tx)
                 .with_shared_log(Arc::new(store.clone()));
-            Some(tokio::spawn(crate::store::clickhouse::run_attempt_sink(
-                store, rx,
-            )))
+            Some(tokio::spawn(crate::notify::run_attempt_sink(store, rx)))
         }
         StoreConfig::Sqlite => None,
     };

@@ -12,9 +12,12 @@
 //! - Every finding carries a `dedup_key` that names the fact, not the evaluation: raising
 //!   it again is idempotent for the store (`SqliteStore::record_findings` tells new from
 //!   known ones), so the notifier sends a fact once, across restarts too.
+//! - What is known about each kind of finding (its name, title, origin, severities, repeat
+//!   policy, rotation class) is in one table, [`KINDS`] (`kind.rs`).
 //! - The [`Engine`] holds the registry through an `Arc`: [`Engine::set_registry`] swaps in a
 //!   reloaded one without losing stream state.
 
+mod kind;
 mod policy;
 mod rotation;
 mod stream;
@@ -23,186 +26,16 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use kind::{FindingKind, KindInfo, Origin, RotationClass, Severity, KINDS};
 pub use policy::{AnomalyPolicy, BurstPolicy, Policy, Reminder, RolloverPolicy};
 pub use rotation::{
     evaluate_rotation, Forecast, HourRow, LingeringSource, Phase, RotationData, RotationStatus,
     SharePoint,
 };
 
-use crate::anomaly::{AnomalyFinding, AnomalyKind};
+use crate::anomaly::AnomalyFinding;
 use crate::event::AuthEvent;
 use crate::registry::{format_local, KeyState, Registry};
-
-/// What kind of fact a finding states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FindingKind {
-    /// A source still sends the old key of a rotation.
-    LingeringOldKey,
-    /// The adoption trend will miss the rotation's deadline.
-    RotationAtRisk,
-    /// The deadline passed and sources still send the old key.
-    RotationOverdue,
-    /// A step of the reminder schedule is due (7 days, 3 days, ... before the deadline).
-    RotationReminder,
-    /// The old key had no traffic for the quiet period.
-    SafeToRevoke,
-    RevokedKeyUsed,
-    ExpiredKeyUsed,
-    /// Auth failures on the new key (or the owner's keys) jumped after the rotation started.
-    FailedRollover,
-    /// A key is older than the maximum age and not being rotated.
-    KeyAgeExceeded,
-    /// Many invalid-key failures from one source.
-    UnknownKeyBurst,
-    /// A key seen in traffic that the registry does not know.
-    UnknownKey,
-    // The anomaly models (`anomaly::keys`): each states what was expected, what was seen
-    // and how surprising it is.
-    /// Request volume far from the key's seasonal baseline (an hour, or a minute burst).
-    VolumeAnomaly,
-    /// Auth failures far above the key's usual rate.
-    FailureRateSpike,
-    /// Latency far from the key's usual latency.
-    LatencyShift,
-    /// A new network, user agent or endpoint for a key whose sources were stable.
-    NewSource,
-    /// Traffic on a key that had none for a long time.
-    DormantKeyWoke,
-    /// An endpoint outside the key's scopes, or a jump in requests the gateway forbade.
-    OutOfScopeUse,
-    /// The hour's behaviour is unlike the key's own past and its peer group.
-    BehaviourAnomaly,
-}
-
-impl FindingKind {
-    pub const ALL: [FindingKind; 18] = [
-        FindingKind::LingeringOldKey,
-        FindingKind::RotationAtRisk,
-        FindingKind::RotationOverdue,
-        FindingKind::RotationReminder,
-        FindingKind::SafeToRevoke,
-        FindingKind::RevokedKeyUsed,
-        FindingKind::ExpiredKeyUsed,
-        FindingKind::FailedRollover,
-        FindingKind::KeyAgeExceeded,
-        FindingKind::UnknownKeyBurst,
-        FindingKind::UnknownKey,
-        FindingKind::VolumeAnomaly,
-        FindingKind::FailureRateSpike,
-        FindingKind::LatencyShift,
-        FindingKind::NewSource,
-        FindingKind::DormantKeyWoke,
-        FindingKind::OutOfScopeUse,
-        FindingKind::BehaviourAnomaly,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FindingKind::LingeringOldKey => "lingering_old_key",
-            FindingKind::RotationAtRisk => "rotation_at_risk",
-            FindingKind::RotationOverdue => "rotation_overdue",
-            FindingKind::RotationReminder => "rotation_reminder",
-            FindingKind::SafeToRevoke => "safe_to_revoke",
-            FindingKind::RevokedKeyUsed => "revoked_key_used",
-            FindingKind::ExpiredKeyUsed => "expired_key_used",
-            FindingKind::FailedRollover => "failed_rollover",
-            FindingKind::KeyAgeExceeded => "key_age_exceeded",
-            FindingKind::UnknownKeyBurst => "unknown_key_burst",
-            FindingKind::UnknownKey => "unknown_key",
-            FindingKind::VolumeAnomaly => "volume_anomaly",
-            FindingKind::FailureRateSpike => "failure_rate_spike",
-            FindingKind::LatencyShift => "latency_shift",
-            FindingKind::NewSource => "new_source",
-            FindingKind::DormantKeyWoke => "dormant_key_woke",
-            FindingKind::OutOfScopeUse => "out_of_scope_use",
-            FindingKind::BehaviourAnomaly => "behaviour_anomaly",
-        }
-    }
-
-    /// Whether the anomaly models raise this kind.
-    pub fn is_anomaly(self) -> bool {
-        AnomalyKind::ALL
-            .iter()
-            .any(|a| FindingKind::from(*a) == self)
-    }
-}
-
-impl From<AnomalyKind> for FindingKind {
-    fn from(k: AnomalyKind) -> FindingKind {
-        match k {
-            AnomalyKind::VolumeAnomaly => FindingKind::VolumeAnomaly,
-            AnomalyKind::FailureRateSpike => FindingKind::FailureRateSpike,
-            AnomalyKind::LatencyShift => FindingKind::LatencyShift,
-            AnomalyKind::NewSource => FindingKind::NewSource,
-            AnomalyKind::DormantKeyWoke => FindingKind::DormantKeyWoke,
-            AnomalyKind::OutOfScopeUse => FindingKind::OutOfScopeUse,
-            AnomalyKind::BehaviourAnomaly => FindingKind::BehaviourAnomaly,
-        }
-    }
-}
-
-impl std::fmt::Display for FindingKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for FindingKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        FindingKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s.trim())
-            .ok_or_else(|| {
-                let all: Vec<_> = FindingKind::ALL.iter().map(|k| k.as_str()).collect();
-                format!(
-                    "unknown finding kind `{s}`, expected one of {}",
-                    all.join(", ")
-                )
-            })
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Severity {
-    Info,
-    Warning,
-    Critical,
-}
-
-impl Severity {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Info => "info",
-            Severity::Warning => "warning",
-            Severity::Critical => "critical",
-        }
-    }
-}
-
-impl std::fmt::Display for Severity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Severity {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim() {
-            "info" => Ok(Severity::Info),
-            "warning" => Ok(Severity::Warning),
-            "critical" => Ok(Severity::Critical),
-            other => Err(format!(
-                "unknown severity `{other}`, expected info, warning or critical"
-            )),
-        }
-    }
-}
 
 /// A fact worth telling someone, with its evidence.
 ///
@@ -246,7 +79,7 @@ impl Finding {
             e.insert("key_name".into(), serde_json::Value::String(name.clone()));
         }
         Finding {
-            kind: a.kind.into(),
+            kind: a.kind,
             owner: key.map(|k| k.owner.clone()),
             key_id: a.key_id,
             at_ms: a.at_ms,
@@ -271,6 +104,19 @@ mod rfc3339_ms {
         chrono::DateTime::parse_from_rfc3339(&s)
             .map(|t| t.timestamp_millis())
             .map_err(serde::de::Error::custom)
+    }
+}
+
+/// In debug builds (every test), a finding raised with a severity its kind's row in
+/// [`KINDS`] does not list stops the test: the table is what notifiers and docs rely on.
+fn debug_assert_severities(found: &[Finding]) {
+    for f in found {
+        debug_assert!(
+            f.kind.info().severities.contains(&f.severity),
+            "{} raised as {}, not in its row of detect::KINDS",
+            f.kind,
+            f.severity
+        );
     }
 }
 
@@ -347,7 +193,9 @@ impl Engine {
 
     /// Findings the stream detectors raised since the last call (for immediate alerts).
     pub fn take_pending(&mut self) -> Vec<Finding> {
-        std::mem::take(&mut self.pending)
+        let out = std::mem::take(&mut self.pending);
+        debug_assert_severities(&out);
+        out
     }
 
     /// Stream findings dropped because more than 10 000 waited.
@@ -376,6 +224,7 @@ impl Engine {
             rotations.push(status);
         }
         out.extend(self.key_age(now_ms));
+        debug_assert_severities(&out);
         out.sort_by(|a, b| (a.at_ms, a.kind, &a.dedup_key).cmp(&(b.at_ms, b.kind, &b.dedup_key)));
         (out, rotations)
     }
@@ -441,7 +290,7 @@ impl Engine {
                 key_id: k.id.clone(),
                 owner: Some(k.owner.clone()),
                 at_ms: due,
-                severity: Severity::Warning,
+                severity: FindingKind::KeyAgeExceeded.info().severities[0],
                 summary: format!(
                     "key {} of {} is {age_days} days old, older than the maximum of {} days, \
                      and no rotation has started (created {})",
@@ -504,7 +353,7 @@ mod tests {
         )
         .unwrap();
         let a = AnomalyFinding {
-            kind: AnomalyKind::NewSource,
+            kind: FindingKind::NewSource,
             key_id: "k1".into(),
             at_ms: 1_795_132_800_000,
             severity: Severity::Warning,
@@ -528,11 +377,7 @@ mod tests {
             &reg,
         );
         assert_eq!(unknown.owner, None);
-        for k in AnomalyKind::ALL {
-            let fk = FindingKind::from(k);
-            assert_eq!(fk.as_str(), k.finding_kind_name());
-            assert!(fk.is_anomaly());
-        }
+        assert!(f.kind.is_anomaly());
         assert!(!FindingKind::SafeToRevoke.is_anomaly());
     }
 

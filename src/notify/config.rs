@@ -17,13 +17,15 @@ use chrono_tz::Tz;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::channel::{email, telegram, webhook};
+// Each channel owns its settings; they are named here too, with the file they come from.
+pub use super::channel::email::{EmailSettings, SmtpSecurity};
+pub use super::channel::telegram::{TelegramSettings, TELEGRAM_API};
+pub use super::channel::webhook::{UrlRef, WebhookSettings};
 use super::route::{Equal, GroupBy, Inhibit, Kind, QuietHours, Route};
 use crate::config::{duration, ConfigError};
 use crate::detect::{FindingKind, Severity};
 use crate::registry::{line_of, parse_timezone, parse_toml, read_text, SecretRef};
-
-/// The Bot API base URL.
-pub const TELEGRAM_API: &str = "https://api.telegram.org";
 
 /// The name of the built-in receiver that stands for a finding's key owner.
 pub const OWNER_RECEIVER: &str = "owner";
@@ -102,51 +104,6 @@ impl ChannelKind {
             ChannelKind::Webhook(_) => "webhook",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SmtpSecurity {
-    /// Plain connection upgraded with STARTTLS, which must be offered (port 587).
-    Starttls,
-    /// TLS from the first byte (port 465).
-    Tls,
-    /// No encryption: only for a relay on the same host or in tests.
-    None,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct EmailSettings {
-    pub host: String,
-    pub port: u16,
-    pub security: SmtpSecurity,
-    pub username: Option<String>,
-    pub password: Option<SecretRef>,
-    /// `keywatch <keywatch@example.com>`
-    pub from: String,
-    /// The name the server's certificate must have, when not `host`.
-    pub tls_server_name: Option<String>,
-    /// A PEM file of extra trusted CA certificates (an internal CA).
-    pub ca_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TelegramSettings {
-    pub api_url: String,
-    pub bot_token: SecretRef,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct WebhookSettings {
-    pub url: UrlRef,
-    /// The value of the Authorization header (`Bearer …`).
-    pub authorization: Option<SecretRef>,
-}
-
-/// A URL written in the file (not secret), or named (secret).
-#[derive(Debug, Clone, PartialEq)]
-pub enum UrlRef {
-    Plain(String),
-    Secret(SecretRef),
 }
 
 /// Who gets a message: the key's owner (contacts from the registry), or a team with the
@@ -230,34 +187,34 @@ struct RawRetry {
 /// says so.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawChannel {
+pub(crate) struct RawChannel {
     #[serde(rename = "type")]
-    kind: Spanned<String>,
+    pub(crate) kind: Spanned<String>,
     // email
-    host: Option<Spanned<String>>,
-    port: Option<Spanned<u16>>,
-    security: Option<Spanned<String>>,
-    username: Option<Spanned<String>>,
-    password_env: Option<Spanned<String>>,
-    password_file: Option<Spanned<PathBuf>>,
-    from: Option<Spanned<String>>,
-    tls_server_name: Option<Spanned<String>>,
-    ca_file: Option<Spanned<PathBuf>>,
+    pub(crate) host: Option<Spanned<String>>,
+    pub(crate) port: Option<Spanned<u16>>,
+    pub(crate) security: Option<Spanned<String>>,
+    pub(crate) username: Option<Spanned<String>>,
+    pub(crate) password_env: Option<Spanned<String>>,
+    pub(crate) password_file: Option<Spanned<PathBuf>>,
+    pub(crate) from: Option<Spanned<String>>,
+    pub(crate) tls_server_name: Option<Spanned<String>>,
+    pub(crate) ca_file: Option<Spanned<PathBuf>>,
     // telegram
-    api_url: Option<Spanned<String>>,
-    bot_token_env: Option<Spanned<String>>,
-    bot_token_file: Option<Spanned<PathBuf>>,
+    pub(crate) api_url: Option<Spanned<String>>,
+    pub(crate) bot_token_env: Option<Spanned<String>>,
+    pub(crate) bot_token_file: Option<Spanned<PathBuf>>,
     /// Refused with a message of its own: a token is a secret.
-    bot_token: Option<Spanned<toml::Value>>,
+    pub(crate) bot_token: Option<Spanned<toml::Value>>,
     // webhook
-    url: Option<Spanned<String>>,
-    url_env: Option<Spanned<String>>,
-    url_file: Option<Spanned<PathBuf>>,
-    authorization_env: Option<Spanned<String>>,
-    authorization_file: Option<Spanned<PathBuf>>,
+    pub(crate) url: Option<Spanned<String>>,
+    pub(crate) url_env: Option<Spanned<String>>,
+    pub(crate) url_file: Option<Spanned<PathBuf>>,
+    pub(crate) authorization_env: Option<Spanned<String>>,
+    pub(crate) authorization_file: Option<Spanned<PathBuf>>,
     /// Refused: secrets are named, never written.
-    password: Option<Spanned<toml::Value>>,
-    authorization: Option<Spanned<toml::Value>>,
+    pub(crate) password: Option<Spanned<toml::Value>>,
+    pub(crate) authorization: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,26 +268,6 @@ struct RawInhibit {
 const DEFAULT_GROUP_WAIT: &str = "30s";
 const DEFAULT_GROUP_INTERVAL: &str = "5m";
 const DEFAULT_REPEAT: &str = "24h";
-/// Kinds whose facts are each told once unless the file says otherwise: their dedup keys
-/// already name the step or the period (a reminder step, a revoked key used per
-/// `alerts.repeat_after`), or telling them again says nothing new.
-const NEVER_REPEATED: [FindingKind; 13] = [
-    FindingKind::RotationReminder,
-    FindingKind::SafeToRevoke,
-    FindingKind::RevokedKeyUsed,
-    FindingKind::ExpiredKeyUsed,
-    FindingKind::UnknownKeyBurst,
-    FindingKind::UnknownKey,
-    // Anomaly findings name their hour, minute or new source.
-    FindingKind::VolumeAnomaly,
-    FindingKind::FailureRateSpike,
-    FindingKind::LatencyShift,
-    FindingKind::NewSource,
-    FindingKind::DormantKeyWoke,
-    FindingKind::OutOfScopeUse,
-    FindingKind::BehaviourAnomaly,
-];
-
 impl Config {
     /// Reads and validates a routes file; templates named relative to it.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -350,6 +287,51 @@ impl Config {
         self.routes
             .iter()
             .any(|r| r.kinds.as_ref().is_none_or(|k| k.contains(&kind)))
+    }
+}
+
+/// One `[channels.NAME]` table, for the channel modules that read their own settings from
+/// it (`channel::email::settings`, ...): errors name `channels.NAME.FIELD`.
+pub(crate) struct ChannelTable<'a> {
+    v: &'a Validator<'a>,
+    name: &'a str,
+    pub(crate) raw: &'a RawChannel,
+}
+
+impl ChannelTable<'_> {
+    pub(crate) fn err(
+        &self,
+        field: &str,
+        span: Option<Range<usize>>,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        self.v
+            .err(format!("channels.{}.{field}", self.name), span, reason)
+    }
+
+    /// A secret named by `FIELD_env` or `FIELD_file`, if either is set.
+    pub(crate) fn secret(
+        &self,
+        field: &str,
+        env: &Option<Spanned<String>>,
+        file: &Option<Spanned<PathBuf>>,
+    ) -> Result<Option<SecretRef>, ConfigError> {
+        self.v
+            .secret(&format!("channels.{}.{field}", self.name), env, file)
+    }
+
+    /// An http:// or https:// URL, without a trailing slash.
+    pub(crate) fn http_url(&self, field: &str, v: &Spanned<String>) -> Result<String, ConfigError> {
+        let u = v.get_ref().trim();
+        if (u.starts_with("http://") || u.starts_with("https://")) && u.len() > 8 {
+            Ok(u.trim_end_matches('/').to_owned())
+        } else {
+            Err(self.err(
+                field,
+                Some(v.span()),
+                format!("expected an http:// or https:// URL, found `{u}`"),
+            ))
+        }
     }
 }
 
@@ -585,8 +567,10 @@ impl Validator<'_> {
             Some(v) => self.repeat_ms("repeat.default", v)?,
             None => Some(duration::parse(DEFAULT_REPEAT).expect("valid").as_millis() as i64),
         };
-        let mut by_kind: BTreeMap<Kind, Option<i64>> = NEVER_REPEATED
+        // Kinds told once unless the file says otherwise (`KindInfo::repeats`).
+        let mut by_kind: BTreeMap<Kind, Option<i64>> = FindingKind::ALL
             .into_iter()
+            .filter(|k| !k.info().repeats)
             .map(|k| (Kind::Finding(k), None))
             .collect();
         for (name, v) in raw {
@@ -688,25 +672,9 @@ impl Validator<'_> {
         ];
         let allowed: &[&str] = match kind {
             "console" | "slack" => &[],
-            "email" => &[
-                "host",
-                "port",
-                "security",
-                "username",
-                "password_env",
-                "password_file",
-                "from",
-                "tls_server_name",
-                "ca_file",
-            ],
-            "telegram" => &["api_url", "bot_token_env", "bot_token_file"],
-            "webhook" => &[
-                "url",
-                "url_env",
-                "url_file",
-                "authorization_env",
-                "authorization_file",
-            ],
+            "email" => email::FIELDS,
+            "telegram" => telegram::FIELDS,
+            "webhook" => webhook::FIELDS,
             other => {
                 return Err(self.err(
                     f("type"),
@@ -727,135 +695,17 @@ impl Validator<'_> {
                 ));
             }
         }
-        let http_url = |field: &str, v: &Spanned<String>| -> Result<String, ConfigError> {
-            let u = v.get_ref().trim();
-            if (u.starts_with("http://") || u.starts_with("https://")) && u.len() > 8 {
-                Ok(u.trim_end_matches('/').to_owned())
-            } else {
-                Err(self.err(
-                    f(field),
-                    Some(v.span()),
-                    format!("expected an http:// or https:// URL, found `{u}`"),
-                ))
-            }
+        let table = ChannelTable {
+            v: self,
+            name,
+            raw: c,
         };
         let kind = match kind {
             "console" => ChannelKind::Console,
             "slack" => ChannelKind::Slack,
-            "email" => {
-                let host = c
-                    .host
-                    .as_ref()
-                    .filter(|h| !h.get_ref().trim().is_empty())
-                    .ok_or_else(|| self.err(f("host"), None, "an email channel needs a host"))?;
-                let security = match &c.security {
-                    None => SmtpSecurity::Starttls,
-                    Some(v) => match v.get_ref().trim() {
-                        "starttls" => SmtpSecurity::Starttls,
-                        "tls" => SmtpSecurity::Tls,
-                        "none" => SmtpSecurity::None,
-                        other => {
-                            return Err(self.err(
-                                f("security"),
-                                Some(v.span()),
-                                format!(
-                                    "expected \"starttls\", \"tls\" or \"none\", found `{other}`"
-                                ),
-                            ))
-                        }
-                    },
-                };
-                let from = c.from.as_ref().ok_or_else(|| {
-                    self.err(f("from"), None, "an email channel needs a from address")
-                })?;
-                from.get_ref()
-                    .parse::<lettre::message::Mailbox>()
-                    .map_err(|e| {
-                        self.err(
-                            f("from"),
-                            Some(from.span()),
-                            format!(
-                                "expected an address like \"keywatch <keywatch@example.com>\": {e}"
-                            ),
-                        )
-                    })?;
-                let password = self.secret(&f("password"), &c.password_env, &c.password_file)?;
-                if password.is_some() != c.username.is_some() {
-                    return Err(self.err(
-                        f(if password.is_some() {
-                            "username"
-                        } else {
-                            "password_env"
-                        }),
-                        None,
-                        "set username and password_env (or password_file) together",
-                    ));
-                }
-                let port = match (&c.port, security) {
-                    (Some(p), _) if *p.get_ref() == 0 => {
-                        return Err(self.err(f("port"), Some(p.span()), "must not be 0"))
-                    }
-                    (Some(p), _) => *p.get_ref(),
-                    (None, SmtpSecurity::Tls) => 465,
-                    (None, SmtpSecurity::Starttls) => 587,
-                    (None, SmtpSecurity::None) => 25,
-                };
-                ChannelKind::Email(EmailSettings {
-                    host: host.get_ref().trim().to_owned(),
-                    port,
-                    security,
-                    username: c.username.as_ref().map(|u| u.get_ref().clone()),
-                    password,
-                    from: from.get_ref().trim().to_owned(),
-                    tls_server_name: c.tls_server_name.as_ref().map(|v| v.get_ref().clone()),
-                    ca_file: c.ca_file.as_ref().map(|v| v.get_ref().clone()),
-                })
-            }
-            "telegram" => {
-                let api_url = match &c.api_url {
-                    Some(v) => http_url("api_url", v)?,
-                    None => TELEGRAM_API.to_owned(),
-                };
-                let bot_token = self
-                    .secret(&f("bot_token"), &c.bot_token_env, &c.bot_token_file)?
-                    .ok_or_else(|| {
-                        self.err(
-                            f("bot_token_env"),
-                            None,
-                            "a telegram channel needs bot_token_env or bot_token_file",
-                        )
-                    })?;
-                ChannelKind::Telegram(TelegramSettings { api_url, bot_token })
-            }
-            _ => {
-                let secret = self.secret(&f("url"), &c.url_env, &c.url_file)?;
-                let url = match (&c.url, secret) {
-                    (Some(u), None) => UrlRef::Plain(http_url("url", u)?),
-                    (None, Some(s)) => UrlRef::Secret(s),
-                    (Some(u), Some(_)) => {
-                        return Err(self.err(
-                            f("url"),
-                            Some(u.span()),
-                            "set one of url, url_env and url_file",
-                        ))
-                    }
-                    (None, None) => {
-                        return Err(self.err(
-                            f("url"),
-                            None,
-                            "a webhook channel needs url, url_env or url_file",
-                        ))
-                    }
-                };
-                ChannelKind::Webhook(WebhookSettings {
-                    url,
-                    authorization: self.secret(
-                        &f("authorization"),
-                        &c.authorization_env,
-                        &c.authorization_file,
-                    )?,
-                })
-            }
+            "email" => ChannelKind::Email(email::settings(&table)?),
+            "telegram" => ChannelKind::Telegram(telegram::settings(&table)?),
+            _ => ChannelKind::Webhook(webhook::settings(&table)?),
         };
         Ok(Channel {
             name: name.to_owned(),

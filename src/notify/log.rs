@@ -1,4 +1,9 @@
-//! The delivery policy on top of the notification log (`store::notify_log`), and silences.
+//! The notification log: the port the stores implement ([`NotifyLog`] for the embedded
+//! store, [`SharedLog`] and [`AttemptLog`] for the ClickHouse tables a consumer group
+//! shares), the rows that cross it, and the delivery policy on top of it.
+//!
+//! The stores see rows and JSON payloads only: which channel a target is, and which of its
+//! parts are secret, stays in the notifier ([`super::redact`]).
 //!
 //! # Once per fact and recipient
 //!
@@ -35,15 +40,92 @@
 //! A graceful stop (SIGTERM) lets the attempts in flight finish first, which closes the
 //! window for everything but a crash.
 
-use std::str::FromStr;
+use std::future::Future;
 
 use serde::Serialize;
 
 use super::channel::DeliveryError;
 use super::config::Retry;
-use super::NotifyError;
-use crate::store::notify_log::{AttemptEnd, SilenceRow};
-use crate::store::SqliteStore;
+use crate::store::StoreError;
+
+/// The notification log as the notifier needs it. The embedded store implements it
+/// (`store::notify_log`); every call is one transaction.
+pub trait NotifyLog {
+    /// When a fact was last queued for a recipient, if ever.
+    fn fact_last(&self, recipient: &str, dedup_key: &str) -> Result<Option<i64>, StoreError>;
+    /// Adds or replaces findings waiting in groups.
+    fn pending_put(&mut self, rows: &[PendingRow]) -> Result<(), StoreError>;
+    /// Removes waiting findings, by (recipient, dedup key).
+    fn pending_remove(&mut self, keys: &[(String, String)]) -> Result<(), StoreError>;
+    /// Every finding waiting in a group, oldest first.
+    fn pending_all(&self) -> Result<Vec<PendingRow>, StoreError>;
+    /// Queues the messages of a group flush (`pending`, due at once), records each
+    /// (recipient, fact) of `told` as told at `now_ms` and removes it from the waiting
+    /// findings: a fact is either waiting or queued, never both nor neither.
+    fn enqueue(
+        &mut self,
+        messages: &[NewMessage],
+        told: &[(String, String)],
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Messages due for an attempt at `now_ms`, oldest first, at most `limit`.
+    fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<MessageRow>, StoreError>;
+    /// The earliest time a pending message is due.
+    fn next_due_ms(&self) -> Result<Option<i64>, StoreError>;
+    /// Marks an attempt as started (`sending`) before the request goes out; returns its
+    /// number (1, 2, ...).
+    fn attempt_start(&mut self, id: &str, now_ms: i64) -> Result<u32, StoreError>;
+    /// The first `parts_done` parts of a split message were accepted.
+    fn parts_done(&mut self, id: &str, parts_done: u32) -> Result<(), StoreError>;
+    /// How an attempt ended; moves the message on (sent, pending again, failed).
+    fn attempt_end(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        now_ms: i64,
+        end: &AttemptEnd,
+    ) -> Result<(), StoreError>;
+    /// After a restart: messages left `sending` are pending again, due at once, their open
+    /// attempts closed as interrupted. Returns their ids, oldest first.
+    fn recover(&mut self, now_ms: i64) -> Result<Vec<String>, StoreError>;
+    /// The findings a message carries.
+    fn message_findings(&self, id: &str) -> Result<Vec<MessageFinding>, StoreError>;
+    /// Removes sent and failed messages created before `before_ms`; facts stay (they keep a
+    /// reminder step from being sent twice).
+    fn prune_before(&mut self, before_ms: i64) -> Result<usize, StoreError>;
+    /// Adds a silence (`matcher` is `key` or `owner`); returns its id.
+    fn silence_insert(
+        &mut self,
+        matcher: &str,
+        value: &str,
+        created_ms: i64,
+        until_ms: i64,
+        reason: &str,
+    ) -> Result<i64, StoreError>;
+    /// Silences in force at `now_ms` (every one with `all`), by id.
+    fn silence_rows(&self, now_ms: i64, all: bool) -> Result<Vec<SilenceRow>, StoreError>;
+    /// Ends a silence; false when none with that id is in force.
+    fn silence_end(&mut self, id: i64, now_ms: i64) -> Result<bool, StoreError>;
+}
+
+/// What the other instances of a consumer group have told: in full mode, the ClickHouse
+/// notification tables every instance writes its attempts to.
+pub trait SharedLog: Send + Sync {
+    /// When a message carrying the fact `dedup_key` was last delivered to `recipient` by
+    /// any instance, if ever.
+    fn last_delivered(&self, recipient: &str, dedup_key: &str) -> Result<Option<i64>, String>;
+}
+
+/// Where attempts go beyond this instance (the ClickHouse `notify_attempts` table in full
+/// mode), written by [`super::run_attempt_sink`]. An implementation stores
+/// [`AttemptRecord::redacted`] records only.
+pub trait AttemptLog: Send + Sync + 'static {
+    /// Writes `rows` in one insert.
+    fn record_attempts(
+        &self,
+        rows: &[AttemptRecord],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
 
 /// One attempt, for a log table outside SQLite (the ClickHouse `notifications` table in full
 /// mode): handed to the sink given to [`crate::notify::Notifier::with_attempt_sink`].
@@ -68,6 +150,104 @@ pub struct AttemptRecord {
     /// `ok`, `transient` (retried), `permanent`, `gave_up`.
     pub outcome: &'static str,
     pub detail: Option<String>,
+}
+
+/// A message to queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub id: String,
+    pub recipient: String,
+    pub receiver: String,
+    pub channel: String,
+    pub channel_type: String,
+    pub target: String,
+    pub address: String,
+    pub group_key: String,
+    pub kinds: String,
+    pub severity: String,
+    pub created_ms: i64,
+    pub payload: String,
+    pub findings: Vec<MessageFinding>,
+}
+
+/// A finding carried by a message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageFinding {
+    pub dedup_key: String,
+    pub kind: String,
+    pub key_id: String,
+    pub owner: Option<String>,
+}
+
+/// A queued message as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRow {
+    pub id: String,
+    pub recipient: String,
+    pub receiver: String,
+    pub channel: String,
+    pub channel_type: String,
+    pub target: String,
+    pub address: String,
+    pub group_key: String,
+    pub kinds: String,
+    pub severity: String,
+    pub created_ms: i64,
+    pub state: String,
+    pub attempts: u32,
+    pub next_attempt_ms: i64,
+    pub parts_done: u32,
+    pub sent_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub payload: String,
+}
+
+/// One attempt to deliver a message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub message_id: String,
+    pub attempt: u32,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// `ok`, `transient`, `permanent`, `interrupted`; `None` while in flight.
+    pub outcome: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// A finding waiting in a group for its recipient.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRow {
+    pub recipient: String,
+    pub dedup_key: String,
+    pub raised_ms: i64,
+    pub item: String,
+}
+
+/// A silence as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SilenceRow {
+    pub id: i64,
+    /// `key` or `owner`.
+    pub matcher: String,
+    pub value: String,
+    pub created_ms: i64,
+    pub until_ms: i64,
+    pub reason: String,
+    pub removed_ms: Option<i64>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// Accepted: the message is sent.
+    Ok,
+    /// Failed and will be tried again at this time.
+    Retry {
+        next_attempt_ms: i64,
+        detail: String,
+    },
+    /// Failed for good (a permanent error, or retried for too long).
+    Failed { transient: bool, detail: String },
 }
 
 /// A stable number in 0..1000 from a message id, to spread retries.
@@ -123,146 +303,6 @@ pub fn decide(
             }
         }
     }
-}
-
-/// What a silence matches.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Matcher {
-    /// Findings about this key id.
-    Key(String),
-    /// Findings about any key of this owner.
-    Owner(String),
-}
-
-impl FromStr for Matcher {
-    type Err = String;
-
-    /// `key=ID` or `owner=NAME`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (what, value) = s
-            .split_once('=')
-            .ok_or_else(|| format!("expected key=ID or owner=NAME, found `{s}`"))?;
-        let value = value.trim();
-        if value.is_empty() {
-            return Err(format!("expected key=ID or owner=NAME, found `{s}`"));
-        }
-        match what.trim() {
-            "key" => Ok(Matcher::Key(value.to_owned())),
-            "owner" => Ok(Matcher::Owner(value.to_owned())),
-            other => Err(format!("expected key=ID or owner=NAME, found `{other}=`")),
-        }
-    }
-}
-
-impl std::fmt::Display for Matcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Matcher::Key(k) => write!(f, "key={k}"),
-            Matcher::Owner(o) => write!(f, "owner={o}"),
-        }
-    }
-}
-
-/// A silence: findings it matches are not sent until it ends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Silence {
-    pub id: i64,
-    #[serde(serialize_with = "matcher_str")]
-    pub matcher: Matcher,
-    pub created_ms: i64,
-    pub until_ms: i64,
-    pub reason: String,
-    /// When it was removed before its end.
-    pub removed_ms: Option<i64>,
-}
-
-fn matcher_str<S: serde::Serializer>(m: &Matcher, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&m.to_string())
-}
-
-impl Silence {
-    pub fn matches(&self, key_id: &str, owner: Option<&str>) -> bool {
-        match &self.matcher {
-            Matcher::Key(k) => k == key_id,
-            Matcher::Owner(o) => owner == Some(o.as_str()),
-        }
-    }
-
-    pub fn active_at(&self, now_ms: i64) -> bool {
-        self.removed_ms.is_none() && now_ms < self.until_ms
-    }
-}
-
-impl TryFrom<SilenceRow> for Silence {
-    type Error = NotifyError;
-
-    fn try_from(r: SilenceRow) -> Result<Silence, NotifyError> {
-        let matcher = match r.matcher.as_str() {
-            "key" => Matcher::Key(r.value),
-            "owner" => Matcher::Owner(r.value),
-            other => {
-                return Err(NotifyError::Store(format!(
-                    "silence {}: unknown matcher `{other}`",
-                    r.id
-                )))
-            }
-        };
-        Ok(Silence {
-            id: r.id,
-            matcher,
-            created_ms: r.created_ms,
-            until_ms: r.until_ms,
-            reason: r.reason,
-            removed_ms: r.removed_ms,
-        })
-    }
-}
-
-/// `keywatch silence add`: silences findings about a key or an owner until `until_ms`.
-pub fn silence_add(
-    store: &mut SqliteStore,
-    matcher: &Matcher,
-    until_ms: i64,
-    reason: &str,
-    now_ms: i64,
-) -> Result<Silence, NotifyError> {
-    if until_ms <= now_ms {
-        return Err(NotifyError::Invalid(
-            "a silence must end in the future".into(),
-        ));
-    }
-    let (what, value) = match matcher {
-        Matcher::Key(k) => ("key", k),
-        Matcher::Owner(o) => ("owner", o),
-    };
-    let id = store.silence_insert(what, value, now_ms, until_ms, reason.trim())?;
-    Ok(Silence {
-        id,
-        matcher: matcher.clone(),
-        created_ms: now_ms,
-        until_ms,
-        reason: reason.trim().to_owned(),
-        removed_ms: None,
-    })
-}
-
-/// `keywatch silence list`: the silences in force at `now_ms`, or every one with `all`.
-pub fn silence_list(
-    store: &SqliteStore,
-    now_ms: i64,
-    all: bool,
-) -> Result<Vec<Silence>, NotifyError> {
-    store
-        .silence_rows(now_ms, all)?
-        .into_iter()
-        .map(Silence::try_from)
-        .collect()
-}
-
-/// `keywatch silence remove ID`: ends a silence now; false when none with that id is in
-/// force.
-pub fn silence_remove(store: &mut SqliteStore, id: i64, now_ms: i64) -> Result<bool, NotifyError> {
-    Ok(store.silence_end(id, now_ms)?)
 }
 
 #[cfg(test)]
@@ -339,14 +379,5 @@ mod tests {
                 ..
             }
         ));
-    }
-
-    #[test]
-    fn matchers_parse() {
-        assert_eq!("key=k1".parse(), Ok(Matcher::Key("k1".into())));
-        assert_eq!("owner= acme ".parse(), Ok(Matcher::Owner("acme".into())));
-        assert!("ip=1.2.3.4".parse::<Matcher>().is_err());
-        assert!("key=".parse::<Matcher>().is_err());
-        assert!("acme".parse::<Matcher>().is_err());
     }
 }

@@ -24,9 +24,10 @@ use std::collections::HashMap;
 use chrono_tz::Tz;
 use serde_json::{json, Value};
 
+use super::channel::{slack, telegram};
 use super::route::{Item, Kind};
 use super::template::{self, Templates};
-use crate::detect::{FindingKind, LingeringSource, RotationStatus, Severity};
+use crate::detect::{FindingKind, LingeringSource, RotationClass, RotationStatus, Severity};
 use crate::registry::{format_local, format_rfc3339};
 
 /// Sources listed in one message; the rest are counted.
@@ -104,20 +105,6 @@ fn label(name: &Value, id: &Value) -> Value {
         Some(n) if !n.is_empty() => json!(n),
         _ => id.clone(),
     }
-}
-
-fn is_rotation_kind(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Finding(
-            FindingKind::LingeringOldKey
-                | FindingKind::RotationAtRisk
-                | FindingKind::RotationOverdue
-                | FindingKind::RotationReminder
-                | FindingKind::SafeToRevoke
-                | FindingKind::FailedRollover
-        )
-    )
 }
 
 /// The rotation a section is about: the latest status the notifier was given, else what the
@@ -222,18 +209,8 @@ fn rotation(
     Some(out)
 }
 
-/// Kinds about a rotation's progress: in one message, they share one section (one list of
-/// sources).
-fn is_progress_kind(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Finding(
-            FindingKind::LingeringOldKey
-                | FindingKind::RotationAtRisk
-                | FindingKind::RotationOverdue
-                | FindingKind::RotationReminder
-        )
-    )
+fn rotation_class(kind: Kind) -> RotationClass {
+    kind.finding().map_or(RotationClass::None, |k| k.rotation)
 }
 
 impl Context<'_> {
@@ -245,7 +222,7 @@ impl Context<'_> {
         let mut order: Vec<(&str, &str)> = Vec::new();
         let mut by: HashMap<(&str, &str), Vec<&Entry<'_>>> = HashMap::new();
         for e in &self.entries {
-            let kind = if is_progress_kind(e.item.kind) {
+            let kind = if rotation_class(e.item.kind) == RotationClass::Progress {
                 "rotation"
             } else {
                 e.item.kind.as_str()
@@ -279,7 +256,7 @@ impl Context<'_> {
                 }
             }
             let title = titles.join(" · ");
-            let rot = if is_rotation_kind(first.kind) {
+            let rot = if rotation_class(first.kind) != RotationClass::None {
                 rotation(&items, self.rotations.get(&first.key_id), tz, now_ms)
             } else {
                 None
@@ -297,14 +274,10 @@ impl Context<'_> {
                 .iter()
                 .map(|e| {
                     let i = e.item;
-                    let source = match i.kind {
-                        Kind::Finding(
-                            FindingKind::LingeringOldKey
-                            | FindingKind::RevokedKeyUsed
-                            | FindingKind::ExpiredKeyUsed
-                            | FindingKind::UnknownKey,
-                        ) => source_from_json(&i.evidence, tz),
-                        _ => Value::Null,
+                    let source = if i.kind.finding().is_some_and(|k| k.source_evidence) {
+                        source_from_json(&i.evidence, tz)
+                    } else {
+                        Value::Null
                     };
                     json!({
                         "kind": i.kind.as_str(),
@@ -399,18 +372,15 @@ pub fn render(
     };
     match channel_type {
         "telegram" => {
-            r.parts = template::split_html(
+            r.parts = telegram::split_html(
                 get(template::TELEGRAM).trim(),
-                template::TELEGRAM_LIMIT,
+                telegram::TELEGRAM_LIMIT,
                 max_parts,
             )
         }
         "slack" => {
-            r.parts = template::split_mrkdwn(
-                get(template::SLACK).trim(),
-                template::SLACK_LIMIT,
-                max_parts,
-            )
+            r.parts =
+                slack::split_mrkdwn(get(template::SLACK).trim(), slack::SLACK_LIMIT, max_parts)
         }
         "webhook" => {
             let text = get(template::TEXT);

@@ -9,7 +9,7 @@ use chrono::{NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
-use crate::detect::{Finding, FindingKind, Severity};
+use crate::detect::{Finding, FindingKind, KindInfo, Severity};
 use crate::registry::local_to_utc;
 
 /// What a notification is about: a finding's kind, or the notifier's own trouble.
@@ -40,27 +40,16 @@ impl Kind {
     /// The heading of the kind in messages.
     pub fn title(self) -> &'static str {
         match self {
-            Kind::Finding(k) => match k {
-                FindingKind::LingeringOldKey => "Old key still in use",
-                FindingKind::RotationAtRisk => "Rotation at risk",
-                FindingKind::RotationOverdue => "Rotation overdue",
-                FindingKind::RotationReminder => "Rotation reminder",
-                FindingKind::SafeToRevoke => "Safe to revoke",
-                FindingKind::RevokedKeyUsed => "Revoked key used",
-                FindingKind::ExpiredKeyUsed => "Expired key used",
-                FindingKind::FailedRollover => "Failed rollover",
-                FindingKind::KeyAgeExceeded => "Key older than the maximum age",
-                FindingKind::UnknownKeyBurst => "Burst of invalid keys",
-                FindingKind::UnknownKey => "Unknown key",
-                FindingKind::VolumeAnomaly => "Unusual request volume",
-                FindingKind::FailureRateSpike => "Auth failure spike",
-                FindingKind::LatencyShift => "Latency shift",
-                FindingKind::NewSource => "New source for a key",
-                FindingKind::DormantKeyWoke => "Dormant key used again",
-                FindingKind::OutOfScopeUse => "Key used outside its scopes",
-                FindingKind::BehaviourAnomaly => "Unusual key behaviour",
-            },
+            Kind::Finding(k) => k.title(),
             Kind::NotificationFailed => "Notification failed",
+        }
+    }
+
+    /// The finding kind's facts (`detect::KINDS`); none for the notifier's own kind.
+    pub fn finding(self) -> Option<&'static KindInfo> {
+        match self {
+            Kind::Finding(k) => Some(k.info()),
+            Kind::NotificationFailed => None,
         }
     }
 }

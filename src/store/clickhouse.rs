@@ -57,7 +57,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::runtime::{Handle, Runtime};
 
 pub use config::{ClickHouseConfig, Password};
-pub use detection::{redact_attempt, run_attempt_sink};
 pub use replay::{Replay, ReplayKey};
 pub use schema::{ServerFeatures, Sql, Table};
 

@@ -1,27 +1,24 @@
-//! The notification log and silences in the embedded store: what the notifier decided to
-//! send, every attempt and its outcome, which facts each recipient has been told, the
-//! findings waiting in a group, and the silences set from the CLI.
+//! The notification log and silences in the embedded store: the SQLite side of the
+//! notifier's port [`NotifyLog`] (whose contract, in `notify::log`, this file keeps: one
+//! transaction per enqueue, an attempt started before the request and ended after it,
+//! `parts_done` per split message, silences by key or owner), plus the reads behind reports
+//! and tests ([`SqliteStore::notify_messages`], [`SqliteStore::notify_attempts`]).
 //!
-//! Contract (the notifier's delivery policy in `notify::log` builds on it):
-//! - [`SqliteStore::notify_enqueue`] writes the messages of a group flush, marks their facts
-//!   as told to the recipient and removes them from the waiting findings, in one
-//!   transaction: a fact is either waiting, or queued in a message, never both nor neither.
-//! - A message is `pending` (never tried, or to retry at `next_attempt_ms`), `sending` (an
-//!   attempt started and has no outcome yet), `sent` or `failed`. An attempt is recorded as
-//!   started before the request goes out and finished after the answer, each in its own
-//!   transaction, so after a crash a `sending` message says "the outcome is unknown".
-//! - Multi-part messages (Telegram and Slack split long texts) record each part delivered
-//!   (`parts_done`): a retry sends only the parts not yet accepted.
-//! - Silences are matched by key id or owner and end at `until_ms` (or when removed).
+//! A message is `pending` (never tried, or to retry at `next_attempt_ms`), `sending` (an
+//! attempt started and has no outcome yet), `sent` or `failed`.
 //!
-//! Row payloads (`address`, `payload`, `item`) are JSON written and read by the notifier;
-//! none of them holds a secret (a Slack webhook is stored as the name of its variable or
-//! file, never its URL).
+//! Row payloads (`address`, `payload`, `item`) are JSON written and read by the notifier
+//! and opaque here: this file knows no channel and no secret shape (the notifier never
+//! puts a secret in them; a Slack webhook is stored as the name of its variable or file).
 
 use rusqlite::{params, OptionalExtension};
 
 use super::sqlite::classify;
 use super::{SqliteStore, StoreError};
+use crate::notify::log::{
+    AttemptEnd, AttemptRow, MessageFinding, MessageRow, NewMessage, NotifyLog, PendingRow,
+    SilenceRow,
+};
 
 /// The schema, appended to the store's migrations.
 pub(super) const MIGRATION: &str = "CREATE TABLE notify_messages (
@@ -89,104 +86,6 @@ pub(super) const MIGRATION: &str = "CREATE TABLE notify_messages (
         removed_ms INTEGER
      );";
 
-/// A message to queue.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewMessage {
-    pub id: String,
-    pub recipient: String,
-    pub receiver: String,
-    pub channel: String,
-    pub channel_type: String,
-    pub target: String,
-    pub address: String,
-    pub group_key: String,
-    pub kinds: String,
-    pub severity: String,
-    pub created_ms: i64,
-    pub payload: String,
-    pub findings: Vec<MessageFinding>,
-}
-
-/// A finding carried by a message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MessageFinding {
-    pub dedup_key: String,
-    pub kind: String,
-    pub key_id: String,
-    pub owner: Option<String>,
-}
-
-/// A queued message as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MessageRow {
-    pub id: String,
-    pub recipient: String,
-    pub receiver: String,
-    pub channel: String,
-    pub channel_type: String,
-    pub target: String,
-    pub address: String,
-    pub group_key: String,
-    pub kinds: String,
-    pub severity: String,
-    pub created_ms: i64,
-    pub state: String,
-    pub attempts: u32,
-    pub next_attempt_ms: i64,
-    pub parts_done: u32,
-    pub sent_ms: Option<i64>,
-    pub last_error: Option<String>,
-    pub payload: String,
-}
-
-/// One attempt to deliver a message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttemptRow {
-    pub message_id: String,
-    pub attempt: u32,
-    pub started_ms: i64,
-    pub finished_ms: Option<i64>,
-    /// `ok`, `transient`, `permanent`, `interrupted`; `None` while in flight.
-    pub outcome: Option<String>,
-    pub detail: Option<String>,
-}
-
-/// A finding waiting in a group for its recipient.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PendingRow {
-    pub recipient: String,
-    pub dedup_key: String,
-    pub raised_ms: i64,
-    pub item: String,
-}
-
-/// A silence as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SilenceRow {
-    pub id: i64,
-    /// `key` or `owner`.
-    pub matcher: String,
-    pub value: String,
-    pub created_ms: i64,
-    pub until_ms: i64,
-    pub reason: String,
-    pub removed_ms: Option<i64>,
-}
-
-/// How an attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttemptEnd {
-    /// Accepted: the message is sent.
-    Ok,
-    /// Failed and will be tried again at this time.
-    Retry {
-        next_attempt_ms: i64,
-        detail: String,
-    },
-    /// Failed for good (a permanent error, or retried for too long).
-    Failed { transient: bool, detail: String },
-}
-
 const MESSAGE_COLUMNS: &str = "id, recipient, receiver, channel, channel_type, target, address,
     group_key, kinds, severity, created_ms, state, attempts, next_attempt_ms, parts_done,
     sent_ms, last_error, payload";
@@ -226,13 +125,9 @@ fn silence_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SilenceRow> {
     })
 }
 
-impl SqliteStore {
+impl NotifyLog for SqliteStore {
     /// When a fact was last queued for a recipient, if ever.
-    pub fn notify_fact_last(
-        &self,
-        recipient: &str,
-        dedup_key: &str,
-    ) -> Result<Option<i64>, StoreError> {
+    fn fact_last(&self, recipient: &str, dedup_key: &str) -> Result<Option<i64>, StoreError> {
         self.conn()
             .prepare_cached(
                 "SELECT last_ms FROM notify_facts WHERE recipient = ?1 AND dedup_key = ?2",
@@ -245,7 +140,7 @@ impl SqliteStore {
     }
 
     /// Adds or replaces findings waiting in groups (one transaction).
-    pub fn notify_pending_put(&mut self, rows: &[PendingRow]) -> Result<(), StoreError> {
+    fn pending_put(&mut self, rows: &[PendingRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -268,7 +163,7 @@ impl SqliteStore {
     }
 
     /// Removes waiting findings (silenced or inhibited while they waited).
-    pub fn notify_pending_remove(&mut self, keys: &[(String, String)]) -> Result<(), StoreError> {
+    fn pending_remove(&mut self, keys: &[(String, String)]) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -287,7 +182,7 @@ impl SqliteStore {
     }
 
     /// Every finding waiting in a group, oldest first.
-    pub fn notify_pending_all(&self) -> Result<Vec<PendingRow>, StoreError> {
+    fn pending_all(&self) -> Result<Vec<PendingRow>, StoreError> {
         let mut stmt = self
             .conn()
             .prepare(
@@ -311,7 +206,7 @@ impl SqliteStore {
     /// Queues the messages of a group flush: inserts them `pending` (due at once), records
     /// each (recipient, fact) as told at `now_ms`, and removes the facts from the waiting
     /// findings; all in one transaction.
-    pub fn notify_enqueue(
+    fn enqueue(
         &mut self,
         messages: &[NewMessage],
         told: &[(String, String)],
@@ -381,7 +276,7 @@ impl SqliteStore {
 
     /// Messages due for an attempt at `now_ms` (pending, `next_attempt_ms` reached), oldest
     /// first, at most `limit`.
-    pub fn notify_due(&self, now_ms: i64, limit: usize) -> Result<Vec<MessageRow>, StoreError> {
+    fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<MessageRow>, StoreError> {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM notify_messages
              WHERE state = 'pending' AND next_attempt_ms <= ?1
@@ -395,7 +290,7 @@ impl SqliteStore {
     }
 
     /// The earliest `next_attempt_ms` of a pending message.
-    pub fn notify_next_due_ms(&self) -> Result<Option<i64>, StoreError> {
+    fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
         self.conn()
             .prepare_cached(
                 "SELECT MIN(next_attempt_ms) FROM notify_messages WHERE state = 'pending'",
@@ -405,7 +300,7 @@ impl SqliteStore {
     }
 
     /// Marks an attempt as started (state `sending`) and returns its number (1, 2, ...).
-    pub fn notify_attempt_start(&mut self, id: &str, now_ms: i64) -> Result<u32, StoreError> {
+    fn attempt_start(&mut self, id: &str, now_ms: i64) -> Result<u32, StoreError> {
         let tx = self.conn_mut().transaction().map_err(classify)?;
         let attempt: u32 = tx
             .query_row(
@@ -426,7 +321,7 @@ impl SqliteStore {
     }
 
     /// Records that the first `parts_done` parts of a split message were accepted.
-    pub fn notify_parts_done(&mut self, id: &str, parts_done: u32) -> Result<(), StoreError> {
+    fn parts_done(&mut self, id: &str, parts_done: u32) -> Result<(), StoreError> {
         self.conn()
             .execute(
                 "UPDATE notify_messages SET parts_done = ?2 WHERE id = ?1",
@@ -437,7 +332,7 @@ impl SqliteStore {
     }
 
     /// Records how an attempt ended and moves the message on (sent, pending again, failed).
-    pub fn notify_attempt_end(
+    fn attempt_end(
         &mut self,
         id: &str,
         attempt: u32,
@@ -488,7 +383,7 @@ impl SqliteStore {
     /// back to `pending`, due at once, and its open attempt is closed as `interrupted` at
     /// `now_ms`.
     /// Returns the ids, oldest first.
-    pub fn notify_recover(&mut self, now_ms: i64) -> Result<Vec<String>, StoreError> {
+    fn recover(&mut self, now_ms: i64) -> Result<Vec<String>, StoreError> {
         let tx = self.conn_mut().transaction().map_err(classify)?;
         let ids: Vec<String> = {
             let mut stmt = tx
@@ -517,30 +412,8 @@ impl SqliteStore {
         Ok(ids)
     }
 
-    /// Messages created at or after `since_ms`, oldest first.
-    pub fn notify_messages(&self, since_ms: i64) -> Result<Vec<MessageRow>, StoreError> {
-        let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM notify_messages WHERE created_ms >= ?1
-             ORDER BY created_ms, id"
-        );
-        let mut stmt = self.conn().prepare(&sql).map_err(classify)?;
-        let rows = stmt
-            .query_map(params![since_ms], message_row)
-            .map_err(classify)?;
-        rows.collect::<Result<_, _>>().map_err(classify)
-    }
-
-    /// One message by id.
-    pub fn notify_message(&self, id: &str) -> Result<Option<MessageRow>, StoreError> {
-        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM notify_messages WHERE id = ?1");
-        self.conn()
-            .query_row(&sql, params![id], message_row)
-            .optional()
-            .map_err(classify)
-    }
-
     /// The dedup keys a message carries.
-    pub fn notify_message_findings(&self, id: &str) -> Result<Vec<MessageFinding>, StoreError> {
+    fn message_findings(&self, id: &str) -> Result<Vec<MessageFinding>, StoreError> {
         let mut stmt = self
             .conn()
             .prepare(
@@ -561,33 +434,9 @@ impl SqliteStore {
         rows.collect::<Result<_, _>>().map_err(classify)
     }
 
-    /// Every attempt of a message, in order.
-    pub fn notify_attempts(&self, id: &str) -> Result<Vec<AttemptRow>, StoreError> {
-        let mut stmt = self
-            .conn()
-            .prepare(
-                "SELECT message_id, attempt, started_ms, finished_ms, outcome, detail
-                 FROM notify_attempts WHERE message_id = ?1 ORDER BY attempt",
-            )
-            .map_err(classify)?;
-        let rows = stmt
-            .query_map(params![id], |r| {
-                Ok(AttemptRow {
-                    message_id: r.get(0)?,
-                    attempt: r.get(1)?,
-                    started_ms: r.get(2)?,
-                    finished_ms: r.get(3)?,
-                    outcome: r.get(4)?,
-                    detail: r.get(5)?,
-                })
-            })
-            .map_err(classify)?;
-        rows.collect::<Result<_, _>>().map_err(classify)
-    }
-
     /// Removes sent and failed messages (and their attempts) created before `before_ms`.
     /// Facts stay: they are what keeps a reminder step from being sent twice.
-    pub fn notify_prune(&mut self, before_ms: i64) -> Result<usize, StoreError> {
+    fn prune_before(&mut self, before_ms: i64) -> Result<usize, StoreError> {
         let tx = self.conn_mut().transaction().map_err(classify)?;
         let old = "SELECT id FROM notify_messages
                    WHERE created_ms < ?1 AND state IN ('sent', 'failed')";
@@ -613,7 +462,7 @@ impl SqliteStore {
     }
 
     /// Adds a silence and returns its id.
-    pub fn silence_insert(
+    fn silence_insert(
         &mut self,
         matcher: &str,
         value: &str,
@@ -632,7 +481,7 @@ impl SqliteStore {
     }
 
     /// Silences in force at `now_ms` (all that were ever set with `all`), by id.
-    pub fn silence_rows(&self, now_ms: i64, all: bool) -> Result<Vec<SilenceRow>, StoreError> {
+    fn silence_rows(&self, now_ms: i64, all: bool) -> Result<Vec<SilenceRow>, StoreError> {
         let mut stmt = self
             .conn()
             .prepare_cached(
@@ -649,7 +498,7 @@ impl SqliteStore {
     }
 
     /// Ends a silence; false when there is no such silence in force.
-    pub fn silence_end(&mut self, id: i64, now_ms: i64) -> Result<bool, StoreError> {
+    fn silence_end(&mut self, id: i64, now_ms: i64) -> Result<bool, StoreError> {
         let n = self
             .conn()
             .execute(
@@ -659,6 +508,55 @@ impl SqliteStore {
             )
             .map_err(classify)?;
         Ok(n == 1)
+    }
+}
+
+/// Reads for reports and tests.
+impl SqliteStore {
+    /// Messages created at or after `since_ms`, oldest first.
+    pub fn notify_messages(&self, since_ms: i64) -> Result<Vec<MessageRow>, StoreError> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM notify_messages WHERE created_ms >= ?1
+             ORDER BY created_ms, id"
+        );
+        let mut stmt = self.conn().prepare(&sql).map_err(classify)?;
+        let rows = stmt
+            .query_map(params![since_ms], message_row)
+            .map_err(classify)?;
+        rows.collect::<Result<_, _>>().map_err(classify)
+    }
+
+    /// One message by id.
+    pub fn notify_message(&self, id: &str) -> Result<Option<MessageRow>, StoreError> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM notify_messages WHERE id = ?1");
+        self.conn()
+            .query_row(&sql, params![id], message_row)
+            .optional()
+            .map_err(classify)
+    }
+
+    /// Every attempt of a message, in order.
+    pub fn notify_attempts(&self, id: &str) -> Result<Vec<AttemptRow>, StoreError> {
+        let mut stmt = self
+            .conn()
+            .prepare(
+                "SELECT message_id, attempt, started_ms, finished_ms, outcome, detail
+                 FROM notify_attempts WHERE message_id = ?1 ORDER BY attempt",
+            )
+            .map_err(classify)?;
+        let rows = stmt
+            .query_map(params![id], |r| {
+                Ok(AttemptRow {
+                    message_id: r.get(0)?,
+                    attempt: r.get(1)?,
+                    started_ms: r.get(2)?,
+                    finished_ms: r.get(3)?,
+                    outcome: r.get(4)?,
+                    detail: r.get(5)?,
+                })
+            })
+            .map_err(classify)?;
+        rows.collect::<Result<_, _>>().map_err(classify)
     }
 }
 
@@ -693,31 +591,31 @@ mod tests {
     fn a_message_moves_through_its_states() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = SqliteStore::open(dir.path()).unwrap();
-        s.notify_pending_put(&[PendingRow {
+        s.pending_put(&[PendingRow {
             recipient: "owner:acme".into(),
             dedup_key: "f-m1".into(),
             raised_ms: 5,
             item: "{}".into(),
         }])
         .unwrap();
-        assert_eq!(s.notify_pending_all().unwrap().len(), 1);
-        s.notify_enqueue(
+        assert_eq!(s.pending_all().unwrap().len(), 1);
+        s.enqueue(
             &[message("m1", 10)],
             &[("owner:acme".into(), "f-m1".into())],
             10,
         )
         .unwrap();
-        assert!(s.notify_pending_all().unwrap().is_empty());
-        assert_eq!(s.notify_fact_last("owner:acme", "f-m1").unwrap(), Some(10));
-        assert_eq!(s.notify_fact_last("owner:other", "f-m1").unwrap(), None);
-        assert_eq!(s.notify_next_due_ms().unwrap(), Some(10));
-        assert!(s.notify_due(9, 10).unwrap().is_empty());
-        assert_eq!(s.notify_due(10, 10).unwrap()[0].id, "m1");
+        assert!(s.pending_all().unwrap().is_empty());
+        assert_eq!(s.fact_last("owner:acme", "f-m1").unwrap(), Some(10));
+        assert_eq!(s.fact_last("owner:other", "f-m1").unwrap(), None);
+        assert_eq!(s.next_due_ms().unwrap(), Some(10));
+        assert!(s.due(9, 10).unwrap().is_empty());
+        assert_eq!(s.due(10, 10).unwrap()[0].id, "m1");
 
-        let a = s.notify_attempt_start("m1", 11).unwrap();
+        let a = s.attempt_start("m1", 11).unwrap();
         assert_eq!(a, 1);
-        assert!(s.notify_due(100, 10).unwrap().is_empty(), "in flight");
-        s.notify_attempt_end(
+        assert!(s.due(100, 10).unwrap().is_empty(), "in flight");
+        s.attempt_end(
             "m1",
             a,
             12,
@@ -727,15 +625,14 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(s.notify_next_due_ms().unwrap(), Some(1000));
-        let a = s.notify_attempt_start("m1", 1000).unwrap();
+        assert_eq!(s.next_due_ms().unwrap(), Some(1000));
+        let a = s.attempt_start("m1", 1000).unwrap();
         assert_eq!(a, 2);
         // A crash here: the restart finds the attempt without an outcome.
-        assert_eq!(s.notify_recover(2000).unwrap(), vec!["m1".to_owned()]);
-        let a = s.notify_attempt_start("m1", 2000).unwrap();
-        s.notify_parts_done("m1", 1).unwrap();
-        s.notify_attempt_end("m1", a, 2001, &AttemptEnd::Ok)
-            .unwrap();
+        assert_eq!(s.recover(2000).unwrap(), vec!["m1".to_owned()]);
+        let a = s.attempt_start("m1", 2000).unwrap();
+        s.parts_done("m1", 1).unwrap();
+        s.attempt_end("m1", a, 2001, &AttemptEnd::Ok).unwrap();
         let m = s.notify_message("m1").unwrap().unwrap();
         assert_eq!(
             (m.state.as_str(), m.attempts, m.parts_done, m.sent_ms),
@@ -749,18 +646,15 @@ mod tests {
             .collect();
         assert_eq!(outcomes, ["transient", "interrupted", "ok"]);
         // Queuing the same message again changes nothing; telling the fact again moves it.
-        s.notify_enqueue(
+        s.enqueue(
             &[message("m1", 10)],
             &[("owner:acme".into(), "f-m1".into())],
             3000,
         )
         .unwrap();
         assert_eq!(s.notify_message("m1").unwrap().unwrap().state, "sent");
-        assert_eq!(
-            s.notify_fact_last("owner:acme", "f-m1").unwrap(),
-            Some(3000)
-        );
-        assert_eq!(s.notify_prune(11).unwrap(), 1);
+        assert_eq!(s.fact_last("owner:acme", "f-m1").unwrap(), Some(3000));
+        assert_eq!(s.prune_before(11).unwrap(), 1);
         assert!(s.notify_message("m1").unwrap().is_none());
     }
 

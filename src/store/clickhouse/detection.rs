@@ -40,18 +40,16 @@
 //!
 //! # Notification attempts
 //!
+//! The ClickHouse side of the notifier's ports `notify::AttemptLog` and `notify::SharedLog`:
 //! [`ClickHouseStore::record_attempts`] writes [`AttemptRecord`]s to `notify_attempts` and,
-//! in the version 1 shape the dashboards read, to `notifications`, with secrets removed
-//! ([`redact_attempt`]): Telegram chat ids are cut to their last digits, URLs lose their
-//! path and query, and anything shaped like a bot token is replaced, in the target and in
-//! the error text. [`run_attempt_sink`] is the task that batches them.
+//! in the version 1 shape the dashboards read, to `notifications`, each as
+//! [`AttemptRecord::redacted`] (the notifier knows which parts of a target or an error are
+//! secret; this file does not). `notify::run_attempt_sink` is the task that batches them.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use ::clickhouse::Row;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
 use super::error::{code_of, Phase};
 use super::rowbinary::RowBinary;
@@ -59,7 +57,7 @@ use super::schema::{lit, Sql, Table};
 use super::{ClickHouseStore, SourceRowCh, REPORT_TIMEOUT};
 use crate::aggregate::{SourceKey, SourceStats};
 use crate::detect::{Finding, FindingKind, HourRow, RotationData, RotationSource, Severity};
-use crate::notify::AttemptRecord;
+use crate::notify::{AttemptLog, AttemptRecord, SharedLog};
 use crate::store::views::StoredFinding;
 use crate::store::{DetectionStore, SourceRow, StoreError};
 
@@ -67,14 +65,6 @@ const HOUR_S: i64 = 3600;
 
 /// Dedup keys per `IN (...)` list: keeps statements far below `max_query_size` (256 KiB).
 const KEYS_PER_QUERY: usize = 500;
-
-/// Attempts per insert in [`run_attempt_sink`], and how long a record may wait.
-const SINK_ROWS: usize = 500;
-const SINK_EVERY: Duration = Duration::from_secs(1);
-/// Attempts kept while ClickHouse is down; older ones are dropped (and counted) beyond it.
-const SINK_BACKLOG: usize = 50_000;
-/// How long the sink keeps retrying after its channel closed (shutdown).
-const SINK_DRAIN_FOR: Duration = Duration::from_secs(10);
 
 impl Sql {
     /// Per partition of every source, the committed next offset (`committed_next`): a row
@@ -492,7 +482,8 @@ impl ClickHouseStore {
             .collect()
     }
 
-    /// Writes notification attempts to `notify_attempts`, secrets removed, in one insert.
+    /// Writes notification attempts to `notify_attempts` (and the version 1
+    /// `notifications`), secrets removed, in one insert each.
     pub fn record_attempts(&self, rows: &[AttemptRecord]) -> Result<(), StoreError> {
         self.block_on(self.record_attempts_async(rows))
     }
@@ -562,7 +553,7 @@ pub(crate) fn finding_row_v1(
 /// message's kinds when it names none), `recipient` where it went (the redacted target),
 /// `step` 0, `at` when the attempt ended.
 pub(crate) fn notification_row_v1(rb: &mut RowBinary, r: &AttemptRecord) {
-    let r = redact_attempt(r);
+    let r = r.redacted();
     let keys: Vec<&str> = if r.findings.is_empty() {
         vec![r.kinds.as_str()]
     } else {
@@ -584,7 +575,7 @@ pub(crate) fn notification_row_v1(rb: &mut RowBinary, r: &AttemptRecord) {
 
 /// One `notify_attempts` row, secrets removed.
 pub(crate) fn attempt_row(rb: &mut RowBinary, r: &AttemptRecord) {
-    let r = redact_attempt(r);
+    let r = r.redacted();
     rb.string(&r.message_id);
     rb.string(&r.recipient);
     rb.string(&r.receiver);
@@ -603,164 +594,13 @@ pub(crate) fn attempt_row(rb: &mut RowBinary, r: &AttemptRecord) {
     rb.rows += 1;
 }
 
-/// Writes the attempts received on `rx` to ClickHouse: one insert per 500 records or per
-/// second, whichever comes first. Transient failures are retried with backoff (records
-/// keep arriving meanwhile, up to a backlog of 50,000; older ones are dropped beyond it and
-/// counted in `keywatch_notify_records_dropped_total`); records the server refuses for good
-/// are logged and dropped. When the channel closes, what is left is written (retrying for
-/// up to 10 s) and the task ends.
-pub async fn run_attempt_sink(store: ClickHouseStore, mut rx: mpsc::Receiver<AttemptRecord>) {
-    use tokio::time::{sleep_until, Instant};
-    let mut buf: Vec<AttemptRecord> = Vec::new();
-    let mut open = true;
-    let mut delay = Duration::from_millis(200);
-    let mut retry_at: Option<Instant> = None;
-    let mut closed_at: Option<Instant> = None;
-    loop {
-        // Take records until the batch is full or its time (or the retry's) has come.
-        let deadline = retry_at.unwrap_or_else(|| Instant::now() + SINK_EVERY);
-        while open && (retry_at.is_some() || buf.len() < SINK_ROWS) {
-            tokio::select! {
-                r = rx.recv() => match r {
-                    Some(r) => {
-                        buf.push(r);
-                        if buf.len() > SINK_BACKLOG {
-                            buf.remove(0);
-                            metrics::counter!("keywatch_notify_records_dropped_total")
-                                .increment(1);
-                        }
-                    }
-                    None => {
-                        open = false;
-                        closed_at = Some(Instant::now());
-                    }
-                },
-                _ = sleep_until(deadline) => break,
-            }
-        }
-        if let Some(at) = retry_at {
-            sleep_until(at).await;
-        }
-        if buf.is_empty() {
-            if open {
-                continue;
-            }
-            return;
-        }
-        let n = buf.len().min(SINK_ROWS);
-        match store.record_attempts_async(&buf[..n]).await {
-            Ok(()) => {
-                buf.drain(..n);
-                delay = Duration::from_millis(200);
-                retry_at = None;
-            }
-            Err(e) if e.is_transient() => {
-                if closed_at.is_some_and(|t| t.elapsed() >= SINK_DRAIN_FOR) {
-                    tracing::warn!(error = %e, records = buf.len(),
-                        "notification attempts not recorded in ClickHouse at shutdown");
-                    metrics::counter!("keywatch_notify_records_dropped_total")
-                        .increment(buf.len() as u64);
-                    return;
-                }
-                tracing::warn!(error = %e, retry_in = ?delay,
-                    "recording notification attempts in ClickHouse failed; will retry");
-                retry_at = Some(Instant::now() + delay);
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, records = n,
-                    "ClickHouse refused notification attempts; dropping them");
-                metrics::counter!("keywatch_notify_records_dropped_total").increment(n as u64);
-                buf.drain(..n);
-                retry_at = None;
-            }
-        }
+impl AttemptLog for ClickHouseStore {
+    async fn record_attempts(&self, rows: &[AttemptRecord]) -> Result<(), StoreError> {
+        self.record_attempts_async(rows).await
     }
 }
 
-/// An attempt as it may be stored outside the notifier: no channel secret in it.
-/// - `target`: a Telegram chat id keeps its last 4 characters (`telegram:…7890`); a URL
-///   keeps its scheme and host.
-/// - `detail` (the error text, already scrubbed by the channels): the raw chat id, URL paths
-///   and queries, and bot-token-shaped words (`123456:ABC…`) are replaced.
-pub fn redact_attempt(r: &AttemptRecord) -> AttemptRecord {
-    let mut out = r.clone();
-    let mut chat: Option<&str> = None;
-    if let Some(id) = r.target.strip_prefix("telegram:") {
-        chat = Some(id).filter(|c| !c.is_empty());
-        out.target = format!("telegram:{}", tail(id));
-    } else {
-        out.target = redact_text(&r.target);
-    }
-    out.detail = r.detail.as_ref().map(|d| {
-        let mut d = redact_text(d);
-        if let Some(c) = chat.filter(|c| c.len() >= 4) {
-            d = d.replace(c, &tail(c));
-        }
-        d
-    });
-    out
-}
-
-fn tail(id: &str) -> String {
-    let chars: Vec<char> = id.chars().collect();
-    let keep = if chars.len() > 4 { 4 } else { 0 };
-    let last: String = chars[chars.len() - keep..].iter().collect();
-    format!("…{last}")
-}
-
-/// Replaces URL paths and queries, and bot-token-shaped words.
-fn redact_text(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while !rest.is_empty() {
-        // Words end at whitespace and at characters that quote or bracket them.
-        let end = rest
-            .find(|c: char| c.is_whitespace() || "\"'<>()[]{},;`".contains(c))
-            .unwrap_or(rest.len());
-        let (word, after) = rest.split_at(end);
-        out.push_str(&redact_word(word));
-        let mut chars = after.chars();
-        if let Some(c) = chars.next() {
-            out.push(c);
-        }
-        rest = chars.as_str();
-    }
-    out
-}
-
-fn redact_word(w: &str) -> String {
-    let lower = w.to_ascii_lowercase();
-    if let Some(i) = lower.find("://") {
-        let after = &w[i + 3..];
-        let host_end = after.find(['/', '?', '#']).unwrap_or(after.len());
-        if host_end < after.len() {
-            // Userinfo (`user:pass@host`) is a secret too.
-            let host = &after[..host_end];
-            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-            return format!("{}{host}/<redacted>", &w[..i + 3]);
-        }
-        let host = after.rsplit_once('@').map_or(after, |(_, h)| h);
-        return format!("{}{host}", &w[..i + 3]);
-    }
-    // Telegram bot tokens: digits, a colon, 30 or more URL-safe characters (maybe after
-    // `bot`, as in API paths).
-    let bare = w.trim_start_matches("bot");
-    if let Some((id, secret)) = bare.split_once(':') {
-        if id.len() >= 5
-            && id.bytes().all(|b| b.is_ascii_digit())
-            && secret.len() >= 30
-            && secret
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            return "<redacted>".to_owned();
-        }
-    }
-    w.to_owned()
-}
-
-impl crate::notify::SharedLog for ClickHouseStore {
+impl SharedLog for ClickHouseStore {
     fn last_delivered(&self, recipient: &str, dedup_key: &str) -> Result<Option<i64>, String> {
         let sql = self.sql().last_delivered(recipient, dedup_key);
         let answer = self.query_tsv(&sql).map_err(|e| e.to_string())?;
@@ -775,80 +615,6 @@ impl crate::notify::SharedLog for ClickHouseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn attempt(target: &str, detail: Option<&str>) -> AttemptRecord {
-        AttemptRecord {
-            message_id: "m1".into(),
-            recipient: "acme".into(),
-            receiver: "owner".into(),
-            channel: "tg".into(),
-            channel_type: "telegram".into(),
-            target: target.into(),
-            kinds: "lingering_old_key".into(),
-            findings: Vec::new(),
-            severity: "warning".into(),
-            created_ms: 1,
-            attempt: 1,
-            started_ms: 2,
-            finished_ms: 3,
-            outcome: "transient",
-            detail: detail.map(str::to_owned),
-        }
-    }
-
-    #[test]
-    fn attempts_lose_their_secrets() {
-        let token = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
-        let hook = "https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX";
-        let cases = [
-            (
-                attempt(
-                    "telegram:-1001234567890",
-                    Some(&format!(
-                        "error sending to https://api.telegram.org/bot{token}/sendMessage \
-                         for chat -1001234567890 (token {token})"
-                    )),
-                ),
-                "telegram:…7890",
-                Some(
-                    "error sending to https://api.telegram.org/<redacted> for chat \
-                     …7890 (token <redacted>)",
-                ),
-            ),
-            (
-                attempt(
-                    "slack:acme",
-                    Some(&format!("posting to \"{hook}\": 404 no_service")),
-                ),
-                "slack:acme",
-                Some("posting to \"https://hooks.slack.com/<redacted>\": 404 no_service"),
-            ),
-            (
-                attempt(
-                    "webhook:ops",
-                    Some("POST https://user:pw@hooks.example.com?key=abc failed"),
-                ),
-                "webhook:ops",
-                Some("POST https://hooks.example.com/<redacted> failed"),
-            ),
-            (
-                attempt("email:a@x.example,b@y.example", None),
-                "email:a@x.example,b@y.example",
-                None,
-            ),
-            (
-                attempt("telegram:42", Some("chat 42")),
-                "telegram:…",
-                Some("chat 42"),
-            ),
-        ];
-        for (a, target, detail) in cases {
-            let r = redact_attempt(&a);
-            assert_eq!(r.target, target, "{a:?}");
-            assert_eq!(r.detail.as_deref(), detail, "{a:?}");
-            assert_eq!(r.message_id, a.message_id);
-        }
-    }
 
     fn state(key: &str, claimed_by: &str) -> StateRow {
         StateRow {

@@ -1,6 +1,12 @@
 //! Delivery to one target: the channels' transports, built once with their secrets, and
 //! what an attempt's failure means (retry or not).
 //!
+//! Each channel is a module that owns it whole: its settings in `routes.toml` (its fields
+//! and how they are read), its markup's escaping and splitting, and its sending:
+//! [`email`], [`telegram`], [`slack`], [`webhook`], and the [`Console`]. This module holds
+//! what they share (errors, scrubbing, the stored [`Address`]) and dispatches a message to
+//! its channel ([`Transports`]).
+//!
 //! Secrets (SMTP password, bot token, webhook URLs and authorization) live only in the
 //! transports. Errors are described from status codes, API descriptions and error chains
 //! with URLs stripped (`reqwest::Error::without_url`), and every description goes through
@@ -8,15 +14,22 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::config::{ChannelKind, Config};
 use super::message::Rendered;
-use super::{email, slack, telegram, webhook, NotifyError};
+use super::NotifyError;
 use crate::registry::{Secret, SecretRef};
+
+mod console;
+pub mod email;
+pub mod slack;
+pub mod telegram;
+pub mod webhook;
+
+pub use console::Console;
 
 /// Why an attempt failed, and whether another can succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +114,43 @@ pub(crate) fn url_secrets(url: &str) -> Vec<String> {
     out
 }
 
+/// `s` with the characters `entity` names replaced (a markup's escaping).
+pub(crate) fn escape_with(s: &str, entity: impl Fn(char) -> Option<&'static str>) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match entity(c) {
+            Some(e) => out.push_str(e),
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// A message split by `split(limit)` in at most `max_parts` parts: when there are more, the
+/// text is split again with room for a marker, the first `max_parts` are kept and the last
+/// says how many were not sent (`mark` puts the sentence in the channel's markup).
+pub(crate) fn at_most(
+    split: impl Fn(usize) -> Vec<String>,
+    limit: usize,
+    max_parts: usize,
+    mark: impl Fn(&str) -> String,
+) -> Vec<String> {
+    let max_parts = max_parts.max(1);
+    let parts = split(limit);
+    if parts.len() <= max_parts {
+        return parts;
+    }
+    let marker_room = 64;
+    let parts = split(limit.saturating_sub(marker_room).max(marker_room));
+    let dropped = parts.len() - max_parts;
+    let mut kept: Vec<String> = parts.into_iter().take(max_parts).collect();
+    if let Some(last) = kept.last_mut() {
+        let s = if dropped == 1 { "" } else { "s" };
+        last.push_str(&mark(&format!("… cut: {dropped} more part{s} not sent")));
+    }
+    kept
+}
+
 /// An error with its causes, `a: b: c`.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -165,33 +215,6 @@ pub(crate) fn excerpt(body: &str, secrets: &[&str]) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     scrub(one.trim(), secrets)
-}
-
-/// Where the console channel writes: standard output, or a buffer in tests.
-#[derive(Debug, Clone, Default)]
-pub enum Console {
-    #[default]
-    Stdout,
-    Capture(Arc<Mutex<Vec<String>>>),
-}
-
-impl Console {
-    pub fn capture() -> (Console, Arc<Mutex<Vec<String>>>) {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        (Console::Capture(buf.clone()), buf)
-    }
-
-    pub(crate) fn write(&self, text: &str) {
-        match self {
-            Console::Stdout => {
-                use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{text}");
-                let _ = out.flush();
-            }
-            Console::Capture(buf) => buf.lock().expect("console buffer").push(text.to_owned()),
-        }
-    }
 }
 
 /// How a message reaches its target, stored with the message (no secret in it).
@@ -301,8 +324,8 @@ impl Transports {
                 )),
                 ChannelKind::Webhook(s) => {
                     let url = match &s.url {
-                        super::config::UrlRef::Plain(u) => webhook::Url::Plain(u.clone()),
-                        super::config::UrlRef::Secret(r) => webhook::Url::Secret(secret("url", r)?),
+                        webhook::UrlRef::Plain(u) => webhook::Url::Plain(u.clone()),
+                        webhook::UrlRef::Secret(r) => webhook::Url::Secret(secret("url", r)?),
                     };
                     let auth = match &s.authorization {
                         Some(r) => Some(secret("authorization", r)?),

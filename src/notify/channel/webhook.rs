@@ -13,11 +13,67 @@
 //! Outcomes: 2xx delivered; 408, 429 (after `Retry-After`), 5xx, timeouts and connection
 //! failures retried; other answers permanent. The URL may be a secret (`url_env`,
 //! `url_file`), and so is the Authorization header value: neither is logged.
+//!
+//! This module owns the channel whole: its settings in `routes.toml` ([`settings`]) and its
+//! sending; the body is JSON, so it needs no escaping of its own.
 
 use serde_json::Value;
 
-use super::channel::{excerpt, http_error, retry_after, url_secrets, DeliveryError};
-use crate::registry::Secret;
+use super::{excerpt, http_error, retry_after, url_secrets, DeliveryError};
+use crate::config::ConfigError;
+use crate::notify::config::ChannelTable;
+use crate::registry::{Secret, SecretRef};
+
+/// The fields of a webhook channel in `routes.toml`.
+pub(crate) const FIELDS: &[&str] = &[
+    "url",
+    "url_env",
+    "url_file",
+    "authorization_env",
+    "authorization_file",
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookSettings {
+    pub url: UrlRef,
+    /// The value of the Authorization header (`Bearer …`).
+    pub authorization: Option<SecretRef>,
+}
+
+/// A URL written in the file (not secret), or named (secret).
+#[derive(Debug, Clone, PartialEq)]
+pub enum UrlRef {
+    Plain(String),
+    Secret(SecretRef),
+}
+
+/// Reads a webhook channel's table: one of `url`, `url_env`, `url_file`, and maybe a named
+/// Authorization value.
+pub(crate) fn settings(t: &ChannelTable<'_>) -> Result<WebhookSettings, ConfigError> {
+    let c = t.raw;
+    let secret = t.secret("url", &c.url_env, &c.url_file)?;
+    let url = match (&c.url, secret) {
+        (Some(u), None) => UrlRef::Plain(t.http_url("url", u)?),
+        (None, Some(s)) => UrlRef::Secret(s),
+        (Some(u), Some(_)) => {
+            return Err(t.err(
+                "url",
+                Some(u.span()),
+                "set one of url, url_env and url_file",
+            ))
+        }
+        (None, None) => {
+            return Err(t.err(
+                "url",
+                None,
+                "a webhook channel needs url, url_env or url_file",
+            ))
+        }
+    };
+    let authorization: Option<SecretRef> =
+        t.secret("authorization", &c.authorization_env, &c.authorization_file)?;
+    Ok(WebhookSettings { url, authorization })
+}
 
 pub enum Url {
     Plain(String),
