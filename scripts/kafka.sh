@@ -112,7 +112,9 @@ LOG
     "$java" -cp "$libs/*" kafka.tools.StorageTool format --standalone \
         -t "$(python3 -c 'import uuid,base64; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')" \
         -c "$dir/server.properties" >"$dir/format.log" 2>&1
-    nohup "$java" -Xmx512m -XX:+UseG1GC -Dlog4j2.configurationFile="$dir/log4j2.properties" \
+    # KAFKA_HEAP: the JVM heap options (a benchmark moving a gigabyte wants more).
+    # shellcheck disable=SC2086
+    nohup "$java" ${KAFKA_HEAP:--Xmx512m} -XX:+UseG1GC -Dlog4j2.configurationFile="$dir/log4j2.properties" \
         -cp "$libs/*" kafka.Kafka "$dir/server.properties" >"$dir/stdout.log" 2>&1 &
     echo $! >"$dir/pid"
     for _ in $(seq 1 600); do
