@@ -435,6 +435,48 @@ fn compressed_topics_are_read() {
     }
 }
 
+/// kcat (Debian's kafkacat, librdkafka 2.0) produces a log, zstd-compressed, one message
+/// per line, as README.md shows; keywatch reads it whole.
+#[test]
+fn kcat_produces_test_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 2);
+    let n = 2000;
+    let log = sample(dir.path(), "nginx", n, 70);
+    let kcat = ["kcat", "kafkacat"]
+        .into_iter()
+        .find(|k| {
+            std::process::Command::new(k)
+                .arg("-V")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("kcat (Debian's kafkacat; scripts/test.sh installs it)");
+    let status = std::process::Command::new(kcat)
+        .args(["-P", "-b", &broker.brokers(), "-t", &topic, "-z", "zstd"])
+        .stdin(std::fs::File::open(&log).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(messages_in(&broker.brokers(), &topic), n as i64);
+    let state = dir.path().join("state");
+    let cfg = kafka_config(
+        dir.path(),
+        &state,
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        "",
+    );
+    let mut child = Running(spawn_quiet(&mut run_config(&cfg)));
+    let got = wait_for_total(&state, n as u64, Duration::from_secs(60));
+    sigterm(&mut child.0);
+    assert_eq!(got, n as u64);
+    assert_eq!(totals(&state), (n as u64, n as u64));
+}
+
 /// Kafka in, ClickHouse (the real 18.16 server) as the store.
 fn clickhouse_config(
     dir: &Path,
