@@ -36,17 +36,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_port(port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "port {port} never opened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Stops the broker started with `scripts/kafka.sh start DIR` when dropped.
 struct Stopper(std::path::PathBuf, std::path::PathBuf);
 impl Drop for Stopper {

@@ -598,6 +598,79 @@ fn clickhouse_down_for_a_while_loses_nothing() {
     assert_eq!(ch.totals(db), Some((10_000, 10_000)));
 }
 
+/// The store is down when a rebalance asks it where partitions start: the rebalance
+/// callback gives up after its share of `max.poll.interval.ms` (8 s here), the partitions
+/// wait paused, and they start from the stored offsets once the store is back; the group
+/// outlives several poll intervals meanwhile, and nothing is lost or counted twice.
+#[test]
+fn store_down_during_a_rebalance_defers_the_start_past_max_poll_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = common::clickhouse::ClickHouse::start(&dir.path().join("ch"));
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 4);
+    let first = sample(dir.path(), "nginx", 4000, 43);
+    produce(&broker.brokers(), &topic, &first);
+    let db = "kw_deferred";
+    let cfg = clickhouse_config(
+        dir.path(),
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        &ch.url,
+        db,
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[input.kafka.properties]\n",
+        "[input.kafka.properties]\n\"max.poll.interval.ms\" = \"8000\"\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let logs: Vec<std::path::PathBuf> = ["a", "b"]
+        .iter()
+        .map(|n| dir.path().join(format!("{n}.log")))
+        .collect();
+    let start = |log: &Path| {
+        Running(
+            run_config(&cfg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut a = start(&logs[0]);
+    assert_eq!(
+        wait_for_clickhouse(&ch, db, 4000, Duration::from_secs(60)),
+        4000
+    );
+
+    // The store goes away; a second member joins (a rebalance) and more traffic arrives.
+    ch.stop();
+    let mut b = start(&logs[1]);
+    let second = sample(dir.path(), "nginx", 4000, 44);
+    produce(&broker.brokers(), &topic, &second);
+    std::thread::sleep(Duration::from_secs(20));
+    for m in [&mut a, &mut b] {
+        assert!(m.0.try_wait().unwrap().is_none(), "members survive");
+    }
+    ch.restart_after_stop();
+    let got = wait_for_clickhouse(&ch, db, 8000, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    sigterm(&mut a.0);
+    sigterm(&mut b.0);
+    let log: String = logs
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap())
+        .collect();
+    assert!(
+        log.contains("the partitions wait, paused")
+            && log.contains("partition started after the store recovered"),
+        "the deferred start was exercised"
+    );
+    assert_eq!(got, 8000);
+    assert_eq!(ch.totals(db), Some((8000, 8000)));
+}
+
 #[test]
 fn check_config_connect_says_what_works_and_what_fails() {
     let dir = tempfile::tempdir().unwrap();

@@ -330,6 +330,11 @@ impl Broker {
             watchdog: None,
         };
         node.configure(&format!("1@127.0.0.1:{controller_port}"), 1, extra);
+        Self::launch(node)
+    }
+
+    fn launch(mut node: Node) -> Broker {
+        let port = node.port;
         let start = Instant::now();
         node.spawn();
         node.wait_listening();
@@ -345,6 +350,94 @@ impl Broker {
             start.elapsed().as_secs_f64()
         );
         b
+    }
+
+    /// A broker whose client listener (the returned port) speaks SASL_SSL with SCRAM-SHA-512
+    /// only: a certificate for 127.0.0.1 made with openssl (the CA file clients trust is
+    /// returned), and one user, `user` with `password`, added when the storage is formatted.
+    /// The brokers' own traffic stays on a plaintext listener.
+    pub fn start_sasl_ssl(dir: &Path, user: &str, password: &str) -> (Broker, PathBuf) {
+        let port = free_port();
+        let internal = free_port();
+        let controller_port = free_port();
+        let dir = dir.join(format!("kafka-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let out = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=127.0.0.1"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (scripts/test.sh installs it)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // Kafka's PEM keystore: the private key (PKCS#8, unencrypted) then the certificate.
+        let keystore = dir.join("keystore.pem");
+        std::fs::write(
+            &keystore,
+            std::fs::read_to_string(&key).unwrap() + &std::fs::read_to_string(&cert).unwrap(),
+        )
+        .unwrap();
+        let data = dir.join("data");
+        let node = Node {
+            id: 1,
+            port,
+            controller_port,
+            dir: dir.clone(),
+            java: None,
+            watchdog: None,
+        };
+        let extra = format!(
+            "listeners=SASL_SSL://127.0.0.1:{port},PLAINTEXT://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller_port}\n\
+             advertised.listeners=SASL_SSL://127.0.0.1:{port},PLAINTEXT://127.0.0.1:{internal}\n\
+             listener.security.protocol.map=SASL_SSL:SASL_SSL,PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+             listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
+             ssl.keystore.type=PEM\n\
+             ssl.keystore.location={}\n",
+            keystore.display()
+        );
+        node.configure(&format!("1@127.0.0.1:{controller_port}"), 1, &extra);
+        // SCRAM credentials live in the metadata log: added when formatting, so this broker's
+        // storage is formatted afresh rather than copied from the template.
+        std::fs::remove_dir_all(&data).unwrap();
+        let out = Command::new(java())
+            .arg("-cp")
+            .arg(libs().join("*"))
+            .args(["kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c"])
+            .arg(dir.join("server.properties"))
+            .arg("--add-scram")
+            .arg(format!("SCRAM-SHA-512=[name={user},password={password}]"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "formatting Kafka storage with a SCRAM user: {}",
+            String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr)
+        );
+        let b = Self::launch_plain_check(node, internal);
+        (b, cert)
+    }
+
+    /// Like [`Broker::launch`], with readiness checked on the plaintext listener `internal`.
+    fn launch_plain_check(mut node: Node, internal: u16) -> Broker {
+        let start = Instant::now();
+        node.spawn();
+        node.wait_listening();
+        let port = node.port;
+        wait_for_brokers(&format!("127.0.0.1:{internal}"), 1);
+        eprintln!(
+            "kafka (SASL_SSL) on 127.0.0.1:{port} ready in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+        Broker {
+            port,
+            node,
+            _temp: None,
+        }
     }
 
     /// A broker in a temporary folder of its own, removed when the broker is dropped.
