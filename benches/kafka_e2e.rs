@@ -289,7 +289,10 @@ fn main() {
     ch_query(&http, &churl, "CREATE TABLE IF NOT EXISTS default.plain_copy (line String) ENGINE = MergeTree ORDER BY tuple()");
     let ch_pid = clickhouse_pid(&chdir);
     let run_path = |path: &str| -> Measured {
-        let others = (proc_stats(broker_pid).0, ch_pid.map_or(0.0, |p| proc_stats(p).0));
+        let others = (
+            proc_stats(broker_pid).0,
+            ch_pid.map_or(0.0, |p| proc_stats(p).0),
+        );
         let exe = std::env::current_exe().unwrap();
         let out = Command::new(exe)
             .args(["--path", path, &brokers, topic, &n.to_string(), &churl])
@@ -333,7 +336,10 @@ fn main() {
         ),
     )
     .unwrap();
-    let others = (proc_stats(broker_pid).0, ch_pid.map_or(0.0, |p| proc_stats(p).0));
+    let others = (
+        proc_stats(broker_pid).0,
+        ch_pid.map_or(0.0, |p| proc_stats(p).0),
+    );
     let t = Instant::now();
     let mut child = Killer(
         Command::new(env!("CARGO_BIN_EXE_keywatch"))
@@ -398,7 +404,10 @@ fn main() {
     );
     for (name, m) in [
         ("(a) bare read (rdkafka, discarded)".to_owned(), &bare),
-        ("(b) plain copy to ClickHouse (String rows)".to_owned(), &copy),
+        (
+            "(b) plain copy to ClickHouse (String rows)".to_owned(),
+            &copy,
+        ),
         (format!("(c) keywatch -> {store}"), &kw),
     ] {
         println!(

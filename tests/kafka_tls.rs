@@ -49,7 +49,12 @@ fn sasl_ssl_scram_sha_512_end_to_end() {
     run_ok(
         keywatch()
             .args(["produce", "--brokers", &broker.brokers(), "--topic", &topic])
-            .args(["-X", "security.protocol=SASL_SSL", "-X", "sasl.mechanisms=SCRAM-SHA-512"])
+            .args([
+                "-X",
+                "security.protocol=SASL_SSL",
+                "-X",
+                "sasl.mechanisms=SCRAM-SHA-512",
+            ])
             .args(["-X", "sasl.username=keywatch"])
             .args(["-X", &format!("sasl.password={PASSWORD}")])
             .args(["-X", &format!("ssl.ca.location={ca_s}")])
@@ -101,5 +106,8 @@ fn sasl_ssl_scram_sha_512_end_to_end() {
     let all = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{all}");
     assert!(all.contains("FAILED"), "{all}");
-    assert!(!all.contains("wrong-pass-0c1d2e") && !all.contains(PASSWORD), "{all}");
+    assert!(
+        !all.contains("wrong-pass-0c1d2e") && !all.contains(PASSWORD),
+        "{all}"
+    );
 }

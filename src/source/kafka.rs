@@ -403,20 +403,17 @@ async fn consume(
     let mut pending = Pending::new();
     let mut generation = consumer.context().generation.load(Ordering::SeqCst);
     let mut retry_recovery = tokio::time::interval(Duration::from_secs(1));
+    retry_recovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = pending
             .started
             .map(|s| tokio::time::Instant::from_std(s + settings.max_wait));
-        let recovering = !consumer
-            .context()
-            .recovering
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty();
+        // Always armed: partitions may be deferred by a rebalance inside recv(), which then
+        // waits for messages that paused partitions never deliver.
         let received = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => None,
-            _ = retry_recovery.tick(), if recovering => {
+            _ = retry_recovery.tick() => {
                 start_recovered(&consumer, &settings).await;
                 None
             }
@@ -544,8 +541,7 @@ fn rewind_kept<'a>(
         .clone();
     for tp in partitions {
         if let Some(offset) = expected.get(tp) {
-            if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(*offset), Duration::ZERO)
-            {
+            if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(*offset), Duration::ZERO) {
                 tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seeking back after a rebalance");
             }
         }

@@ -55,7 +55,12 @@ pub fn libs() -> &'static Path {
             "scripts/kafka.sh fetch failed (Maven and Java are needed)"
         );
         let dir = String::from_utf8(out.stdout).unwrap();
-        PathBuf::from(dir.lines().last().expect("kafka.sh printed no folder").trim())
+        PathBuf::from(
+            dir.lines()
+                .last()
+                .expect("kafka.sh printed no folder")
+                .trim(),
+        )
     })
 }
 
@@ -364,7 +369,9 @@ impl Broker {
         std::fs::create_dir_all(&dir).unwrap();
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
             .args(["-subj", "/CN=127.0.0.1"])
             .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
             .arg("-keyout")
@@ -373,7 +380,11 @@ impl Broker {
             .arg(&cert)
             .output()
             .expect("openssl (scripts/test.sh installs it)");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // Kafka's PEM keystore: the private key (PKCS#8, unencrypted) then the certificate.
         let keystore = dir.join("keystore.pem");
         std::fs::write(
@@ -572,11 +583,7 @@ impl Cluster {
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .unwrap();
         let t = &md.topics()[0];
-        let p = t
-            .partitions()
-            .iter()
-            .find(|p| p.id() == partition)
-            .unwrap();
+        let p = t.partitions().iter().find(|p| p.id() == partition).unwrap();
         p.leader() as u32
     }
 
