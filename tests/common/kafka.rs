@@ -326,7 +326,7 @@ impl Broker {
         let controller_port = free_port();
         let dir = dir.join(format!("kafka-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut node = Node {
+        let node = Node {
             id: 1,
             port,
             controller_port,
