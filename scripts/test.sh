@@ -7,6 +7,8 @@
 #     scripts/kafka.sh into ~/.cache/keywatch/ (about 45 MB, seconds), run on Java 17+;
 #     Java and Maven from Debian's packages when missing;
 #   - kcat, from Debian's packages (kafkacat): produces test data by hand (README);
+#   - libssl-dev and pkg-config, from Debian's packages: the kafka-tls feature (librdkafka
+#     with OpenSSL) is built and tested against a SASL_SSL broker;
 #   - clickhouse-server, from Debian's packages (ClickHouse 18.16);
 #   - python3-aiosmtpd and openssl, from Debian's packages (a real SMTP server with STARTTLS
 #     and AUTH for the email tests);
@@ -40,6 +42,11 @@ if ! command -v kcat >/dev/null && ! command -v kafkacat >/dev/null; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq kafkacat
 fi
 kafka_libs=$(bash scripts/kafka.sh fetch)
+if ! pkg-config --exists openssl 2>/dev/null; then
+    echo "installing libssl-dev and pkg-config (the kafka-tls feature builds librdkafka with OpenSSL)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libssl-dev pkg-config
+fi
 if ! command -v clickhouse-server >/dev/null; then
     echo "installing clickhouse-server from Debian's packages"
     as_root apt-get update -qq
@@ -74,6 +81,9 @@ KEYWATCH_TEST_CLICKHOUSE_URL=$(bash scripts/clickhouse.sh start "$ch_dir" auto |
 export KEYWATCH_TEST_CLICKHOUSE_URL
 echo "ClickHouse for the tests: $KEYWATCH_TEST_CLICKHOUSE_URL"
 KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked
+
+step "Kafka over SASL_SSL with SCRAM-SHA-512 (the kafka-tls feature)"
+KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked --features kafka-tls --test kafka_tls
 
 step "current ClickHouse (chdb-core): every statement keywatch sends"
 bash tests/chdb/run.sh
