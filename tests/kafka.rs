@@ -228,7 +228,7 @@ fn survives_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let broker_dir = dir.path().join("broker");
     std::fs::create_dir_all(&broker_dir).unwrap();
-    let mut broker = Broker::start_durable(&broker_dir);
+    let mut broker = Broker::start(&broker_dir);
     let topic = unique("events");
     broker.create_topic(&topic, 2);
     let first = sample(dir.path(), "nginx", 3000, 8);

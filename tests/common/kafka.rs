@@ -315,11 +315,6 @@ impl Broker {
         Self::start_with(dir, "")
     }
 
-    /// Kafka's logs are durable: a restarted broker keeps its topics and offsets.
-    pub fn start_durable(dir: &Path) -> Broker {
-        Self::start(dir)
-    }
-
     /// With extra lines of `server.properties` (later keys override earlier ones).
     pub fn start_with(dir: &Path, extra: &str) -> Broker {
         let port = free_port();
