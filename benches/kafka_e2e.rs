@@ -1,10 +1,11 @@
 //! End to end: Kafka → keywatch → store, next to the broker's ceiling and the simplest
 //! peer path, on the same topic, in one run.
 //!
-//! Run: `cargo bench --bench kafka_e2e -- [RECORDS] [clickhouse|sqlite]` (defaults: 300000,
-//! clickhouse). It starts its own tansu broker (SQL storage) and ClickHouse server
-//! (scripts/clickhouse.sh) on free loopback ports, produces RECORDS Kong records (~1 KB,
-//! `keywatch sample`), then measures one after the other:
+//! Run: `cargo bench --bench kafka_e2e -- [RECORDS] [clickhouse|sqlite]` (defaults:
+//! 1000000, clickhouse). It starts its own Apache Kafka broker (`scripts/kafka.sh start`,
+//! KRaft, one node) and ClickHouse server (`scripts/clickhouse.sh`) on free loopback ports,
+//! produces RECORDS Kong records (~1 KB, `keywatch sample`) into 8 partitions, then measures
+//! one after the other:
 //!
 //! (a) bare read: an rdkafka consumer that reads the topic and discards the messages;
 //! (b) plain copy: an rdkafka consumer that inserts each message as one String row, in
@@ -12,7 +13,10 @@
 //! (c) keywatch: the real binary, decoding, fingerprinting, aggregating, detecting and
 //!     storing exactly once, until the store holds every event.
 //!
-//! For (c) it reports CPU seconds (user+system, from /proc) and peak RSS (VmHWM).
+//! (a) and (b) run as child processes of this benchmark (the same executable, re-run with
+//! `--path bare|copy`), so that each path's CPU seconds (user+system, from /proc) and peak
+//! RSS (VmHWM) are its own; the broker's and ClickHouse's CPU seconds over each path are
+//! reported too, since on two cores they share the machine with the path measured.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -32,14 +36,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_port(port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "port {port} never opened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+/// Stops the broker started with `scripts/kafka.sh start DIR` when dropped.
+struct Stopper(std::path::PathBuf, std::path::PathBuf);
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(&self.0)
+            .arg("stop")
+            .arg(&self.1)
+            .status();
     }
 }
 
@@ -98,12 +103,87 @@ fn proc_stats(pid: u32) -> (f64, u64) {
     (cpu / ticks, hwm)
 }
 
+/// One path's figures: events/s from its first message, its own CPU seconds and peak RSS,
+/// and the CPU seconds the broker and ClickHouse spent meanwhile.
+struct Measured {
+    rate: f64,
+    cpu: f64,
+    rss_mb: f64,
+    broker_cpu: f64,
+    clickhouse_cpu: f64,
+}
+
+/// The pid of the ClickHouse server started by `scripts/clickhouse.sh start DIR`.
+fn clickhouse_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join("server.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// (a) or (b) in a child process: prints "events/s cpu_s peak_rss_kb".
+fn child_path(args: &[String]) {
+    let (path, brokers, topic, n, churl) = (
+        args[0].as_str(),
+        args[1].as_str(),
+        args[2].as_str(),
+        args[3].parse::<usize>().unwrap(),
+        args[4].as_str(),
+    );
+    let c = consumer(brokers, path, topic);
+    let mut got = 0usize;
+    let mut t0 = None;
+    if path == "bare" {
+        while got < n {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(500)) {
+                t0.get_or_insert_with(Instant::now);
+                std::hint::black_box(m.payload());
+                got += 1;
+            }
+        }
+    } else {
+        let http = reqwest::blocking::Client::new();
+        let mut body = String::new();
+        let mut rows = 0;
+        while got < n {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                t0.get_or_insert_with(Instant::now);
+                let line = std::str::from_utf8(m.payload().unwrap_or_default()).unwrap_or("");
+                body.push_str("{\"line\":");
+                body.push_str(&serde_json::to_string(line).unwrap());
+                body.push_str("}\n");
+                rows += 1;
+                got += 1;
+            }
+            if rows >= 10_000 || (got == n && rows > 0) {
+                let r = http
+                    .post(format!(
+                        "{churl}?query=INSERT%20INTO%20default.plain_copy%20FORMAT%20JSONEachRow"
+                    ))
+                    .body(std::mem::take(&mut body))
+                    .send()
+                    .unwrap();
+                assert!(r.status().is_success(), "{}", r.text().unwrap());
+                rows = 0;
+            }
+        }
+    }
+    let rate = n as f64 / t0.unwrap().elapsed().as_secs_f64();
+    let (cpu, hwm) = proc_stats(std::process::id());
+    println!("{rate} {cpu} {hwm}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let n: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(300_000);
+    if let Some(i) = args.iter().position(|a| a == "--path") {
+        return child_path(&args[i + 1..]);
+    }
+    let n: usize = args
+        .iter()
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let store = if args.iter().any(|a| a == "sqlite") {
         "sqlite"
     } else {
@@ -113,27 +193,34 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
 
     // Broker.
-    let kport = free_port();
-    let url = format!("tcp://127.0.0.1:{kport}");
-    let _broker = Killer(
-        Command::new("tansu")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu on PATH (scripts/test.sh installs it)"),
+    let kdir = dir.path().join("kafka");
+    std::fs::create_dir_all(&kdir).unwrap();
+    let t = Instant::now();
+    let out = Command::new("bash")
+        .arg(root.join("scripts/kafka.sh"))
+        .args(["start", kdir.to_str().unwrap()])
+        .env("KAFKA_HEAP", "-Xmx2g")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "starting Kafka (scripts/kafka.sh)");
+    let _broker = Stopper(root.join("scripts/kafka.sh"), kdir.clone());
+    let brokers = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_owned();
+    let broker_pid: u32 = std::fs::read_to_string(kdir.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    println!(
+        "Apache Kafka on {brokers}: listening {:.1} s after the start (storage format included)",
+        t.elapsed().as_secs_f64()
     );
-    wait_port(kport);
-    let brokers = format!("127.0.0.1:{kport}");
 
     // ClickHouse.
     let chdir = dir.path().join("clickhouse");
@@ -159,7 +246,7 @@ fn main() {
         .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(admin.create_topics(
-        [&NewTopic::new(topic, 4, TopicReplication::Fixed(1))],
+        [&NewTopic::new(topic, 8, TopicReplication::Fixed(1))],
         &AdminOptions::new(),
     ))
     .unwrap();
@@ -198,51 +285,36 @@ fn main() {
         sent as f64 / produce_s
     );
 
-    // (a) Bare read.
-    let c = consumer(&brokers, "bare", topic);
-    let mut got = 0usize;
-    let mut t0 = None;
-    while got < n {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(500)) {
-            t0.get_or_insert_with(Instant::now);
-            std::hint::black_box(m.payload());
-            got += 1;
-        }
-    }
-    let bare = n as f64 / t0.unwrap().elapsed().as_secs_f64();
-    drop(c);
-
-    // (b) Plain copy into ClickHouse, one String row per message.
+    // (a) Bare read and (b) plain copy, each in a process of its own.
     ch_query(&http, &churl, "CREATE TABLE IF NOT EXISTS default.plain_copy (line String) ENGINE = MergeTree ORDER BY tuple()");
-    let c = consumer(&brokers, "copy", topic);
-    let mut got = 0usize;
-    let mut t0 = None;
-    let mut body = String::new();
-    let mut rows = 0;
-    while got < n {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            t0.get_or_insert_with(Instant::now);
-            let line = std::str::from_utf8(m.payload().unwrap_or_default()).unwrap_or("");
-            body.push_str("{\"line\":");
-            body.push_str(&serde_json::to_string(line).unwrap());
-            body.push_str("}\n");
-            rows += 1;
-            got += 1;
+    let ch_pid = clickhouse_pid(&chdir);
+    let run_path = |path: &str| -> Measured {
+        let others = (
+            proc_stats(broker_pid).0,
+            ch_pid.map_or(0.0, |p| proc_stats(p).0),
+        );
+        let exe = std::env::current_exe().unwrap();
+        let out = Command::new(exe)
+            .args(["--path", path, &brokers, topic, &n.to_string(), &churl])
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "path {path} failed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let f: Vec<f64> = text
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        Measured {
+            rate: f[0],
+            cpu: f[1],
+            rss_mb: f[2] / 1024.0,
+            broker_cpu: proc_stats(broker_pid).0 - others.0,
+            clickhouse_cpu: ch_pid.map_or(0.0, |p| proc_stats(p).0) - others.1,
         }
-        if rows >= 10_000 || (got == n && rows > 0) {
-            let r = http
-                .post(format!(
-                    "{churl}?query=INSERT%20INTO%20default.plain_copy%20FORMAT%20JSONEachRow"
-                ))
-                .body(std::mem::take(&mut body))
-                .send()
-                .unwrap();
-            assert!(r.status().is_success(), "{}", r.text().unwrap());
-            rows = 0;
-        }
-    }
-    let copy = n as f64 / t0.unwrap().elapsed().as_secs_f64();
-    drop(c);
+    };
+    let bare = run_path("bare");
+    let copy = run_path("copy");
     let copied = ch_query(&http, &churl, "SELECT count() FROM default.plain_copy");
 
     // (c) keywatch.
@@ -264,6 +336,10 @@ fn main() {
         ),
     )
     .unwrap();
+    let others = (
+        proc_stats(broker_pid).0,
+        ch_pid.map_or(0.0, |p| proc_stats(p).0),
+    );
     let t = Instant::now();
     let mut child = Killer(
         Command::new(env!("CARGO_BIN_EXE_keywatch"))
@@ -314,22 +390,37 @@ fn main() {
     }
     let total_s = t.elapsed().as_secs_f64();
     // Like (a) and (b), from the first event stored: start-up and the group join excluded.
-    let kw = n as f64 / first.map_or(total_s, |f| f.elapsed().as_secs_f64());
+    let kw = Measured {
+        rate: n as f64 / first.map_or(total_s, |f| f.elapsed().as_secs_f64()),
+        cpu: stats.0,
+        rss_mb: stats.1 as f64 / 1024.0,
+        broker_cpu: proc_stats(broker_pid).0 - others.0,
+        clickhouse_cpu: ch_pid.map_or(0.0, |p| proc_stats(p).0) - others.1,
+    };
     println!();
-    println!("{:<44} {:>12}", "path", "events/s");
-    println!("{:<44} {:>12.0}", "(a) bare read (broker ceiling)", bare);
     println!(
-        "{:<44} {:>12.0}",
-        "(b) plain copy to ClickHouse (String rows)", copy
+        "{:<44} {:>10} {:>8} {:>9} {:>10} {:>10}",
+        "path", "events/s", "CPU s", "peak RSS", "Kafka CPU", "CH CPU"
     );
-    println!("{:<44} {:>12.0}", format!("(c) keywatch -> {store}"), kw);
+    for (name, m) in [
+        ("(a) bare read (rdkafka, discarded)".to_owned(), &bare),
+        (
+            "(b) plain copy to ClickHouse (String rows)".to_owned(),
+            &copy,
+        ),
+        (format!("(c) keywatch -> {store}"), &kw),
+    ] {
+        println!(
+            "{:<44} {:>10.0} {:>8.1} {:>6.0} MB {:>10.1} {:>10.1}",
+            name, m.rate, m.cpu, m.rss_mb, m.broker_cpu, m.clickhouse_cpu
+        );
+    }
     println!(
-        "keywatch: {:.2}x bare, {:.2}x plain copy; {:.1} s wall from start (incl. group join), {:.1} CPU s, peak RSS {} MB; plain copy stored {} rows",
-        kw / bare,
-        kw / copy,
+        "keywatch: {:.2}x bare, {:.2}x plain copy; {:.1} s wall from start (incl. group join); {:.2} us CPU per event; plain copy stored {} rows",
+        kw.rate / bare.rate,
+        kw.rate / copy.rate,
         total_s,
-        stats.0,
-        stats.1 / 1024,
+        kw.cpu / n as f64 * 1e6,
         copied.trim()
     );
     let _ = Command::new("bash")

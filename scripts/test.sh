@@ -3,8 +3,12 @@
 # tests. This is the command README.md gives, and what CI (.ci/run) runs.
 #
 # What the tests need beyond Rust, installed here when missing (and skipped when present):
-#   - tansu, a Kafka-protocol broker, from crates.io (about 20-40 minutes to build the
-#     first time on 2 cores);
+#   - Apache Kafka 4 (the broker, KRaft mode: no ZooKeeper), fetched from Maven Central by
+#     scripts/kafka.sh into ~/.cache/keywatch/ (about 45 MB, seconds), run on Java 17+;
+#     Java and Maven from Debian's packages when missing;
+#   - kcat, from Debian's packages (kafkacat): produces test data by hand (README);
+#   - libssl-dev and pkg-config, from Debian's packages: the kafka-tls feature (librdkafka
+#     with OpenSSL) is built and tested against a SASL_SSL broker;
 #   - clickhouse-server, from Debian's packages (ClickHouse 18.16);
 #   - python3-aiosmtpd and openssl, from Debian's packages (a real SMTP server with STARTTLS
 #     and AUTH for the email tests);
@@ -16,8 +20,9 @@
 #     ClickHouse engine, in-process, to check that the schema and queries also run on
 #     today's ClickHouse.
 # Tests start the servers they need on free loopback ports with temporary data directories
-# (tests/common/kafka.rs for tansu; one shared ClickHouse server started here, and any
-# test that stops its server starts its own), and everything is stopped at exit.
+# (tests/common/kafka.rs starts Kafka brokers and three-node clusters; one shared ClickHouse
+# server started here, and any test that stops its server starts its own), and everything is
+# stopped at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,9 +33,21 @@ command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&
 export PATH="$HOME/.cargo/bin:$PATH"
 
 step "services"
-if ! command -v tansu >/dev/null; then
-    echo "installing tansu (Kafka-protocol broker) from crates.io; the first build is slow"
-    cargo install --locked tansu --version 0.6.0 --features dynostore,libsql
+if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
+    echo "installing Java and Maven (to fetch and run Apache Kafka) from Debian's packages"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq openjdk-17-jre-headless maven
+fi
+if ! command -v kcat >/dev/null && ! command -v kafkacat >/dev/null; then
+    echo "installing kcat (a Kafka command-line client) from Debian's packages"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq kafkacat
+fi
+kafka_libs=$(bash scripts/kafka.sh fetch)
+if ! pkg-config --exists openssl 2>/dev/null; then
+    echo "installing libssl-dev and pkg-config (the kafka-tls feature builds librdkafka with OpenSSL)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libssl-dev pkg-config
 fi
 if ! command -v clickhouse-server >/dev/null; then
     echo "installing clickhouse-server from Debian's packages"
@@ -52,7 +69,7 @@ if ! command -v docker-compose >/dev/null; then
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq docker-compose
 fi
-echo "tansu: $(command -v tansu)"
+echo "Apache Kafka: $kafka_libs (java: $(command -v java))"
 echo "clickhouse-server: $(command -v clickhouse-server)"
 
 step "format"
@@ -70,7 +87,10 @@ trap 'bash scripts/clickhouse.sh stop "$ch_dir" >/dev/null 2>&1 || true; rm -rf 
 KEYWATCH_TEST_CLICKHOUSE_URL=$(bash scripts/clickhouse.sh start "$ch_dir" auto | tail -n1)
 export KEYWATCH_TEST_CLICKHOUSE_URL
 echo "ClickHouse for the tests: $KEYWATCH_TEST_CLICKHOUSE_URL"
-cargo test --locked
+KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked
+
+step "Kafka over SASL_SSL with SCRAM-SHA-512 (the kafka-tls feature)"
+KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked --features kafka-tls --test kafka_tls
 
 step "current ClickHouse (chdb-core): every statement keywatch sends"
 bash tests/chdb/run.sh

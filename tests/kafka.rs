@@ -1,16 +1,23 @@
-//! Kafka in, against a real Kafka-protocol broker (tansu): exactly once across kill -9,
-//! dead letters on a topic, a broker restart, and two instances in one group.
+//! Kafka in, against Apache Kafka (tests/common/kafka.rs): exactly once across kill -9, dead
+//! letters on a topic, a broker restart and crash, two and three instances in one group with
+//! scale-in by kill -9 under each rebalance protocol (eager, cooperative-sticky, KIP-848),
+//! a three-node cluster losing a partition leader under load, and topics compressed with
+//! each codec.
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::kafka::{unique, Broker};
+use common::kafka::{messages_in, unique, Broker, Cluster};
 use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
+
+/// The group-protocol properties most tests use: a killed instance leaves the group after
+/// the session timeout, not the default 45 s.
+const CLASSIC: &str = "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n";
 
 fn kafka_config(
     dir: &Path,
@@ -20,6 +27,18 @@ fn kafka_config(
     group: &str,
     extra: &str,
 ) -> std::path::PathBuf {
+    kafka_config_with(dir, state, brokers, topic, group, extra, CLASSIC)
+}
+
+fn kafka_config_with(
+    dir: &Path,
+    state: &Path,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    extra: &str,
+    properties: &str,
+) -> std::path::PathBuf {
     let path = dir.join(format!("{group}.toml"));
     std::fs::write(
         &path,
@@ -28,9 +47,7 @@ fn kafka_config(
              [input]\nkind = \"kafka\"\nformat = \"nginx\"\n\
              [input.kafka]\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\n\
              {extra}\n\
-             [input.kafka.properties]\n\
-             # A killed instance leaves the group after this, not the default 45 s.\n\
-             \"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
+             [input.kafka.properties]\n{properties}\
              [fingerprint]\nsecret_env = \"KW_TEST_SECRET\"\n\
              [pipeline]\nbatch_max_events = 500\nbatch_max_wait = \"100ms\"\n\
              [server]\nenabled = false\n"
@@ -211,7 +228,7 @@ fn survives_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let broker_dir = dir.path().join("broker");
     std::fs::create_dir_all(&broker_dir).unwrap();
-    let mut broker = Broker::start_durable(&broker_dir);
+    let mut broker = Broker::start(&broker_dir);
     let topic = unique("events");
     broker.create_topic(&topic, 2);
     let first = sample(dir.path(), "nginx", 3000, 8);
@@ -232,40 +249,230 @@ fn survives_a_broker_restart() {
     broker.restart();
     let second = sample(dir.path(), "nginx", 2000, 9);
     produce(&broker.brokers(), &topic, &second);
-    let got = wait_for_total(&state, 5000, Duration::from_secs(90));
+    assert_eq!(wait_for_total(&state, 5000, Duration::from_secs(90)), 5000);
+
+    // A crash (kill -9): the broker recovers its logs and keywatch carries on.
+    broker.crash_and_restart();
+    let third_dir = dir.path().join("third");
+    std::fs::create_dir_all(&third_dir).unwrap();
+    let third = sample(&third_dir, "nginx", 2000, 10);
+    produce(&broker.brokers(), &topic, &third);
+    let got = wait_for_total(&state, 7000, Duration::from_secs(90));
     std::thread::sleep(Duration::from_secs(1));
     sigterm(&mut child);
-    assert_eq!(got, 5000);
-    assert_eq!(totals(&state), (5000, 5000));
+    assert_eq!(got, 7000);
+    assert_eq!(totals(&state), (7000, 7000));
 }
 
-#[test]
-fn two_instances_in_one_group_share_the_work_exactly_once() {
+/// `instances` keywatch processes in one group, sharing one store (SQLite on one host;
+/// ClickHouse across hosts: offsets live with the data, so a partition moving between
+/// instances resumes where it was stored). Once all have joined, all but one are killed with
+/// kill -9, one at a time: the group notices only when the session times out, and the
+/// survivor takes their partitions over from the store.
+fn scale_in_by_kill_9(instances: usize, properties: &str) {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path());
     let topic = unique("events");
-    broker.create_topic(&topic, 4);
-    let n = 12_000;
+    broker.create_topic(&topic, 6);
+    let n = 30_000;
     let log = sample(dir.path(), "nginx", n, 12);
-    produce(&broker.brokers(), &topic, &log);
+    // Produced in 30 slices over about 15 s, so that the joins and the kills all land while
+    // events are still arriving.
+    let slices: Vec<std::path::PathBuf> = lines_of(&log)
+        .chunks(n / 30)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let path = dir.path().join(format!("slice-{i}.log"));
+            std::fs::write(&path, chunk.join("\n") + "\n").unwrap();
+            path
+        })
+        .collect();
+    let producer = {
+        let (brokers, topic) = (broker.brokers(), topic.clone());
+        std::thread::spawn(move || {
+            for slice in slices {
+                produce(&brokers, &topic, &slice);
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        })
+    };
 
-    // One store shared by both (SQLite on one host; ClickHouse across hosts): offsets live
-    // with the data, so a partition moving between instances resumes where it was stored.
     let state = dir.path().join("state");
     let group = unique("g");
-    let cfg = kafka_config(dir.path(), &state, &broker.brokers(), &topic, &group, "");
-    let mut a = spawn_quiet(&mut run_config(&cfg));
-    wait_for_total(&state, 1, Duration::from_secs(30));
-    let mut b = spawn_quiet(&mut run_config(&cfg)); // joins: a rebalance
-    std::thread::sleep(Duration::from_millis(800));
-    // Scale in: `a` stops (SIGTERM: it finishes its batches and leaves the group), and `b`
-    // takes over a's partitions from the offsets stored with the data. (A kill -9 is the
-    // crash test's business: tansu 0.6 does not always expire a dead member, so its
-    // partitions could stay with it.)
-    sigterm(&mut a);
-    let got = wait_for_total(&state, n as u64, Duration::from_secs(120));
+    let cfg = kafka_config_with(
+        dir.path(),
+        &state,
+        &broker.brokers(),
+        &topic,
+        &group,
+        "",
+        properties,
+    );
+    let mut members: Vec<Running> = Vec::new();
+    let mut seen = Vec::new();
+    for _ in 0..instances {
+        let before = try_totals(&state).map_or(0, |(t, _)| t);
+        members.push(Running(spawn_quiet(&mut run_config(&cfg))));
+        // Each joins (a rebalance) while the others are storing.
+        wait_for_total(&state, before + 1, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    while members.len() > 1 {
+        let mut victim = members.remove(0);
+        victim.0.kill().unwrap();
+        victim.0.wait().unwrap();
+        seen.push(try_totals(&state).map_or(0, |(t, _)| t));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    producer.join().unwrap();
+    let got = wait_for_total(&state, n as u64, Duration::from_secs(180));
+    // Nothing more may arrive: give a duplicate the time to show up.
     std::thread::sleep(Duration::from_secs(2));
-    sigterm(&mut b);
+    let mut last = members.pop().unwrap();
+    sigterm(&mut last.0);
+    eprintln!("events stored at each kill: {seen:?}; final {got}");
+    assert!(
+        seen.iter().any(|s| *s < n as u64),
+        "the kills must land mid-stream: {seen:?}"
+    );
+    assert_eq!(totals(&state), (n as u64, n as u64));
+}
+
+#[test]
+fn two_instances_scale_in_by_kill_9_exactly_once() {
+    scale_in_by_kill_9(2, CLASSIC);
+}
+
+#[test]
+fn three_instances_cooperative_sticky_scale_in_by_kill_9_exactly_once() {
+    scale_in_by_kill_9(
+        3,
+        &format!("{CLASSIC}\"partition.assignment.strategy\" = \"cooperative-sticky\"\n"),
+    );
+}
+
+/// KIP-848: the broker assigns partitions, incrementally (librdkafka 2.12 against Kafka 4).
+/// The session timeout is the broker's (`group.consumer.session.timeout.ms`, 6 s in the
+/// test broker); the client may not set it.
+#[test]
+fn three_instances_kip848_consumer_protocol_scale_in_by_kill_9_exactly_once() {
+    scale_in_by_kill_9(3, "\"group.protocol\" = \"consumer\"\n");
+}
+
+/// A three-node cluster (replication 3, two in-sync replicas needed for a write) loses the
+/// leader of a partition while events are produced and stored: nothing lost, nothing
+/// counted twice; the node comes back and the run ends with everything stored once.
+#[test]
+fn cluster_losing_a_partition_leader_under_load_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(dir.path(), 3);
+    let topic = unique("events");
+    cluster.create_topic(&topic, 4);
+    let n = 40_000;
+    let first = sample(dir.path(), "nginx", n / 2, 51);
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let second = sample(&second_dir, "nginx", n / 2, 52);
+    produce(&cluster.brokers(), &topic, &first);
+
+    let state = dir.path().join("state");
+    let cfg = kafka_config(
+        dir.path(),
+        &state,
+        &cluster.brokers(),
+        &topic,
+        &unique("g"),
+        "",
+    );
+    let mut child = Running(spawn_quiet(&mut run_config(&cfg)));
+    wait_for_total(&state, 1, Duration::from_secs(60));
+    // Under load: the second half is produced (acks=all, idempotent) while the leader of
+    // partition 0 dies.
+    let producer = {
+        let (brokers, topic) = (cluster.brokers(), topic.clone());
+        std::thread::spawn(move || produce(&brokers, &topic, &second))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let leader = cluster.leader_of(&topic, 0);
+    let stored_at_kill = try_totals(&state).map_or(0, |(t, _)| t);
+    cluster.kill(leader);
+    producer.join().expect("producing through the failover");
+    let new_leader = cluster.leader_of(&topic, 0);
+    assert_ne!(new_leader, leader, "partition 0 has a new leader");
+    let got = wait_for_total(&state, n as u64, Duration::from_secs(180));
+    cluster.restart(leader);
+    std::thread::sleep(Duration::from_secs(3));
+    sigterm(&mut child.0);
+    eprintln!(
+        "node {leader} killed with {stored_at_kill} events stored; {new_leader} took over; final {got}"
+    );
+    assert!(stored_at_kill < n as u64, "the kill must land mid-stream");
+    assert_eq!(messages_in(&cluster.brokers(), &topic), n as i64);
+    assert_eq!(totals(&state), (n as u64, n as u64));
+}
+
+/// A topic stored compressed with each codec Kafka offers (the broker recompresses whatever
+/// the producer sent, `compression.type` on the topic) is read whole.
+#[test]
+fn compressed_topics_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    for (i, codec) in ["gzip", "snappy", "lz4", "zstd"].into_iter().enumerate() {
+        let topic = unique(codec);
+        broker.create_compressed_topic(&topic, 2, codec);
+        let sub = dir.path().join(codec);
+        std::fs::create_dir_all(&sub).unwrap();
+        let n = 3000;
+        let log = sample(&sub, "nginx", n, 60 + i as u64);
+        produce(&broker.brokers(), &topic, &log);
+        let state = sub.join("state");
+        let cfg = kafka_config(&sub, &state, &broker.brokers(), &topic, &unique("g"), "");
+        let mut child = Running(spawn_quiet(&mut run_config(&cfg)));
+        let got = wait_for_total(&state, n as u64, Duration::from_secs(60));
+        sigterm(&mut child.0);
+        assert_eq!(got, n as u64, "{codec}");
+        assert_eq!(totals(&state), (n as u64, n as u64), "{codec}");
+    }
+}
+
+/// kcat (Debian's kafkacat, librdkafka 2.0) produces a log, zstd-compressed, one message
+/// per line, as README.md shows; keywatch reads it whole.
+#[test]
+fn kcat_produces_test_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 2);
+    let n = 2000;
+    let log = sample(dir.path(), "nginx", n, 70);
+    let kcat = ["kcat", "kafkacat"]
+        .into_iter()
+        .find(|k| {
+            std::process::Command::new(k)
+                .arg("-V")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("kcat (Debian's kafkacat; scripts/test.sh installs it)");
+    let status = std::process::Command::new(kcat)
+        .args(["-P", "-b", &broker.brokers(), "-t", &topic, "-z", "zstd"])
+        .stdin(std::fs::File::open(&log).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(messages_in(&broker.brokers(), &topic), n as i64);
+    let state = dir.path().join("state");
+    let cfg = kafka_config(
+        dir.path(),
+        &state,
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        "",
+    );
+    let mut child = Running(spawn_quiet(&mut run_config(&cfg)));
+    let got = wait_for_total(&state, n as u64, Duration::from_secs(60));
+    sigterm(&mut child.0);
     assert_eq!(got, n as u64);
     assert_eq!(totals(&state), (n as u64, n as u64));
 }
@@ -389,6 +596,97 @@ fn clickhouse_down_for_a_while_loses_nothing() {
     sigterm(&mut child);
     assert_eq!(got, 10_000);
     assert_eq!(ch.totals(db), Some((10_000, 10_000)));
+}
+
+/// The store is down when a rebalance asks it where partitions start: the rebalance
+/// callback gives up after its share of `max.poll.interval.ms` (6 s here), the partitions
+/// wait paused, and they start from the stored offsets once the store is back; the member
+/// outlives two poll intervals meanwhile, and nothing is lost or counted twice.
+#[test]
+fn store_down_during_a_rebalance_defers_the_start_past_max_poll_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = common::clickhouse::ClickHouse::start(&dir.path().join("ch"));
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 4);
+    let first = sample(dir.path(), "nginx", 4000, 43);
+    produce(&broker.brokers(), &topic, &first);
+    let db = "kw_deferred";
+    let cfg = clickhouse_config(
+        dir.path(),
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        &ch.url,
+        db,
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "[input.kafka.properties]\n",
+            "[input.kafka.properties]\n\"max.poll.interval.ms\" = \"6000\"\n",
+        )
+        // Rotation evaluation is not what this test is about, and a periodic evaluation that
+        // cannot store its findings stops the daemon (see the report of issue 12).
+        .replace(
+            "[fingerprint]",
+            "[rules]\nevaluate_every = \"1h\"\n[fingerprint]",
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let logs: Vec<std::path::PathBuf> = ["a", "b"]
+        .iter()
+        .map(|n| dir.path().join(format!("{n}.log")))
+        .collect();
+    let start = |log: &Path| {
+        Running(
+            run_config(&cfg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut a = start(&logs[0]);
+    let mut b = start(&logs[1]);
+    assert_eq!(
+        wait_for_clickhouse(&ch, db, 4000, Duration::from_secs(60)),
+        4000
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The store goes away (keywatch does not start without it, so both members were up
+    // before); one member leaves (a rebalance: the other is assigned every partition) and
+    // more traffic arrives.
+    ch.stop();
+    sigterm(&mut b.0);
+    let second = sample(dir.path(), "nginx", 4000, 44);
+    produce(&broker.brokers(), &topic, &second);
+    std::thread::sleep(Duration::from_secs(12));
+    if let Some(status) = a.0.try_wait().unwrap() {
+        panic!(
+            "the member exited ({status}):\n{}",
+            std::fs::read_to_string(&logs[0]).unwrap()
+        );
+    }
+    ch.restart_after_stop();
+    let got = wait_for_clickhouse(&ch, db, 8000, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    sigterm(&mut a.0);
+    let log: String = logs
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap())
+        .collect();
+    assert!(
+        log.contains("the partitions wait, paused")
+            && log.contains("partition started after the store recovered"),
+        "the deferred start was not exercised (got {got}):\n{}",
+        log.lines()
+            .filter(|l| l.contains("source::kafka"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(got, 8000);
+    assert_eq!(ch.totals(db), Some((8000, 8000)));
 }
 
 #[test]

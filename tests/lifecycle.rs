@@ -1,4 +1,4 @@
-//! Lifecycle events from a real Kafka-protocol broker (tansu): a rotation announced only on
+//! Lifecycle events from a real Apache Kafka broker: a rotation announced only on
 //! the lifecycle topic is tracked exactly like one written in the registry file; a key
 //! revoked while keywatch runs is caught on its next use; bad events are refused, counted
 //! and kept aside without stopping anything.

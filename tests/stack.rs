@@ -2,7 +2,7 @@
 //!
 //! Real parts only: deploy/traffic.sh writes the Kong history and the shifted registry,
 //! `keywatch produce` ships the history into a 3-partition `gateway-logs` topic of a real
-//! Kafka-protocol broker (tansu) as Vector would, and the real binary runs with a config
+//! Apache Kafka broker as Vector would, and the real binary runs with a config
 //! derived from deploy/keywatch.toml and deploy/routes.toml (only hosts, ports, paths and
 //! timings changed), storing into a real ClickHouse and mailing a real SMTP server
 //! (aiosmtpd, in place of Mailpit). The test checks what a user of the stack would see:
@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::clickhouse::{fresh_database, ClickHouse};
-use common::kafka::Broker;
+use common::kafka::{messages_in, Broker};
 use common::{keywatch, metric, run_ok, wait_with_timeout};
 use serde_json::Value;
 use support::Smtp;
@@ -233,29 +233,6 @@ fn produce(brokers: &str, topic: &str, lines: &[String], config: Option<&Path>, 
         cmd.arg("--config").arg(c);
     }
     run_ok(&mut cmd);
-}
-
-/// (low, high) watermarks summed over a topic's partitions.
-fn messages_in(brokers: &str, topic: &str) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "keywatch-stack-test-watermarks")
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let t = &md.topics()[0];
-    t.partitions()
-        .iter()
-        .map(|p| {
-            let (lo, hi) = c
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .unwrap();
-            hi - lo
-        })
-        .sum()
 }
 
 /// Rows of a query (JSONEachRow) as the test servers' `default` user.

@@ -13,6 +13,19 @@
 //! Rebalances: before partitions are revoked, the consumer waits until every batch it
 //! handed out has been committed or dropped ([`super::InFlight`]) and discards the batch it
 //! was filling; so the next owner of a partition never races a write from this instance.
+//! Both of librdkafka's rebalance protocols work: eager (`range`, `roundrobin`: every
+//! rebalance revokes and reassigns everything) and cooperative (`cooperative-sticky`, and
+//! KIP-848's `group.protocol = consumer`: only the partitions that move are revoked or
+//! assigned, with `incremental_assign`/`incremental_unassign`). A partition kept across a
+//! cooperative rebalance is sought back to the start of the discarded batch, since it is not
+//! reassigned.
+//!
+//! The rebalance callback runs inside the consumer's poll, so it is bounded by a budget
+//! derived from `max.poll.interval.ms` (past that librdkafka would leave the group): the
+//! wait for batches in flight and the store's recovery each get a share. If the store cannot
+//! say where to start within its share, the partitions are assigned paused and the consume
+//! loop keeps asking the store; each starts (a seek, then resume) once it has answered, and
+//! nothing is read from it before.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
@@ -34,8 +49,32 @@ use crate::store::StoreError;
 /// `(topic, partition)`.
 pub type TopicPartition = (String, i32);
 
-/// How long a revocation waits for batches in flight before giving the partitions away.
+/// How long a revocation waits for batches in flight before giving the partitions away
+/// (at most; see [`CallbackBudget`]).
 const REVOKE_WAIT: Duration = Duration::from_secs(120);
+
+/// librdkafka's default `max.poll.interval.ms`.
+const DEFAULT_MAX_POLL_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How long the rebalance callback may block: it runs inside the consumer's poll, and a poll
+/// interval longer than `max.poll.interval.ms` makes librdkafka leave the group.
+#[derive(Clone, Copy, Debug)]
+struct CallbackBudget {
+    /// For the batches in flight to be stored before revoked partitions are given away.
+    revoke_wait: Duration,
+    /// For the store to say where assigned partitions start; after that they start paused
+    /// and the consume loop goes on asking.
+    recover: Duration,
+}
+
+impl CallbackBudget {
+    fn from_max_poll_interval(max_poll: Duration) -> Self {
+        CallbackBudget {
+            revoke_wait: (max_poll / 2).min(REVOKE_WAIT),
+            recover: (max_poll / 4).min(Duration::from_secs(20)),
+        }
+    }
+}
 
 /// Where committed offsets are read back from.
 pub trait OffsetStore: Send + Sync + 'static {
@@ -95,10 +134,14 @@ struct Context {
     /// Per assigned partition, the next offset keywatch expects; anything older is a
     /// message already stored (librdkafka may still deliver prefetched ones).
     expected: std::sync::Mutex<HashMap<TopicPartition, i64>>,
+    /// Assigned partitions the store has not yet said where to start (assigned paused);
+    /// nothing is read from them until it has.
+    recovering: std::sync::Mutex<Vec<TopicPartition>>,
     cancel: CancellationToken,
     /// The partition that makes its owner the group's evaluator (see [`KafkaSource::leader`]).
     leader_partition: TopicPartition,
     leader: Arc<AtomicBool>,
+    budget: CallbackBudget,
 }
 
 impl ClientContext for Context {
@@ -117,6 +160,10 @@ impl ConsumerContext for Context {
     ) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         metrics::counter!("keywatch_kafka_rebalances_total").increment(1);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         let partitions: Vec<TopicPartition> = tpl
             .elements()
             .iter()
@@ -124,68 +171,101 @@ impl ConsumerContext for Context {
             .collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let recovered = self.recover(&partitions);
-                let mut expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
-                for (tp, offset) in &recovered {
-                    if let Err(e) = tpl.set_partition_offset(&tp.0, tp.1, Offset::Offset(*offset)) {
-                        tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot set the start offset");
+                let recovered = self.recover(&partitions, self.budget.recover);
+                if let Some(recovered) = &recovered {
+                    let mut expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
+                    for (tp, offset) in recovered {
+                        if let Err(e) =
+                            tpl.set_partition_offset(&tp.0, tp.1, Offset::Offset(*offset))
+                        {
+                            tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot set the start offset");
+                        }
+                        expected.insert(tp.clone(), *offset);
                     }
-                    expected.insert(tp.clone(), *offset);
+                } else {
+                    self.recovering
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(partitions.iter().cloned());
                 }
-                drop(expected);
                 if partitions.contains(&self.leader_partition) {
                     self.leader.store(true, Ordering::SeqCst);
                 }
                 tracing::info!(
                     partitions = ?partitions,
-                    resumed = recovered.len(),
+                    resumed = recovered.as_ref().map_or(0, HashMap::len),
+                    deferred = recovered.is_none(),
+                    cooperative,
                     leader = self.leader.load(Ordering::SeqCst),
                     "partitions assigned"
                 );
-                if let Err(e) = consumer.assign(tpl) {
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
                     tracing::error!(error = %e, "assigning partitions failed");
+                }
+                if recovered.is_none() {
+                    if let Err(e) = consumer.pause(tpl) {
+                        tracing::error!(error = %e, "pausing partitions whose start is unknown");
+                    }
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                if !self.in_flight.wait_idle(REVOKE_WAIT) {
+                if !self.in_flight.wait_idle(self.budget.revoke_wait) {
                     tracing::error!(
                         in_flight = self.in_flight.count(),
-                        "batches still being stored after {REVOKE_WAIT:?}; giving the partitions away"
+                        "batches still being stored after {:?}; giving the partitions away",
+                        self.budget.revoke_wait
                     );
                 }
-                let mut expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
-                for tp in &partitions {
-                    expected.remove(tp);
-                }
-                drop(expected);
-                if partitions.contains(&self.leader_partition) {
-                    self.leader.store(false, Ordering::SeqCst);
-                }
-                tracing::info!(partitions = ?partitions, "partitions revoked");
-                if let Err(e) = consumer.unassign() {
+                self.forget(&partitions);
+                tracing::info!(partitions = ?partitions, cooperative, "partitions revoked");
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = unassigned {
                     tracing::error!(error = %e, "unassigning partitions failed");
                 }
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error");
+                self.forget(&partitions);
                 self.leader.store(false, Ordering::SeqCst);
-                let _ = consumer.unassign();
+                let _ = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
             }
         }
     }
 }
 
 impl Context {
-    /// Asks the store where to start, retrying while it is unavailable: starting anywhere
-    /// else could count events twice.
-    fn recover(&self, partitions: &[TopicPartition]) -> HashMap<TopicPartition, i64> {
+    /// Asks the store where to start, retrying while it is unavailable, for at most `budget`
+    /// (`None` after that): starting anywhere else could count events twice.
+    fn recover(
+        &self,
+        partitions: &[TopicPartition],
+        budget: Duration,
+    ) -> Option<HashMap<TopicPartition, i64>> {
+        let start = Instant::now();
         let mut delay = Duration::from_millis(200);
         loop {
             match self.offsets.recover(&self.source, partitions) {
-                Ok(found) => return found,
+                Ok(found) => return Some(found),
                 Err(e) if self.cancel.is_cancelled() => {
                     tracing::warn!(error = %e, "cannot read stored offsets while shutting down");
-                    return HashMap::new();
+                    return Some(HashMap::new());
+                }
+                Err(e) if start.elapsed() + delay > budget => {
+                    tracing::warn!(error = %e, "cannot read stored offsets; the partitions wait, paused");
+                    return None;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "cannot read stored offsets, retrying");
@@ -195,6 +275,39 @@ impl Context {
             }
         }
     }
+
+    /// Drops what is known about partitions this instance no longer owns.
+    fn forget(&self, partitions: &[TopicPartition]) {
+        let mut expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
+        for tp in partitions {
+            expected.remove(tp);
+        }
+        drop(expected);
+        self.recovering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|tp| !partitions.contains(tp));
+        if partitions.contains(&self.leader_partition) {
+            self.leader.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn is_recovering(&self, tp: &TopicPartition) -> bool {
+        self.recovering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(tp)
+    }
+}
+
+/// `max.poll.interval.ms` as configured, or librdkafka's default.
+fn max_poll_interval(settings: &KafkaSettings) -> Duration {
+    settings
+        .properties
+        .iter()
+        .find(|(k, _)| k == "max.poll.interval.ms")
+        .and_then(|(_, v)| v.parse().ok())
+        .map_or(DEFAULT_MAX_POLL_INTERVAL, Duration::from_millis)
 }
 
 /// A running Kafka source.
@@ -221,7 +334,9 @@ impl KafkaSource {
             in_flight: in_flight.clone(),
             generation: AtomicU64::new(0),
             expected: Default::default(),
+            recovering: Default::default(),
             cancel: cancel.clone(),
+            budget: CallbackBudget::from_max_poll_interval(max_poll_interval(&settings)),
         };
         let mut config = settings.client_config();
         config
@@ -287,17 +402,27 @@ async fn consume(
         .collect();
     let mut pending = Pending::new();
     let mut generation = consumer.context().generation.load(Ordering::SeqCst);
+    let mut retry_recovery = tokio::time::interval(Duration::from_secs(1));
+    retry_recovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = pending
             .started
             .map(|s| tokio::time::Instant::from_std(s + settings.max_wait));
+        // Always armed: partitions may be deferred by a rebalance inside recv(), which then
+        // waits for messages that paused partitions never deliver.
         let received = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => None,
+            _ = retry_recovery.tick() => {
+                start_recovered(&consumer, &settings).await;
+                None
+            }
             m = consumer.recv() => Some(m),
         };
         // A rebalance happened inside recv(): what was being collected may belong to
-        // partitions this instance no longer owns. It was not stored, so dropping it is safe.
+        // partitions this instance no longer owns. It was not stored, so dropping it is safe;
+        // the partitions this instance keeps (a cooperative rebalance) are sought back to
+        // where the dropped batch began, since they are not assigned again.
         let now_generation = consumer.context().generation.load(Ordering::SeqCst);
         if now_generation != generation {
             generation = now_generation;
@@ -306,6 +431,7 @@ async fn consume(
                     lines = pending.batch.len(),
                     "dropping a partial batch at rebalance"
                 );
+                rewind_kept(&consumer, pending.next.keys());
             }
             pending = Pending::new();
         }
@@ -327,7 +453,10 @@ async fn consume(
                     .get(&tp)
                     .copied();
                 let already_in_batch = pending.next.get(&tp).is_some_and(|n| offset < *n);
-                if expected.is_some_and(|e| offset < e) || already_in_batch {
+                if expected.is_some_and(|e| offset < e)
+                    || already_in_batch
+                    || consumer.context().is_recovering(&tp)
+                {
                     metrics::counter!("keywatch_kafka_skipped_total").increment(1);
                     continue;
                 }
@@ -396,6 +525,110 @@ async fn consume(
     }
     consumer.unsubscribe();
     Ok(())
+}
+
+/// Seeks each of `partitions` that this instance still owns back to the next offset it
+/// expects (the first of a batch dropped at a rebalance).
+fn rewind_kept<'a>(
+    consumer: &StreamConsumer<Context>,
+    partitions: impl Iterator<Item = &'a TopicPartition>,
+) {
+    let expected = consumer
+        .context()
+        .expected
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for tp in partitions {
+        if let Some(offset) = expected.get(tp) {
+            if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(*offset), Duration::ZERO) {
+                tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seeking back after a rebalance");
+            }
+        }
+    }
+}
+
+/// Asks the store again where the paused partitions start; those it answers for are sought
+/// there (or to the group's committed offset, or per `auto.offset.reset`, when the store
+/// knows nothing of them) and resumed.
+async fn start_recovered(consumer: &Arc<StreamConsumer<Context>>, settings: &KafkaSettings) {
+    let ctx = consumer.context();
+    let partitions = ctx
+        .recovering
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if partitions.is_empty() {
+        return;
+    }
+    let offsets = Arc::clone(&ctx.offsets);
+    let source = ctx.source.clone();
+    let asked = partitions.clone();
+    let found = match tokio::task::spawn_blocking(move || offsets.recover(&source, &asked)).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read stored offsets, retrying");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading stored offsets");
+            return;
+        }
+    };
+    let earliest = !matches!(
+        settings
+            .properties
+            .iter()
+            .find(|(k, _)| k == "auto.offset.reset")
+            .map(|(_, v)| v.as_str()),
+        Some("latest" | "largest" | "end")
+    );
+    for tp in partitions {
+        let start = match found.get(&tp) {
+            Some(o) => Offset::Offset(*o),
+            None => committed(consumer, &tp).unwrap_or(if earliest {
+                Offset::Beginning
+            } else {
+                Offset::End
+            }),
+        };
+        // Still ours? A rebalance may have taken it meanwhile.
+        let mut recovering = ctx.recovering.lock().unwrap_or_else(|e| e.into_inner());
+        if !recovering.contains(&tp) {
+            continue;
+        }
+        if let Err(e) = consumer.seek(&tp.0, tp.1, start, Duration::from_secs(5)) {
+            tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seeking a recovered partition, retrying");
+            continue;
+        }
+        if let Offset::Offset(o) = start {
+            ctx.expected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(tp.clone(), o);
+        }
+        recovering.retain(|p| *p != tp);
+        drop(recovering);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "resuming a recovered partition");
+        }
+        tracing::info!(topic = %tp.0, partition = tp.1, ?start, "partition started after the store recovered");
+    }
+}
+
+/// The group's committed offset for `tp`, if it has one.
+fn committed(consumer: &StreamConsumer<Context>, tp: &TopicPartition) -> Option<Offset> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .ok()?;
+    got.elements()
+        .first()
+        .map(|e| e.offset())
+        .filter(|o| matches!(o, Offset::Offset(_)))
 }
 
 fn store_offsets(consumer: &StreamConsumer<Context>, offsets: &[PartitionOffset]) {
