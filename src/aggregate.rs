@@ -54,10 +54,12 @@ impl Rollup {
         }
     }
 
+    /// Authentication failures ([`Outcome::is_auth_failure`]): rate limits are counted
+    /// apart, in `outcomes`.
     pub fn failures(&self) -> u64 {
         Outcome::ALL
             .iter()
-            .filter(|o| o.is_failure())
+            .filter(|o| o.is_auth_failure())
             .map(|o| self.outcomes[o.index()])
             .sum()
     }
@@ -108,6 +110,7 @@ pub struct SourceStats {
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
     pub requests: u64,
+    /// Authentication failures (not rate limits).
     pub failures: u64,
 }
 
@@ -195,7 +198,7 @@ impl Aggregate {
         );
         let hash = self.hasher.hash_one((ip, ua, endpoint, gateway));
         let chain = key.sources.entry(hash).or_default();
-        let failure = u64::from(ev.outcome.is_failure());
+        let failure = u64::from(ev.outcome.is_auth_failure());
         match chain.iter_mut().find(|(k, _)| {
             k.ip == ip && k.user_agent == ua && k.endpoint == endpoint && k.gateway == gateway
         }) {

@@ -20,8 +20,9 @@
 //! - **Safe to revoke**: the old key had no request at all for the quiet period (counted
 //!   from its last request, or from the rotation start if it was quiet before); `at` is the
 //!   end of that period, and the dedup key names the rotation, so it is raised once.
-//! - **Failed rollover**: see [`super::RolloverPolicy`]; windows of one hour and of two
-//!   adjacent hours are tried, so a burst across an hour boundary counts whole.
+//! - **Failed rollover** is judged per request by the stream detectors (`stream.rs`), so
+//!   that it is stamped at the failing request that crossed the threshold and sees refused
+//!   requests by any alias of the new key.
 //! - **Reminders**: the latest step of the policy's schedule at or before `now` and not
 //!   before the rotation started (steps in whole days are counted in the owner's calendar,
 //!   so "1d" is the same wall-clock time the day before, across a DST change), then one
@@ -193,7 +194,8 @@ pub fn evaluate_rotation(
     policy: &Policy,
     data: &RotationData,
 ) -> (RotationStatus, Vec<Finding>) {
-    let open = old.open_rotation().is_some();
+    // Open at `now`: a rotation later ended by a revocation is judged as it was before it.
+    let open = old.rotation_at(now_ms).is_some();
     let new_id = old.successor.clone().unwrap_or_default();
     // A key without a rotation is treated as one that never starts.
     let rot = old.rotation.unwrap_or(crate::registry::Rotation {
@@ -317,7 +319,6 @@ pub fn evaluate_rotation(
     if phase == Phase::SafeToRevoke {
         findings.push(ctx.safe_to_revoke());
     }
-    findings.extend(ctx.failed_rollovers(data));
     (status, findings)
 }
 
@@ -716,149 +717,6 @@ impl Ctx<'_> {
             format!("safe_to_revoke:{}", self.rotation_id()),
         )
     }
-
-    /// One finding per run of failing windows after the rotation started.
-    fn failed_rollovers(&self, data: &RotationData) -> Vec<Finding> {
-        let p = &self.policy.failed_rollover;
-        let started = self.status.started_ms;
-        let start_hour = started.div_euclid(HOUR_MS) * HOUR_MS;
-        let (mut base_req, mut base_fail) = (0u64, 0u64);
-        for h in data
-            .hourly
-            .iter()
-            .filter(|h| h.hour_ms + HOUR_MS <= started && h.hour_ms >= started - p.baseline_ms)
-        {
-            base_req += h.old_requests;
-            base_fail += h.old_failures;
-        }
-        let baseline = if base_req >= MIN_FIT_REQUESTS {
-            base_fail as f64 / base_req as f64
-        } else {
-            0.0
-        };
-        let threshold = p.min_rate.max(p.factor * baseline);
-        let hours: Vec<&HourRow> = data
-            .hourly
-            .iter()
-            .filter(|h| h.hour_ms >= start_hour && h.hour_ms <= self.now_ms)
-            .collect();
-
-        struct Hit {
-            from_ms: i64,
-            to_ms: i64,
-            scope: &'static str,
-            failures: u64,
-            requests: u64,
-        }
-        let mut hits: Vec<Hit> = Vec::new();
-        for (i, h) in hours.iter().enumerate() {
-            // The hour alone, and with the hour before when adjacent.
-            let mut windows = vec![vec![*h]];
-            if i > 0 && hours[i - 1].hour_ms + HOUR_MS == h.hour_ms {
-                windows.push(vec![hours[i - 1], *h]);
-            }
-            for w in windows {
-                let sum = |f: fn(&HourRow) -> u64| w.iter().map(|h| f(h)).sum::<u64>();
-                let (nf, nr) = (sum(|h| h.new_failures), sum(|h| h.new_requests));
-                let (of, or) = (sum(|h| h.old_failures), sum(|h| h.old_requests));
-                let check = |f: u64, r: u64| {
-                    f >= p.min_failures && r > 0 && f as f64 / r as f64 >= threshold
-                };
-                let scope = if check(nf, nr) {
-                    Some(("new_key", nf, nr))
-                } else if check(nf + of, nr + or) {
-                    Some(("owner", nf + of, nr + or))
-                } else {
-                    None
-                };
-                let Some((scope, failures, requests)) = scope else {
-                    continue;
-                };
-                // The burst starts at the first hour of the window with failures.
-                let from_ms = w
-                    .iter()
-                    .find(|h| h.new_failures + h.old_failures > 0)
-                    .map_or(w[0].hour_ms, |h| h.hour_ms);
-                let to_ms = h.hour_ms + HOUR_MS;
-                match hits.last_mut() {
-                    // Overlapping or adjacent windows are one burst.
-                    Some(last) if from_ms <= last.to_ms => {
-                        last.to_ms = last.to_ms.max(to_ms);
-                        if failures > last.failures {
-                            (last.failures, last.requests, last.scope) =
-                                (failures, requests, scope);
-                        }
-                    }
-                    _ => hits.push(Hit {
-                        from_ms,
-                        to_ms,
-                        scope,
-                        failures,
-                        requests,
-                    }),
-                }
-                break;
-            }
-        }
-
-        let failing_sources: Vec<serde_json::Value> = data
-            .new_sources
-            .iter()
-            .filter(|(_, s)| s.failures > 0)
-            .take(EVIDENCE_SOURCES)
-            .map(|(k, s)| {
-                json!({
-                    "ip": k.ip,
-                    "user_agent": k.user_agent,
-                    "endpoint": k.endpoint,
-                    "gateway": k.gateway,
-                    "failures": s.failures,
-                    "requests": s.requests,
-                    "first_seen": format_rfc3339(s.first_seen_ms),
-                })
-            })
-            .collect();
-        hits.into_iter()
-            .map(|hit| {
-                let rate = hit.failures as f64 / hit.requests as f64;
-                let mut evidence = self.rotation_json();
-                evidence["scope"] = json!(hit.scope);
-                evidence["window_start"] = json!(format_rfc3339(hit.from_ms));
-                evidence["window_end"] = json!(format_rfc3339(hit.to_ms));
-                evidence["failures"] = json!(hit.failures);
-                evidence["requests"] = json!(hit.requests);
-                evidence["failure_rate"] = json!(rate);
-                evidence["baseline_rate"] = json!(baseline);
-                evidence["threshold_rate"] = json!(threshold);
-                evidence["failing_sources"] = json!(failing_sources);
-                let on = if hit.scope == "new_key" {
-                    format!("the new key {}", self.new_label)
-                } else {
-                    format!("the keys of {}", self.old.owner)
-                };
-                self.finding(
-                    FindingKind::FailedRollover,
-                    hit.from_ms,
-                    Severity::Critical,
-                    format!(
-                        "rollover of {} ({}) is failing: {} of {} requests on {on} failed \
-                         authentication from {} on ({:.0} %, baseline {:.1} %); fix it before \
-                         revoking {}",
-                        self.old_label(),
-                        self.old.owner,
-                        hit.failures,
-                        hit.requests,
-                        format_local(hit.from_ms, self.tz),
-                        rate * 100.0,
-                        baseline * 100.0,
-                        self.old_label()
-                    ),
-                    evidence,
-                    format!("failed_rollover:{}:{}", self.rotation_id(), hit.from_ms),
-                )
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -1063,58 +921,6 @@ mod tests {
         );
         assert_eq!(s.phase, Phase::SafeToRevoke);
         assert!(f.is_empty(), "{f:?}");
-    }
-
-    #[test]
-    fn failed_rollover_needs_a_jump_over_the_baseline() {
-        let mut hourly: Vec<HourRow> = (-48..0)
-            .map(|h| HourRow {
-                hour_ms: T0 + h * HOUR_MS,
-                old_requests: 100,
-                old_failures: 2, // 2 % baseline: threshold 6 %
-                ..HourRow::default()
-            })
-            .collect();
-        // 5 % failures on the new key at +3 h: under the threshold; 4 of 10 at +6 h, split
-        // over two hours.
-        hourly.extend((0..10).map(|h| HourRow {
-            hour_ms: T0 + h * HOUR_MS,
-            old_requests: 80,
-            old_failures: 1,
-            new_requests: 20,
-            new_failures: match h {
-                3 => 1,
-                6 | 7 => 2,
-                _ => 0,
-            },
-        }));
-        let data = RotationData {
-            hourly,
-            ..RotationData::default()
-        };
-        let mut policy = Policy::default();
-        policy.failed_rollover.min_failures = 4;
-        let (_, f) =
-            evaluate_rotation(T0 + 10 * HOUR_MS, &key(None), None, Tz::UTC, &policy, &data);
-        let fr: Vec<_> = f
-            .iter()
-            .filter(|f| f.kind == FindingKind::FailedRollover)
-            .collect();
-        assert_eq!(fr.len(), 1, "{fr:?}");
-        assert_eq!(fr[0].at_ms, T0 + 6 * HOUR_MS);
-        assert_eq!(fr[0].evidence["failures"], 4);
-        assert_eq!(fr[0].evidence["scope"], "new_key");
-        assert!((fr[0].evidence["baseline_rate"].as_f64().unwrap() - 0.02).abs() < 1e-9);
-        // Before the burst: nothing.
-        let (_, f) = evaluate_rotation(
-            T0 + 6 * HOUR_MS - 1,
-            &key(None),
-            None,
-            Tz::UTC,
-            &policy,
-            &data,
-        );
-        assert!(f.iter().all(|f| f.kind != FindingKind::FailedRollover));
     }
 
     #[test]
