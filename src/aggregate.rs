@@ -16,7 +16,8 @@ pub const LATENCY_BOUNDS_MS: [f64; 11] = [
 ];
 pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_MS.len() + 1;
 
-/// Counts of one key in one minute.
+/// Counts of one key in one minute. Latencies are those of requests the upstream answered
+/// (accepted, status below 500).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rollup {
     pub requests: u64,
@@ -185,10 +186,15 @@ impl Aggregate {
             seen.consumer = Some(c.to_string());
         }
 
+        // Latency describes the key's use only when the upstream answered: a 5xx or a
+        // timeout is the upstream's health, and a refusal (401, 429) never reached it.
+        let latency = ev
+            .latency_ms
+            .filter(|_| ev.outcome == Outcome::Ok && ev.status < 500);
         key.minutes
             .entry(minute_of(ev.ts_ms))
             .or_default()
-            .add(ev.outcome, ev.latency_ms);
+            .add(ev.outcome, latency);
 
         let (ip, ua, endpoint, gateway) = (
             field(&ev.source_ip),

@@ -5,18 +5,22 @@
 //!
 //! - **Share on the new key**: per hour since the rotation started, new-key requests over
 //!   both keys' requests (failures included: a failing client is still on that key).
-//! - **Lingering source**: a source (IP and user agent, with the endpoints and gateways it
-//!   called) that sent the old key after the rotation started, within the last quiet period,
-//!   and has not moved: it never sent the new key, or it sent the old key again after its
-//!   first request with the new one. A host that switched keeps its old-key history but is
-//!   not lingering.
+//! - **Source** (one notion for lingering, overdue and safe to revoke): a host, its IP (the
+//!   user agent's product, not its version, is a detail; without an IP the product stands
+//!   in for the host). A host that moved to the new key in a release that also bumped its
+//!   user agent has moved.
+//! - **Lingering source**: a source (with the endpoints and gateways it called) that sent
+//!   the old key after the rotation started, within the last quiet period, and has not
+//!   moved: it never sent the new key, or it sent the old key again after its first request
+//!   with the new one. A host that switched keeps its old-key history but is not lingering.
 //! - **Forecast**: a straight line fitted by weighted least squares through the hourly
 //!   shares of the last `forecast_window` (weights: the hour's requests); completion is
 //!   where the line reaches 100 %. A slope of zero or less is *stalled* (no completion).
 //!   It needs at least 3 hours and 20 requests of data. A rotation is **at risk** when,
 //!   after it has run for a full forecast window and while sources still linger before the
 //!   deadline, the forecast is stalled or falls after the deadline.
-//! - **Overdue**: the deadline passed and sources still linger.
+//! - **Overdue**: the deadline passed, sources still linger, and the old key was used after
+//!   the deadline (`at` is the deadline).
 //! - **Safe to revoke**: the old key had no request at all for the quiet period (counted
 //!   from its last request, or from the rotation start if it was quiet before); `at` is the
 //!   end of that period, and the dedup key names the rotation, so it is raised once.
@@ -259,13 +263,18 @@ pub fn evaluate_rotation(
         && !lingering.is_empty()
         && now_ms < deadline
         && (forecast.stalled || forecast.completion_ms.is_some_and(|c| c > deadline));
+    let past_deadline = now_ms >= deadline;
+    // Overdue needs the old key used after the deadline, not merely a source that used it
+    // within the quiet period before.
+    let used_after_deadline = last_old_use_ms.is_some_and(|t| t >= deadline);
     let phase = if now_ms < started {
         Phase::Scheduled
     } else if now_ms >= safe_to_revoke_ms {
         Phase::SafeToRevoke
-    } else if lingering.is_empty() {
+    } else if lingering.is_empty() || (past_deadline && !used_after_deadline) {
+        // Sources that went quiet before the deadline are draining, not overdue.
         Phase::Draining
-    } else if now_ms >= deadline {
+    } else if past_deadline {
         Phase::Overdue
     } else if at_risk {
         Phase::AtRisk
@@ -332,13 +341,14 @@ fn lingering(
     let mut new_first: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for (k, s) in &data.new_sources {
         let e = new_first
-            .entry((k.ip.as_str(), k.user_agent.as_str()))
+            .entry(host_of(&k.ip, &k.user_agent))
             .or_insert(s.first_seen_ms);
         *e = (*e).min(s.first_seen_ms);
     }
     struct Acc<'a> {
         endpoints: BTreeSet<&'a str>,
         gateways: BTreeSet<&'a str>,
+        products: BTreeSet<&'a str>,
         first: i64,
         last: i64,
         requests: u64,
@@ -347,10 +357,11 @@ fn lingering(
     let mut groups: BTreeMap<(&str, &str), Acc<'_>> = BTreeMap::new();
     for (k, s) in &data.old_sources {
         let g = groups
-            .entry((k.ip.as_str(), k.user_agent.as_str()))
+            .entry(host_of(&k.ip, &k.user_agent))
             .or_insert(Acc {
                 endpoints: BTreeSet::new(),
                 gateways: BTreeSet::new(),
+                products: BTreeSet::new(),
                 first: s.first_seen_ms,
                 last: s.last_seen_ms,
                 requests: 0,
@@ -358,6 +369,7 @@ fn lingering(
             });
         g.endpoints.insert(&k.endpoint);
         g.gateways.insert(&k.gateway);
+        g.products.insert(ua_product(&k.user_agent));
         g.first = g.first.min(s.first_seen_ms);
         g.last = g.last.max(s.last_seen_ms);
         g.requests += s.requests;
@@ -365,13 +377,19 @@ fn lingering(
     }
     let mut out: Vec<LingeringSource> = groups
         .into_iter()
-        .filter_map(|((ip, ua), g)| {
+        .filter_map(|(host, g)| {
             let recent = g.last >= started && g.last > now_ms - quiet_ms;
-            let moved_since = new_first.get(&(ip, ua)).copied();
+            let moved_since = new_first.get(&host).copied();
             let moved = moved_since.is_some_and(|n| n > g.last);
             (recent && !moved).then(|| LingeringSource {
-                ip: ip.to_owned(),
-                user_agent: ua.to_owned(),
+                ip: host.0.to_owned(),
+                user_agent: g
+                    .products
+                    .iter()
+                    .filter(|p| !p.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 endpoints: g.endpoints.iter().map(|s| s.to_string()).collect(),
                 gateways: g
                     .gateways
@@ -389,6 +407,24 @@ fn lingering(
         .collect();
     out.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.ip.cmp(&b.ip)));
     out
+}
+
+/// The host a source row belongs to: its IP; without one, the user agent's product stands
+/// in for it. A release that bumps the user agent's version is the same host.
+fn host_of<'a>(ip: &'a str, user_agent: &'a str) -> (&'a str, &'a str) {
+    if ip.is_empty() {
+        ("", ua_product(user_agent))
+    } else {
+        (ip, "")
+    }
+}
+
+/// The product of a user agent, without its version: `akl-pay-worker/2.4.0 (linux)` →
+/// `akl-pay-worker`.
+pub(crate) fn ua_product(user_agent: &str) -> &str {
+    let ua = user_agent.trim();
+    let end = ua.find(['/', ' ', '(']).unwrap_or(ua.len());
+    &ua[..end]
 }
 
 /// Weighted least-squares line through the recent hourly shares; see the module doc.
@@ -877,6 +913,101 @@ mod tests {
         assert_eq!(s.deadline_ms, T0 + 14 * DAY_MS);
         assert_eq!(s.old_key_sources.len(), 3);
         assert_eq!(s.safe_to_revoke_ms, T0 + 30 * HOUR_MS + 72 * HOUR_MS);
+    }
+
+    #[test]
+    fn a_source_is_a_host_whatever_its_user_agent_version() {
+        let with_ua = |ip: &str, ua: &str, first: i64, last: i64| {
+            let mut r = src(ip, first, last, 10);
+            r.0.user_agent = ua.into();
+            r
+        };
+        let cases = [
+            ("akl-pay-worker/2.4.0 (linux)", "akl-pay-worker"),
+            ("Mozilla/5.0 (X11)", "Mozilla"),
+            ("curl", "curl"),
+            ("", ""),
+        ];
+        for (ua, product) in cases {
+            assert_eq!(ua_product(ua), product, "{ua}");
+        }
+        let data = RotationData {
+            old_sources: vec![
+                // Moved to the new key in a release that bumped its version.
+                with_ua("10.0.0.1", "worker/2.3.1", T0 - DAY_MS, T0 + 5 * HOUR_MS - 1),
+                // Two versions on the old key, never moved: one source.
+                with_ua("10.0.0.2", "worker/2.3.1", T0 - DAY_MS, T0 + 2 * HOUR_MS),
+                with_ua("10.0.0.2", "worker/2.3.2", T0 + 2 * HOUR_MS, T0 + 6 * HOUR_MS),
+            ],
+            new_sources: vec![with_ua("10.0.0.1", "worker/2.4.0", T0 + 5 * HOUR_MS, T0 + 9 * HOUR_MS)],
+            ..RotationData::default()
+        };
+        let (s, f) = evaluate_rotation(
+            T0 + 10 * HOUR_MS,
+            &key(None),
+            None,
+            Tz::UTC,
+            &Policy::default(),
+            &data,
+        );
+        let got: Vec<_> = s
+            .lingering
+            .iter()
+            .map(|l| (l.ip.as_str(), l.user_agent.as_str(), l.requests))
+            .collect();
+        assert_eq!(got, [("10.0.0.2", "worker", 20)]);
+        let lingering = f
+            .iter()
+            .filter(|f| f.kind == FindingKind::LingeringOldKey)
+            .count();
+        assert_eq!(lingering, 1);
+    }
+
+    #[test]
+    fn overdue_needs_old_key_traffic_after_the_deadline() {
+        let deadline = T0 + DAY_MS;
+        for (last_old, overdue) in [(deadline - HOUR_MS, false), (deadline + HOUR_MS, true)] {
+            let data = RotationData {
+                old_sources: vec![src("10.0.0.2", T0 - DAY_MS, last_old, 80)],
+                ..RotationData::default()
+            };
+            let (s, f) = evaluate_rotation(
+                deadline + 2 * HOUR_MS,
+                &key(Some(deadline)),
+                None,
+                Tz::UTC,
+                &Policy::default(),
+                &data,
+            );
+            let raised = f.iter().any(|f| f.kind == FindingKind::RotationOverdue);
+            assert_eq!(raised, overdue, "last old-key use {last_old}");
+            assert_eq!(s.phase == Phase::Overdue, overdue);
+            if !overdue {
+                assert_eq!(s.phase, Phase::Draining);
+            }
+        }
+    }
+
+    #[test]
+    fn a_rotation_revoked_later_is_judged_as_it_was_before() {
+        let mut k = key(Some(T0 + DAY_MS));
+        k.state = KeyState::Revoked;
+        k.revoked_ms = Some(T0 + 10 * DAY_MS);
+        let data = RotationData {
+            old_sources: vec![src("10.0.0.2", T0 - DAY_MS, T0 + HOUR_MS, 80)],
+            ..RotationData::default()
+        };
+        let quiet = T0 + HOUR_MS + 72 * HOUR_MS;
+        let (_, f) = evaluate_rotation(quiet, &k, None, Tz::UTC, &Policy::default(), &data);
+        let safe: Vec<_> = f
+            .iter()
+            .filter(|f| f.kind == FindingKind::SafeToRevoke)
+            .map(|f| f.at_ms)
+            .collect();
+        assert_eq!(safe, [quiet]);
+        // After the revocation the rotation is over: nothing more to say.
+        let (_, f) = evaluate_rotation(T0 + 11 * DAY_MS, &k, None, Tz::UTC, &Policy::default(), &data);
+        assert!(f.is_empty(), "{f:?}");
     }
 
     #[test]
