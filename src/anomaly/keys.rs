@@ -637,14 +637,36 @@ impl AnomalyModels {
     /// Feeds a batch's [`Aggregate`]: its rollups in time order per key, each key's new
     /// sources with the minute they were first seen in.
     pub fn observe_aggregate(&mut self, agg: &Aggregate) -> Vec<AnomalyFinding> {
-        let mut rows: Vec<(&str, i64, &Rollup)> = agg.rollups().collect();
-        rows.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        // One model per registry key: a refused request carries an alias of its key (the
+        // fingerprint of the presented secret), so rows are merged under the registry id.
+        let registry = self.registry.clone();
+        let canonical = |k: &'_ str| -> String {
+            registry
+                .as_deref()
+                .map_or(k, |reg| reg.canonical(k))
+                .to_owned()
+        };
+        let mut rows: Vec<(String, i64, Rollup)> = Vec::new();
+        {
+            let mut merged: HashMap<(String, i64), usize> = HashMap::new();
+            for (k, minute, r) in agg.rollups() {
+                let key = canonical(k);
+                match merged.get(&(key.clone(), minute)) {
+                    Some(&i) => rows[i].2.merge(r),
+                    None => {
+                        merged.insert((key.clone(), minute), rows.len());
+                        rows.push((key, minute, r.clone()));
+                    }
+                }
+            }
+        }
+        rows.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         type Seen<'s> = (Vec<SourceSeen<'s>>, Vec<i64>);
-        let mut sources: HashMap<(&str, i64), Seen<'_>> = HashMap::new();
+        let mut sources: HashMap<(String, i64), Seen<'_>> = HashMap::new();
         for (k, st) in agg.sources() {
             let e = sources
                 .entry((
-                    k.key_id.as_str(),
+                    canonical(&k.key_id),
                     crate::aggregate::minute_of(st.first_seen_ms),
                 ))
                 .or_default();
@@ -656,11 +678,11 @@ impl AnomalyModels {
             e.1.push(st.first_seen_ms);
         }
         let mut out = Vec::new();
-        for (key, minute, r) in rows {
+        for (key, minute, r) in &rows {
             let (src, at) = sources
-                .get(&(key, minute))
+                .get(&(key.clone(), *minute))
                 .map_or((&[][..], &[][..]), |(s, t)| (&s[..], &t[..]));
-            self.observe_inner(key, minute, r, src, at, &mut out, true);
+            self.observe_inner(key, *minute, r, src, at, &mut out, true);
         }
         out
     }
@@ -683,6 +705,17 @@ impl AnomalyModels {
             // stream detectors (unknown-key bursts) watch them.
             return;
         }
+        let known = self.registry.as_deref().map(|reg| (reg.is_empty(), reg.key(key)));
+        if let Some((false, None)) = known {
+            if r.outcomes[Outcome::Ok.index()] == 0 {
+                // A key the registry does not know and the gateway refused: a guess, not a
+                // key's behaviour (unknown-key bursts watch guesses).
+                return;
+            }
+        }
+        // A revoked or expired key fails by design: the stream detectors report its use.
+        let retired = matches!(known, Some((_, Some(k)))
+            if k.is_revoked_at(minute_ms) || k.is_expired_at(minute_ms));
         if self.keys.len() >= self.cfg.max_keys && !self.keys.contains_key(key) {
             self.evict();
         }
@@ -707,6 +740,10 @@ impl AnomalyModels {
             .or_insert_with(|| KeyModel::new(minute));
         let mut found = Vec::new();
         let raise_now = raise && !is_new;
+        if retired {
+            // No failure-rate finding (minute or hour test) while the key is retired.
+            m.fail_alert_min = m.fail_alert_min.max(minute + 60);
+        }
 
         // Dormant key waking up.
         if !is_new && minute > m.last_min {
