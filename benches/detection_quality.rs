@@ -35,35 +35,6 @@ fn flag(name: &str) -> bool {
 
 const SECRET: &[u8] = b"detection-quality-bench-secret";
 
-fn write_case(dir: &Path, s: &scenarios::Scenario, legacy: bool) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("gateway.log"), s.log.join("\n") + "\n").unwrap();
-    let reg = if legacy {
-        &s.legacy_registry_toml
-    } else {
-        &s.registry_toml
-    };
-    std::fs::write(dir.join("keys.toml"), reg).unwrap();
-    std::fs::write(dir.join("lifecycle.jsonl"), s.lifecycle.join("\n") + "\n").unwrap();
-    std::fs::write(dir.join("fingerprint.secret"), SECRET).unwrap();
-    let config = format!(
-        "state_dir = {state:?}\n\
-         [input]\nkind = \"file\"\npath = {log:?}\nformat = \"kong\"\nfollow = false\n\
-         [server]\nenabled = false\n\
-         [fingerprint]\nsecret_file = {secret:?}\n\
-         [rules]\nkeys = {keys:?}\npolicy = {policy:?}\n",
-        state = dir.join("state"),
-        log = dir.join("gateway.log"),
-        secret = dir.join("fingerprint.secret"),
-        keys = dir.join("keys.toml"),
-        policy = root.join("rules/policy.toml"),
-    );
-    let path = dir.join("keywatch.toml");
-    std::fs::write(&path, config).unwrap();
-    path
-}
-
 fn main() {
     let seeds: Vec<u64> = arg("--seeds")
         .unwrap_or_else(|| "1,2,3".into())
@@ -87,13 +58,17 @@ fn main() {
     let mut worst_recall: f64 = 1.0;
     let mut per_kind_all: BTreeMap<String, KindScore> = BTreeMap::new();
     for seed in &seeds {
-        let s = scenarios::generate(&ScenarioOptions {
+        let opts = ScenarioOptions {
             seed: *seed,
             rate,
             fingerprint_secret: SECRET.to_vec(),
-        });
+        };
+        let s = scenarios::generate(&opts);
         let dir = base.join(format!("seed-{seed}"));
-        let config = write_case(&dir, &s, legacy);
+        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/policy.toml");
+        let config = s
+            .write_case(&dir, &opts, &policy, legacy)
+            .expect("write the generated case");
         let t = Instant::now();
         let out = Command::new(bin)
             .args(["backtest", "--config"])

@@ -906,6 +906,45 @@ pub fn generate(opts: &ScenarioOptions) -> Scenario {
     }
 }
 
+impl Scenario {
+    /// Writes what `keywatch backtest` reads into `dir`: `gateway.log`, `keys.toml` (the
+    /// legacy one with `legacy`), `lifecycle.jsonl`, the fingerprint secret and
+    /// `keywatch.toml` (Kong preset, the rotation policy at `policy`); returns the config's
+    /// path. The only IO of this module, for the bench and the scenario tests.
+    pub fn write_case(
+        &self,
+        dir: &std::path::Path,
+        opts: &ScenarioOptions,
+        policy: &std::path::Path,
+        legacy: bool,
+    ) -> std::io::Result<std::path::PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("gateway.log"), self.log.join("\n") + "\n")?;
+        let reg = if legacy {
+            &self.legacy_registry_toml
+        } else {
+            &self.registry_toml
+        };
+        std::fs::write(dir.join("keys.toml"), reg)?;
+        std::fs::write(dir.join("lifecycle.jsonl"), self.lifecycle.join("\n") + "\n")?;
+        std::fs::write(dir.join("fingerprint.secret"), &opts.fingerprint_secret)?;
+        let config = format!(
+            "state_dir = {state:?}\n\
+             [input]\nkind = \"file\"\npath = {log:?}\nformat = \"kong\"\nfollow = false\n\
+             [server]\nenabled = false\n\
+             [fingerprint]\nsecret_file = {secret:?}\n\
+             [rules]\nkeys = {keys:?}\npolicy = {policy:?}\n",
+            state = dir.join("state"),
+            log = dir.join("gateway.log"),
+            secret = dir.join("fingerprint.secret"),
+            keys = dir.join("keys.toml"),
+        );
+        let path = dir.join("keywatch.toml");
+        std::fs::write(&path, config)?;
+        Ok(path)
+    }
+}
+
 /// The registry id of a scenario key label (for tests).
 pub fn key_id(label: &str) -> String {
     gateway_id(label)
