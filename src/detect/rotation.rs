@@ -5,10 +5,10 @@
 //!
 //! - **Share on the new key**: per hour since the rotation started, new-key requests over
 //!   both keys' requests (failures included: a failing client is still on that key).
-//! - **Source** (one notion for lingering, overdue and safe to revoke): a host, its IP (the
-//!   user agent's product, not its version, is a detail; without an IP the product stands
-//!   in for the host). A host that moved to the new key in a release that also bumped its
-//!   user agent has moved.
+//! - **Source** (one notion for lingering, overdue and safe to revoke): a host, its IP; its
+//!   user agent (the latest it sent with the old key) is a detail, and without an IP the
+//!   user agent's product (not its version) stands in for the host. A host that moved to
+//!   the new key in a release that also bumped its user agent has moved.
 //! - **Lingering source**: a source (with the endpoints and gateways it called) that sent
 //!   the old key after the rotation started, within the last quiet period, and has not
 //!   moved: it never sent the new key, or it sent the old key again after its first request
@@ -348,7 +348,8 @@ fn lingering(
     struct Acc<'a> {
         endpoints: BTreeSet<&'a str>,
         gateways: BTreeSet<&'a str>,
-        products: BTreeSet<&'a str>,
+        /// The user agent of the host's latest old-key request (a detail, not an identity).
+        latest_ua: (i64, &'a str),
         first: i64,
         last: i64,
         requests: u64,
@@ -361,7 +362,7 @@ fn lingering(
             .or_insert(Acc {
                 endpoints: BTreeSet::new(),
                 gateways: BTreeSet::new(),
-                products: BTreeSet::new(),
+                latest_ua: (i64::MIN, ""),
                 first: s.first_seen_ms,
                 last: s.last_seen_ms,
                 requests: 0,
@@ -369,7 +370,9 @@ fn lingering(
             });
         g.endpoints.insert(&k.endpoint);
         g.gateways.insert(&k.gateway);
-        g.products.insert(ua_product(&k.user_agent));
+        if s.last_seen_ms > g.latest_ua.0 {
+            g.latest_ua = (s.last_seen_ms, &k.user_agent);
+        }
         g.first = g.first.min(s.first_seen_ms);
         g.last = g.last.max(s.last_seen_ms);
         g.requests += s.requests;
@@ -383,13 +386,7 @@ fn lingering(
             let moved = moved_since.is_some_and(|n| n > g.last);
             (recent && !moved).then(|| LingeringSource {
                 ip: host.0.to_owned(),
-                user_agent: g
-                    .products
-                    .iter()
-                    .filter(|p| !p.is_empty())
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                user_agent: g.latest_ua.1.to_owned(),
                 endpoints: g.endpoints.iter().map(|s| s.to_string()).collect(),
                 gateways: g
                     .gateways
@@ -608,11 +605,16 @@ impl Ctx<'_> {
                     format_local(self.deadline, self.tz)
                 ),
                 evidence,
+                // One fact per host: a new user-agent version is not a new source.
                 format!(
                     "lingering_old_key:{}:{}|{}",
                     self.rotation_id(),
                     s.ip,
-                    s.user_agent
+                    if s.ip.is_empty() {
+                        ua_product(&s.user_agent)
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }
@@ -955,7 +957,7 @@ mod tests {
             .iter()
             .map(|l| (l.ip.as_str(), l.user_agent.as_str(), l.requests))
             .collect();
-        assert_eq!(got, [("10.0.0.2", "worker", 20)]);
+        assert_eq!(got, [("10.0.0.2", "worker/2.3.2", 20)]);
         let lingering = f
             .iter()
             .filter(|f| f.kind == FindingKind::LingeringOldKey)
