@@ -650,12 +650,15 @@ impl AnomalyModels {
         {
             let mut merged: HashMap<(String, i64), usize> = HashMap::new();
             for (k, minute, r) in agg.rollups() {
+                // Latency of the requests the upstream answered: a 5xx or a timeout is the
+                // upstream's health, not the key's behaviour.
+                let r = r.with_latency_of(agg.answered_latency(k, minute));
                 let key = canonical(k);
                 match merged.get(&(key.clone(), minute)) {
-                    Some(&i) => rows[i].2.merge(r),
+                    Some(&i) => rows[i].2.merge(&r),
                     None => {
                         merged.insert((key.clone(), minute), rows.len());
-                        rows.push((key, minute, r.clone()));
+                        rows.push((key, minute, r));
                     }
                 }
             }
