@@ -217,10 +217,7 @@ impl Aggregate {
             .latency_ms
             .filter(|_| ev.outcome == Outcome::Ok && ev.status < 500)
         {
-            key.answered
-                .entry(minute)
-                .or_default()
-                .add_latency(l);
+            key.answered.entry(minute).or_default().add_latency(l);
         }
 
         let (ip, ua, endpoint, gateway) = (

@@ -608,7 +608,13 @@ fn deadlines_in_local_time_across_daylight_saving_changes() {
             &events,
             &mut engine,
             &mut store,
-            [day_before - 1, day_before, deadline - 1, deadline, deadline + 3 * HOUR],
+            [
+                day_before - 1,
+                day_before,
+                deadline - 1,
+                deadline,
+                deadline + 3 * HOUR,
+            ],
             |now, engine, store| {
                 results.insert(now, engine.evaluate(now, &*store));
             },
@@ -634,7 +640,10 @@ fn deadlines_in_local_time_across_daylight_saving_changes() {
             of_kind(&results[&deadline], FindingKind::RotationOverdue).is_empty(),
             "{case}"
         );
-        let overdue = of_kind(&results[&(deadline + 3 * HOUR)], FindingKind::RotationOverdue);
+        let overdue = of_kind(
+            &results[&(deadline + 3 * HOUR)],
+            FindingKind::RotationOverdue,
+        );
         assert_eq!(overdue.len(), 1, "{case}");
         assert_eq!(overdue[0].at_ms, deadline, "{case}");
         assert_eq!(
@@ -801,7 +810,11 @@ fn the_generated_fleet_raises_what_is_true_and_when() {
         .arg(dir.path().join("gateway.log"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let found: Vec<Seen> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| Seen::parse(l).unwrap())

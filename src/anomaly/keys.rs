@@ -708,7 +708,10 @@ impl AnomalyModels {
             // stream detectors (unknown-key bursts) watch them.
             return;
         }
-        let known = self.registry.as_deref().map(|reg| (reg.is_empty(), reg.key(key)));
+        let known = self
+            .registry
+            .as_deref()
+            .map(|reg| (reg.is_empty(), reg.key(key)));
         if let Some((false, None)) = known {
             if r.outcomes[Outcome::Ok.index()] == 0 {
                 // A key the registry does not know and the gateway refused: a guess, not a
@@ -1010,7 +1013,11 @@ impl AnomalyModels {
         order.sort_by_key(|&i| first_seen.get(i).copied().unwrap_or(minute_ms));
         for i in order {
             let src = &sources[i];
-            let seen_at = first_seen.get(i).copied().unwrap_or(minute_ms).max(minute_ms);
+            let seen_at = first_seen
+                .get(i)
+                .copied()
+                .unwrap_or(minute_ms)
+                .max(minute_ms);
             let (hn, ha, he) = (
                 network_hash(&hasher, src.ip),
                 hasher.hash_one(src.user_agent) as u32,
@@ -1173,7 +1180,10 @@ fn local_hour(hour: i64, tz: chrono_tz::Tz) -> i64 {
     let Some(t) = chrono::DateTime::from_timestamp_millis(hour * HOUR_MS) else {
         return hour;
     };
-    let off = tz.offset_from_utc_datetime(&t.naive_utc()).fix().local_minus_utc();
+    let off = tz
+        .offset_from_utc_datetime(&t.naive_utc())
+        .fix()
+        .local_minus_utc();
     (hour * HOUR_MS + i64::from(off) * 1000).div_euclid(HOUR_MS)
 }
 
@@ -1503,7 +1513,11 @@ mod tests {
         ];
         for (tz, utc, h, d) in cases {
             let l = local_hour(hour(utc), tz);
-            assert_eq!((l.rem_euclid(24), weekday(l)), (h, d as usize), "{utc} in {tz}");
+            assert_eq!(
+                (l.rem_euclid(24), weekday(l)),
+                (h, d as usize),
+                "{utc} in {tz}"
+            );
         }
     }
 }

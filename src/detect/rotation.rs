@@ -357,17 +357,15 @@ fn lingering(
     }
     let mut groups: BTreeMap<(&str, &str), Acc<'_>> = BTreeMap::new();
     for (k, s) in &data.old_sources {
-        let g = groups
-            .entry(host_of(&k.ip, &k.user_agent))
-            .or_insert(Acc {
-                endpoints: BTreeSet::new(),
-                gateways: BTreeSet::new(),
-                latest_ua: (i64::MIN, ""),
-                first: s.first_seen_ms,
-                last: s.last_seen_ms,
-                requests: 0,
-                failures: 0,
-            });
+        let g = groups.entry(host_of(&k.ip, &k.user_agent)).or_insert(Acc {
+            endpoints: BTreeSet::new(),
+            gateways: BTreeSet::new(),
+            latest_ua: (i64::MIN, ""),
+            first: s.first_seen_ms,
+            last: s.last_seen_ms,
+            requests: 0,
+            failures: 0,
+        });
         g.endpoints.insert(&k.endpoint);
         g.gateways.insert(&k.gateway);
         if s.last_seen_ms > g.latest_ua.0 {
@@ -936,12 +934,27 @@ mod tests {
         let data = RotationData {
             old_sources: vec![
                 // Moved to the new key in a release that bumped its version.
-                with_ua("10.0.0.1", "worker/2.3.1", T0 - DAY_MS, T0 + 5 * HOUR_MS - 1),
+                with_ua(
+                    "10.0.0.1",
+                    "worker/2.3.1",
+                    T0 - DAY_MS,
+                    T0 + 5 * HOUR_MS - 1,
+                ),
                 // Two versions on the old key, never moved: one source.
                 with_ua("10.0.0.2", "worker/2.3.1", T0 - DAY_MS, T0 + 2 * HOUR_MS),
-                with_ua("10.0.0.2", "worker/2.3.2", T0 + 2 * HOUR_MS, T0 + 6 * HOUR_MS),
+                with_ua(
+                    "10.0.0.2",
+                    "worker/2.3.2",
+                    T0 + 2 * HOUR_MS,
+                    T0 + 6 * HOUR_MS,
+                ),
             ],
-            new_sources: vec![with_ua("10.0.0.1", "worker/2.4.0", T0 + 5 * HOUR_MS, T0 + 9 * HOUR_MS)],
+            new_sources: vec![with_ua(
+                "10.0.0.1",
+                "worker/2.4.0",
+                T0 + 5 * HOUR_MS,
+                T0 + 9 * HOUR_MS,
+            )],
             ..RotationData::default()
         };
         let (s, f) = evaluate_rotation(
@@ -1008,7 +1021,14 @@ mod tests {
             .collect();
         assert_eq!(safe, [quiet]);
         // After the revocation the rotation is over: nothing more to say.
-        let (_, f) = evaluate_rotation(T0 + 11 * DAY_MS, &k, None, Tz::UTC, &Policy::default(), &data);
+        let (_, f) = evaluate_rotation(
+            T0 + 11 * DAY_MS,
+            &k,
+            None,
+            Tz::UTC,
+            &Policy::default(),
+            &data,
+        );
         assert!(f.is_empty(), "{f:?}");
     }
 

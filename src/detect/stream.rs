@@ -13,8 +13,8 @@
 //!
 //! State is small and bounded: what was reported per key and source (one entry per
 //! reporting interval), the keys reported as unknown, the last `threshold` failures per IP,
-//! and per registered key a pre-rotation failure baseline and, while it is a rotation's
-//! successor, an hour of per-minute counts. Each map has a cap; past it, stale entries go
+//! and per registered key a pre-rotation failure baseline (per day, over the policy's
+//! baseline period) and, while it is a rotation's successor, an hour of per-minute counts. Each map has a cap; past it, stale entries go
 //! first.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -37,6 +37,7 @@ const EVIDENCE_VALUES: usize = 10;
 const MAX_KEYS: usize = 100_000;
 /// A failed rollover is judged over the successor's last hour.
 const ROLLOVER_WINDOW_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
 /// The old key's failure rate counts as a baseline from this many requests on.
 const MIN_BASELINE_REQUESTS: u64 = 20;
 
@@ -46,8 +47,9 @@ pub(super) struct StreamDetectors {
     reported: HashMap<(FindingKind, String, String), i64>,
     unknown: HashSet<String>,
     bursts: HashMap<String, Burst>,
-    /// Per registered key, (requests, auth failures) before its rotation started.
-    baselines: HashMap<String, (u64, u64)>,
+    /// Per registered key, (day, requests, auth failures) of the days before its rotation
+    /// started, at most the policy's baseline period of them.
+    baselines: HashMap<String, VecDeque<(i64, u64, u64)>>,
     /// Per successor of an open rotation, its recent traffic.
     rollovers: HashMap<String, Rollover>,
 }
@@ -165,11 +167,20 @@ impl StreamDetectors {
     ) {
         let failed = ev.outcome.is_auth_failure();
         let rotating = key.rotation.is_some_and(|r| ev.ts_ms >= r.started_ms);
-        if !rotating && (self.baselines.len() < MAX_KEYS || self.baselines.contains_key(&key.id))
-        {
+        if !rotating && (self.baselines.len() < MAX_KEYS || self.baselines.contains_key(&key.id)) {
             let b = self.baselines.entry(key.id.clone()).or_default();
-            b.0 += 1;
-            b.1 += u64::from(failed);
+            let day = ev.ts_ms.div_euclid(DAY_MS);
+            match b.back_mut() {
+                Some((d, req, fail)) if *d == day => {
+                    *req += 1;
+                    *fail += u64::from(failed);
+                }
+                _ => b.push_back((day, 1, u64::from(failed))),
+            }
+            let oldest = (ev.ts_ms - policy.failed_rollover.baseline_ms).div_euclid(DAY_MS);
+            while b.front().is_some_and(|(d, _, _)| *d < oldest) {
+                b.pop_front();
+            }
         }
         let Some((old, rot)) = registry.rotation_to(&key.id, ev.ts_ms) else {
             return;
@@ -209,13 +220,19 @@ impl StreamDetectors {
         }
         let run_from = *r.run_from.get_or_insert(ev.ts_ms);
         if r.sources.len() < EVIDENCE_VALUES || r.sources.contains_key(text(&ev.source_ip)) {
-            *r.sources
-                .entry(text(&ev.source_ip).to_owned())
-                .or_default() += 1;
+            *r.sources.entry(text(&ev.source_ip).to_owned()).or_default() += 1;
         }
-        let baseline = match self.baselines.get(&old.id) {
-            Some(&(req, fail)) if req >= MIN_BASELINE_REQUESTS => fail as f64 / req as f64,
-            _ => 0.0,
+        // The old key's auth-failure rate over the baseline period before the rotation.
+        let since = (rot.started_ms - p.baseline_ms).div_euclid(DAY_MS);
+        let (req, fail) = self.baselines.get(&old.id).map_or((0, 0), |b| {
+            b.iter()
+                .filter(|(d, _, _)| *d >= since)
+                .fold((0, 0), |(a, f), (_, r, x)| (a + r, f + x))
+        });
+        let baseline = if req >= MIN_BASELINE_REQUESTS {
+            fail as f64 / req as f64
+        } else {
+            0.0
         };
         let threshold = p.min_rate.max(p.factor * baseline);
         let rate = failures as f64 / requests as f64;
@@ -705,8 +722,18 @@ mod tests {
             ("fp:01d", NOV2 + day, Outcome::InvalidKey, None),
             ("old", NOV2 + day, Outcome::Ok, None),
             // After it, refused or not, by id or alias: revoked key used, on the registry id.
-            ("fp:01d", NOV2 + 4 * day, Outcome::InvalidKey, Some(FindingKind::RevokedKeyUsed)),
-            ("old", NOV2 + 4 * day, Outcome::Ok, Some(FindingKind::RevokedKeyUsed)),
+            (
+                "fp:01d",
+                NOV2 + 4 * day,
+                Outcome::InvalidKey,
+                Some(FindingKind::RevokedKeyUsed),
+            ),
+            (
+                "old",
+                NOV2 + 4 * day,
+                Outcome::Ok,
+                Some(FindingKind::RevokedKeyUsed),
+            ),
         ];
         for (key, ts, outcome, want) in cases {
             let found = run(&[ev(*ts, key, "10.0.0.1", *outcome)], &reg);
@@ -716,10 +743,20 @@ mod tests {
         }
         // A known key failing again and again is not a burst of unknown keys.
         let events: Vec<_> = (0..30)
-            .map(|i| ev(NOV2 + 4 * day + i * 1000, "fp:01d", "10.0.0.1", Outcome::InvalidKey))
+            .map(|i| {
+                ev(
+                    NOV2 + 4 * day + i * 1000,
+                    "fp:01d",
+                    "10.0.0.1",
+                    Outcome::InvalidKey,
+                )
+            })
             .collect();
         let found = run(&events, &reg);
-        assert!(found.iter().all(|f| f.kind == FindingKind::RevokedKeyUsed), "{found:?}");
+        assert!(
+            found.iter().all(|f| f.kind == FindingKind::RevokedKeyUsed),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -736,7 +773,11 @@ mod tests {
         events.extend((0..10).map(|i| ev(t + i * 1000, "new", "10.0.0.2", Outcome::Ok)));
         events.extend((0..5).map(|i| ev(t + 20_000 + i, "new", "10.0.0.2", Outcome::RateLimited)));
         let fails: Vec<i64> = (0..5).map(|i| t + 60_000 + i * 7_000).collect();
-        events.extend(fails.iter().map(|&ts| ev(ts, "fp:0e0", "10.0.0.3", Outcome::InvalidKey)));
+        events.extend(
+            fails
+                .iter()
+                .map(|&ts| ev(ts, "fp:0e0", "10.0.0.3", Outcome::InvalidKey)),
+        );
         let found = run(&events, &reg);
         let fr: Vec<_> = found
             .iter()
@@ -776,6 +817,10 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].evidence["distinct_keys"], 2);
         assert_eq!(found[0].evidence["without_key"], (n + 1) / 2);
-        assert!(found[0].summary.contains("(2 distinct keys presented"), "{}", found[0].summary);
+        assert!(
+            found[0].summary.contains("(2 distinct keys presented"),
+            "{}",
+            found[0].summary
+        );
     }
 }

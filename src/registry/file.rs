@@ -402,8 +402,7 @@ impl Validator<'_> {
                 "only used with state = \"revoked\"".into(),
             ));
         }
-        if deprecated_ms.is_some() && !matches!(k.state, KeyState::Deprecated | KeyState::Revoked)
-        {
+        if deprecated_ms.is_some() && !matches!(k.state, KeyState::Deprecated | KeyState::Revoked) {
             return Err(self.err(
                 f("deprecated"),
                 span_of(&k.deprecated),
@@ -419,11 +418,7 @@ impl Validator<'_> {
         for (a, b) in [(0, 1), (0, 2), (1, 2)] {
             if let ((an, Some(at), _), (bn, Some(bt), bv)) = (order[a], order[b]) {
                 if bt < at {
-                    return Err(self.err(
-                        f(bn),
-                        span_of(bv),
-                        format!("must not be before {an}"),
-                    ));
+                    return Err(self.err(f(bn), span_of(bv), format!("must not be before {an}")));
                 }
             }
         }

@@ -344,7 +344,8 @@ mod tests {
         for (i, e) in events.iter().enumerate() {
             let e = ev(e);
             order.push(e.effective_ms(&reg).unwrap());
-            reg.apply_at(&e, ms("2026-11-20T00:00:00Z") + i as i64).unwrap();
+            reg.apply_at(&e, ms("2026-11-20T00:00:00Z") + i as i64)
+                .unwrap();
         }
         assert_eq!(order[1], Some(ms("2026-11-10T00:00:00Z")));
         assert_eq!(order[3], None);
@@ -363,7 +364,10 @@ mod tests {
         assert!(a.rotation_at(ms("2026-11-21T00:00:00Z")).is_none());
         // An alias that names another key is refused.
         let clash = ev(r#"{"type":"key_created","key_id":"C","owner":"o","aliases":["fp:00aa"]}"#);
-        assert!(reg.apply(&clash).unwrap_err().contains("already names key A"));
+        assert!(reg
+            .apply(&clash)
+            .unwrap_err()
+            .contains("already names key A"));
     }
 
     #[test]

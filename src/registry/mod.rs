@@ -157,9 +157,9 @@ impl Key {
         };
         if deprecated {
             KeyState::Deprecated
-        } else if self.successor.is_some() && started.is_some_and(|s| ts_ms >= s) {
-            KeyState::Rotating
-        } else if self.state == KeyState::Rotating && started.is_none() {
+        } else if (self.successor.is_some() && started.is_some_and(|s| ts_ms >= s))
+            || (self.state == KeyState::Rotating && started.is_none())
+        {
             KeyState::Rotating
         } else {
             KeyState::Active

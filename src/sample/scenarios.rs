@@ -192,7 +192,14 @@ struct Host {
 }
 
 impl Host {
-    fn new(owner: usize, ip: &str, ua: &str, profile: Profile, rate: f64, key: &'static str) -> Host {
+    fn new(
+        owner: usize,
+        ip: &str,
+        ua: &str,
+        profile: Profile,
+        rate: f64,
+        key: &'static str,
+    ) -> Host {
         Host {
             owner,
             ip: ip.to_owned(),
@@ -238,7 +245,10 @@ fn raw_key(label: &str) -> String {
 
 /// The outage of the shared upstream: 502/504 with timeouts, for every key.
 fn outage(s: i64) -> (i64, i64) {
-    (s + 7 * DAY_MS + 10 * HOUR_MS, s + 7 * DAY_MS + 10 * HOUR_MS + 20 * MIN_MS)
+    (
+        s + 7 * DAY_MS + 10 * HOUR_MS,
+        s + 7 * DAY_MS + 10 * HOUR_MS + 20 * MIN_MS,
+    )
 }
 
 struct Cast {
@@ -291,15 +301,50 @@ fn cast(s: i64) -> Cast {
     // 0 berlin-batch: a nightly job at 02:00 Berlin time, across the end of summer time
     // (class 4). Clean.
     keys.push(key("berlin-nightly", 0));
-    hosts.push(Host::new(0, "10.10.0.11", "berlin-etl/5.2.0", Profile::Nightly, 30.0, "berlin-nightly"));
-    hosts.push(Host::new(0, "10.10.0.12", "python-requests/2.31.0", Profile::Office, 0.6, "berlin-nightly"));
+    hosts.push(Host::new(
+        0,
+        "10.10.0.11",
+        "berlin-etl/5.2.0",
+        Profile::Nightly,
+        30.0,
+        "berlin-nightly",
+    ));
+    hosts.push(Host::new(
+        0,
+        "10.10.0.12",
+        "python-requests/2.31.0",
+        Profile::Office,
+        0.6,
+        "berlin-nightly",
+    ));
 
     // 1 ny-mobile: office traffic and a nightly job across the US change; lone 60 s
     // timeouts (class 5). Clean.
     keys.push(key("ny-app", 1));
-    hosts.push(Host::new(1, "10.11.0.21", "okhttp/4.12.0", Profile::Office, 3.0, "ny-app"));
-    hosts.push(Host::new(1, "10.11.0.22", "okhttp/4.12.0", Profile::Office, 2.0, "ny-app"));
-    hosts.push(Host::new(1, "10.11.0.23", "ny-reconcile/1.0.3", Profile::Nightly, 12.0, "ny-app"));
+    hosts.push(Host::new(
+        1,
+        "10.11.0.21",
+        "okhttp/4.12.0",
+        Profile::Office,
+        3.0,
+        "ny-app",
+    ));
+    hosts.push(Host::new(
+        1,
+        "10.11.0.22",
+        "okhttp/4.12.0",
+        Profile::Office,
+        2.0,
+        "ny-app",
+    ));
+    hosts.push(Host::new(
+        1,
+        "10.11.0.23",
+        "ny-reconcile/1.0.3",
+        Profile::Nightly,
+        12.0,
+        "ny-app",
+    ));
 
     // 2 akl-pay (east of the date line's other side, +13): a rotation with a late switcher
     // and a host whose user agent changes with the switch (class 7).
@@ -316,24 +361,99 @@ fn cast(s: i64) -> Cast {
         created_ms: r1 - h,
         ..key("akl-2", 2)
     });
-    let mut a = Host::new(2, "10.12.0.31", "Go-http-client/1.1", Profile::Flat, 1.5, "akl-1");
+    let mut a = Host::new(
+        2,
+        "10.12.0.31",
+        "Go-http-client/1.1",
+        Profile::Flat,
+        1.5,
+        "akl-1",
+    );
     a.switch = Some((sw1, "akl-2"));
     hosts.push(a);
-    let mut a = Host::new(2, "10.12.0.32", "akl-pay-worker/2.3.1", Profile::Flat, 1.0, "akl-1");
+    let mut a = Host::new(
+        2,
+        "10.12.0.32",
+        "akl-pay-worker/2.3.1",
+        Profile::Flat,
+        1.0,
+        "akl-1",
+    );
     a.switch = Some((sw2, "akl-2"));
     a.ua_after = Some("akl-pay-worker/2.4.0".into());
     hosts.push(a);
-    let mut a = Host::new(2, "10.12.0.33", "akl-settle/0.9.8", Profile::Office, 1.2, "akl-1");
+    let mut a = Host::new(
+        2,
+        "10.12.0.33",
+        "akl-settle/0.9.8",
+        Profile::Office,
+        1.2,
+        "akl-1",
+    );
     a.switch = Some((sw3, "akl-2"));
     hosts.push(a);
-    ex.push(exp("lingering_old_key", "akl-1", Some("10.12.0.33"), r1, sw3 + EVAL_MS, true, "late switcher lingers"));
-    ex.push(exp("lingering_old_key", "akl-1", Some("10.12.0.31"), r1, sw1 + EVAL_MS, false, "lingers until it switched"));
-    ex.push(exp("lingering_old_key", "akl-1", Some("10.12.0.32"), r1, sw2 + EVAL_MS, false, "lingers until it switched (class 7)"));
+    ex.push(exp(
+        "lingering_old_key",
+        "akl-1",
+        Some("10.12.0.33"),
+        r1,
+        sw3 + EVAL_MS,
+        true,
+        "late switcher lingers",
+    ));
+    ex.push(exp(
+        "lingering_old_key",
+        "akl-1",
+        Some("10.12.0.31"),
+        r1,
+        sw1 + EVAL_MS,
+        false,
+        "lingers until it switched",
+    ));
+    ex.push(exp(
+        "lingering_old_key",
+        "akl-1",
+        Some("10.12.0.32"),
+        r1,
+        sw2 + EVAL_MS,
+        false,
+        "lingers until it switched (class 7)",
+    ));
     // The late switcher's last old-key request is just before its switch.
-    ex.push(exp("safe_to_revoke", "akl-1", None, sw3 + 72 * h, sw3 + 72 * h + EVAL_MS, true, "quiet after the late switch"));
-    anchors.push((ex.len() - 1, Anchor::Quiet { key: "akl-1", before: sw3 + h }));
-    ex.push(exp("rotation_reminder", "akl-1", None, r1, r1_deadline, false, "reminders"));
-    ex.push(exp("rotation_at_risk", "akl-1", None, r1, r1_deadline, false, "at risk while a host lingers"));
+    ex.push(exp(
+        "safe_to_revoke",
+        "akl-1",
+        None,
+        sw3 + 72 * h,
+        sw3 + 72 * h + EVAL_MS,
+        true,
+        "quiet after the late switch",
+    ));
+    anchors.push((
+        ex.len() - 1,
+        Anchor::Quiet {
+            key: "akl-1",
+            before: sw3 + h,
+        },
+    ));
+    ex.push(exp(
+        "rotation_reminder",
+        "akl-1",
+        None,
+        r1,
+        r1_deadline,
+        false,
+        "reminders",
+    ));
+    ex.push(exp(
+        "rotation_at_risk",
+        "akl-1",
+        None,
+        r1,
+        r1_deadline,
+        false,
+        "at risk while a host lingers",
+    ));
 
     // 3 pago-sync (-11): a host that never switches: lingering, overdue after the deadline.
     let r2 = s + 5 * d;
@@ -348,15 +468,69 @@ fn cast(s: i64) -> Cast {
         created_ms: r2 - h,
         ..key("pago-2", 3)
     });
-    let mut p = Host::new(3, "10.13.0.41", "pago-sync/3.1.0", Profile::Flat, 1.0, "pago-1");
+    let mut p = Host::new(
+        3,
+        "10.13.0.41",
+        "pago-sync/3.1.0",
+        Profile::Flat,
+        1.0,
+        "pago-1",
+    );
     p.switch = Some((r2 + h, "pago-2"));
     hosts.push(p);
-    hosts.push(Host::new(3, "10.13.0.42", "pago-sync/3.0.7", Profile::Flat, 0.8, "pago-1"));
-    ex.push(exp("lingering_old_key", "pago-1", Some("10.13.0.42"), r2, r2_deadline, true, "never switches"));
-    ex.push(exp("lingering_old_key", "pago-1", Some("10.13.0.41"), r2, r2 + h + EVAL_MS, false, "lingers until it switched"));
-    ex.push(exp("rotation_overdue", "pago-1", None, r2_deadline, r2_deadline + EVAL_MS, true, "old-key traffic after the deadline"));
-    ex.push(exp("rotation_reminder", "pago-1", None, r2, s + SCENARIO_DAYS * d, false, "reminders"));
-    ex.push(exp("rotation_at_risk", "pago-1", None, r2, r2_deadline, false, "at risk"));
+    hosts.push(Host::new(
+        3,
+        "10.13.0.42",
+        "pago-sync/3.0.7",
+        Profile::Flat,
+        0.8,
+        "pago-1",
+    ));
+    ex.push(exp(
+        "lingering_old_key",
+        "pago-1",
+        Some("10.13.0.42"),
+        r2,
+        r2_deadline,
+        true,
+        "never switches",
+    ));
+    ex.push(exp(
+        "lingering_old_key",
+        "pago-1",
+        Some("10.13.0.41"),
+        r2,
+        r2 + h + EVAL_MS,
+        false,
+        "lingers until it switched",
+    ));
+    ex.push(exp(
+        "rotation_overdue",
+        "pago-1",
+        None,
+        r2_deadline,
+        r2_deadline + EVAL_MS,
+        true,
+        "old-key traffic after the deadline",
+    ));
+    ex.push(exp(
+        "rotation_reminder",
+        "pago-1",
+        None,
+        r2,
+        s + SCENARIO_DAYS * d,
+        false,
+        "reminders",
+    ));
+    ex.push(exp(
+        "rotation_at_risk",
+        "pago-1",
+        None,
+        r2,
+        r2_deadline,
+        false,
+        "at risk",
+    ));
 
     // 4 tokyo-iot: a rotation every host finishes, a device that went quiet, then the old
     // key revoked and the device back with it, refused by the gateway (classes 1 and 2).
@@ -375,25 +549,110 @@ fn cast(s: i64) -> Cast {
         created_ms: r3 - h,
         ..key("tokyo-2", 4)
     });
-    for (i, ip) in ["10.14.0.51", "10.14.0.52", "10.14.0.53"].iter().enumerate() {
-        let mut t = Host::new(4, ip, "soylent-agent/3.2.1 (linux; arm64)", Profile::Flat, 1.0, "tokyo-1");
+    for (i, ip) in ["10.14.0.51", "10.14.0.52", "10.14.0.53"]
+        .iter()
+        .enumerate()
+    {
+        let mut t = Host::new(
+            4,
+            ip,
+            "soylent-agent/3.2.1 (linux; arm64)",
+            Profile::Flat,
+            1.0,
+            "tokyo-1",
+        );
         t.switch = Some((r3 + (i as i64 + 1) * 2 * h, "tokyo-2"));
         hosts.push(t);
-        ex.push(exp("lingering_old_key", "tokyo-1", Some(ip), r3, r3 + (i as i64 + 1) * 2 * h + EVAL_MS, false, "lingers until it switched"));
+        ex.push(exp(
+            "lingering_old_key",
+            "tokyo-1",
+            Some(ip),
+            r3,
+            r3 + (i as i64 + 1) * 2 * h + EVAL_MS,
+            false,
+            "lingers until it switched",
+        ));
     }
-    let mut t = Host::new(4, "10.14.0.59", "soylent-agent/3.1.0 (linux; armv7)", Profile::Flat, 0.5, "tokyo-1");
+    let mut t = Host::new(
+        4,
+        "10.14.0.59",
+        "soylent-agent/3.1.0 (linux; armv7)",
+        Profile::Flat,
+        0.5,
+        "tokyo-1",
+    );
     let quiet_from = r3 + d;
     t.off = vec![(quiet_from, back)];
     t.refused_from = Some(r3_revoked);
     hosts.push(t);
-    ex.push(exp("lingering_old_key", "tokyo-1", Some("10.14.0.59"), r3, quiet_from + EVAL_MS, false, "lingers until it went quiet"));
-    ex.push(exp("safe_to_revoke", "tokyo-1", None, quiet_from + 72 * h, quiet_from + 72 * h + EVAL_MS, true, "safe to revoke before the later revocation (class 2)"));
-    anchors.push((ex.len() - 1, Anchor::Quiet { key: "tokyo-1", before: quiet_from + h }));
-    ex.push(exp("revoked_key_used", "tokyo-1", Some("10.14.0.59"), back, back + 2 * MIN_MS, true, "revoked key used, refused (class 1)"));
-    anchors.push((ex.len() - 1, Anchor::First { ip: "10.14.0.59", after: back }));
-    ex.push(exp("revoked_key_used", "tokyo-1", Some("10.14.0.59"), back, s + SCENARIO_DAYS * d, false, "repeated per interval"));
-    ex.push(exp("rotation_reminder", "tokyo-1", None, r3, r3_deadline, false, "reminders"));
-    ex.push(exp("rotation_at_risk", "tokyo-1", None, r3, r3_deadline, false, "at risk"));
+    ex.push(exp(
+        "lingering_old_key",
+        "tokyo-1",
+        Some("10.14.0.59"),
+        r3,
+        quiet_from + EVAL_MS,
+        false,
+        "lingers until it went quiet",
+    ));
+    ex.push(exp(
+        "safe_to_revoke",
+        "tokyo-1",
+        None,
+        quiet_from + 72 * h,
+        quiet_from + 72 * h + EVAL_MS,
+        true,
+        "safe to revoke before the later revocation (class 2)",
+    ));
+    anchors.push((
+        ex.len() - 1,
+        Anchor::Quiet {
+            key: "tokyo-1",
+            before: quiet_from + h,
+        },
+    ));
+    ex.push(exp(
+        "revoked_key_used",
+        "tokyo-1",
+        Some("10.14.0.59"),
+        back,
+        back + 2 * MIN_MS,
+        true,
+        "revoked key used, refused (class 1)",
+    ));
+    anchors.push((
+        ex.len() - 1,
+        Anchor::First {
+            ip: "10.14.0.59",
+            after: back,
+        },
+    ));
+    ex.push(exp(
+        "revoked_key_used",
+        "tokyo-1",
+        Some("10.14.0.59"),
+        back,
+        s + SCENARIO_DAYS * d,
+        false,
+        "repeated per interval",
+    ));
+    ex.push(exp(
+        "rotation_reminder",
+        "tokyo-1",
+        None,
+        r3,
+        r3_deadline,
+        false,
+        "reminders",
+    ));
+    ex.push(exp(
+        "rotation_at_risk",
+        "tokyo-1",
+        None,
+        r3,
+        r3_deadline,
+        false,
+        "at risk",
+    ));
 
     // 5 london-web: the new key fails after the rollover (classes 1, 3, 6).
     let r4 = s + 6 * d + 9 * h;
@@ -409,40 +668,163 @@ fn cast(s: i64) -> Cast {
         created_ms: r4 - h,
         ..key("london-2", 5)
     });
-    let mut l = Host::new(5, "10.15.0.61", "london-web/7.4.0", Profile::Flat, 2.0, "london-1");
+    let mut l = Host::new(
+        5,
+        "10.15.0.61",
+        "london-web/7.4.0",
+        Profile::Flat,
+        2.0,
+        "london-1",
+    );
     l.switch = Some((fail_from, "london-2"));
     l.new_key_fails_until = Some(fail_from + 20 * MIN_MS);
     hosts.push(l);
-    let mut l = Host::new(5, "10.15.0.62", "london-web/7.4.0", Profile::Flat, 1.0, "london-1");
+    let mut l = Host::new(
+        5,
+        "10.15.0.62",
+        "london-web/7.4.0",
+        Profile::Flat,
+        1.0,
+        "london-1",
+    );
     l.switch = Some((r4 + 3 * h, "london-2"));
     hosts.push(l);
-    ex.push(exp("failed_rollover", "london-1", None, fail_from, fail_from + 2 * h, true, "the new key fails after the rollover"));
-    anchors.push((ex.len() - 1, Anchor::First { ip: "10.15.0.61", after: fail_from }));
-    ex.push(exp("safe_to_revoke", "london-1", None, r4 + 75 * h, r4 + 75 * h + EVAL_MS, true, "quiet after both switched"));
-    anchors.push((ex.len() - 1, Anchor::Quiet { key: "london-1", before: r4 + 4 * h }));
-    ex.push(exp("lingering_old_key", "london-1", None, r4, r4 + 3 * h + EVAL_MS, false, "lingers until it switched"));
-    ex.push(exp("rotation_reminder", "london-1", None, r4, r4_deadline, false, "reminders"));
-    ex.push(exp("rotation_at_risk", "london-1", None, r4, r4_deadline, false, "at risk"));
+    ex.push(exp(
+        "failed_rollover",
+        "london-1",
+        None,
+        fail_from,
+        fail_from + 2 * h,
+        true,
+        "the new key fails after the rollover",
+    ));
+    anchors.push((
+        ex.len() - 1,
+        Anchor::First {
+            ip: "10.15.0.61",
+            after: fail_from,
+        },
+    ));
+    ex.push(exp(
+        "safe_to_revoke",
+        "london-1",
+        None,
+        r4 + 75 * h,
+        r4 + 75 * h + EVAL_MS,
+        true,
+        "quiet after both switched",
+    ));
+    anchors.push((
+        ex.len() - 1,
+        Anchor::Quiet {
+            key: "london-1",
+            before: r4 + 4 * h,
+        },
+    ));
+    ex.push(exp(
+        "lingering_old_key",
+        "london-1",
+        None,
+        r4,
+        r4 + 3 * h + EVAL_MS,
+        false,
+        "lingers until it switched",
+    ));
+    ex.push(exp(
+        "rotation_reminder",
+        "london-1",
+        None,
+        r4,
+        r4_deadline,
+        false,
+        "reminders",
+    ));
+    ex.push(exp(
+        "rotation_at_risk",
+        "london-1",
+        None,
+        r4,
+        r4_deadline,
+        false,
+        "at risk",
+    ));
 
     // 6 chicago-reports: a steady key gets a new host (anomaly: new source).
     keys.push(key("chicago-1", 6));
-    hosts.push(Host::new(6, "10.16.0.71", "initech-reports/4.0.2", Profile::Office, 1.5, "chicago-1"));
-    hosts.push(Host::new(6, "10.16.0.72", "initech-reports/4.0.2", Profile::Office, 1.5, "chicago-1"));
+    hosts.push(Host::new(
+        6,
+        "10.16.0.71",
+        "initech-reports/4.0.2",
+        Profile::Office,
+        1.5,
+        "chicago-1",
+    ));
+    hosts.push(Host::new(
+        6,
+        "10.16.0.72",
+        "initech-reports/4.0.2",
+        Profile::Office,
+        1.5,
+        "chicago-1",
+    ));
     let new_host_from = s + 9 * d + 15 * h + 7 * MIN_MS + 13_000;
-    let mut c = Host::new(6, "198.51.100.77", "initech-reports/4.0.2", Profile::Flat, 1.0, "chicago-1");
+    let mut c = Host::new(
+        6,
+        "198.51.100.77",
+        "initech-reports/4.0.2",
+        Profile::Flat,
+        1.0,
+        "chicago-1",
+    );
     c.from_ms = new_host_from;
     hosts.push(c);
-    ex.push(exp("new_source", "chicago-1", None, new_host_from, new_host_from + 2 * h, true, "a new host on a steady key (class 3)"));
-    anchors.push((ex.len() - 1, Anchor::First { ip: "198.51.100.77", after: new_host_from }));
+    ex.push(exp(
+        "new_source",
+        "chicago-1",
+        None,
+        new_host_from,
+        new_host_from + 2 * h,
+        true,
+        "a new host on a steady key (class 3)",
+    ));
+    anchors.push((
+        ex.len() - 1,
+        Anchor::First {
+            ip: "198.51.100.77",
+            after: new_host_from,
+        },
+    ));
 
     // 7 sydney-analytics: a volume spike.
     keys.push(key("sydney-1", 7));
     let spike = (s + 10 * d + 3 * h, s + 10 * d + 4 * h);
-    let mut y = Host::new(7, "10.17.0.81", "sydney-analytics/2.2.0", Profile::Flat, 1.0, "sydney-1");
+    let mut y = Host::new(
+        7,
+        "10.17.0.81",
+        "sydney-analytics/2.2.0",
+        Profile::Flat,
+        1.0,
+        "sydney-1",
+    );
     y.spike = Some((spike.0, spike.1, 15.0));
     hosts.push(y);
-    hosts.push(Host::new(7, "10.17.0.82", "sydney-analytics/2.2.0", Profile::Office, 1.0, "sydney-1"));
-    ex.push(exp("volume_anomaly", "sydney-1", None, spike.0, spike.1 + EVAL_MS, true, "volume spike"));
+    hosts.push(Host::new(
+        7,
+        "10.17.0.82",
+        "sydney-analytics/2.2.0",
+        Profile::Office,
+        1.0,
+        "sydney-1",
+    ));
+    ex.push(exp(
+        "volume_anomaly",
+        "sydney-1",
+        None,
+        spike.0,
+        spike.1 + EVAL_MS,
+        true,
+        "volume spike",
+    ));
 
     // 8 sp-retail: a key that expires; one host keeps sending it and is refused (class 1).
     let expiry = s + 9 * d;
@@ -451,23 +833,67 @@ fn cast(s: i64) -> Cast {
         ..key("sp-old", 8)
     });
     keys.push(key("sp-new", 8));
-    hosts.push(Host::new(8, "10.18.0.91", "sp-pos/12.0", Profile::Office, 1.5, "sp-new"));
+    hosts.push(Host::new(
+        8,
+        "10.18.0.91",
+        "sp-pos/12.0",
+        Profile::Office,
+        1.5,
+        "sp-new",
+    ));
     let mut e = Host::new(8, "10.18.0.92", "sp-pos/11.4", Profile::Flat, 0.5, "sp-old");
     e.refused_from = Some(expiry);
     hosts.push(e);
     // The first request after the expiry is within minutes of it.
-    ex.push(exp("expired_key_used", "sp-old", Some("10.18.0.92"), expiry, expiry + 30 * MIN_MS, true, "expired key used, refused"));
-    anchors.push((ex.len() - 1, Anchor::First { ip: "10.18.0.92", after: expiry }));
-    ex.push(exp("expired_key_used", "sp-old", Some("10.18.0.92"), expiry, s + SCENARIO_DAYS * d, false, "repeated per interval"));
+    ex.push(exp(
+        "expired_key_used",
+        "sp-old",
+        Some("10.18.0.92"),
+        expiry,
+        expiry + 30 * MIN_MS,
+        true,
+        "expired key used, refused",
+    ));
+    anchors.push((
+        ex.len() - 1,
+        Anchor::First {
+            ip: "10.18.0.92",
+            after: expiry,
+        },
+    ));
+    ex.push(exp(
+        "expired_key_used",
+        "sp-old",
+        Some("10.18.0.92"),
+        expiry,
+        s + SCENARIO_DAYS * d,
+        false,
+        "repeated per interval",
+    ));
 
     // 9 hooli-noisy: rate limited for hours (class 8). Clean.
     keys.push(key("hooli-1", 9));
-    let mut n = Host::new(9, "10.19.0.101", "hooli-sync/8.1.0", Profile::Flat, 4.0, "hooli-1");
+    let mut n = Host::new(
+        9,
+        "10.19.0.101",
+        "hooli-sync/8.1.0",
+        Profile::Flat,
+        4.0,
+        "hooli-1",
+    );
     for day in [3, 8, 11] {
-        n.limited.push((s + day * d + 14 * h, s + day * d + 17 * h, 0.6));
+        n.limited
+            .push((s + day * d + 14 * h, s + day * d + 17 * h, 0.6));
     }
     hosts.push(n);
-    hosts.push(Host::new(9, "10.19.0.102", "hooli-sync/8.1.0", Profile::Flat, 2.0, "hooli-1"));
+    hosts.push(Host::new(
+        9,
+        "10.19.0.102",
+        "hooli-sync/8.1.0",
+        Profile::Flat,
+        2.0,
+        "hooli-1",
+    ));
 
     // 10 kolkata-ops: a clean rotation, both hosts switch with a new user agent (class 7).
     let r5 = s + 3 * d + 6 * h;
@@ -487,22 +913,81 @@ fn cast(s: i64) -> Cast {
         k.switch = Some((r5 + (i as i64 + 1) * 2 * h, "kolkata-2"));
         k.ua_after = Some("ops-agent/1.9.0".into());
         hosts.push(k);
-        ex.push(exp("lingering_old_key", "kolkata-1", Some(ip), r5, r5 + (i as i64 + 1) * 2 * h + EVAL_MS, false, "lingers until it switched"));
+        ex.push(exp(
+            "lingering_old_key",
+            "kolkata-1",
+            Some(ip),
+            r5,
+            r5 + (i as i64 + 1) * 2 * h + EVAL_MS,
+            false,
+            "lingers until it switched",
+        ));
     }
-    ex.push(exp("safe_to_revoke", "kolkata-1", None, r5 + 76 * h, r5 + 76 * h + EVAL_MS, true, "quiet after a switch with a new user agent"));
-    anchors.push((ex.len() - 1, Anchor::Quiet { key: "kolkata-1", before: r5 + 5 * h }));
-    ex.push(exp("rotation_reminder", "kolkata-1", None, r5, r5_deadline, false, "reminders"));
+    ex.push(exp(
+        "safe_to_revoke",
+        "kolkata-1",
+        None,
+        r5 + 76 * h,
+        r5 + 76 * h + EVAL_MS,
+        true,
+        "quiet after a switch with a new user agent",
+    ));
+    anchors.push((
+        ex.len() - 1,
+        Anchor::Quiet {
+            key: "kolkata-1",
+            before: r5 + 5 * h,
+        },
+    ));
+    ex.push(exp(
+        "rotation_reminder",
+        "kolkata-1",
+        None,
+        r5,
+        r5_deadline,
+        false,
+        "reminders",
+    ));
 
     // 11 honolulu-labs (-10): steady, hit by the upstream outage like everyone (class 5).
     keys.push(key("honolulu-1", 11));
-    hosts.push(Host::new(11, "10.21.0.121", "labs-client/0.4.1", Profile::Office, 2.0, "honolulu-1"));
-    hosts.push(Host::new(11, "10.21.0.122", "labs-client/0.4.1", Profile::Flat, 0.7, "honolulu-1"));
+    hosts.push(Host::new(
+        11,
+        "10.21.0.121",
+        "labs-client/0.4.1",
+        Profile::Office,
+        2.0,
+        "honolulu-1",
+    ));
+    hosts.push(Host::new(
+        11,
+        "10.21.0.122",
+        "labs-client/0.4.1",
+        Profile::Flat,
+        0.7,
+        "honolulu-1",
+    ));
 
     // Scanners: bursts of requests with no key or guessed keys.
     let scans = vec![
-        ("203.0.113.250", s + 2 * d + 4 * h, s + 2 * d + 4 * h + 8 * MIN_MS, 40),
-        ("203.0.113.251", s + 7 * d + 22 * h, s + 7 * d + 22 * h + 6 * MIN_MS, 30),
-        ("203.0.113.250", s + 12 * d + 1 * h, s + 12 * d + 1 * h + 10 * MIN_MS, 50),
+        (
+            "203.0.113.250",
+            s + 2 * d + 4 * h,
+            s + 2 * d + 4 * h + 8 * MIN_MS,
+            40,
+        ),
+        (
+            "203.0.113.251",
+            s + 7 * d + 22 * h,
+            s + 7 * d + 22 * h + 6 * MIN_MS,
+            30,
+        ),
+        (
+            "203.0.113.250",
+            s + 12 * d + h,
+            s + 12 * d + h + 10 * MIN_MS,
+            50,
+        ),
     ];
     Cast {
         keys,
@@ -537,7 +1022,11 @@ struct Req {
 /// The local hour (0..24, fractional) and whether it is a weekend, in `tz`.
 fn local(t_ms: i64, tz: chrono_tz::Tz) -> (f64, bool) {
     use chrono::{Datelike, TimeZone, Timelike};
-    let t = chrono::Utc.timestamp_millis_opt(t_ms).single().expect("in range").with_timezone(&tz);
+    let t = chrono::Utc
+        .timestamp_millis_opt(t_ms)
+        .single()
+        .expect("in range")
+        .with_timezone(&tz);
     let hour = f64::from(t.hour()) + f64::from(t.minute()) / 60.0;
     let wd = t.weekday().num_days_from_monday();
     (hour, wd >= 5)
@@ -658,7 +1147,11 @@ fn request(host: &Host, t: i64, outage: (i64, i64), rng: &mut Rng) -> Req {
     };
     let (method, template) = PATHS[rng.weighted([40u32, 25, 10, 15, 10].into_iter())];
     let path = template.replace("{id}", &(1000 + rng.below(90_000)).to_string());
-    let median = if template.contains("reports") { 180.0 } else { 45.0 };
+    let median = if template.contains("reports") {
+        180.0
+    } else {
+        45.0
+    };
     let mut latency = (median * (0.5 * rng.normal()).exp()).round().max(1.0) as i64;
     let refused_new = switched.is_some() && host.new_key_fails_until.is_some_and(|u| t < u);
     let refused = refused_new || host.refused_from.is_some_and(|r| t >= r);
@@ -735,13 +1228,25 @@ fn render_kong(r: &Req, buf: &mut Vec<u8>) {
     });
     let by_gateway = matches!(r.status, 401 | 429);
     o.o("latencies", |l| {
-        l.i("request", r.latency_ms)
-            .i("kong", 1)
-            .i("proxy", if by_gateway { -1 } else { (r.latency_ms - 1).max(0) });
+        l.i("request", r.latency_ms).i("kong", 1).i(
+            "proxy",
+            if by_gateway {
+                -1
+            } else {
+                (r.latency_ms - 1).max(0)
+            },
+        );
     });
     o.s("client_ip", &r.ip).i("started_at", r.t_ms);
     o.o("route", |q| {
-        q.s("name", if r.path.starts_with("/v1/") { "api-v1" } else { "catch-all" });
+        q.s(
+            "name",
+            if r.path.starts_with("/v1/") {
+                "api-v1"
+            } else {
+                "catch-all"
+            },
+        );
     });
     if let (true, Some(k)) = (r.accepted, &r.key) {
         o.o("authenticated_entity", |a| {
@@ -776,7 +1281,12 @@ fn registry(c: &Cast, fp: &Fingerprinter, legacy: bool) -> String {
         );
     }
     for k in &c.keys {
-        let _ = writeln!(t, "[[keys]]\nid = \"{}\"\nname = \"{}\"", gateway_id(k.label), k.label);
+        let _ = writeln!(
+            t,
+            "[[keys]]\nid = \"{}\"\nname = \"{}\"",
+            gateway_id(k.label),
+            k.label
+        );
         let _ = writeln!(t, "owner = \"{}\"", OWNERS[k.owner].name);
         let _ = writeln!(t, "created = \"{}\"", fmt_time(k.created_ms));
         if let Some(e) = k.expires_ms {
@@ -926,7 +1436,10 @@ impl Scenario {
             &self.registry_toml
         };
         std::fs::write(dir.join("keys.toml"), reg)?;
-        std::fs::write(dir.join("lifecycle.jsonl"), self.lifecycle.join("\n") + "\n")?;
+        std::fs::write(
+            dir.join("lifecycle.jsonl"),
+            self.lifecycle.join("\n") + "\n",
+        )?;
         std::fs::write(dir.join("fingerprint.secret"), &opts.fingerprint_secret)?;
         let config = format!(
             "state_dir = {state:?}\n\
@@ -1037,7 +1550,9 @@ pub struct Score {
 }
 
 fn matches(e: &Expected, f: &Seen) -> bool {
-    e.kind == f.kind && e.key_id == f.key_id && e.ip.as_ref().is_none_or(|ip| f.ip.as_ref() == Some(ip))
+    e.kind == f.kind
+        && e.key_id == f.key_id
+        && e.ip.as_ref().is_none_or(|ip| f.ip.as_ref() == Some(ip))
 }
 
 /// Scores `findings` against the truth.
@@ -1065,7 +1580,10 @@ pub fn score(expected: &[Expected], findings: &[Seen]) -> Score {
             continue;
         }
         k.false_findings += 1;
-        if expected.iter().any(|e| matches(e, f) && f.at_ms < e.from_ms) {
+        if expected
+            .iter()
+            .any(|e| matches(e, f) && f.at_ms < e.from_ms)
+        {
             k.early += 1;
             sc.early.push(f.clone());
         }
@@ -1104,7 +1622,11 @@ mod tests {
         let times: Vec<i64> = a
             .log
             .iter()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["started_at"].as_i64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["started_at"]
+                    .as_i64()
+                    .unwrap()
+            })
             .collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]));
         assert!(times.iter().all(|t| (a.start_ms..a.end_ms).contains(t)));
@@ -1136,7 +1658,10 @@ mod tests {
         let s = score(&e, &[f(150)]);
         assert_eq!((s.total.recall(), s.total.precision()), (1.0, 1.0));
         let s = score(&e, &[f(99)]);
-        assert_eq!((s.total.found, s.total.early, s.total.false_findings), (0, 1, 1));
+        assert_eq!(
+            (s.total.found, s.total.early, s.total.false_findings),
+            (0, 1, 1)
+        );
         assert_eq!(s.missed.len(), 1);
     }
 }
