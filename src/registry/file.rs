@@ -563,6 +563,22 @@ revoked = "2026-11-01T09:00"
                 "keys.toml:5: keys[0].owner: unknown owner `p`, expected one of o",
             ),
             (
+                format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\naliases = [\"fp:01\"]\n[[keys]]\nid = \"j\"\nowner = \"o\"\naliases = [\"fp:01\"]\n"),
+                "keys.toml:10: keys[1].aliases[0]: `fp:01` already names keys[0]: an alias names one key",
+            ),
+            (
+                format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\naliases = [\"k\"]\n"),
+                "keys.toml:6: keys[0].aliases[0]: expected another id of key `k`, found `k`",
+            ),
+            (
+                format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\ndeprecated = \"2026-11-01\"\n"),
+                "keys.toml:6: keys[0].deprecated: only used with state = \"deprecated\" or \"revoked\"",
+            ),
+            (
+                format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\nstate = \"revoked\"\nsuccessor = \"j\"\nrotation_started = \"2026-11-10\"\nrevoked = \"2026-11-01\"\n[[keys]]\nid = \"j\"\nowner = \"o\"\n"),
+                "keys.toml:9: keys[0].revoked: must not be before rotation_started",
+            ),
+            (
                 format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\nstate = \"rotatin\"\n"),
                 "keys.toml:6: keys[0].state: unknown variant `rotatin`, expected one of `active`, `rotating`, `deprecated`, `revoked`",
             ),
