@@ -719,7 +719,6 @@ impl AnomalyModels {
                 return;
             }
         }
-        // A revoked or expired key fails by design: the stream detectors report its use.
         let retired = matches!(known, Some((_, Some(k)))
             if k.is_revoked_at(minute_ms) || k.is_expired_at(minute_ms));
         if self.keys.len() >= self.cfg.max_keys && !self.keys.contains_key(key) {
@@ -745,11 +744,9 @@ impl AnomalyModels {
             .entry(key.to_owned())
             .or_insert_with(|| KeyModel::new(minute));
         let mut found = Vec::new();
-        let raise_now = raise && !is_new;
-        if retired {
-            // No failure-rate finding (minute or hour test) while the key is retired.
-            m.fail_alert_min = m.fail_alert_min.max(minute + 60);
-        }
+        // A retired key raises no anomaly: every use of it is a finding of the stream
+        // detectors already (per source and interval), and its failures are by design.
+        let raise_now = raise && !is_new && !retired;
 
         // Dormant key waking up.
         if !is_new && minute > m.last_min {
@@ -1094,7 +1091,7 @@ impl AnomalyModels {
 
         m.last_min = m.last_min.max(minute);
         m.first_min = m.first_min.min(minute);
-        if raise {
+        if raise && !retired {
             out.extend(found);
         }
     }
