@@ -9,7 +9,7 @@
 //! | --- | --- | --- | --- |
 //! | `volume_anomaly` | hourly requests: log-scale baseline per hour of day plus a day-of-week offset, both on the key owner's wall clock (registry time zone, UTC when unknown); the residual against its SPOT tail and the count against a quasi-Poisson tail (Chernoff bound over the measured dispersion), the larger surprise wins; a 24-hour refractory period; raised once every weekday has been seen (8 days). Plus a per-minute burst test (Poisson tail over an overdispersion of 4, at least 4× the hour's baseline, once an hour) | requests in the hour (minute) | requests |
 //! | `failure_rate_spike` | failures of the last 5 minutes (at least 20 requests), and of the whole hour for quiet keys, against an upper confidence bound of the key's usual rate: binomial Chernoff bound `exp(−n·KL(f/n ‖ p₀))`; at most once an hour | failure rate | failures / requests |
-//! | `latency_shift` | per minute (3+ samples) mean latency (log) against its exponentially weighted mean and scale; the median of the last 5 such minutes, SPOT tail; and the hour's median latency (20+ samples) against the key's hourly level and spread for quiet keys; latencies of requests the upstream failed (5xx, timeouts) or the gateway refused are not the key's (`aggregate`); at least 1.5× up or 2× down | latency | the same, now |
+//! | `latency_shift` | per minute (3+ samples) mean latency (log) against its exponentially weighted mean and scale; the median of the last 5 such minutes, SPOT tail; and the hour's median latency (10+ samples) against the key's hourly level and spread for quiet keys; latencies of requests the upstream failed (5xx, timeouts) or the gateway refused are not the key's (`aggregate`); at least 1.5× up or 2× down | latency | the same, now |
 //! | `new_source` | bounded sets (32 each) of networks (/24 for IPv4, /64 for IPv6: a new IP in a known network is not new), user agents and endpoints, with last-seen time; a key whose set gained no member for `source_stable_ms` (7 days) and is older than `min_history_ms` raises one finding per new member; a set that overflows is churning and raises nothing | the known members (count, stable since) | the new one, with the IP, user agent and endpoint |
 //! | `dormant_key_woke` | last minute with traffic | no traffic (dormant since) | requests after `dormant_after_ms` (30 days) of silence |
 //! | `out_of_scope_use` | endpoint against the key's registry scopes (a scope `invoices:read` covers endpoints with a path or route segment `invoices`; `*` covers all), and the gateway's `forbidden` outcomes of the last 5 minutes against their usual rate (binomial bound) | the scopes / forbidden rate | the endpoint / forbidden share |
@@ -47,7 +47,7 @@ use crate::registry::{format_rfc3339, Registry};
 
 const MINUTE_MS: i64 = 60_000;
 /// The hourly latency test needs this many latencies in the hour.
-const MIN_HOURLY_LATENCY_SAMPLES: u64 = 20;
+const MIN_HOURLY_LATENCY_SAMPLES: u64 = 10;
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
