@@ -32,13 +32,31 @@ impl Rollup {
     pub fn add(&mut self, outcome: Outcome, latency_ms: Option<f64>) {
         self.requests += 1;
         self.outcomes[outcome.index()] += 1;
-        if let Some(l) = latency_ms.filter(|l| l.is_finite() && *l >= 0.0) {
+        if let Some(l) = latency_ms {
+            self.add_latency(l);
+        }
+    }
+
+    /// Folds in one latency (not a request); a negative or non-finite one is ignored.
+    pub fn add_latency(&mut self, l: f64) {
+        if l.is_finite() && l >= 0.0 {
             self.latency_count += 1;
             self.latency_sum_ms += l;
             self.latency_max_ms = self.latency_max_ms.max(l);
             let b = LATENCY_BOUNDS_MS.partition_point(|bound| *bound < l);
             self.latency_buckets[b] += 1;
         }
+    }
+
+    /// This rollup with its latency fields taken from `lat` (none when `None`).
+    pub fn with_latency_of(&self, lat: Option<&Rollup>) -> Rollup {
+        let mut r = self.clone();
+        let l = lat.cloned().unwrap_or_default();
+        r.latency_count = l.latency_count;
+        r.latency_sum_ms = l.latency_sum_ms;
+        r.latency_max_ms = l.latency_max_ms;
+        r.latency_buckets = l.latency_buckets;
+        r
     }
 
     pub fn merge(&mut self, other: &Rollup) {
@@ -54,10 +72,12 @@ impl Rollup {
         }
     }
 
+    /// Authentication failures ([`Outcome::is_auth_failure`]): rate limits are counted
+    /// apart, in `outcomes`.
     pub fn failures(&self) -> u64 {
         Outcome::ALL
             .iter()
-            .filter(|o| o.is_failure())
+            .filter(|o| o.is_auth_failure())
             .map(|o| self.outcomes[o.index()])
             .sum()
     }
@@ -108,6 +128,7 @@ pub struct SourceStats {
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
     pub requests: u64,
+    /// Authentication failures (not rate limits).
     pub failures: u64,
 }
 
@@ -137,6 +158,9 @@ pub struct Aggregate {
 struct KeyAgg {
     seen: KeySeen,
     minutes: HashMap<i64, Rollup, Fast>,
+    /// Per minute, the latencies of the requests the upstream answered (accepted, status
+    /// below 500): what the anomaly models judge, see [`Aggregate::answered_latency`].
+    answered: HashMap<i64, Rollup, Fast>,
     /// Sources by a hash of their fields; collisions are rare and kept in the vector, so a
     /// lookup never needs to build the owned key.
     sources: HashMap<u64, Vec<(SourceKey, SourceStats)>, Fast>,
@@ -182,10 +206,19 @@ impl Aggregate {
             seen.consumer = Some(c.to_string());
         }
 
+        let minute = minute_of(ev.ts_ms);
         key.minutes
-            .entry(minute_of(ev.ts_ms))
+            .entry(minute)
             .or_default()
             .add(ev.outcome, ev.latency_ms);
+        // The key's own latency only when the upstream answered: a 5xx or a timeout is the
+        // upstream's health, and a refused request (401, 429) never reached it.
+        if let Some(l) = ev
+            .latency_ms
+            .filter(|_| ev.outcome == Outcome::Ok && ev.status < 500)
+        {
+            key.answered.entry(minute).or_default().add_latency(l);
+        }
 
         let (ip, ua, endpoint, gateway) = (
             field(&ev.source_ip),
@@ -195,7 +228,7 @@ impl Aggregate {
         );
         let hash = self.hasher.hash_one((ip, ua, endpoint, gateway));
         let chain = key.sources.entry(hash).or_default();
-        let failure = u64::from(ev.outcome.is_failure());
+        let failure = u64::from(ev.outcome.is_auth_failure());
         match chain.iter_mut().find(|(k, _)| {
             k.ip == ip && k.user_agent == ua && k.endpoint == endpoint && k.gateway == gateway
         }) {
@@ -221,6 +254,13 @@ impl Aggregate {
                 },
             )),
         }
+    }
+
+    /// The latencies of a key's minute that describe the key (requests the upstream
+    /// answered: accepted, status below 500), in a rollup of latency fields only; `None`
+    /// when there were none. The stored rollups keep every latency.
+    pub fn answered_latency(&self, key_id: &str, minute_ms: i64) -> Option<&Rollup> {
+        self.keys.get(key_id)?.answered.get(&minute_ms)
     }
 
     /// Per key and minute: `(key_id, minute_ms, rollup)`.
@@ -304,6 +344,37 @@ mod tests {
                 ("b".into(), "10.0.0.1".into(), 1, 0, 119_999, 119_999),
             ]
         );
+    }
+
+    #[test]
+    fn the_keys_latency_leaves_out_upstream_failures_and_refusals() {
+        let mut agg = Aggregate::default();
+        // (status, outcome, latency, counted as the key's latency)
+        let cases = [
+            (200, Outcome::Ok, 40.0, true),
+            (404, Outcome::Ok, 20.0, true),
+            (504, Outcome::Ok, 60_000.0, false),
+            (502, Outcome::Ok, 3.0, false),
+            (401, Outcome::InvalidKey, 1.0, false),
+            (429, Outcome::RateLimited, 1.0, false),
+        ];
+        for (status, outcome, l, _) in cases {
+            let mut e = ev(60_000, "a", "10.0.0.1", outcome);
+            e.status = status;
+            e.latency_ms = Some(l);
+            agg.add(&e);
+        }
+        let counted: Vec<f64> = cases.iter().filter(|c| c.3).map(|c| c.2).collect();
+        let answered = agg.answered_latency("a", 60_000).unwrap();
+        assert_eq!(answered.latency_count, counted.len() as u64);
+        assert_eq!(answered.latency_sum_ms, counted.iter().sum::<f64>());
+        assert_eq!(answered.latency_max_ms, 40.0);
+        // The stored rollup keeps every request and latency; failures are auth failures.
+        let (_, _, r) = agg.rollups().next().unwrap();
+        assert_eq!((r.requests, r.latency_count, r.failures()), (6, 6, 1));
+        let judged = r.with_latency_of(Some(answered));
+        assert_eq!((judged.requests, judged.latency_count), (6, 2));
+        assert!(agg.answered_latency("a", 0).is_none());
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! is derived from the client and key label only, so it is the same for every seed.
 //! [`generate_sample`] returns the lines with the [`Truth`] that tests assert against.
 
+pub mod scenarios;
+
 use std::io::{self, Write};
 
 /// The presets the generator can render, named like the decoder presets.

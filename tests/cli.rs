@@ -158,8 +158,9 @@ fn bad_lines_are_dead_lettered_redacted_and_the_run_goes_on() {
 }
 
 /// The daemon reading a log once and `keywatch backtest` of the same log run the same
-/// pipeline with the same event-time clock: they raise the same findings, anomalies
-/// included, at the same times, in whatever batches the daemon read the file.
+/// pipeline with the same event-time clock: they raise the same findings at the same times,
+/// in whatever batches the daemon read the file. (The anomaly models' incidents:
+/// `anomaly_daemon::the_backtest_raises_the_anomalies_the_daemon_stores`.)
 #[test]
 fn a_one_shot_run_and_a_backtest_raise_the_same_findings() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,18 +215,6 @@ fn a_one_shot_run_and_a_backtest_raise_the_same_findings() {
     assert!(
         daemon.iter().any(|(k, _, _)| k == "lingering_old_key"),
         "{daemon:#?}"
-    );
-    let anomalies = [
-        "volume_anomaly",
-        "new_source",
-        "failure_rate_spike",
-        "latency_shift",
-    ];
-    assert!(
-        daemon
-            .iter()
-            .any(|(k, _, _)| anomalies.contains(&k.as_str())),
-        "the anomaly models raise something on this log: {daemon:#?}"
     );
     assert_eq!(daemon, backtest);
 }

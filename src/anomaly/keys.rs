@@ -7,13 +7,13 @@
 //!
 //! | kind | model | expected | seen |
 //! | --- | --- | --- | --- |
-//! | `volume_anomaly` | hourly requests: log-scale baseline per hour of day plus a day-of-week offset; the residual against its SPOT tail and the count against a quasi-Poisson tail (Chernoff bound over the measured dispersion), the larger surprise wins; a 24-hour refractory period; raised once every weekday has been seen (8 days). Plus a per-minute burst test (Poisson tail over an overdispersion of 4, at least 4× the hour's baseline, once an hour) | requests in the hour (minute) | requests |
+//! | `volume_anomaly` | hourly requests: log-scale baseline per hour of day plus a day-of-week offset, both on the key owner's wall clock (registry time zone, UTC when unknown); the residual against its SPOT tail and the count against a quasi-Poisson tail (Chernoff bound over the measured dispersion), the larger surprise wins; a 24-hour refractory period; raised once every weekday has been seen (8 days). Plus a per-minute burst test (Poisson tail over an overdispersion of 4, at least 4× the hour's baseline, once an hour) | requests in the hour (minute) | requests |
 //! | `failure_rate_spike` | failures of the last 5 minutes (at least 20 requests), and of the whole hour for quiet keys, against an upper confidence bound of the key's usual rate: binomial Chernoff bound `exp(−n·KL(f/n ‖ p₀))`; at most once an hour | failure rate | failures / requests |
-//! | `latency_shift` | per minute (3+ samples) mean latency (log) against its exponentially weighted mean and scale; the median of the last 5 such minutes, SPOT tail; and the hour's mean latency against the key's hourly mean and spread for quiet keys; at least 1.5× up or 2× down | latency | the same, now |
+//! | `latency_shift` | per minute (3+ samples) mean latency (log) against its exponentially weighted mean and scale; the median of the last 5 such minutes, SPOT tail; and the hour's median latency (10+ samples) against the key's hourly level and spread for quiet keys; latencies of requests the upstream failed (5xx, timeouts) or the gateway refused are not the key's (`aggregate`); at least 1.5× up or 2× down | latency | the same, now |
 //! | `new_source` | bounded sets (32 each) of networks (/24 for IPv4, /64 for IPv6: a new IP in a known network is not new), user agents and endpoints, with last-seen time; a key whose set gained no member for `source_stable_ms` (7 days) and is older than `min_history_ms` raises one finding per new member; a set that overflows is churning and raises nothing | the known members (count, stable since) | the new one, with the IP, user agent and endpoint |
 //! | `dormant_key_woke` | last minute with traffic | no traffic (dormant since) | requests after `dormant_after_ms` (30 days) of silence |
 //! | `out_of_scope_use` | endpoint against the key's registry scopes (a scope `invoices:read` covers endpoints with a path or route segment `invoices`; `*` covers all), and the gateway's `forbidden` outcomes of the last 5 minutes against their usual rate (binomial bound) | the scopes / forbidden rate | the endpoint / forbidden share |
-//! | `behaviour_anomaly` | hourly feature vector (log requests, failure rate shrunk by 20 pseudo-requests, log mean latency, log distinct networks, log distinct endpoints), hours with 20+ requests, against the key's own exponentially weighted mean and variance (χ², 4 decades beyond `min_surprise`) and against its peer group: k-means clusters (linfa) over every key's mean vector, refitted by [`AnomalyModels::refit_peers`] (χ², `min_surprise`) | own mean and peer centroid, per feature, top 3 listed | the hour's features |
+//! | `behaviour_anomaly` | hourly feature vector (log requests, failure rate shrunk by 20 pseudo-requests, log median latency, log distinct networks, log distinct endpoints), hours with 20+ requests, against the key's own exponentially weighted mean and variance (χ², 4 decades beyond `min_surprise`) and against its peer group: k-means clusters (linfa) over every key's mean vector, refitted by [`AnomalyModels::refit_peers`] (χ², `min_surprise`) | own mean and peer centroid, per feature, top 3 listed | the hour's features |
 //!
 //! "How unusual" is a surprise, `−log10` of the tail probability (6 = one chance in a
 //! million); the evidence carries it with `score = score_of_surprise(surprise)` in [0, 1].
@@ -40,12 +40,14 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::stats::{score_of_surprise, surprise, EwScale, Tail};
-use crate::aggregate::{Aggregate, Rollup};
+use crate::aggregate::{Aggregate, Rollup, LATENCY_BUCKETS};
 use crate::detect::{FindingKind, Severity};
 use crate::event::{Outcome, NO_KEY};
 use crate::registry::{format_rfc3339, Registry};
 
 const MINUTE_MS: i64 = 60_000;
+/// The hourly latency test needs this many latencies in the hour.
+const MIN_HOURLY_LATENCY_SAMPLES: u64 = 10;
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
@@ -117,7 +119,7 @@ const FEATURES: usize = 5;
 pub const FEATURE_NAMES: [&str; FEATURES] = [
     "log_requests",
     "failure_rate",
-    "log_mean_latency_ms",
+    "log_median_latency_ms",
     "log_networks",
     "log_endpoints",
 ];
@@ -196,7 +198,11 @@ pub struct KeyModel {
     hour: i64,
     h_requests: u64,
     h_failures: u64,
-    h_lat_sum: f64,
+    /// The hour's latency histogram (buckets of `aggregate::LATENCY_BOUNDS_MS`) and
+    /// maximum: the hourly test and the behaviour vector use its median, so that one slow
+    /// request does not move the hour.
+    h_lat_buckets: [u32; LATENCY_BUCKETS],
+    h_lat_max: f32,
     h_lat_n: u64,
     // Volume: log1p(hourly requests) ≈ hod[h] + dow[d].
     hod: [f32; 24],
@@ -245,7 +251,8 @@ impl KeyModel {
             hour: i64::from(minute).div_euclid(60),
             h_requests: 0,
             h_failures: 0,
-            h_lat_sum: 0.0,
+            h_lat_buckets: [0; LATENCY_BUCKETS],
+            h_lat_max: 0.0,
             h_lat_n: 0,
             hod: [f32::NAN; 24],
             dow: [0.0; 7],
@@ -522,7 +529,7 @@ impl AnomalyModels {
     pub fn warm_up<'a>(&mut self, rollups: impl IntoIterator<Item = (&'a str, i64, &'a Rollup)>) {
         let mut sink = Vec::new();
         for (key, minute, r) in rollups {
-            self.observe_inner(key, minute, r, &[], &mut sink, false);
+            self.observe_inner(key, minute, r, &[], &[], &mut sink, false);
             sink.clear();
         }
     }
@@ -580,43 +587,76 @@ impl AnomalyModels {
         sources: &[SourceSeen<'_>],
     ) -> Vec<AnomalyFinding> {
         let mut out = Vec::new();
-        self.observe_inner(key, minute_ms, rollup, sources, &mut out, true);
+        self.observe_inner(key, minute_ms, rollup, sources, &[], &mut out, true);
         out
     }
 
     /// Feeds a batch's [`Aggregate`]: its rollups in time order per key, each key's new
     /// sources with the minute they were first seen in.
     pub fn observe_aggregate(&mut self, agg: &Aggregate) -> Vec<AnomalyFinding> {
-        let mut rows: Vec<(&str, i64, &Rollup)> = agg.rollups().collect();
-        rows.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        let mut sources: HashMap<(&str, i64), Vec<SourceSeen<'_>>> = HashMap::new();
+        // One model per registry key: a refused request carries an alias of its key (the
+        // fingerprint of the presented secret), so rows are merged under the registry id.
+        let registry = self.registry.clone();
+        let canonical = |k: &'_ str| -> String {
+            registry
+                .as_deref()
+                .map_or(k, |reg| reg.canonical(k))
+                .to_owned()
+        };
+        let mut rows: Vec<(String, i64, Rollup)> = Vec::new();
+        {
+            let mut merged: HashMap<(String, i64), usize> = HashMap::new();
+            for (k, minute, r) in agg.rollups() {
+                // Latency of the requests the upstream answered: a 5xx or a timeout is the
+                // upstream's health, not the key's behaviour.
+                let r = r.with_latency_of(agg.answered_latency(k, minute));
+                let key = canonical(k);
+                match merged.get(&(key.clone(), minute)) {
+                    Some(&i) => rows[i].2.merge(&r),
+                    None => {
+                        merged.insert((key.clone(), minute), rows.len());
+                        rows.push((key, minute, r));
+                    }
+                }
+            }
+        }
+        rows.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        type Seen<'s> = (Vec<SourceSeen<'s>>, Vec<i64>);
+        let mut sources: HashMap<(String, i64), Seen<'_>> = HashMap::new();
         for (k, st) in agg.sources() {
-            sources
+            let e = sources
                 .entry((
-                    k.key_id.as_str(),
+                    canonical(&k.key_id),
                     crate::aggregate::minute_of(st.first_seen_ms),
                 ))
-                .or_default()
-                .push(SourceSeen {
-                    ip: &k.ip,
-                    user_agent: &k.user_agent,
-                    endpoint: &k.endpoint,
-                });
+                .or_default();
+            e.0.push(SourceSeen {
+                ip: &k.ip,
+                user_agent: &k.user_agent,
+                endpoint: &k.endpoint,
+            });
+            e.1.push(st.first_seen_ms);
         }
         let mut out = Vec::new();
-        for (key, minute, r) in rows {
-            let src = sources.get(&(key, minute)).map_or(&[][..], |v| &v[..]);
-            self.observe_inner(key, minute, r, src, &mut out, true);
+        for (key, minute, r) in &rows {
+            let (src, at) = sources
+                .get(&(key.clone(), *minute))
+                .map_or((&[][..], &[][..]), |(s, t)| (&s[..], &t[..]));
+            self.observe_inner(key, *minute, r, src, at, &mut out, true);
         }
         out
     }
 
+    /// `first_seen`: per source, when its first request came (the minute's start when not
+    /// given), so that a new source is stamped at its first request, not before it.
+    #[allow(clippy::too_many_arguments)]
     fn observe_inner(
         &mut self,
         key: &str,
         minute_ms: i64,
         r: &Rollup,
         sources: &[SourceSeen<'_>],
+        first_seen: &[i64],
         out: &mut Vec<AnomalyFinding>,
         raise: bool,
     ) {
@@ -625,6 +665,19 @@ impl AnomalyModels {
             // stream detectors (unknown-key bursts) watch them.
             return;
         }
+        let known = self
+            .registry
+            .as_deref()
+            .map(|reg| (reg.is_empty(), reg.key(key)));
+        if let Some((false, None)) = known {
+            if r.outcomes[Outcome::Ok.index()] == 0 {
+                // A key the registry does not know and the gateway refused: a guess, not a
+                // key's behaviour (unknown-key bursts watch guesses).
+                return;
+            }
+        }
+        let retired = matches!(known, Some((_, Some(k)))
+            if k.is_revoked_at(minute_ms) || k.is_expired_at(minute_ms));
         if self.keys.len() >= self.cfg.max_keys && !self.keys.contains_key(key) {
             self.evict();
         }
@@ -637,6 +690,10 @@ impl AnomalyModels {
             .and_then(|reg| reg.key(key))
             .map(|k| &k.scopes)
             .filter(|s| !s.is_empty());
+        // Baselines per hour of day and weekday are in the owner's zone (UTC when unknown).
+        let tz = registry
+            .as_deref()
+            .map_or(chrono_tz::Tz::UTC, |reg| reg.timezone_of(key));
         let peers = &self.peers;
         let is_new = !self.keys.contains_key(key);
         let m = self
@@ -644,7 +701,9 @@ impl AnomalyModels {
             .entry(key.to_owned())
             .or_insert_with(|| KeyModel::new(minute));
         let mut found = Vec::new();
-        let raise_now = raise && !is_new;
+        // A retired key raises no anomaly: every use of it is a finding of the stream
+        // detectors already (per source and interval), and its failures are by design.
+        let raise_now = raise && !is_new && !retired;
 
         // Dormant key waking up.
         if !is_new && minute > m.last_min {
@@ -674,12 +733,15 @@ impl AnomalyModels {
         // Hourly volume (and behaviour) when the hour changes.
         let hour = minute_ms.div_euclid(HOUR_MS);
         if hour > m.hour {
-            close_hours(m, hour, key, &cfg, peers, raise_now, &mut found);
+            close_hours(m, hour, tz, key, &cfg, peers, raise_now, &mut found);
         }
         if hour == m.hour {
             m.h_requests += r.requests;
             m.h_failures += r.failures();
-            m.h_lat_sum += r.latency_sum_ms;
+            for (a, b) in m.h_lat_buckets.iter_mut().zip(r.latency_buckets) {
+                *a = a.saturating_add(b.min(u64::from(u32::MAX)) as u32);
+            }
+            m.h_lat_max = m.h_lat_max.max(r.latency_max_ms as f32);
             m.h_lat_n += r.latency_count;
         }
 
@@ -688,8 +750,9 @@ impl AnomalyModels {
         // hour in a few batches).
         let k = r.requests as f64;
         if m.hours >= MIN_HOURS && raise_now && !m.min_mean.is_nan() {
-            let h = hour.rem_euclid(24) as usize;
-            let d = weekday(hour);
+            let local = local_hour(hour, tz);
+            let h = local.rem_euclid(24) as usize;
+            let d = weekday(local);
             if !m.hod[h].is_nan() {
                 let expected = ((f64::from(m.hod[h] + m.dow[d])).exp_m1().max(0.0) / 60.0)
                     .max(f64::from(m.min_mean));
@@ -898,7 +961,17 @@ impl AnomalyModels {
 
         // Sources.
         let old_enough = minute_ms - minute_ms_of(m.first_min) >= cfg.min_history_ms;
-        for src in sources {
+        // Sources new in the same minute: the earliest first, so that the finding of a new
+        // member is stamped at the first request that showed it.
+        let mut order: Vec<usize> = (0..sources.len()).collect();
+        order.sort_by_key(|&i| first_seen.get(i).copied().unwrap_or(minute_ms));
+        for i in order {
+            let src = &sources[i];
+            let seen_at = first_seen
+                .get(i)
+                .copied()
+                .unwrap_or(minute_ms)
+                .max(minute_ms);
             let (hn, ha, he) = (
                 network_hash(&hasher, src.ip),
                 hasher.hash_one(src.user_agent) as u32,
@@ -930,7 +1003,7 @@ impl AnomalyModels {
                         found.push(finding(
                             FindingKind::NewSource,
                             key,
-                            minute_ms,
+                            seen_at,
                             Severity::Warning,
                             format!(
                                 "key {key} is used from a new {} {value:?} (from {}); its {known} known {}s had not changed for {days:.0} days",
@@ -940,7 +1013,7 @@ impl AnomalyModels {
                             ),
                             &format!("new_{what}"),
                             json!({"known": known, "stable_since": format_rfc3339(minute_ms_of(changed))}),
-                            json!({what: value, "ip": src.ip, "user_agent": src.user_agent, "endpoint": src.endpoint}),
+                            json!({what: value, "ip": src.ip, "user_agent": src.user_agent, "endpoint": src.endpoint, "first_request": format_rfc3339(seen_at)}),
                             RULE,
                             json!({"stable_days": (days * 10.0).round() / 10.0}),
                             format!("{what}:{value}"),
@@ -975,7 +1048,7 @@ impl AnomalyModels {
 
         m.last_min = m.last_min.max(minute);
         m.first_min = m.first_min.min(minute);
-        if raise {
+        if raise && !retired {
             out.extend(found);
         }
     }
@@ -1050,10 +1123,30 @@ fn weekday(hour: i64) -> usize {
     (hour.div_euclid(24) + 3).rem_euclid(7) as usize
 }
 
+/// The hour index (hours since the epoch) on the wall clock of `tz` for the UTC hour
+/// `hour`: seasonal baselines follow the owner's local time, so that a job at 02:00 local
+/// stays in its slot when daylight-saving time changes.
+fn local_hour(hour: i64, tz: chrono_tz::Tz) -> i64 {
+    use chrono::{Offset, TimeZone};
+    if tz == chrono_tz::Tz::UTC {
+        return hour;
+    }
+    let Some(t) = chrono::DateTime::from_timestamp_millis(hour * HOUR_MS) else {
+        return hour;
+    };
+    let off = tz
+        .offset_from_utc_datetime(&t.naive_utc())
+        .fix()
+        .local_minus_utc();
+    (hour * HOUR_MS + i64::from(off) * 1000).div_euclid(HOUR_MS)
+}
+
 /// Closes the accumulated hour (and fills missing hours with zeros, up to a week).
+#[allow(clippy::too_many_arguments)]
 fn close_hours(
     m: &mut KeyModel,
     hour: i64,
+    tz: chrono_tz::Tz,
     key: &str,
     cfg: &AnomalyConfig,
     peers: &Peers,
@@ -1064,31 +1157,47 @@ fn close_hours(
     let fill = if gap > MAX_FILL_HOURS { 1 } else { gap };
     for i in 0..fill {
         let h_abs = m.hour + i;
-        let (req, fail, lat_sum, lat_n) = if i == 0 {
-            (m.h_requests, m.h_failures, m.h_lat_sum, m.h_lat_n)
+        let (req, fail, lat_median, lat_n) = if i == 0 {
+            (m.h_requests, m.h_failures, hour_median(m), m.h_lat_n)
         } else {
-            (0, 0, 0.0, 0)
+            (0, 0, None, 0)
         };
         let networks = m.nets.seen_since(minute_index(h_abs * HOUR_MS));
         let endpoints = m.endpoints.seen_since(minute_index(h_abs * HOUR_MS));
         close_hour(
-            m, h_abs, req, fail, lat_sum, lat_n, networks, endpoints, key, cfg, peers, raise, out,
+            m, h_abs, tz, req, fail, lat_median, lat_n, networks, endpoints, key, cfg, peers,
+            raise, out,
         );
     }
     m.hour = hour;
     m.h_requests = 0;
     m.h_failures = 0;
-    m.h_lat_sum = 0.0;
+    m.h_lat_buckets = [0; LATENCY_BUCKETS];
+    m.h_lat_max = 0.0;
     m.h_lat_n = 0;
+}
+
+/// The median latency of the model's current hour, from its histogram.
+fn hour_median(m: &KeyModel) -> Option<f64> {
+    let mut r = Rollup {
+        latency_count: m.h_lat_n,
+        latency_max_ms: f64::from(m.h_lat_max),
+        ..Rollup::default()
+    };
+    for (a, b) in r.latency_buckets.iter_mut().zip(m.h_lat_buckets) {
+        *a = u64::from(b);
+    }
+    r.latency_quantile(0.5)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn close_hour(
     m: &mut KeyModel,
     hour: i64,
+    tz: chrono_tz::Tz,
     req: u64,
     fail: u64,
-    lat_sum: f64,
+    lat_median: Option<f64>,
     lat_n: u64,
     networks: usize,
     endpoints: usize,
@@ -1098,8 +1207,9 @@ fn close_hour(
     raise: bool,
     out: &mut Vec<AnomalyFinding>,
 ) {
-    let h = hour.rem_euclid(24) as usize;
-    let d = weekday(hour);
+    let local = local_hour(hour, tz);
+    let h = local.rem_euclid(24) as usize;
+    let d = weekday(local);
     let y = (req as f64).ln_1p() as f32;
     let at = (hour + 1) * HOUR_MS - MINUTE_MS;
 
@@ -1208,9 +1318,16 @@ fn close_hour(
         }
     }
 
-    // Mean latency over the whole hour, for keys too quiet for the 5-minute test.
-    if raise && lat_n >= 5 && m.hours >= MIN_HOURS && m.lat_alert_min <= hour_min {
-        let seen = ((lat_sum / lat_n as f64) as f32).ln_1p();
+    // Median latency over the whole hour, for keys too quiet for the 5-minute test: robust
+    // to a lone slow request, and only from enough samples to have a median.
+    if let (true, Some(median)) = (
+        raise
+            && lat_n >= MIN_HOURLY_LATENCY_SAMPLES
+            && m.hours >= MIN_HOURS
+            && m.lat_alert_min <= hour_min,
+        lat_median,
+    ) {
+        let seen = (median as f32).ln_1p();
         let sd = m.feat_var[2].sqrt().max(0.1);
         let zl = f64::from((seen - m.feat_mean[2]) / sd);
         let s = surprise((2.0 * super::stats::normal_sf(zl.abs())).min(1.0));
@@ -1224,12 +1341,12 @@ fn close_hour(
                 at,
                 severity_of(s),
                 format!(
-                    "mean latency of key {key} was {now:.0} ms in the hour from {}:00 UTC, against {was:.0} ms usually",
+                    "median latency of key {key} was {now:.0} ms in the hour from {}:00 UTC, against {was:.0} ms usually",
                     hour_label(hour)
                 ),
-                "latency_mean_hourly",
-                json!({"mean_latency_ms": round1(was)}),
-                json!({"mean_latency_ms": round1(now), "samples": lat_n}),
+                "latency_median_hourly",
+                json!({"median_latency_ms": round1(was)}),
+                json!({"median_latency_ms": round1(now), "samples": lat_n}),
                 s,
                 json!({"ratio": round4(ratio), "z": round1(zl)}),
                 hour_label(hour),
@@ -1245,8 +1362,8 @@ fn close_hour(
         } else {
             0.0
         },
-        if lat_n > 0 {
-            ((lat_sum / lat_n as f64) as f32).ln_1p()
+        if let Some(median) = lat_median {
+            (median as f32).ln_1p()
         } else {
             m.feat_mean[2]
         },
@@ -1323,4 +1440,38 @@ fn close_hour(
         }
     }
     m.hours = m.hours.saturating_add(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seasonal_slots_follow_the_owners_wall_clock() {
+        let berlin: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+        let akl: chrono_tz::Tz = "Pacific/Auckland".parse().unwrap();
+        let hour = |rfc: &str| {
+            chrono::DateTime::parse_from_rfc3339(rfc)
+                .unwrap()
+                .timestamp_millis()
+                .div_euclid(HOUR_MS)
+        };
+        // (zone, UTC hour, local hour of day, local weekday: 0 is Monday)
+        let cases = [
+            // 02:00 in Berlin is 00:00 UTC in summer time, 01:00 UTC after 25 October.
+            (berlin, "2026-10-24T00:00:00Z", 2, 5),
+            (berlin, "2026-10-27T01:00:00Z", 2, 1),
+            (chrono_tz::Tz::UTC, "2026-10-27T01:00:00Z", 1, 1),
+            // Auckland (+13) is already on the next day.
+            (akl, "2026-10-27T13:00:00Z", 2, 2),
+        ];
+        for (tz, utc, h, d) in cases {
+            let l = local_hour(hour(utc), tz);
+            assert_eq!(
+                (l.rem_euclid(24), weekday(l)),
+                (h, d as usize),
+                "{utc} in {tz}"
+            );
+        }
+    }
 }

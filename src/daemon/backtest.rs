@@ -25,7 +25,7 @@ use super::schedule::{Clock, Ticks};
 use crate::config::Config;
 use crate::detect::Policy;
 use crate::event::{AuthEvent, Decoder};
-use crate::registry::{parse_time, LifecycleEvent, Registry};
+use crate::registry::{LifecycleEvent, Registry};
 use crate::source::Batch;
 use crate::store::SqliteStore;
 
@@ -78,8 +78,9 @@ pub fn pipeline_for(
 }
 
 /// Lifecycle events from a file, one JSON object per line, each with the time it applies
-/// from (its `started_at`, `revoked_at`, `expired_at` or `created_at`; from the start
-/// without one). Times without an offset are in the key owner's time zone.
+/// from ([`LifecycleEvent::effective_ms`]: its `started_at`, `revoked_at`, `expired_at`,
+/// `deprecated_at` or `created_at`; from the start without one). Times without an offset
+/// are in the key owner's time zone.
 pub fn read_lifecycle(path: &Path, registry: &Registry) -> anyhow::Result<TimedLifecycle> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--lifecycle: cannot read {}", path.display()))?;
@@ -90,17 +91,11 @@ pub fn read_lifecycle(path: &Path, registry: &Registry) -> anyhow::Result<TimedL
         }
         let at = |e: String| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1);
         let ev = LifecycleEvent::from_json(line.as_bytes()).map_err(at)?;
-        let tz = registry.timezone_of(ev.key_id());
-        let when = match &ev {
-            LifecycleEvent::RotationStarted { started_at, .. } => Some(started_at),
-            LifecycleEvent::KeyRevoked { revoked_at, .. } => revoked_at.as_ref(),
-            LifecycleEvent::KeyExpired { expired_at, .. } => Some(expired_at),
-            LifecycleEvent::KeyCreated { created_at, .. } => created_at.as_ref(),
-        };
-        let ms = match when {
-            Some(s) => parse_time(s, tz).map_err(|e| at(format!("time: {e}")))?,
-            None => i64::MIN,
-        };
+        // An event without a time of its own applies from the start.
+        let ms = ev
+            .effective_ms(registry)
+            .map_err(|e| at(format!("time: {e}")))?
+            .unwrap_or(i64::MIN);
         events.push((ms, ev));
     }
     Ok(TimedLifecycle::new(events))

@@ -323,6 +323,7 @@ mod tests {
             created_at: None,
             expires_at: None,
             scopes: Vec::new(),
+            aliases: Vec::new(),
         }
     }
 

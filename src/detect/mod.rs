@@ -247,7 +247,7 @@ impl Engine {
         src: &S,
     ) -> Vec<(RotationStatus, Vec<Finding>)> {
         let mut out = Vec::new();
-        for (old, new, rot) in self.registry.rotations() {
+        for (old, new, rot) in self.registry.rotations_at(now_ms) {
             let since = rot
                 .started_ms
                 .saturating_sub(self.policy.failed_rollover.baseline_ms);
@@ -280,7 +280,7 @@ impl Engine {
                 continue;
             };
             let due = created.saturating_add(max);
-            if k.state != KeyState::Active || now_ms < due {
+            if k.state_at(now_ms) != KeyState::Active || now_ms < due {
                 continue;
             }
             let tz = self.registry.timezone_of(&k.id);

@@ -1,9 +1,21 @@
-//! Detectors fed one event at a time: revoked or expired key used, unknown keys, and bursts
-//! of invalid-key failures from one IP.
+//! Detectors fed one event at a time: revoked or expired key used, unknown keys, bursts of
+//! invalid-key failures from one IP, and failed rollovers.
+//!
+//! Every detector judges an event by what the registry knows at the event's time: the key
+//! is looked up by id or alias (a refused request carries the fingerprint of the presented
+//! secret, an accepted one the gateway's id; both name one key), and findings name the
+//! registry id. A known key failing is never an "unknown key": it is revoked or expired use,
+//! or, for the successor of a rotation open at that time, a failed rollover. Rate limiting
+//! (429) is not an authentication failure anywhere here.
+//!
+//! Each finding's `at` is the time of the request that made it true (the one that crossed
+//! a threshold), never the start of a bucket.
 //!
 //! State is small and bounded: what was reported per key and source (one entry per
-//! reporting interval), the keys reported as unknown, and the last `threshold` failures per
-//! IP. Each map has a cap; past it, stale entries go first.
+//! reporting interval), the keys reported as unknown, the last `threshold` failures per IP,
+//! and per registered key a pre-rotation failure baseline (per day, over the policy's
+//! baseline period) and, while it is a rotation's successor, an hour of per-minute counts. Each map has a cap; past it, stale entries go
+//! first.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -11,7 +23,7 @@ use serde_json::json;
 
 use super::{Finding, FindingKind, Policy, Severity};
 use crate::event::{AuthEvent, Outcome, NO_KEY};
-use crate::registry::{format_local, format_rfc3339, Registry};
+use crate::registry::{format_local, format_rfc3339, Key, Registry, Rotation};
 
 /// Entries of (kind, key, source) → reporting interval kept before pruning.
 const MAX_REPORTED: usize = 100_000;
@@ -21,6 +33,13 @@ const MAX_UNKNOWN: usize = 100_000;
 const MAX_BURST_IPS: usize = 20_000;
 /// Distinct values listed in a burst's evidence.
 const EVIDENCE_VALUES: usize = 10;
+/// Keys with a failure baseline or a rollover window (registered keys only).
+const MAX_KEYS: usize = 100_000;
+/// A failed rollover is judged over the successor's last hour.
+const ROLLOVER_WINDOW_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+/// The old key's failure rate counts as a baseline from this many requests on.
+const MIN_BASELINE_REQUESTS: u64 = 20;
 
 #[derive(Debug, Default)]
 pub(super) struct StreamDetectors {
@@ -28,6 +47,24 @@ pub(super) struct StreamDetectors {
     reported: HashMap<(FindingKind, String, String), i64>,
     unknown: HashSet<String>,
     bursts: HashMap<String, Burst>,
+    /// Per registered key, (day, requests, auth failures) of the days before its rotation
+    /// started, at most the policy's baseline period of them.
+    baselines: HashMap<String, VecDeque<(i64, u64, u64)>>,
+    /// Per successor of an open rotation, its recent traffic.
+    rollovers: HashMap<String, Rollover>,
+}
+
+/// The successor's last hour, per minute, and the failure run being judged.
+#[derive(Debug, Default)]
+struct Rollover {
+    /// (minute, requests, auth failures), oldest first.
+    minutes: VecDeque<(i64, u64, u64)>,
+    /// The first failure of the current run (reset when the window has none).
+    run_from: Option<i64>,
+    /// The run was reported.
+    reported: bool,
+    /// Failing sources of the run: IP → failures.
+    sources: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -60,7 +97,7 @@ impl StreamDetectors {
     ) {
         let key_id = ev.key_id.as_ref();
         let has_key = key_id != NO_KEY && !key_id.is_empty();
-        let known = registry.key(key_id);
+        let known = if has_key { registry.key(key_id) } else { None };
         let ip = text(&ev.source_ip);
         let interval = ev.ts_ms.div_euclid(policy.repeat_after_ms.max(1));
         // With an empty registry every key is "unknown": that says nothing.
@@ -80,7 +117,8 @@ impl StreamDetectors {
                 None
             };
             if let Some(kind) = kind {
-                let slot = (kind, key_id.to_owned(), ip.to_owned());
+                let id = known.map_or(key_id, |k| k.id.as_str());
+                let slot = (kind, id.to_owned(), ip.to_owned());
                 if self.reported.get(&slot) != Some(&interval) {
                     if self.reported.len() >= MAX_REPORTED {
                         self.reported.retain(|_, i| *i >= interval - 1);
@@ -89,9 +127,13 @@ impl StreamDetectors {
                         }
                     }
                     self.reported.insert(slot, interval);
-                    out.push(key_used(kind, ev, registry, interval));
+                    out.push(key_used(kind, ev, known, registry, interval));
                 }
             }
+        }
+
+        if let Some(k) = known {
+            self.rollover(ev, k, registry, policy, out);
         }
 
         if unknown
@@ -105,11 +147,115 @@ impl StreamDetectors {
             out.push(unknown_key(ev));
         }
 
-        let counts = ev.outcome == Outcome::InvalidKey
-            || (unknown && ev.outcome.is_failure() && ev.outcome != Outcome::RateLimited);
+        // A key the registry knows is not a guess, whatever the gateway answered.
+        let counts = known.is_none()
+            && (ev.outcome == Outcome::InvalidKey || (unknown && ev.outcome.is_auth_failure()));
         if counts {
             self.burst(ev, ip, interval, policy, out);
         }
+    }
+
+    /// Feeds a known key's request to its failure baseline or, when it is the successor of
+    /// a rotation open at the request's time, to the failed-rollover check.
+    fn rollover(
+        &mut self,
+        ev: &AuthEvent<'_>,
+        key: &Key,
+        registry: &Registry,
+        policy: &Policy,
+        out: &mut Vec<Finding>,
+    ) {
+        let failed = ev.outcome.is_auth_failure();
+        let rotating = key.rotation.is_some_and(|r| ev.ts_ms >= r.started_ms);
+        if !rotating && (self.baselines.len() < MAX_KEYS || self.baselines.contains_key(&key.id)) {
+            let b = self.baselines.entry(key.id.clone()).or_default();
+            let day = ev.ts_ms.div_euclid(DAY_MS);
+            match b.back_mut() {
+                Some((d, req, fail)) if *d == day => {
+                    *req += 1;
+                    *fail += u64::from(failed);
+                }
+                _ => b.push_back((day, 1, u64::from(failed))),
+            }
+            let oldest = (ev.ts_ms - policy.failed_rollover.baseline_ms).div_euclid(DAY_MS);
+            while b.front().is_some_and(|(d, _, _)| *d < oldest) {
+                b.pop_front();
+            }
+        }
+        let Some((old, rot)) = registry.rotation_to(&key.id, ev.ts_ms) else {
+            return;
+        };
+        if ev.ts_ms < rot.started_ms
+            || (self.rollovers.len() >= MAX_KEYS && !self.rollovers.contains_key(&key.id))
+        {
+            return;
+        }
+        let p = &policy.failed_rollover;
+        let r = self.rollovers.entry(key.id.clone()).or_default();
+        let minute = ev.ts_ms.div_euclid(60_000);
+        match r.minutes.back_mut() {
+            Some((m, req, fail)) if *m == minute => {
+                *req += 1;
+                *fail += u64::from(failed);
+            }
+            _ => r.minutes.push_back((minute, 1, u64::from(failed))),
+        }
+        let horizon = (ev.ts_ms - ROLLOVER_WINDOW_MS).div_euclid(60_000);
+        while r.minutes.front().is_some_and(|(m, _, _)| *m <= horizon) {
+            r.minutes.pop_front();
+        }
+        let (requests, failures) = r
+            .minutes
+            .iter()
+            .fold((0, 0), |(a, b), (_, req, fail)| (a + req, b + fail));
+        if failures == 0 {
+            *r = Rollover {
+                minutes: std::mem::take(&mut r.minutes),
+                ..Rollover::default()
+            };
+            return;
+        }
+        if !failed {
+            return;
+        }
+        let run_from = *r.run_from.get_or_insert(ev.ts_ms);
+        if r.sources.len() < EVIDENCE_VALUES || r.sources.contains_key(text(&ev.source_ip)) {
+            *r.sources.entry(text(&ev.source_ip).to_owned()).or_default() += 1;
+        }
+        // The old key's auth-failure rate over the baseline period before the rotation.
+        let since = (rot.started_ms - p.baseline_ms).div_euclid(DAY_MS);
+        let (req, fail) = self.baselines.get(&old.id).map_or((0, 0), |b| {
+            b.iter()
+                .filter(|(d, _, _)| *d >= since)
+                .fold((0, 0), |(a, f), (_, r, x)| (a + r, f + x))
+        });
+        let baseline = if req >= MIN_BASELINE_REQUESTS {
+            fail as f64 / req as f64
+        } else {
+            0.0
+        };
+        let threshold = p.min_rate.max(p.factor * baseline);
+        let rate = failures as f64 / requests as f64;
+        if r.reported || failures < p.min_failures || rate < threshold {
+            return;
+        }
+        r.reported = true;
+        out.push(failed_rollover(
+            ev,
+            old,
+            key,
+            rot,
+            registry,
+            Judged {
+                run_from,
+                failures,
+                requests,
+                rate,
+                baseline,
+                threshold,
+                sources: &r.sources,
+            },
+        ));
     }
 
     fn burst(
@@ -164,6 +310,13 @@ impl StreamDetectors {
             }
         }
         let n = b.recent.len();
+        let presented: HashSet<&str> = b
+            .recent
+            .iter()
+            .map(|f| f.key_id.as_str())
+            .filter(|k| *k != NO_KEY)
+            .collect();
+        let without_key = b.recent.iter().filter(|f| f.key_id == NO_KEY).count();
         out.push(Finding {
             kind: FindingKind::UnknownKeyBurst,
             key_id: NO_KEY.to_owned(),
@@ -172,14 +325,14 @@ impl StreamDetectors {
             severity: Severity::Warning,
             summary: format!(
                 "{} sent {n} requests with a missing, invalid or unknown key within {} s \
-                 ({} distinct keys presented)",
+                 ({} distinct keys presented, {without_key} requests without a key)",
                 if ip.is_empty() {
                     "an unknown source"
                 } else {
                     ip
                 },
                 (ev.ts_ms - first) / 1000,
-                keys.len()
+                presented.len()
             ),
             evidence: json!({
                 "ip": ip,
@@ -188,6 +341,8 @@ impl StreamDetectors {
                 "window_end": format_rfc3339(ev.ts_ms),
                 "threshold": p.threshold,
                 "window_s": p.window_ms / 1000,
+                "distinct_keys": presented.len(),
+                "without_key": without_key,
                 "keys": keys,
                 "user_agents": uas,
                 "endpoints": endpoints,
@@ -197,9 +352,15 @@ impl StreamDetectors {
     }
 }
 
-fn key_used(kind: FindingKind, ev: &AuthEvent<'_>, registry: &Registry, interval: i64) -> Finding {
-    let key_id = ev.key_id.as_ref();
-    let key = registry.key(key_id);
+fn key_used(
+    kind: FindingKind,
+    ev: &AuthEvent<'_>,
+    key: Option<&Key>,
+    registry: &Registry,
+    interval: i64,
+) -> Finding {
+    // The registry id: a refused request carries an alias (the presented key's fingerprint).
+    let key_id = key.map_or(ev.key_id.as_ref(), |k| k.id.as_str());
     let label = key.map_or(key_id, |k| k.label());
     let owner = key.map(|k| k.owner.clone());
     let accepted = ev.outcome == Outcome::Ok;
@@ -255,10 +416,87 @@ fn key_used(kind: FindingKind, ev: &AuthEvent<'_>, registry: &Registry, interval
             "status": ev.status,
             "outcome": ev.outcome,
             "accepted": accepted,
-            "registry_state": key.map(|k| k.state),
+            "registry_state": key.map(|k| k.state_at(ev.ts_ms)),
+            "presented_as": ev.key_id,
+            "at": format_rfc3339(ev.ts_ms),
             format!("{word}_at"): since.map(format_rfc3339),
         }),
         dedup_key: format!("{}:{key_id}:{ip}:{interval}", kind.as_str()),
+    }
+}
+
+/// What the failed-rollover check judged.
+struct Judged<'a> {
+    run_from: i64,
+    failures: u64,
+    requests: u64,
+    rate: f64,
+    baseline: f64,
+    threshold: f64,
+    sources: &'a BTreeMap<String, u64>,
+}
+
+fn failed_rollover(
+    ev: &AuthEvent<'_>,
+    old: &Key,
+    new: &Key,
+    rot: Rotation,
+    registry: &Registry,
+    j: Judged<'_>,
+) -> Finding {
+    let tz = registry.timezone_of(&old.id);
+    let ip = text(&ev.source_ip);
+    let failing: Vec<serde_json::Value> = j
+        .sources
+        .iter()
+        .map(|(ip, n)| json!({"ip": ip, "failures": n}))
+        .collect();
+    Finding {
+        kind: FindingKind::FailedRollover,
+        key_id: old.id.clone(),
+        owner: Some(old.owner.clone()),
+        at_ms: ev.ts_ms,
+        severity: Severity::Critical,
+        summary: format!(
+            "rollover of {} ({}) is failing: {} of {} requests on the new key {} failed \
+             authentication in the last hour, from {} on ({:.0} %, baseline {:.1} %); fix it \
+             before revoking {}",
+            old.label(),
+            old.owner,
+            j.failures,
+            j.requests,
+            new.label(),
+            format_local(j.run_from, tz),
+            j.rate * 100.0,
+            j.baseline * 100.0,
+            old.label()
+        ),
+        evidence: json!({
+            "scope": "new_key",
+            "old_key": old.id,
+            "old_name": old.name,
+            "new_key": new.id,
+            "new_name": new.name,
+            "started": format_rfc3339(rot.started_ms),
+            "window_start": format_rfc3339(j.run_from),
+            "window_end": format_rfc3339(ev.ts_ms),
+            "failures": j.failures,
+            "requests": j.requests,
+            "failure_rate": j.rate,
+            "baseline_rate": j.baseline,
+            "threshold_rate": j.threshold,
+            "failing_sources": failing,
+            "request": {
+                "at": format_rfc3339(ev.ts_ms),
+                "ip": ip,
+                "user_agent": ev.user_agent,
+                "endpoint": ev.endpoint,
+                "status": ev.status,
+                "outcome": ev.outcome,
+                "presented_as": ev.key_id,
+            },
+        }),
+        dedup_key: format!("failed_rollover:{}:{}:{}", old.id, new.id, j.run_from),
     }
 }
 
@@ -460,6 +698,129 @@ mod tests {
                 .filter(|f| f.kind == FindingKind::UnknownKeyBurst)
                 .count(),
             1
+        );
+    }
+
+    fn rotating_reg() -> Registry {
+        Registry::parse(
+            "k.toml",
+            "[owners.o]\ntimezone = \"Pacific/Auckland\"\n\
+             [[keys]]\nid = \"old\"\nowner = \"o\"\naliases = [\"fp:01d\"]\nstate = \"revoked\"\n\
+             successor = \"new\"\nrotation_started = \"2026-11-02T00:00:00Z\"\n\
+             revoked = \"2026-11-05T00:00:00Z\"\n\
+             [[keys]]\nid = \"new\"\nowner = \"o\"\naliases = [\"fp:0e0\"]\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn refused_requests_meet_their_key_by_alias() {
+        let reg = rotating_reg();
+        let day = 86_400_000;
+        let cases: &[(&str, i64, Outcome, Option<FindingKind>)] = &[
+            // Before the revocation the old key is rotating: its use is fine.
+            ("fp:01d", NOV2 + day, Outcome::InvalidKey, None),
+            ("old", NOV2 + day, Outcome::Ok, None),
+            // After it, refused or not, by id or alias: revoked key used, on the registry id.
+            (
+                "fp:01d",
+                NOV2 + 4 * day,
+                Outcome::InvalidKey,
+                Some(FindingKind::RevokedKeyUsed),
+            ),
+            (
+                "old",
+                NOV2 + 4 * day,
+                Outcome::Ok,
+                Some(FindingKind::RevokedKeyUsed),
+            ),
+        ];
+        for (key, ts, outcome, want) in cases {
+            let found = run(&[ev(*ts, key, "10.0.0.1", *outcome)], &reg);
+            let got: Vec<_> = found.iter().map(|f| (f.kind, f.key_id.as_str())).collect();
+            let want: Vec<_> = want.iter().map(|k| (*k, "old")).collect();
+            assert_eq!(got, want, "{key} at {ts} {outcome:?}");
+        }
+        // A known key failing again and again is not a burst of unknown keys.
+        let events: Vec<_> = (0..30)
+            .map(|i| {
+                ev(
+                    NOV2 + 4 * day + i * 1000,
+                    "fp:01d",
+                    "10.0.0.1",
+                    Outcome::InvalidKey,
+                )
+            })
+            .collect();
+        let found = run(&events, &reg);
+        assert!(
+            found.iter().all(|f| f.kind == FindingKind::RevokedKeyUsed),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_failing_successor_is_a_failed_rollover_at_the_crossing_request() {
+        let reg = rotating_reg();
+        let p = Policy::default();
+        let hour = 3_600_000;
+        // Steady old key before the rotation (the baseline), then the successor: fine at
+        // first, then refused (by its fingerprint alias); rate limits in between.
+        let mut events: Vec<AuthEvent<'static>> = (0..40)
+            .map(|i| ev(NOV2 - 2 * hour + i * 60_000, "old", "10.0.0.1", Outcome::Ok))
+            .collect();
+        let t = NOV2 + hour;
+        events.extend((0..10).map(|i| ev(t + i * 1000, "new", "10.0.0.2", Outcome::Ok)));
+        events.extend((0..5).map(|i| ev(t + 20_000 + i, "new", "10.0.0.2", Outcome::RateLimited)));
+        let fails: Vec<i64> = (0..5).map(|i| t + 60_000 + i * 7_000).collect();
+        events.extend(
+            fails
+                .iter()
+                .map(|&ts| ev(ts, "fp:0e0", "10.0.0.3", Outcome::InvalidKey)),
+        );
+        let found = run(&events, &reg);
+        let fr: Vec<_> = found
+            .iter()
+            .filter(|f| f.kind == FindingKind::FailedRollover)
+            .collect();
+        assert_eq!(fr.len(), 1, "one run, one finding: {found:?}");
+        let f = fr[0];
+        // The third failure crosses min_failures (3): 3 of 18 requests (429s are requests
+        // too, but not failures) is over 5 %.
+        let third = fails[p.failed_rollover.min_failures as usize - 1];
+        assert_eq!(f.at_ms, third);
+        assert_eq!(f.key_id, "old");
+        assert_eq!(f.evidence["failures"], 3);
+        assert_eq!(f.evidence["requests"], 18);
+        assert_eq!(f.evidence["window_start"], format_rfc3339(fails[0]));
+        assert_eq!(f.evidence["request"]["at"], format_rfc3339(third));
+        assert_eq!(f.evidence["failing_sources"][0]["ip"], "10.0.0.3");
+        assert!(found.iter().all(|f| f.kind != FindingKind::UnknownKeyBurst));
+        // Rate limits alone are no failed rollover.
+        let limited: Vec<_> = (0..20)
+            .map(|i| ev(t + i * 1000, "new", "10.0.0.2", Outcome::RateLimited))
+            .collect();
+        assert!(run(&limited, &reg).is_empty());
+    }
+
+    #[test]
+    fn a_burst_counts_the_keys_really_presented() {
+        let p = Policy::default();
+        let n = p.unknown_key_burst.threshold as i64;
+        let events: Vec<_> = (0..n)
+            .map(|i| {
+                let key = ["-", "fp:g1", "fp:g2", "-"][i as usize % 4];
+                ev(NOV2 + i * 1000, key, "203.0.113.9", Outcome::InvalidKey)
+            })
+            .collect();
+        let found = run(&events, &reg());
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].evidence["distinct_keys"], 2);
+        assert_eq!(found[0].evidence["without_key"], (n + 1) / 2);
+        assert!(
+            found[0].summary.contains("(2 distinct keys presented"),
+            "{}",
+            found[0].summary
         );
     }
 }

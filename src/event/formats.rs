@@ -77,6 +77,23 @@ impl Format {
     }
 }
 
+/// More places a preset looks for the key, in order, when the preset's own fields name
+/// none (a refused request carries no authenticated entity): first the id fields (a
+/// credential id a plugin logs, an id header such as `request.headers.x-consumer-id`), then
+/// the raw-key fields (`request.headers.x-my-key`), whose value is fingerprinted. Paths are
+/// dot-separated JSON object keys. The preset's own raw-key headers come before these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyFallbacks {
+    pub id_fields: Vec<String>,
+    pub secret_fields: Vec<String>,
+}
+
+impl KeyFallbacks {
+    pub fn is_empty(&self) -> bool {
+        self.id_fields.is_empty() && self.secret_fields.is_empty()
+    }
+}
+
 /// Turns lines into [`AuthEvent`]s for one [`Format`].
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -86,6 +103,7 @@ pub struct Decoder {
     mapping: Option<CompiledMapping>,
     redactor: Redactor,
     fingerprints: FingerprintCache,
+    fallbacks: KeyFallbacks,
 }
 
 /// What a record said, before the key is resolved and the outcome classified.
@@ -129,6 +147,50 @@ impl Decoder {
             mapping,
             redactor,
             fingerprints: FingerprintCache::new(),
+            fallbacks: KeyFallbacks::default(),
+        }
+    }
+
+    /// Extends the preset with more key fields, tried in order when its own name no key
+    /// ([`KeyFallbacks`]). The raw-key fields are redacted in dead letters too.
+    pub fn with_key_fallbacks(mut self, fallbacks: KeyFallbacks) -> Self {
+        let mut names = self.format.secret_names();
+        let leaves: Vec<&str> = fallbacks
+            .secret_fields
+            .iter()
+            .filter_map(|p| p.rsplit('.').next())
+            .collect();
+        names.extend(leaves);
+        self.redactor = Redactor::new(&names);
+        self.fallbacks = fallbacks;
+        self
+    }
+
+    /// Applies the fallbacks to a record whose preset found no key id.
+    fn fallback<'a>(&self, record: &serde_json::Value, p: &mut Parts<'a>) {
+        if p.key_id.is_some() || self.fallbacks.is_empty() {
+            return;
+        }
+        let text = |path: &str| {
+            path.split('.')
+                .try_fold(record, |v, seg| v.get(seg))
+                .and_then(|v| match v {
+                    serde_json::Value::String(s) if !s.trim().is_empty() => {
+                        Some(s.trim().to_owned())
+                    }
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+        };
+        if let Some(id) = self.fallbacks.id_fields.iter().find_map(|f| text(f)) {
+            p.key_id = Some(Cow::Owned(id));
+        } else if p.key_secret.is_none() {
+            p.key_secret = self
+                .fallbacks
+                .secret_fields
+                .iter()
+                .find_map(|f| text(f))
+                .map(Cow::Owned);
         }
     }
 
@@ -152,7 +214,7 @@ impl Decoder {
         if first != b'{' && !(first == b'[' && matches!(self.format, Format::Kong)) {
             return Err(self.not_an_object());
         }
-        let parts = match &self.format {
+        let mut parts = match &self.format {
             Format::Kong if first == b'[' => return self.kong_batch(line, out),
             Format::Kong => kong(parse(line)?)?,
             Format::Tyk => tyk(parse(line)?)?,
@@ -166,6 +228,11 @@ impl Decoder {
                 mapping.parts(&root)?
             }
         };
+        if parts.key_id.is_none() && !self.fallbacks.is_empty() {
+            // Only records without a key id pay for a second parse.
+            let root: serde_json::Value = parse(line)?;
+            self.fallback(&root, &mut parts);
+        }
         out.push(self.finish(parts));
         Ok(1)
     }
@@ -186,6 +253,11 @@ impl Decoder {
         out: &mut Vec<AuthEvent<'a>>,
     ) -> Result<usize, DecodeError> {
         let records: Vec<Obj<KongRecord<'a>>> = parse(line)?;
+        let values: Option<Vec<serde_json::Value>> = if self.fallbacks.is_empty() {
+            None
+        } else {
+            Some(parse(line)?)
+        };
         let start = out.len();
         for (i, record) in records.into_iter().enumerate() {
             let parts = match record {
@@ -195,7 +267,12 @@ impl Decoder {
                 ))),
             };
             match parts {
-                Ok(p) => out.push(self.finish(p)),
+                Ok(mut p) => {
+                    if let Some(v) = values.as_ref().and_then(|v| v.get(i)) {
+                        self.fallback(v, &mut p);
+                    }
+                    out.push(self.finish(p))
+                }
                 Err(e) => {
                     out.truncate(start);
                     return Err(e);
@@ -793,6 +870,69 @@ mod tests {
 
     fn label() -> Option<Cow<'static, str>> {
         s(LABEL)
+    }
+
+    #[test]
+    fn a_preset_extended_with_key_fallbacks_keeps_the_key_of_refused_requests() {
+        let d = decoder(Format::Kong).with_key_fallbacks(KeyFallbacks {
+            id_fields: vec!["request.headers.x-consumer-key-id".into()],
+            secret_fields: vec!["request.headers.x-partner-key".into()],
+        });
+        let fp = |raw: &str| fingerprinter().key_id(raw);
+        let rec = |headers: &str, entity: &str| {
+            format!(
+                r#"{{"request":{{"method":"GET","uri":"/v1/x","headers":{{{headers}}}}},"response":{{"status":401}},"client_ip":"10.0.0.9","started_at":1614232669000{entity}}}"#
+            )
+        };
+        let secret = "partner_Key_0123456789abcdef";
+        // (record, the key id it must give)
+        let cases: Vec<(String, String)> = vec![
+            // The preset's own id wins.
+            (
+                rec(
+                    r#""x-consumer-key-id":"hdr-1""#,
+                    r#","authenticated_entity":{"id":"gw-1"}"#,
+                ),
+                "gw-1".into(),
+            ),
+            // Refused: an id header before any raw key.
+            (
+                rec(
+                    &format!(r#""x-consumer-key-id":"hdr-1","apikey":"{secret}""#),
+                    "",
+                ),
+                "hdr-1".into(),
+            ),
+            // The preset's raw-key header before the added one.
+            (
+                rec(
+                    &format!(r#""apikey":"{secret}","x-partner-key":"other_Key_0123456789""#),
+                    "",
+                ),
+                fp(secret),
+            ),
+            // The added raw-key header, fingerprinted.
+            (
+                rec(&format!(r#""x-partner-key":"{secret}""#), ""),
+                fp(secret),
+            ),
+            (rec(r#""user-agent":"curl""#, ""), NO_KEY.into()),
+        ];
+        for (line, want) in &cases {
+            let mut out = Vec::new();
+            d.decode(line.as_bytes(), &mut out).unwrap();
+            assert_eq!(out[0].key_id, want.as_str(), "{line}");
+            // A Kong batch gives the same.
+            let (two, mut batch) = (format!("[{line},{line}]"), Vec::new());
+            d.decode(two.as_bytes(), &mut batch).unwrap();
+            assert!(
+                batch.iter().all(|e| e.key_id == want.as_str()),
+                "batch {line}"
+            );
+        }
+        // The added raw-key field is a secret in dead letters too.
+        let redacted = d.redact(cases[3].0.as_bytes());
+        assert!(!redacted.contains(secret), "{redacted}");
     }
 
     fn decoder(format: Format) -> Decoder {

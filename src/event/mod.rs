@@ -20,7 +20,7 @@ mod value;
 use std::borrow::Cow;
 
 pub use fingerprint::{Fingerprinter, FINGERPRINT_PREFIX};
-pub use formats::{Decoder, Format, PRESETS};
+pub use formats::{Decoder, Format, KeyFallbacks, PRESETS};
 pub use mapping::{FieldMapping, LatencyUnit, TimestampFormat};
 pub use outcome::Outcome;
 pub use time::{epoch_to_ms, parse_timestamp};

@@ -50,8 +50,19 @@ impl Outcome {
         self as usize
     }
 
+    /// Any refusal by the gateway, rate limiting included (the usage report's breakdown).
     pub fn is_failure(self) -> bool {
         !matches!(self, Outcome::Ok | Outcome::Other)
+    }
+
+    /// An authentication failure: the key was missing, unknown, expired, revoked or not
+    /// allowed. Rate limiting is not one (the key was fine, the client too fast), and
+    /// every detector and stored failure count uses this, not [`Outcome::is_failure`].
+    pub fn is_auth_failure(self) -> bool {
+        matches!(
+            self,
+            Outcome::InvalidKey | Outcome::Expired | Outcome::Revoked | Outcome::Forbidden
+        )
     }
 
     /// Classifies from the status code and, when the gateway logs one, an error message or
@@ -171,5 +182,18 @@ mod tests {
         assert!(!Outcome::Other.is_failure());
         assert!(Outcome::InvalidKey.is_failure());
         assert!(Outcome::RateLimited.is_failure());
+        let auth: Vec<Outcome> = Outcome::ALL
+            .into_iter()
+            .filter(|o| o.is_auth_failure())
+            .collect();
+        assert_eq!(
+            auth,
+            [
+                Outcome::InvalidKey,
+                Outcome::Expired,
+                Outcome::Revoked,
+                Outcome::Forbidden
+            ]
+        );
     }
 }

@@ -13,7 +13,10 @@
 //!   `step` (a reminder's), `evidence` (as the detector wrote it), `source` (a lingering
 //!   source, or the source of a revoked/expired key use);
 //! - `rotation`: `old_key`, `old_label`, `new_key`, `new_label`, `owner`, `started_local`,
-//!   `deadline_local`, `overdue`, `share` (0..1 over 24 h, or none), `old_requests`,
+//!   `deadline_local`, `overdue` (when the findings were judged: the latest finding's `at`,
+//!   not when the message is sent), `judged_local` (that time), `overdue_at_delivery` (by
+//!   the notifier's clock, so a message can say both, each for what it is), `share` (0..1
+//!   over 24 h, or none), `old_requests`,
 //!   `new_requests`, `last_old_use_local`, `lingering` (sources), `lingering_count`,
 //!   `lingering_more` (not listed), `forecast_local` (none when stalled or unknown);
 //! - a source: `ip`, `user_agent`, `endpoints`, `gateways` (joined), `first_seen_local`,
@@ -133,6 +136,10 @@ fn rotation(
         .map_or(Value::Null, |i| {
             local_of(&i.evidence["forecast"]["completion"], tz)
         });
+    // "Overdue" is what was true when the findings were judged (their latest `at`): a
+    // reminder judged the day before the deadline must not say it passed because it is
+    // delivered, or rendered in a backtest, later.
+    let judged_ms = items.iter().map(|i| i.at_ms).max().unwrap_or(now_ms);
     let mut out = match status {
         Some(s) => json!({
             "old_key": s.old_key,
@@ -142,7 +149,8 @@ fn rotation(
             "owner": s.owner,
             "started_local": format_local(s.started_ms, tz),
             "deadline_local": format_local(s.deadline_ms, tz),
-            "overdue": now_ms >= s.deadline_ms,
+            "overdue": judged_ms >= s.deadline_ms,
+            "overdue_at_delivery": now_ms >= s.deadline_ms,
             "share": s.share_24h,
             "old_requests": s.old_requests,
             "new_requests": s.new_requests,
@@ -162,7 +170,8 @@ fn rotation(
                 "owner": items[0].owner,
                 "started_local": local_of(&ev["started"], tz),
                 "deadline_local": local_of(&ev["deadline"], tz),
-                "overdue": deadline.is_some_and(|d| now_ms >= d),
+                "overdue": deadline.is_some_and(|d| judged_ms >= d),
+                "overdue_at_delivery": deadline.is_some_and(|d| now_ms >= d),
                 "share": ev["share_24h"],
                 "old_requests": ev["old_requests"],
                 "new_requests": ev["new_requests"],
@@ -202,6 +211,7 @@ fn rotation(
             (v, counted.max(n))
         }
     };
+    out["judged_local"] = json!(format_local(judged_ms, tz));
     let listed: Vec<Value> = lingering.into_iter().take(MAX_SOURCES).collect();
     out["lingering_more"] = json!(total.saturating_sub(listed.len()));
     out["lingering_count"] = json!(total);
@@ -415,5 +425,57 @@ fn one_line(s: &str) -> String {
         out
     } else {
         flat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reminder judged the day before the deadline says what was true then, also when it
+    /// is rendered after the deadline (a backtest, a late delivery), and says which is which.
+    #[test]
+    fn overdue_is_what_was_true_when_the_finding_was_judged() {
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        let deadline = 1_795_453_200_000; // 2026-11-24T17:00:00Z, 18:00 CET
+        let day = 86_400_000;
+        let item = |at_ms: i64| Item {
+            kind: Kind::Finding(FindingKind::RotationReminder),
+            key_id: "A".into(),
+            owner: Some("acme".into()),
+            at_ms,
+            severity: Severity::Info,
+            summary: "reminder".into(),
+            evidence: json!({"old_key": "A", "new_key": "B",
+                "deadline": format_rfc3339(deadline), "step": "1d"}),
+            dedup_key: "r".into(),
+        };
+        let rotations = HashMap::new();
+        // (judged at, rendered at, overdue, overdue at delivery)
+        let cases = [
+            (deadline - day, deadline - day, false, false),
+            (deadline - day, deadline + 3_600_000, false, true),
+            (deadline + 60_000, deadline + 3_600_000, true, true),
+        ];
+        for (judged, now, overdue, at_delivery) in cases {
+            let it = item(judged);
+            let ctx = Context {
+                test: false,
+                recipient: "owner:acme",
+                receiver: "owners",
+                owner: Some("acme"),
+                tz: berlin,
+                entries: vec![Entry {
+                    item: &it,
+                    repeated: false,
+                }],
+                rotations: &rotations,
+            };
+            let v = ctx.to_value("email", now);
+            let r = &v["sections"][0]["rotation"];
+            assert_eq!(r["overdue"], overdue, "judged {judged}, now {now}: {r}");
+            assert_eq!(r["overdue_at_delivery"], at_delivery, "{r}");
+            assert_eq!(r["judged_local"], format_local(judged, berlin));
+        }
     }
 }

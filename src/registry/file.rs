@@ -64,6 +64,10 @@ struct RawKey {
     rotation_started: Option<Spanned<toml::Value>>,
     deadline: Option<Spanned<toml::Value>>,
     revoked: Option<Spanned<toml::Value>>,
+    deprecated: Option<Spanned<toml::Value>>,
+    /// Other ids of the key (the `fp:…` of its secret, an id header's value).
+    #[serde(default)]
+    aliases: Vec<Spanned<String>>,
     #[serde(default)]
     scopes: Vec<String>,
 }
@@ -122,6 +126,23 @@ impl Validator<'_> {
                 ));
             }
             reg.insert_key(key);
+        }
+        // An id or alias names one key: the same name twice would tie two keys' traffic.
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, k) in raw.keys.iter().enumerate() {
+            names.entry(k.id.get_ref().trim().to_owned()).or_insert(i);
+        }
+        for (i, k) in raw.keys.iter().enumerate() {
+            for (j, a) in k.aliases.iter().enumerate() {
+                let name = a.get_ref().trim();
+                if let Some(other) = names.insert(name.to_owned(), i) {
+                    return Err(self.err(
+                        format!("keys[{i}].aliases[{j}]"),
+                        Some(a.span()),
+                        format!("`{name}` already names keys[{other}]: an alias names one key"),
+                    ));
+                }
+            }
         }
 
         // Successors must be listed keys of the same owner.
@@ -281,6 +302,19 @@ impl Validator<'_> {
         let started_ms = self.time(f("rotation_started"), &k.rotation_started, tz)?;
         let deadline_ms = self.time(f("deadline"), &k.deadline, tz)?;
         let revoked_ms = self.time(f("revoked"), &k.revoked, tz)?;
+        let deprecated_ms = self.time(f("deprecated"), &k.deprecated, tz)?;
+        let mut aliases = Vec::new();
+        for (j, a) in k.aliases.iter().enumerate() {
+            let name = a.get_ref().trim();
+            if name.is_empty() || name == crate::event::NO_KEY || name == id {
+                return Err(self.err(
+                    format!("keys[{i}].aliases[{j}]"),
+                    Some(a.span()),
+                    format!("expected another id of key `{id}`, found `{name}`"),
+                ));
+            }
+            aliases.push(name.to_owned());
+        }
         if let (Some(c), Some(e)) = (created_ms, expires_ms) {
             if e <= c {
                 return Err(self.err(
@@ -368,6 +402,26 @@ impl Validator<'_> {
                 "only used with state = \"revoked\"".into(),
             ));
         }
+        if deprecated_ms.is_some() && !matches!(k.state, KeyState::Deprecated | KeyState::Revoked) {
+            return Err(self.err(
+                f("deprecated"),
+                span_of(&k.deprecated),
+                "only used with state = \"deprecated\" or \"revoked\"".into(),
+            ));
+        }
+        // Each transition applies from its own time: they must come in the order of a life.
+        let order = [
+            ("rotation_started", started_ms, &k.rotation_started),
+            ("deprecated", deprecated_ms, &k.deprecated),
+            ("revoked", revoked_ms, &k.revoked),
+        ];
+        for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+            if let ((an, Some(at), _), (bn, Some(bt), bv)) = (order[a], order[b]) {
+                if bt < at {
+                    return Err(self.err(f(bn), span_of(bv), format!("must not be before {an}")));
+                }
+            }
+        }
         Ok(Key {
             id: id.to_owned(),
             name: k.name.as_ref().map(|n| n.trim().to_owned()),
@@ -382,6 +436,8 @@ impl Validator<'_> {
                 deadline_ms,
             }),
             revoked_ms,
+            deprecated_ms,
+            aliases,
             scopes: k.scopes.clone(),
         })
     }
@@ -505,6 +561,22 @@ revoked = "2026-11-01T09:00"
             (
                 format!("{owner}[[keys]]\nid = \"k\"\nowner = \"p\"\n"),
                 "keys.toml:5: keys[0].owner: unknown owner `p`, expected one of o",
+            ),
+            (
+                format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\naliases = [\"fp:01\"]\n[[keys]]\nid = \"j\"\nowner = \"o\"\naliases = [\"fp:01\"]\n"),
+                "keys.toml:10: keys[1].aliases[0]: `fp:01` already names keys[0]: an alias names one key",
+            ),
+            (
+                format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\naliases = [\"k\"]\n"),
+                "keys.toml:6: keys[0].aliases[0]: expected another id of key `k`, found `k`",
+            ),
+            (
+                format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\ndeprecated = \"2026-11-01\"\n"),
+                "keys.toml:6: keys[0].deprecated: only used with state = \"deprecated\" or \"revoked\"",
+            ),
+            (
+                format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\nstate = \"revoked\"\nsuccessor = \"j\"\nrotation_started = \"2026-11-10\"\nrevoked = \"2026-11-01\"\n[[keys]]\nid = \"j\"\nowner = \"o\"\n"),
+                "keys.toml:9: keys[0].revoked: must not be before rotation_started",
             ),
             (
                 format!("{owner}[[keys]]\nid = \"k\"\nowner = \"o\"\nstate = \"rotatin\"\n"),

@@ -29,6 +29,10 @@ pub enum LifecycleEvent {
         expires_at: Option<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         scopes: Vec<String>,
+        /// Other ids of the key (the `fp:…` of its secret, an id header's value); added to
+        /// the ones it has.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        aliases: Vec<String>,
     },
     /// `key_id` is being replaced by `successor` (added, owned by the same owner, when the
     /// registry does not know it yet). Without a deadline, the policy's grace period applies.
@@ -48,6 +52,14 @@ pub enum LifecycleEvent {
     },
     /// The key expired (or will) at `expired_at`.
     KeyExpired { key_id: String, expired_at: String },
+    /// The key is deprecated from `deprecated_at` on (still accepted; nobody should use
+    /// it). Without a time, from when the event is applied ([`Registry::apply_at`]) or at
+    /// any time ([`Registry::apply`]).
+    KeyDeprecated {
+        key_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deprecated_at: Option<String>,
+    },
 }
 
 impl LifecycleEvent {
@@ -70,12 +82,67 @@ impl LifecycleEvent {
             LifecycleEvent::KeyCreated { key_id, .. }
             | LifecycleEvent::RotationStarted { key_id, .. }
             | LifecycleEvent::KeyRevoked { key_id, .. }
-            | LifecycleEvent::KeyExpired { key_id, .. } => key_id,
+            | LifecycleEvent::KeyExpired { key_id, .. }
+            | LifecycleEvent::KeyDeprecated { key_id, .. } => key_id,
         }
+    }
+
+    /// When the event takes effect, by its own time (in the key owner's zone when written
+    /// without an offset): `created_at`, `started_at`, `revoked_at`, `expired_at`,
+    /// `deprecated_at`. `None` when the event names no time. A replay applies events in
+    /// this order, each before the traffic at or after its time.
+    pub fn effective_ms(&self, registry: &Registry) -> Result<Option<i64>, String> {
+        let tz = match self {
+            LifecycleEvent::KeyCreated { owner, .. } => registry
+                .owner(owner.trim())
+                .map_or(chrono_tz::Tz::UTC, |o| o.timezone),
+            _ => registry.timezone_of(self.key_id().trim()),
+        };
+        let (field, t) = match self {
+            LifecycleEvent::KeyCreated { created_at, .. } => ("created_at", created_at.as_deref()),
+            LifecycleEvent::RotationStarted { started_at, .. } => {
+                ("started_at", Some(started_at.as_str()))
+            }
+            LifecycleEvent::KeyRevoked { revoked_at, .. } => ("revoked_at", revoked_at.as_deref()),
+            LifecycleEvent::KeyExpired { expired_at, .. } => {
+                ("expired_at", Some(expired_at.as_str()))
+            }
+            LifecycleEvent::KeyDeprecated { deprecated_at, .. } => {
+                ("deprecated_at", deprecated_at.as_deref())
+            }
+        };
+        t.map(|t| parse_time(t, tz).map_err(|e| format!("{field}: {e}")))
+            .transpose()
     }
 }
 
 impl Registry {
+    /// Applies a lifecycle event received (or replayed) at `at_ms`: like
+    /// [`Registry::apply`], but a revocation or deprecation that names no time takes effect
+    /// at `at_ms` rather than at any time, so that history before it is judged with the
+    /// key's earlier state. A backtest or the daemon calls this in event-time order with
+    /// the traffic ([`LifecycleEvent::effective_ms`] gives the order).
+    pub fn apply_at(&mut self, ev: &LifecycleEvent, at_ms: i64) -> Result<(), String> {
+        let at = crate::registry::format_rfc3339(at_ms);
+        match ev {
+            LifecycleEvent::KeyRevoked {
+                key_id,
+                revoked_at: None,
+            } => self.apply(&LifecycleEvent::KeyRevoked {
+                key_id: key_id.clone(),
+                revoked_at: Some(at),
+            }),
+            LifecycleEvent::KeyDeprecated {
+                key_id,
+                deprecated_at: None,
+            } => self.apply(&LifecycleEvent::KeyDeprecated {
+                key_id: key_id.clone(),
+                deprecated_at: Some(at),
+            }),
+            _ => self.apply(ev),
+        }
+    }
+
     /// Applies a lifecycle event. On an error (unknown key, bad time, a rotation of a revoked
     /// key, ...) the registry is unchanged.
     pub fn apply(&mut self, ev: &LifecycleEvent) -> Result<(), String> {
@@ -91,6 +158,7 @@ impl Registry {
                 created_at,
                 expires_at,
                 scopes,
+                aliases,
                 ..
             } => {
                 let owner = owner.trim();
@@ -125,6 +193,18 @@ impl Registry {
                 key.expires_ms = expires_ms.or(key.expires_ms);
                 if !scopes.is_empty() {
                     key.scopes.clone_from(scopes);
+                }
+                for a in aliases {
+                    let a = a.trim();
+                    if a.is_empty() || a == crate::event::NO_KEY || a == id {
+                        return Err(format!("aliases: expected another id of {id}, found `{a}`"));
+                    }
+                    if let Some(other) = self.key(a).filter(|k| k.id != id) {
+                        return Err(format!("aliases: `{a}` already names key {}", other.id));
+                    }
+                    if !key.aliases.iter().any(|x| x == a) {
+                        key.aliases.push(a.to_owned());
+                    }
                 }
                 if self.owner(owner).is_none() {
                     self.insert_owner(Owner::bare(owner));
@@ -205,6 +285,24 @@ impl Registry {
                 key.revoked_ms = revoked_ms;
                 Ok(())
             }
+            LifecycleEvent::KeyDeprecated { deprecated_at, .. } => {
+                let tz = self.timezone_of(id);
+                let deprecated_ms = deprecated_at
+                    .as_deref()
+                    .map(|t| parse_time(t, tz).map_err(|e| format!("deprecated_at: {e}")))
+                    .transpose()?;
+                let key = self
+                    .key_mut(id)
+                    .ok_or_else(|| format!("unknown key {id}: send key_created first"))?;
+                if key.state == KeyState::Revoked {
+                    // History only: the revocation stays the latest state.
+                    key.deprecated_ms = deprecated_ms.or(key.deprecated_ms);
+                } else {
+                    key.state = KeyState::Deprecated;
+                    key.deprecated_ms = deprecated_ms;
+                }
+                Ok(())
+            }
             LifecycleEvent::KeyExpired { expired_at, .. } => {
                 let tz = self.timezone_of(id);
                 let at = parse_time(expired_at, tz).map_err(|e| format!("expired_at: {e}"))?;
@@ -230,6 +328,46 @@ mod tests {
         chrono::DateTime::parse_from_rfc3339(s)
             .unwrap()
             .timestamp_millis()
+    }
+
+    #[test]
+    fn events_apply_from_their_own_time() {
+        let mut reg = Registry::parse("keys.toml", "[owners.o]\n").unwrap();
+        let events = [
+            r#"{"type":"key_created","key_id":"A","owner":"o","created_at":"2026-11-01T00:00:00Z","aliases":["fp:00aa"]}"#,
+            r#"{"type":"rotation_started","key_id":"fp:00aa","successor":"B","started_at":"2026-11-10T00:00:00Z"}"#,
+            r#"{"type":"key_deprecated","key_id":"A","deprecated_at":"2026-11-12T00:00:00Z"}"#,
+            // No time: it applies from when it is applied, not at any time.
+            r#"{"type":"key_revoked","key_id":"A"}"#,
+        ];
+        let mut order = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let e = ev(e);
+            order.push(e.effective_ms(&reg).unwrap());
+            reg.apply_at(&e, ms("2026-11-20T00:00:00Z") + i as i64)
+                .unwrap();
+        }
+        assert_eq!(order[1], Some(ms("2026-11-10T00:00:00Z")));
+        assert_eq!(order[3], None);
+        let a = reg.key("fp:00aa").unwrap();
+        assert_eq!(a.id, "A");
+        let cases = [
+            ("2026-11-09T23:59:59Z", KeyState::Active),
+            ("2026-11-10T00:00:00Z", KeyState::Rotating),
+            ("2026-11-12T00:00:00Z", KeyState::Deprecated),
+            ("2026-11-20T00:00:00.003Z", KeyState::Revoked),
+        ];
+        for (t, want) in cases {
+            assert_eq!(a.state_at(ms(t)), want, "{t}");
+        }
+        assert!(a.rotation_at(ms("2026-11-15T00:00:00Z")).is_some());
+        assert!(a.rotation_at(ms("2026-11-21T00:00:00Z")).is_none());
+        // An alias that names another key is refused.
+        let clash = ev(r#"{"type":"key_created","key_id":"C","owner":"o","aliases":["fp:00aa"]}"#);
+        assert!(reg
+            .apply(&clash)
+            .unwrap_err()
+            .contains("already names key A"));
     }
 
     #[test]
@@ -274,7 +412,9 @@ mod tests {
         assert_eq!(a.state, KeyState::Revoked);
         assert!(!a.is_revoked_at(ms("2026-11-30T08:59:59Z")));
         assert!(a.is_revoked_at(ms("2026-11-30T09:00:00Z")));
-        assert_eq!(reg.rotations().count(), 0);
+        // The rotation stays in the key's history: open until the revocation, not after.
+        assert_eq!(reg.rotations_at(ms("2026-11-30T08:59:59Z")).count(), 1);
+        assert_eq!(reg.rotations_at(ms("2026-11-30T09:00:00Z")).count(), 0);
 
         reg.apply(&ev(
             r#"{"type":"key_expired","key_id":"B","expired_at":"2027-01-01"}"#,

@@ -6,8 +6,16 @@
 //!   ([`Registry::apply`]). The detectors read it through an `Arc` and never change it; a
 //!   reload builds a new one and swaps the `Arc` ([`RegistryWatcher`]).
 //! - A key's `id` is what keywatch sees in traffic: the gateway's key id, or the `fp:…`
-//!   fingerprint of raw key material (`keywatch fingerprint` prints it). The registry never
-//!   holds raw key material.
+//!   fingerprint of raw key material (`keywatch fingerprint` prints it). Its `aliases` are
+//!   the other names the same key goes by: gateways log a credential id when they accept a
+//!   request and only the presented key (fingerprinted) or an id header when they refuse
+//!   one, so [`Registry::key`] finds a key by its id or any alias, and one key's accepted
+//!   and rejected requests meet. The registry never holds raw key material.
+//! - A key has a history, not one state: creation, rotation start (and deadline),
+//!   deprecation, revocation and expiry each apply from their own time. [`Key::state_at`]
+//!   answers "what was this key's state at t", so a key that rotated and was revoked later
+//!   was rotating before the revocation. `state` is the latest state, as written; a
+//!   transition without a time applies at any time.
 //! - Every time is milliseconds since the Unix epoch (UTC). Times written without an offset
 //!   are read in the owner's time zone ([`parse_time`]), so that "18:00 on the 24th" means
 //!   what the owner means on either side of a daylight-saving change.
@@ -94,6 +102,12 @@ pub struct Key {
     /// When the key was revoked; without it a revoked key counts as revoked at any time
     /// (set it when backtesting history from before the revocation).
     pub revoked_ms: Option<i64>,
+    /// When the key was deprecated (still accepted, nobody should use it); without it a
+    /// deprecated key is deprecated from its rotation's start, or at any time.
+    pub deprecated_ms: Option<i64>,
+    /// Other ids of the same key: the `fp:…` fingerprint of its secret (what a refused
+    /// request carries), the gateway's id, an id header's value.
+    pub aliases: Vec<String>,
     pub scopes: Vec<String>,
 }
 
@@ -111,6 +125,8 @@ impl Key {
             successor: None,
             rotation: None,
             revoked_ms: None,
+            deprecated_ms: None,
+            aliases: Vec::new(),
             scopes: Vec::new(),
         }
     }
@@ -125,16 +141,56 @@ impl Key {
         self.state == KeyState::Revoked && !matches!(self.revoked_ms, Some(r) if ts_ms < r)
     }
 
+    /// The key's state at `ts_ms`: each transition applies from its own time (revocation,
+    /// deprecation, rotation start); one written without a time applies at any time.
+    /// Expiry is not a state: see [`Key::is_expired_at`].
+    pub fn state_at(&self, ts_ms: i64) -> KeyState {
+        if self.is_revoked_at(ts_ms) {
+            return KeyState::Revoked;
+        }
+        let started = self.rotation.map(|r| r.started_ms);
+        let deprecated = match (self.deprecated_ms, self.state) {
+            (Some(d), _) => ts_ms >= d,
+            // Written `deprecated` without a time: from the rotation's start, if any.
+            (None, KeyState::Deprecated) => started.is_none_or(|s| ts_ms >= s),
+            (None, _) => false,
+        };
+        if deprecated {
+            KeyState::Deprecated
+        } else if (self.successor.is_some() && started.is_some_and(|s| ts_ms >= s))
+            || (self.state == KeyState::Rotating && started.is_none())
+        {
+            KeyState::Rotating
+        } else {
+            KeyState::Active
+        }
+    }
+
+    /// The successor and rotation when the key is being replaced at `ts_ms` (or will be:
+    /// a rotation that starts later counts, as scheduled): it has a rotation and is not
+    /// revoked at `ts_ms`.
+    pub fn rotation_at(&self, ts_ms: i64) -> Option<(&str, Rotation)> {
+        let (s, r) = self.open_rotation()?;
+        (!self.is_revoked_at(ts_ms)).then_some((s, r))
+    }
+
+    /// Whether `id` names this key (its id or an alias).
+    pub fn answers_to(&self, id: &str) -> bool {
+        self.id == id || self.aliases.iter().any(|a| a == id)
+    }
+
     /// Whether the key had expired at `ts_ms`.
     pub fn is_expired_at(&self, ts_ms: i64) -> bool {
         self.expires_ms.is_some_and(|e| ts_ms >= e)
     }
 
-    /// The successor and rotation when this key is being (or has been, but is not yet
-    /// revoked) replaced: state rotating or deprecated with a rotation start.
+    /// The successor and rotation of a key that is (or was) replaced: state rotating or
+    /// deprecated with a rotation start, or revoked at a known time after a rotation (the
+    /// rotation was open until then: [`Key::rotation_at`] says whether it is at a time).
     pub fn open_rotation(&self) -> Option<(&str, Rotation)> {
         match (self.state, &self.successor, self.rotation) {
             (KeyState::Rotating | KeyState::Deprecated, Some(s), Some(r)) => Some((s, r)),
+            (KeyState::Revoked, Some(s), Some(r)) if self.revoked_ms.is_some() => Some((s, r)),
             _ => None,
         }
     }
@@ -236,6 +292,8 @@ pub struct Registry {
     /// Where it came from, for messages (`rules/keys.toml`, `<empty>`).
     pub origin: String,
     keys: BTreeMap<String, Key>,
+    /// Alias → the id of the key it names.
+    aliases: BTreeMap<String, String>,
     owners: BTreeMap<String, Owner>,
 }
 
@@ -252,8 +310,16 @@ impl Registry {
         self.keys.is_empty()
     }
 
+    /// The key with this id or alias.
     pub fn key(&self, id: &str) -> Option<&Key> {
-        self.keys.get(id)
+        self.keys
+            .get(id)
+            .or_else(|| self.aliases.get(id).and_then(|k| self.keys.get(k)))
+    }
+
+    /// The registry id of the key `id` names (itself for an id or an unknown key).
+    pub fn canonical<'a>(&'a self, id: &'a str) -> &'a str {
+        self.key(id).map_or(id, |k| k.id.as_str())
     }
 
     pub fn owner(&self, name: &str) -> Option<&Owner> {
@@ -280,17 +346,36 @@ impl Registry {
         self.owners.values()
     }
 
-    /// Every key being replaced (rotating or deprecated, with a rotation start), with its
-    /// successor's id and the rotation.
+    /// Every key being replaced (rotating or deprecated, with a rotation start, or revoked
+    /// at a known time after one), with its successor's id and the rotation.
     pub fn rotations(&self) -> impl Iterator<Item = (&Key, &str, Rotation)> {
         self.keys
             .values()
             .filter_map(|k| k.open_rotation().map(|(s, r)| (k, s, r)))
     }
 
-    /// Adds or replaces a key. The caller keeps the registry consistent (the owner exists);
-    /// [`Registry::apply`] and the file loader do.
+    /// The rotations open at `ts_ms` (not yet revoked then).
+    pub fn rotations_at(&self, ts_ms: i64) -> impl Iterator<Item = (&Key, &str, Rotation)> {
+        self.keys
+            .values()
+            .filter_map(move |k| k.rotation_at(ts_ms).map(|(s, r)| (k, s, r)))
+    }
+
+    /// The open rotation (at `ts_ms`) whose successor is `new_id` (an id or alias).
+    pub fn rotation_to(&self, new_id: &str, ts_ms: i64) -> Option<(&Key, Rotation)> {
+        let new = self.key(new_id)?;
+        self.rotations_at(ts_ms)
+            .find(|(_, s, _)| *s == new.id)
+            .map(|(k, _, r)| (k, r))
+    }
+
+    /// Adds or replaces a key. The caller keeps the registry consistent (the owner exists,
+    /// no alias names two keys); [`Registry::apply`] and the file loader do.
     pub fn insert_key(&mut self, key: Key) {
+        self.aliases.retain(|_, k| *k != key.id);
+        for a in &key.aliases {
+            self.aliases.insert(a.clone(), key.id.clone());
+        }
         self.keys.insert(key.id.clone(), key);
     }
 
@@ -299,8 +384,13 @@ impl Registry {
         self.owners.insert(owner.name.clone(), owner);
     }
 
+    /// The key with this id or alias. Changing its aliases needs [`Registry::insert_key`].
     pub(crate) fn key_mut(&mut self, id: &str) -> Option<&mut Key> {
-        self.keys.get_mut(id)
+        let id = match self.aliases.get(id) {
+            Some(k) if !self.keys.contains_key(id) => k.clone(),
+            _ => id.to_owned(),
+        };
+        self.keys.get_mut(&id)
     }
 }
 
@@ -453,6 +543,70 @@ mod tests {
         std::fs::write(&p, "https://hooks.slack.com/services/T0/B0/abc\n").unwrap();
         let got = SecretRef::File(p).resolve().unwrap();
         assert_eq!(got.expose(), "https://hooks.slack.com/services/T0/B0/abc");
+    }
+
+    #[test]
+    fn a_keys_state_follows_its_history() {
+        // Rotated at 100, deprecated at 200, revoked at 300.
+        let mut k = Key::new("k", "o");
+        k.state = KeyState::Revoked;
+        k.successor = Some("n".into());
+        k.rotation = Some(Rotation {
+            started_ms: 100,
+            deadline_ms: Some(250),
+        });
+        k.deprecated_ms = Some(200);
+        k.revoked_ms = Some(300);
+        let cases = [
+            (99, KeyState::Active, true),
+            (100, KeyState::Rotating, true),
+            (199, KeyState::Rotating, true),
+            (200, KeyState::Deprecated, true),
+            (299, KeyState::Deprecated, true),
+            (300, KeyState::Revoked, false),
+            (10_000, KeyState::Revoked, false),
+        ];
+        for (t, state, open) in cases {
+            assert_eq!(k.state_at(t), state, "at {t}");
+            assert_eq!(k.rotation_at(t).is_some(), open, "rotation at {t}");
+        }
+        // Without times, the written state applies at any time.
+        let mut k = Key::new("k", "o");
+        k.state = KeyState::Revoked;
+        assert_eq!(k.state_at(0), KeyState::Revoked);
+        k.state = KeyState::Deprecated;
+        assert_eq!(k.state_at(0), KeyState::Deprecated);
+        // A rotation that starts later is scheduled: open, still active.
+        k.state = KeyState::Rotating;
+        k.successor = Some("n".into());
+        k.rotation = Some(Rotation {
+            started_ms: 100,
+            deadline_ms: None,
+        });
+        assert_eq!(k.state_at(50), KeyState::Active);
+        assert!(k.rotation_at(50).is_some());
+        // Revoked without a time after a rotation: no rotation is open at any time.
+        k.state = KeyState::Revoked;
+        assert!(k.open_rotation().is_none());
+    }
+
+    #[test]
+    fn keys_are_found_by_their_aliases() {
+        let mut reg = Registry::empty();
+        let mut k = Key::new("gw-1", "o");
+        k.aliases = vec!["fp:0011".into(), "hdr-1".into()];
+        reg.insert_key(k.clone());
+        for id in ["gw-1", "fp:0011", "hdr-1"] {
+            assert_eq!(reg.key(id).map(|k| k.id.as_str()), Some("gw-1"), "{id}");
+            assert_eq!(reg.canonical(id), "gw-1");
+        }
+        assert!(reg.key("fp:9999").is_none());
+        assert_eq!(reg.canonical("fp:9999"), "fp:9999");
+        // Replacing the key drops aliases it no longer has.
+        k.aliases = vec!["fp:0011".into()];
+        reg.insert_key(k);
+        assert!(reg.key("hdr-1").is_none());
+        assert!(reg.key_mut("fp:0011").is_some());
     }
 
     #[test]
