@@ -165,6 +165,13 @@ pub struct RawInput {
     pub start_at: StartAt,
     /// A gateway name for records that carry none.
     pub gateway: Option<String>,
+    /// More places a preset looks for the key of a request it names none for (a refused
+    /// request): id fields or headers (dot-separated paths), in order...
+    #[serde(default)]
+    pub key_id_fields: Vec<String>,
+    /// ...then fields holding raw key material, fingerprinted on arrival.
+    #[serde(default)]
+    pub key_secret_fields: Vec<String>,
     pub mapping: Option<FieldMapping>,
     pub kafka: Option<RawKafka>,
 }
@@ -211,6 +218,8 @@ impl Default for RawInput {
             follow: true,
             start_at: StartAt::default(),
             gateway: None,
+            key_id_fields: Vec::new(),
+            key_secret_fields: Vec::new(),
             mapping: None,
             kafka: None,
         }
@@ -363,6 +372,8 @@ pub struct InputConfig {
     pub follow: bool,
     pub start_at: StartAt,
     pub gateway: Option<String>,
+    /// `key_id_fields` and `key_secret_fields`.
+    pub key_fallbacks: crate::event::KeyFallbacks,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -698,6 +709,10 @@ impl RawConfig {
                 follow: input.follow,
                 start_at: input.start_at,
                 gateway: input.gateway.clone(),
+                key_fallbacks: crate::event::KeyFallbacks {
+                    id_fields: input.key_id_fields.clone(),
+                    secret_fields: input.key_secret_fields.clone(),
+                },
             },
             fingerprint: FingerprintConfig { secret, hint_chars },
             pipeline,

@@ -23,13 +23,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::detect::{Finding, RotationStatus};
 use crate::notify::Input;
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// How long the pipeline waits for the notifier to confirm a batch's findings.
 pub const NOTIFIER_ACK_WAIT: Duration = Duration::from_secs(30);
@@ -61,18 +60,23 @@ impl FindingSink {
     }
 
     /// A batch's stream and anomaly findings, before the batch is committed (see the module
-    /// doc).
+    /// doc): stored, then handed over durably. The pipeline retries a transient store error
+    /// (see [`Self::record`] and [`Self::hand_over`] for the two halves).
     pub fn before_commit(
         &mut self,
         store: &mut dyn Store,
         found: Vec<Finding>,
-    ) -> anyhow::Result<()> {
-        if found.is_empty() {
-            return Ok(());
-        }
-        self.store(store, &found)?;
-        self.send_durably(found);
+    ) -> Result<(), StoreError> {
+        self.record(store, &found)?;
+        self.hand_over(found);
         Ok(())
+    }
+
+    /// Hands findings already stored to the notifier and waits until they are in its log.
+    pub fn hand_over(&mut self, found: Vec<Finding>) {
+        if !found.is_empty() {
+            self.send_durably(found);
+        }
     }
 
     /// An evaluation's findings and the rotations it looked at.
@@ -81,8 +85,8 @@ impl FindingSink {
         store: &mut dyn Store,
         findings: Vec<Finding>,
         rotations: Vec<RotationStatus>,
-    ) -> anyhow::Result<()> {
-        self.store(store, &findings)?;
+    ) -> Result<(), StoreError> {
+        self.record(store, &findings)?;
         if !findings.is_empty() || !rotations.is_empty() {
             self.send(Input::Evaluated {
                 findings,
@@ -142,14 +146,14 @@ impl FindingSink {
     }
 
     /// Stores findings; keeps those never stored before (logged and counted here).
-    fn store(&mut self, store: &mut dyn Store, found: &[Finding]) -> anyhow::Result<()> {
+    pub fn record(&mut self, store: &mut dyn Store, found: &[Finding]) -> Result<(), StoreError> {
         if found.is_empty() {
             return Ok(());
         }
         let Some(ds) = store.detection() else {
             return Ok(());
         };
-        let new = ds.record_findings(found).context("storing findings")?;
+        let new = ds.record_findings(found)?;
         for f in &new {
             metrics::counter!("keywatch_findings_total", "kind" => f.kind.as_str()).increment(1);
             tracing::warn!(

@@ -117,7 +117,8 @@ pub fn decoder(config: &Config) -> anyhow::Result<Decoder> {
         config.input.format.clone(),
         Fingerprinter::new(&secret, config.fingerprint.hint_chars),
         config.input.gateway.clone(),
-    ))
+    )
+    .with_key_fallbacks(config.input.key_fallbacks.clone()))
 }
 
 /// librdkafka properties: `bootstrap.servers`, the fixed ones, and those read from the

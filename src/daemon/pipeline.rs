@@ -8,7 +8,9 @@
 //! 2. with an event-time clock, cut the batch before the first line whose event reaches the
 //!    next evaluation tick or lifecycle change ([`Schedule::next_cut`]); each segment runs
 //!    steps 3-6, then the ticks and changes it reached are applied in time order;
-//! 3. the stream detectors observe every event; the events fold into one [`Aggregate`];
+//! 3. each event's key becomes the registry's id for it (an alias such as the fingerprint
+//!    of the secret a refused request presented names the same key); the stream detectors
+//!    observe every event; the events fold into one [`Aggregate`];
 //! 4. the anomaly models see the aggregate (once per event: after a crash they are warmed up
 //!    from the store, which does not hold the uncommitted batch, and see it again);
 //! 5. the findings of steps 3-4 are stored and in the notifier's log ([`FindingSink`]);
@@ -437,10 +439,10 @@ impl Pipeline {
 
     /// Steps 1-7 of the module doc for one batch of lines.
     pub fn process_batch(&mut self, stage: &mut LineStage, mut batch: Batch) -> anyhow::Result<()> {
-        let (decoded, rejected) = stage.decode(&batch)?;
+        let (mut decoded, rejected) = stage.decode(&batch)?;
         let n = batch.len();
         let stored = self.ingest(
-            &decoded,
+            &mut decoded,
             &mut BatchLines {
                 batch: &batch,
                 stage,
@@ -462,7 +464,7 @@ impl Pipeline {
     /// Steps 2-6 for events that come without lines (a backtest of stored events, tests),
     /// in time order.
     pub fn process_events(&mut self, events: Vec<AuthEvent<'_>>) -> anyhow::Result<()> {
-        let decoded: Vec<Decoded<'_>> = events
+        let mut decoded: Vec<Decoded<'_>> = events
             .into_iter()
             .enumerate()
             .map(|(line, event)| Decoded {
@@ -472,7 +474,7 @@ impl Pipeline {
             })
             .collect();
         let n = decoded.len();
-        let stored = self.ingest(&decoded, &mut NoLines, n)?;
+        let stored = self.ingest(&mut decoded, &mut NoLines, n)?;
         self.summary.lines += n as u64;
         self.summary.events += stored;
         self.summary.batches += 1;
@@ -524,7 +526,7 @@ impl Pipeline {
     /// Returns the events stored.
     fn ingest(
         &mut self,
-        decoded: &[Decoded<'_>],
+        decoded: &mut [Decoded<'_>],
         lines: &mut dyn Lines,
         n_lines: usize,
     ) -> anyhow::Result<u64> {
@@ -548,12 +550,12 @@ impl Pipeline {
                 .position(|d| d.line == line)
                 .map_or(reach, |i| start + i);
             if end > start {
-                stored += self.commit_segment(&decoded[start..end], lines, first_line..line)?;
+                stored += self.commit_segment(&mut decoded[start..end], lines, first_line..line)?;
                 (start, first_line) = (end, line);
             }
             self.advance_to(decoded[reach].event.ts_ms)?;
         }
-        stored += self.commit_segment(&decoded[start..], lines, first_line..n_lines)?;
+        stored += self.commit_segment(&mut decoded[start..], lines, first_line..n_lines)?;
         Ok(stored)
     }
 
@@ -583,10 +585,22 @@ impl Pipeline {
     /// Steps 3-6 for one segment: `events` of `lines` (all of them, for the position).
     fn commit_segment(
         &mut self,
-        events: &[Decoded<'_>],
+        events: &mut [Decoded<'_>],
         src: &mut dyn Lines,
         lines: std::ops::Range<usize>,
     ) -> anyhow::Result<u64> {
+        // One identity per key: a request the gateway refused carries the fingerprint of the
+        // presented secret (or an id header), an accepted one the credential id; the
+        // registry's aliases tie them, so both count as the key's usage, sources and
+        // rotation progress.
+        let registry = Arc::clone(self.engine.registry());
+        for d in events.iter_mut() {
+            let id = registry.canonical(&d.event.key_id);
+            if id != d.event.key_id {
+                d.event.key_id = std::borrow::Cow::Owned(id.to_owned());
+            }
+        }
+        let events = &*events;
         let mut agg = Aggregate::default();
         let keep_raw = self.store.keeps_raw_events();
         let mut raw: Vec<StoredEvent<'_>> = Vec::new();
@@ -611,7 +625,14 @@ impl Pipeline {
         if self.collect_streamed {
             self.streamed.extend(found.iter().cloned());
         }
-        self.sink.before_commit(self.store.as_mut(), found)?;
+        if !found.is_empty() {
+            let sink = &mut self.sink;
+            retry(self.store.as_mut(), &self.cancel, |store| {
+                sink.record(store, &found)
+            })
+            .context("storing findings")?;
+            self.sink.hand_over(found);
+        }
 
         let position = src.position_before(lines.end);
         let source_id = self.source_id.clone();
@@ -709,22 +730,10 @@ impl Pipeline {
         Ok(stored)
     }
 
-    /// Retries transient store errors with capped exponential backoff until it works or
-    /// keywatch is asked to stop (the batch is then read again at the next start).
     fn commit_with_retry(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.store.commit(batch) {
-                Err(e) if e.is_transient() && !self.cancel.is_cancelled() => {
-                    metrics::counter!("keywatch_store_errors_total", "kind" => "transient")
-                        .increment(1);
-                    tracing::warn!(error = %e, retry_in = ?delay, "store unavailable, retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-                other => return other,
-            }
-        }
+        retry(self.store.as_mut(), &self.cancel, |store| {
+            store.commit(batch)
+        })
     }
 
     /// Evaluates rotations and key ages at `now_ms` (or hands the tick to the test hook).
@@ -752,7 +761,39 @@ impl Pipeline {
             return Ok(());
         };
         let (found, rotations) = self.engine.evaluate_with_rotations(now_ms, &*ds);
-        self.sink.evaluated(self.store.as_mut(), found, rotations)
+        match self.sink.evaluated(self.store.as_mut(), found, rotations) {
+            // The store is away for a while: this evaluation is dropped, the next one (on
+            // the schedule) says the same again; ingestion goes on retrying its commits.
+            Err(e) if e.is_transient() => {
+                metrics::counter!("keywatch_store_errors_total", "kind" => "transient")
+                    .increment(1);
+                tracing::warn!(error = %e, "cannot store an evaluation's findings; the next evaluation tries again");
+                Ok(())
+            }
+            other => other.context("storing findings"),
+        }
+    }
+}
+
+/// Retries transient store errors with capped exponential backoff until `op` works or
+/// keywatch is asked to stop (the batch is then read again at the next start).
+fn retry(
+    store: &mut dyn Store,
+    cancel: &CancellationToken,
+    mut op: impl FnMut(&mut dyn Store) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match op(store) {
+            Err(e) if e.is_transient() && !cancel.is_cancelled() => {
+                metrics::counter!("keywatch_store_errors_total", "kind" => "transient")
+                    .increment(1);
+                tracing::warn!(error = %e, retry_in = ?delay, "store unavailable, retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -816,6 +857,38 @@ mod tests {
             // The last evaluation: at the last event, with everything.
             assert_eq!(seen[4], (*times.last().unwrap(), 30), "chunks of {chunk}");
         }
+    }
+
+    #[test]
+    fn a_refused_request_counts_for_the_key_its_alias_names() {
+        let registry = Registry::parse(
+            "k.toml",
+            "[owners.o]\n[[keys]]\nid = \"k1\"\nowner = \"o\"\naliases = [\"fp:abc\"]\n",
+        )
+        .unwrap();
+        let mut p = crate::daemon::backtest::replay_pipeline(
+            Arc::new(registry),
+            Policy::default(),
+            crate::daemon::schedule::Ticks::At(Vec::new()),
+        )
+        .unwrap();
+        let mut refused = AuthEvent::new(
+            10 * H + 1,
+            Cow::Borrowed("fp:abc"),
+            401,
+            Outcome::InvalidKey,
+        );
+        refused.source_ip = Some(Cow::Borrowed("10.0.0.1"));
+        p.process_events(vec![event(10 * H), refused]).unwrap();
+        let (_, store) = p.parts_mut();
+        let usage = store
+            .detection()
+            .unwrap()
+            .rotation_data("k1", "k2", 0)
+            .unwrap();
+        let hour = &usage.hourly[0];
+        assert_eq!((hour.old_requests, hour.old_failures), (2, 1));
+        assert!(usage.old_sources.len() == 2, "{:?}", usage.old_sources);
     }
 
     #[test]
