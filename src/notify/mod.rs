@@ -132,6 +132,16 @@ impl From<Vec<Finding>> for Input {
     }
 }
 
+/// A stage that may hold a finding back (inhibit, silence): asked when a finding arrives
+/// and again when its group flushes, since a silence or an inhibiting finding may have come
+/// in between.
+pub(crate) trait Hold {
+    /// Whether `item`, raised at `raised_ms`, is held back at `now_ms`.
+    fn holds(&self, item: &Item, raised_ms: i64, now_ms: i64) -> bool;
+    /// The counter of findings this stage held back.
+    fn metric(&self) -> &'static str;
+}
+
 /// The wall clock, in the only place that reads it.
 pub fn wall_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
