@@ -12,7 +12,7 @@
 //! 1. **silence / inhibit** (`silence`, `inhibit`): silences set with `keywatch silence`
 //!    (by key or owner, until a time), read from the log; `[[inhibit]]` rules (a
 //!    `safe_to_revoke` for a key holds back that key's lingering-source reminders). Both
-//!    are checked again when a group flushes.
+//!    are hold-back stages (`Hold`), asked again when a group flushes.
 //! 2. **route** ([`route`]): `[[routes]]` in `rules/routes.toml` choose receivers by kind,
 //!    severity and owner; the `owner` receiver is the key's owner with the contacts in
 //!    `keys.toml`, other receivers are teams with their own contacts.
