@@ -10,18 +10,38 @@
 use std::collections::HashMap;
 
 use super::route::{Inhibit, Item};
+use super::Hold;
 
-/// The latest raise of each rule's source findings, by the value they share with targets.
-#[derive(Debug, Default)]
+/// The rules, and the latest raise of each rule's source findings by the value they share
+/// with targets.
+#[derive(Debug)]
 pub struct Inhibitors {
+    rules: Vec<Inhibit>,
     raised: HashMap<(usize, String), i64>,
 }
 
+impl Hold for Inhibitors {
+    fn holds(&self, item: &Item, raised_ms: i64, _now_ms: i64) -> bool {
+        self.inhibited(item, raised_ms)
+    }
+
+    fn metric(&self) -> &'static str {
+        "keywatch_notify_inhibited_total"
+    }
+}
+
 impl Inhibitors {
+    pub fn new(rules: Vec<Inhibit>) -> Inhibitors {
+        Inhibitors {
+            rules,
+            raised: HashMap::new(),
+        }
+    }
+
     /// Notes the source findings among `items`, raised at `raised_ms`.
-    pub fn note_sources(&mut self, rules: &[Inhibit], items: &[Item], raised_ms: i64) {
+    pub fn note(&mut self, items: &[Item], raised_ms: i64) {
         for item in items {
-            for (i, rule) in rules.iter().enumerate() {
+            for (i, rule) in self.rules.iter().enumerate() {
                 if !rule.sources.contains(&item.kind) {
                     continue;
                 }
@@ -34,8 +54,8 @@ impl Inhibitors {
     }
 
     /// Whether a source holds back `item`, raised at `raised_ms`.
-    pub fn inhibited(&self, rules: &[Inhibit], item: &Item, raised_ms: i64) -> bool {
-        rules.iter().enumerate().any(|(i, rule)| {
+    pub fn inhibited(&self, item: &Item, raised_ms: i64) -> bool {
+        self.rules.iter().enumerate().any(|(i, rule)| {
             rule.targets.contains(&item.kind)
                 && rule.value(item).is_some_and(|v| {
                     self.raised
@@ -93,13 +113,12 @@ mod tests {
             (Equal::Owner, ("k1", "o"), (Linger, "k2", "p"), 50, false),
         ];
         for (equal, (sk, so), (kind, tk, to), at, want) in cases {
-            let rules = [rule(equal)];
-            let mut inh = Inhibitors::default();
-            inh.note_sources(&rules, &[item(Safe, sk, so)], 100);
+            let mut inh = Inhibitors::new(vec![rule(equal)]);
+            inh.note(&[item(Safe, sk, so)], 100);
             // An earlier raise of the same source does not move its time back.
-            inh.note_sources(&rules, &[item(Safe, sk, so)], 10);
+            inh.note(&[item(Safe, sk, so)], 10);
             assert_eq!(
-                inh.inhibited(&rules, &item(kind, tk, to), at),
+                inh.holds(&item(kind, tk, to), at, 0),
                 want,
                 "{equal:?} {kind} {tk} {to} at {at}"
             );

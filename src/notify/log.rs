@@ -3,7 +3,7 @@
 //! shares), the rows that cross it, and the delivery policy on top of it.
 //!
 //! The stores see rows and JSON payloads only: which channel a target is, and which of its
-//! parts are secret, stays in the notifier ([`super::redact`]).
+//! parts are secret, stays in the notifier (`notify::redact`).
 //!
 //! # Once per fact and recipient
 //!

@@ -9,24 +9,24 @@
 //!   ─▶ deliver ─▶ record
 //! ```
 //!
-//! 1. **silence / inhibit** ([`silence`], [`inhibit`]): silences set with `keywatch silence`
+//! 1. **silence / inhibit** (`silence`, `inhibit`): silences set with `keywatch silence`
 //!    (by key or owner, until a time), read from the log; `[[inhibit]]` rules (a
 //!    `safe_to_revoke` for a key holds back that key's lingering-source reminders). Both
-//!    are checked again when a group flushes.
+//!    are hold-back stages (`Hold`), asked again when a group flushes.
 //! 2. **route** ([`route`]): `[[routes]]` in `rules/routes.toml` choose receivers by kind,
 //!    severity and owner; the `owner` receiver is the key's owner with the contacts in
 //!    `keys.toml`, other receivers are teams with their own contacts.
-//! 3. **dedup** ([`dedup`]): a fact (`dedup_key`) is told to a recipient once, or again
+//! 3. **dedup** (`dedup`): a fact (`dedup_key`) is told to a recipient once, or again
 //!    after its kind's repeat interval (`detect::KINDS` says which kinds repeat).
-//! 4. **group** ([`group`]): findings with the same grouping labels for one recipient share
+//! 4. **group** (`group`): findings with the same grouping labels for one recipient share
 //!    a message: the first waits `group_wait`, later ones `group_interval` after the last
 //!    message of the group; quiet hours hold back all but severe findings.
-//! 5. **render** ([`render`], [`message`], [`template`]): one message per target of the
+//! 5. **render** (`render`, [`message`], [`template`]): one message per target of the
 //!    recipient, from editable templates per channel, escaped for Telegram HTML and Slack
 //!    mrkdwn, split to the channel's limits; queued in the log with its facts marked told.
-//! 6. **deliver** ([`deliver`], [`channel`]): retries with backoff on transient failures,
+//! 6. **deliver** (`deliver`, `channel`): retries with backoff on transient failures,
 //!    none on permanent ones ([`log`] has the policy).
-//! 7. **record** ([`record`]): metrics, logs, the attempt sink for the consumer group's
+//! 7. **record** (`record`): metrics, logs, the attempt sink for the consumer group's
 //!    shared log; failures for good become `notification_failed` for the operators.
 //!
 //! Contract:
@@ -36,7 +36,7 @@
 //! - Only this module holds channel secrets; they are read when the notifier starts (owners'
 //!   Slack webhooks when a message goes out), never logged, and scrubbed from errors. Only
 //!   this module knows their shapes: what leaves it for a shared store is redacted
-//!   ([`redact`]).
+//!   (`redact`).
 //! - Every decision is in the notification log before it is acted on. The log is a port
 //!   ([`NotifyLog`]) that the embedded store implements (`store::notify_log`); the
 //!   ClickHouse store implements the group-wide ports [`SharedLog`] and [`AttemptLog`]. See
@@ -130,6 +130,16 @@ impl From<Vec<Finding>> for Input {
     fn from(f: Vec<Finding>) -> Input {
         Input::Findings(f)
     }
+}
+
+/// A stage that may hold a finding back (inhibit, silence): asked when a finding arrives
+/// and again when its group flushes, since a silence or an inhibiting finding may have come
+/// in between.
+pub(crate) trait Hold {
+    /// Whether `item`, raised at `raised_ms`, is held back at `now_ms`.
+    fn holds(&self, item: &Item, raised_ms: i64, now_ms: i64) -> bool;
+    /// The counter of findings this stage held back.
+    fn metric(&self) -> &'static str;
 }
 
 /// The wall clock, in the only place that reads it.

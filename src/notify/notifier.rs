@@ -24,7 +24,7 @@ use super::record::{self, Recorder};
 use super::render::{owner_name, recipient_of, Audience, Renderer};
 use super::route::{self, Item};
 use super::silence::{Silences, REFRESH_MS};
-use super::{wall_ms, Input, NotifyError};
+use super::{wall_ms, Hold, Input, NotifyError};
 use crate::detect::{Finding, RotationStatus};
 use crate::registry::Registry;
 use crate::store::SqliteStore;
@@ -71,6 +71,7 @@ impl<L: NotifyLog + Send> Notifier<L> {
     ) -> Result<Notifier<L>, NotifyError> {
         let renderer = Renderer::load(&config)?;
         let transports = Arc::new(Transports::build(&config, None, console)?);
+        let inhibitors = Inhibitors::new(config.inhibit.clone());
         let mut n = Notifier {
             config: Arc::new(config),
             registry,
@@ -79,7 +80,7 @@ impl<L: NotifyLog + Send> Notifier<L> {
             transports,
             groups: Groups::default(),
             rotations: HashMap::new(),
-            inhibitors: Inhibitors::default(),
+            inhibitors,
             silences: Silences::default(),
             dedup: Dedup::default(),
             recorder: Recorder::default(),
@@ -287,22 +288,25 @@ impl<L: NotifyLog + Send> Notifier<L> {
         Ok(())
     }
 
+    /// The first hold-back stage (inhibit, then silence) that holds `item` back: its counter.
+    fn held_by(&self, item: &Item, raised_ms: i64, now_ms: i64) -> Option<&'static str> {
+        let stages: [&dyn Hold; 2] = [&self.inhibitors, &self.silences];
+        stages
+            .into_iter()
+            .find(|s| s.holds(item, raised_ms, now_ms))
+            .map(|s| s.metric())
+    }
+
     /// Inhibit, silence, route, dedup; what is left waits in its group (and in the log).
     fn accept(&mut self, items: Vec<Item>, raised_ms: i64, now_ms: i64) -> Result<(), NotifyError> {
         let config = self.config.clone();
         // Sources first: a safe_to_revoke holds back the reminders raised with it.
-        self.inhibitors
-            .note_sources(&config.inhibit, &items, raised_ms);
+        self.inhibitors.note(&items, raised_ms);
         let mut rows = Vec::new();
         for item in items {
-            if self.inhibitors.inhibited(&config.inhibit, &item, raised_ms) {
-                metrics::counter!("keywatch_notify_inhibited_total").increment(1);
-                tracing::debug!(finding = %item.dedup_key, "inhibited");
-                continue;
-            }
-            if self.silences.silenced(&item, now_ms) {
-                metrics::counter!("keywatch_notify_silenced_total").increment(1);
-                tracing::debug!(finding = %item.dedup_key, "silenced");
+            if let Some(stage) = self.held_by(&item, raised_ms, now_ms) {
+                metrics::counter!(stage).increment(1);
+                tracing::debug!(finding = %item.dedup_key, counter = stage, "held back");
                 continue;
             }
             let routes = route::matching(&config.routes, &item);
@@ -386,11 +390,7 @@ impl<L: NotifyLog + Send> Notifier<L> {
             .and_then(|q| q.until(now_ms, tz).map(|u| (q, u)));
         let split = group::split(
             waiting,
-            |w| {
-                self.inhibitors
-                    .inhibited(&config.inhibit, &w.item, w.raised_ms)
-                    || self.silences.silenced(&w.item, now_ms)
-            },
+            |w| self.held_by(&w.item, w.raised_ms, now_ms).is_some(),
             quiet_until.map(|(q, _)| q.except),
         );
         let dropped: Vec<(String, String)> = split

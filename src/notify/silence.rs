@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::log::{NotifyLog, SilenceRow};
 use super::route::Item;
-use super::NotifyError;
+use super::{Hold, NotifyError};
 
 /// How often silences are read again (the CLI writes them from another process).
 pub const REFRESH_MS: i64 = 1000;
@@ -166,6 +166,16 @@ pub fn silence_remove(
 pub struct Silences {
     active: Vec<Silence>,
     read_ms: Option<i64>,
+}
+
+impl Hold for Silences {
+    fn holds(&self, item: &Item, _raised_ms: i64, now_ms: i64) -> bool {
+        self.silenced(item, now_ms)
+    }
+
+    fn metric(&self) -> &'static str {
+        "keywatch_notify_silenced_total"
+    }
 }
 
 impl Silences {

@@ -215,7 +215,7 @@ fn pct(v: Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notify::channel::telegram::tests::telegram_html_ok;
+    use crate::notify::channel::telegram::html_check::check_keywatch_html;
 
     const HOSTILE: &str = "<script>alert(1)</script> *bold* _it_ ~x~ `tick` ```fence``` &amp; <b>x</b> \"q\" <@U123> <!channel>";
 
@@ -240,7 +240,7 @@ mod tests {
         assert!(plain.starts_with("&lt;script&gt;alert(1)&lt;/script&gt; *bold*"));
         assert!(plain.contains("&amp;amp;"));
         assert!(rest.starts_with("<code>&lt;script&gt;"));
-        telegram_html_ok(&out).unwrap();
+        check_keywatch_html(&out).unwrap();
     }
 
     #[test]

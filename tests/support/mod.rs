@@ -13,6 +13,10 @@
 //!   asked, keeping every accepted message.
 #![allow(dead_code)]
 
+mod telegram_html;
+
+pub use telegram_html::check_telegram_html;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -377,94 +381,6 @@ fn slack(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<u64>, boo
         Some(t) if !t.trim().is_empty() => (200, "ok".to_owned(), None, true),
         _ => (400, "invalid_payload".to_owned(), None, false),
     }
-}
-
-/// Telegram's HTML parse mode as the Bot API applies it: supported tags, properly nested
-/// and closed; `&` only in entities; 1 to 4096 characters of text after parsing.
-pub fn check_telegram_html(s: &str) -> Result<(), String> {
-    const TAGS: [&str; 17] = [
-        "b",
-        "strong",
-        "i",
-        "em",
-        "u",
-        "ins",
-        "s",
-        "strike",
-        "del",
-        "a",
-        "code",
-        "pre",
-        "span",
-        "tg-spoiler",
-        "blockquote",
-        "tg-emoji",
-        "tg-time",
-    ];
-    let mut stack: Vec<String> = Vec::new();
-    let mut chars = 0usize;
-    let mut i = 0;
-    while i < s.len() {
-        let rest = &s[i..];
-        if rest.starts_with('<') {
-            let end = rest
-                .find('>')
-                .ok_or("can't parse entities: unclosed start tag")?;
-            let inner = &rest[1..end];
-            if let Some(name) = inner.strip_prefix('/') {
-                match stack.pop() {
-                    Some(open) if open == name.trim() => {}
-                    _ => {
-                        return Err(format!(
-                            "can't parse entities: unexpected end tag \"{name}\""
-                        ))
-                    }
-                }
-            } else {
-                let name = inner.split_whitespace().next().unwrap_or("");
-                if !TAGS.contains(&name) {
-                    return Err(format!(
-                        "can't parse entities: unsupported start tag \"{name}\""
-                    ));
-                }
-                stack.push(name.to_owned());
-            }
-            i += end + 1;
-        } else if rest.starts_with('&') {
-            let end = rest
-                .find(';')
-                .filter(|e| *e <= 10)
-                .ok_or("can't parse entities: character entity expected")?;
-            let ent = &rest[1..end];
-            let ok = matches!(ent, "lt" | "gt" | "amp" | "quot")
-                || ent.strip_prefix('#').is_some_and(|n| {
-                    n.parse::<u32>().is_ok()
-                        || n.strip_prefix('x')
-                            .is_some_and(|h| u32::from_str_radix(h, 16).is_ok())
-                });
-            if !ok {
-                return Err(format!("can't parse entities: unsupported entity &{ent};"));
-            }
-            chars += 1;
-            i += end + 1;
-        } else {
-            let c = rest.chars().next().unwrap();
-            chars += c.len_utf16();
-            i += c.len_utf8();
-        }
-    }
-    if let Some(open) = stack.pop() {
-        return Err(format!(
-            "can't parse entities: can't find end tag corresponding to start tag \"{open}\""
-        ));
-    }
-    if chars == 0 {
-        return Err("message text is empty".into());
-    }
-    if chars > 4096 {
-        return Err("message is too long".into());
-    }
-    Ok(())
 }
 
 /// A real SMTP server (aiosmtpd) on a free port; killed when dropped.

@@ -298,95 +298,16 @@ fn split_html_raw(text: &str, limit: usize) -> Vec<String> {
         .collect()
 }
 
+/// The Bot API's HTML check, shared with the integration tests' Telegram stand-in.
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
+#[allow(dead_code)] // the stand-in's lenient check is not used here
+#[path = "../../../tests/support/telegram_html.rs"]
+pub(crate) mod html_check;
 
-    /// Checks Telegram HTML like the Bot API does: known tags, properly nested and closed,
-    /// `&` only as an entity, at most `limit` characters of text after parsing.
-    pub(crate) fn telegram_html_ok(s: &str) -> Result<(), String> {
-        const TAGS: [&str; 17] = [
-            "b",
-            "strong",
-            "i",
-            "em",
-            "u",
-            "ins",
-            "s",
-            "strike",
-            "del",
-            "a",
-            "code",
-            "pre",
-            "span",
-            "tg-spoiler",
-            "blockquote",
-            "tg-emoji",
-            "tg-time",
-        ];
-        let mut stack: Vec<String> = Vec::new();
-        let mut chars = 0usize;
-        let mut i = 0;
-        while i < s.len() {
-            let rest = &s[i..];
-            if rest.starts_with('<') {
-                let end = rest.find('>').ok_or("can't parse entities: unclosed tag")?;
-                let inner = &rest[1..end];
-                if let Some(name) = inner.strip_prefix('/') {
-                    match stack.pop() {
-                        Some(open) if open == name => {}
-                        other => {
-                            return Err(format!(
-                                "can't parse entities: unexpected end tag {name}, open {other:?}"
-                            ))
-                        }
-                    }
-                } else {
-                    let name = inner.split_whitespace().next().unwrap_or("");
-                    if !TAGS.contains(&name) {
-                        return Err(format!(
-                            "can't parse entities: unsupported start tag \"{name}\""
-                        ));
-                    }
-                    stack.push(name.to_owned());
-                }
-                i += end + 1;
-            } else if rest.starts_with('&') {
-                let end = rest.find(';').ok_or("can't parse entities: bare &")?;
-                let ent = &rest[1..end];
-                let ok = matches!(ent, "lt" | "gt" | "amp" | "quot")
-                    || ent.strip_prefix('#').is_some_and(|n| {
-                        n.parse::<u32>().is_ok()
-                            || n.strip_prefix('x')
-                                .is_some_and(|h| u32::from_str_radix(h, 16).is_ok())
-                    });
-                if !ok {
-                    return Err(format!("can't parse entities: unknown entity &{ent};"));
-                }
-                chars += 1;
-                i += end + 1;
-            } else if rest.starts_with('>') {
-                // Telegram accepts a bare '>' but keywatch never writes one from a value.
-                return Err("bare > in text".into());
-            } else {
-                let c = rest.chars().next().unwrap();
-                chars += c.len_utf16();
-                i += c.len_utf8();
-            }
-        }
-        if let Some(open) = stack.pop() {
-            return Err(format!(
-                "can't parse entities: can't find end tag corresponding to start tag \"{open}\""
-            ));
-        }
-        if chars == 0 {
-            return Err("message text is empty".into());
-        }
-        if chars > TELEGRAM_LIMIT {
-            return Err("message is too long".into());
-        }
-        Ok(())
-    }
+#[cfg(test)]
+mod tests {
+    use super::html_check::check_keywatch_html;
+    use super::*;
 
     #[test]
     fn html_splits_at_lines_and_keeps_tags_balanced() {
@@ -399,7 +320,7 @@ pub(crate) mod tests {
         let parts = split_html(&text, TELEGRAM_LIMIT, 10);
         assert!(parts.len() >= 3, "{}", parts.len());
         for p in &parts {
-            telegram_html_ok(p).unwrap_or_else(|e| panic!("{e}: {p}"));
+            check_keywatch_html(p).unwrap_or_else(|e| panic!("{e}: {p}"));
             assert!(utf16_len(p) <= TELEGRAM_LIMIT);
         }
         // Every row arrives once, whole.
@@ -425,7 +346,7 @@ pub(crate) mod tests {
         let parts = split_html(&text, TELEGRAM_LIMIT, 10);
         assert!(parts.len() > 1);
         for p in &parts {
-            telegram_html_ok(p).unwrap_or_else(|e| panic!("{e}: {}", &p[..100]));
+            check_keywatch_html(p).unwrap_or_else(|e| panic!("{e}: {}", &p[..100]));
         }
         let limited = split_html(&text, TELEGRAM_LIMIT, 2);
         assert_eq!(limited.len(), 2);
@@ -434,7 +355,7 @@ pub(crate) mod tests {
             "{}",
             &limited[1][limited[1].len() - 80..]
         );
-        telegram_html_ok(&limited[1]).unwrap();
+        check_keywatch_html(&limited[1]).unwrap();
     }
 
     #[test]
