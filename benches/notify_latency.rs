@@ -3,7 +3,7 @@
 //!
 //! Two measurements:
 //! - `daemon`: the real binary following a log file (`keywatch run`, with
-//!   `[rules] routes`): from appending the line to the local webhook (tests/support) having
+//!   `[rules] routes`): from appending the line to the local webhook (tests/it/support/standins) having
 //!   the request.
 //! - `notifier`: the library alone: from `Notifier::handle` receiving the finding to the
 //!   webhook having the request (routing, the SQLite log, rendering, HTTP).
@@ -12,7 +12,7 @@
 //! so that the figure is latency, not a queue under overload. Each event uses its own
 //! source IP, so each is its own finding and its own message (`group_by = ["finding"]`).
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/standins/mod.rs"]
 mod support;
 
 use std::collections::HashMap;

@@ -20,7 +20,7 @@
 #     ClickHouse engine, in-process, to check that the schema and queries also run on
 #     today's ClickHouse.
 # Tests start the servers they need on free loopback ports with temporary data directories
-# (tests/common/kafka.rs starts Kafka brokers and three-node clusters; one shared ClickHouse
+# (tests/it/support/kafka.rs starts Kafka brokers and three-node clusters; one shared ClickHouse
 # server started here, and any test that stops its server starts its own), and everything is
 # stopped at exit.
 set -euo pipefail
@@ -90,7 +90,7 @@ echo "ClickHouse for the tests: $KEYWATCH_TEST_CLICKHOUSE_URL"
 KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked
 
 step "Kafka over SASL_SSL with SCRAM-SHA-512 (the kafka-tls feature)"
-KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked --features kafka-tls --test kafka_tls
+KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked --features kafka-tls --test it kafka_tls::
 
 step "current ClickHouse (chdb-core): every statement keywatch sends"
 bash tests/chdb/run.sh

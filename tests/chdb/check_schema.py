@@ -64,7 +64,7 @@ def main():
             catalog = json.load(f)
     except FileNotFoundError:
         print(f"check_schema.py: no catalog at {path}; run "
-              "`cargo test --test clickhouse_store sql_catalog` first", file=sys.stderr)
+              "`cargo test --test it clickhouse_store::sql_catalog` first", file=sys.stderr)
         return 2
 
     from chdb import session  # imported late: a missing catalog is the likelier mistake

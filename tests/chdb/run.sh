@@ -5,11 +5,11 @@
 #
 #   tests/chdb/run.sh
 #
-# 1. `cargo test --test clickhouse_store sql_catalog_runs_here_and_is_written_for_chdb`
+# 1. `cargo test --test it clickhouse_store::sql_catalog_runs_here_and_is_written_for_chdb`
 #    runs the statements on ClickHouse 18.16 (KEYWATCH_TEST_CLICKHOUSE_URL, or a server it
 #    starts itself) and writes them with its answers to target/tmp/clickhouse-sql-catalog.json.
 # 2. tests/chdb/check_schema.py runs them in chdb and compares.
-# 3. The same for every Grafana dashboard query: `cargo test --test dashboards
+# 3. The same for every Grafana dashboard query: `cargo test --test it dashboards::
 #    every_clickhouse_query` writes the expanded queries, the rows keywatch wrote and 18.16's
 #    answers to target/tmp/dashboard-sql-catalog.json.
 set -euo pipefail
@@ -24,8 +24,8 @@ if ! "$venv/bin/python" -c 'import chdb' 2>/dev/null; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'chdb-core==26.9.0'
 fi
 
-cargo test --locked --quiet --test clickhouse_store sql_catalog_runs_here_and_is_written_for_chdb
+cargo test --locked --quiet --test it clickhouse_store::sql_catalog_runs_here_and_is_written_for_chdb
 "$venv/bin/python" tests/chdb/check_schema.py "$catalog"
 
-cargo test --locked --quiet --test dashboards every_clickhouse_query_answers_on_data_keywatch_wrote
+cargo test --locked --quiet --test it dashboards::every_clickhouse_query_answers_on_data_keywatch_wrote
 exec "$venv/bin/python" tests/chdb/check_schema.py "${CARGO_TARGET_DIR:-target}/tmp/dashboard-sql-catalog.json"

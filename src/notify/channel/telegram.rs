@@ -301,7 +301,7 @@ fn split_html_raw(text: &str, limit: usize) -> Vec<String> {
 /// The Bot API's HTML check, shared with the integration tests' Telegram stand-in.
 #[cfg(test)]
 #[allow(dead_code)] // the stand-in's lenient check is not used here
-#[path = "../../../tests/support/telegram_html.rs"]
+#[path = "../../../tests/it/support/standins/telegram_html.rs"]
 pub(crate) mod html_check;
 
 #[cfg(test)]

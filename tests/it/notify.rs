@@ -4,13 +4,12 @@
 //! simulated: `handle` and `tick` take it as a parameter, so a five-minute outage and days of
 //! reminders run in milliseconds.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{free_port, Api, Mode, Smtp, StandIn};
 use keywatch::aggregate::{SourceKey, SourceStats};
 use keywatch::detect::{
     evaluate_rotation, Engine, Finding, FindingKind, HourRow, Policy, RotationData, RotationStatus,
@@ -19,7 +18,6 @@ use keywatch::event::{AuthEvent, Outcome};
 use keywatch::notify::{self, Config, Console, Matcher, Notifier};
 use keywatch::registry::Registry;
 use keywatch::store::SqliteStore;
-use support::{free_port, Api, Mode, Smtp, StandIn};
 
 const MIN: i64 = 60_000;
 const HOUR: i64 = 60 * MIN;
@@ -263,7 +261,7 @@ timeout = "2s"
 async fn email_goes_through_a_real_smtp_server_with_starttls_and_auth() {
     let hook = StandIn::start(TOKEN, &[], &[]);
     let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = support::test_certificates(certs.path());
+    let (ca, cert, key) = crate::support::test_certificates(certs.path());
     let pass = certs.path().join("smtp-pass");
     std::fs::write(&pass, "smtp-Pa55-secret\n").unwrap();
     let port = free_port();
@@ -372,7 +370,7 @@ group_wait = "0s"
 async fn email_over_implicit_tls_checks_the_certificate() {
     let hook = StandIn::start(TOKEN, &[], &[]);
     let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = support::test_certificates(certs.path());
+    let (ca, cert, key) = crate::support::test_certificates(certs.path());
     let port = free_port();
     let smtp = Smtp::start_implicit_tls(port, &certs.path().join("mail"), &cert, &key);
     let routes = |ca: &str| {
@@ -975,7 +973,7 @@ group_wait = "0s"
     // The documented window: sent again once, and the receiver can tell it is the same one.
     let got = api.accepted();
     assert_eq!(got.len(), 2);
-    let key = |r: &support::Request| r.header("idempotency-key").unwrap().to_owned();
+    let key = |r: &crate::support::Request| r.header("idempotency-key").unwrap().to_owned();
     assert_eq!(key(&got[0]), key(&got[1]));
     assert_eq!(got[0].body["id"], got[1].body["id"]);
     assert_eq!(got[0].body["id"].as_str().unwrap(), key(&got[0]));
@@ -1475,7 +1473,7 @@ async fn without_channels_messages_go_to_the_console_once() {
 /// The stand-in refuses what the Bot API refuses, or the tests above would prove nothing.
 #[test]
 fn the_stand_in_checks_telegram_html_like_the_bot_api() {
-    use support::check_telegram_html as check;
+    use crate::support::check_telegram_html as check;
     assert!(check("<b>ok</b> &lt;x&gt; &amp; &#128512;").is_ok());
     assert!(check("<b>unclosed")
         .unwrap_err()

@@ -3,17 +3,15 @@
 //! revoked while keywatch runs is caught on its next use; bad events are refused, counted
 //! and kept aside without stopping anything.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::kafka::{unique, Broker};
-use common::*;
+use crate::support::kafka::{unique, Broker};
+use crate::support::*;
 use serde_json::Value;
 
-const EXAMPLE_REGISTRY: &str = include_str!("../examples/registry.toml");
+const EXAMPLE_REGISTRY: &str = include_str!("../../examples/registry.toml");
 const OLD: &str = "bb3ab5b2-819d-4491-b795-90ac9c7824e4";
 const NEW: &str = "ac009636-a60d-420a-bec7-5e2bf891558f";
 const HOOLI: &str = "d95cf136-d366-47db-9db6-681926721e82";

@@ -433,7 +433,8 @@ impl Smtp {
             "the SMTP tests need Debian's python3-aiosmtpd: apt-get install -y python3-aiosmtpd"
         );
         std::fs::create_dir_all(out).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_server.py");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/standins/smtp_server.py");
         let mut cmd = Command::new(SMTP_PYTHON);
         cmd.arg(script).arg(port.to_string()).arg(out);
         if let Some((flag, cert, key)) = tls {

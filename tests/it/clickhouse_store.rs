@@ -5,8 +5,6 @@
 //! it when the last test using it ends. Every test works in a database of its own.
 //! `server_down_is_transient_and_recovers` always runs a private server, since it stops it.
 
-mod common;
-
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -133,7 +131,7 @@ fn shared_server() -> Arc<Server> {
 }
 
 fn fresh_database() -> String {
-    common::clickhouse::fresh_database("kwtest")
+    crate::support::clickhouse::fresh_database("kwtest")
 }
 
 fn config(server: &Server) -> ClickHouseConfig {

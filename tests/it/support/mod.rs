@@ -3,6 +3,9 @@
 
 pub mod clickhouse;
 pub mod kafka;
+pub mod standins;
+
+pub use standins::*;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -5,14 +5,12 @@
 //! Vector read back, `vector validate` when Vector is installed, and
 //! `systemd-analyze verify` for the unit.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::keywatch;
+use crate::support::keywatch;
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -425,7 +423,7 @@ fn traffic_generator_shifts_log_and_registry_together() {
         ),
     )
     .unwrap();
-    let out = common::run_ok(keywatch().args(["run", "--config"]).arg(&cfg));
+    let out = crate::support::run_ok(keywatch().args(["run", "--config"]).arg(&cfg));
     let err = strip_ansi(&String::from_utf8_lossy(&out.stderr));
     assert!(
         err.contains(&format!("events={}", lines.len())) && err.contains("dead_letters=0"),

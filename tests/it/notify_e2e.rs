@@ -5,15 +5,13 @@
 //! `[rules] keys = …, policy = …, routes = …` section, a local webhook (tests/support), and
 //! the time window in which the message must arrive.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::StandIn;
+use crate::support::StandIn;
 
 const SECRET: &str = "notify-e2e-fingerprint-secret-0123456789";
 const REVOKED: &str = "5b0e3c1a-revoked-key-0001";

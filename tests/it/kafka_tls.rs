@@ -4,13 +4,11 @@
 //! kafka_tls`, as scripts/test.sh runs it.
 #![cfg(feature = "kafka-tls")]
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::kafka::{unique, Broker};
-use common::*;
+use crate::support::kafka::{unique, Broker};
+use crate::support::*;
 
 const PASSWORD: &str = "scram-pass-7f3a9c";
 

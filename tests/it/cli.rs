@@ -1,10 +1,8 @@
 //! The real binary on real files: config checks, a one-shot run, bad input, secrets.
 
-mod common;
-
 use std::io::Write;
 
-use common::*;
+use crate::support::*;
 
 #[test]
 fn check_config_accepts_the_example() {

@@ -10,18 +10,15 @@
 //! them and the deadline, the attempts in ClickHouse, a key revoked on the lifecycle topic
 //! caught on its next use, and a clean stop.
 
-mod common;
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::clickhouse::{fresh_database, ClickHouse};
-use common::kafka::{messages_in, Broker};
-use common::{keywatch, metric, run_ok, wait_with_timeout};
+use crate::support::clickhouse::{fresh_database, ClickHouse};
+use crate::support::kafka::{messages_in, Broker};
+use crate::support::Smtp;
+use crate::support::{keywatch, metric, run_ok, wait_with_timeout};
 use serde_json::Value;
-use support::Smtp;
 
 /// The history's size and seed (the compose stack's default seed; fewer lines than its
 /// 20000, for time).
@@ -332,9 +329,9 @@ fn the_compose_stack_wiring_works_end_to_end() {
     std::fs::create_dir_all(&ch_dir).unwrap();
     let ch = ClickHouse::shared_or_start(&ch_dir);
     let database = fresh_database("kwstack");
-    let smtp_port = support::free_port();
+    let smtp_port = crate::support::free_port();
     let smtp = Smtp::start(smtp_port, &d.join("mail"), None, None);
-    let port = support::free_port();
+    let port = crate::support::free_port();
     let (routes, routes_cfg) = routes(d, smtp_port);
     let security_mail = routes_cfg["receivers"]["security"]["email"][0]
         .as_str()

@@ -1,16 +1,14 @@
-//! Kafka in, against Apache Kafka (tests/common/kafka.rs): exactly once across kill -9, dead
+//! Kafka in, against Apache Kafka (tests/it/support/kafka.rs): exactly once across kill -9, dead
 //! letters on a topic, a broker restart and crash, two and three instances in one group with
 //! scale-in by kill -9 under each rebalance protocol (eager, cooperative-sticky, KIP-848),
 //! a three-node cluster losing a partition leader under load, and topics compressed with
 //! each codec.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::kafka::{messages_in, unique, Broker, Cluster};
-use common::*;
+use crate::support::kafka::{messages_in, unique, Broker, Cluster};
+use crate::support::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
@@ -496,7 +494,7 @@ fn clickhouse_config(
 }
 
 fn wait_for_clickhouse(
-    ch: &common::clickhouse::ClickHouse,
+    ch: &crate::support::clickhouse::ClickHouse,
     db: &str,
     want: u64,
     timeout: Duration,
@@ -514,7 +512,7 @@ fn wait_for_clickhouse(
 #[test]
 fn kafka_to_clickhouse_exactly_once_across_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let ch = common::clickhouse::ClickHouse::shared_or_start(&dir.path().join("ch"));
+    let ch = crate::support::clickhouse::ClickHouse::shared_or_start(&dir.path().join("ch"));
     let broker = Broker::start(dir.path());
     let topic = unique("events");
     broker.create_topic(&topic, 3);
@@ -560,7 +558,7 @@ fn kafka_to_clickhouse_exactly_once_across_kill_9() {
 #[test]
 fn clickhouse_down_for_a_while_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let ch = common::clickhouse::ClickHouse::start(&dir.path().join("ch"));
+    let ch = crate::support::clickhouse::ClickHouse::start(&dir.path().join("ch"));
     let broker = Broker::start(dir.path());
     let topic = unique("events");
     broker.create_topic(&topic, 2);
@@ -605,7 +603,7 @@ fn clickhouse_down_for_a_while_loses_nothing() {
 #[test]
 fn store_down_during_a_rebalance_defers_the_start_past_max_poll_interval() {
     let dir = tempfile::tempdir().unwrap();
-    let ch = common::clickhouse::ClickHouse::start(&dir.path().join("ch"));
+    let ch = crate::support::clickhouse::ClickHouse::start(&dir.path().join("ch"));
     let broker = Broker::start(dir.path());
     let topic = unique("events");
     broker.create_topic(&topic, 4);
@@ -692,7 +690,7 @@ fn store_down_during_a_rebalance_defers_the_start_past_max_poll_interval() {
 #[test]
 fn check_config_connect_says_what_works_and_what_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let ch = common::clickhouse::ClickHouse::shared_or_start(&dir.path().join("ch"));
+    let ch = crate::support::clickhouse::ClickHouse::shared_or_start(&dir.path().join("ch"));
     let broker = Broker::start(dir.path());
     let topic = unique("events");
     broker.create_topic(&topic, 1);

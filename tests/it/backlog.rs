@@ -2,12 +2,10 @@
 //! must not judge rotations on a half-read past: until it has caught up, a host that
 //! switched to the new key later in the backlog would look like it still lingers.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use keywatch::registry::format_rfc3339;
 use keywatch::sample::{generate_sample, SampleOptions};
 use serde_json::Value;

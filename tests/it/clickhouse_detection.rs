@@ -6,8 +6,6 @@
 //! `KEYWATCH_TEST_CLICKHOUSE_URL` names a running server (scripts/test.sh starts one);
 //! without it, a private one is started in a temporary directory.
 
-mod common;
-
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -23,8 +21,8 @@ use keywatch::store::{
     BatchWrite, Checkpoint, DetectionStore, Origin, SqliteStore, Store, StoredEvent,
 };
 
-use common::clickhouse::ClickHouse;
-use common::{keywatch, run_ok};
+use crate::support::clickhouse::ClickHouse;
+use crate::support::{keywatch, run_ok};
 
 fn server() -> Arc<ClickHouse> {
     static SHARED: Mutex<Weak<ClickHouse>> = Mutex::new(Weak::new());
@@ -46,7 +44,7 @@ fn server() -> Arc<ClickHouse> {
 }
 
 fn database() -> String {
-    common::clickhouse::fresh_database("kwdet")
+    crate::support::clickhouse::fresh_database("kwdet")
 }
 
 fn config(ch: &ClickHouse) -> ClickHouseConfig {

@@ -3,12 +3,10 @@
 //! its baselines across a restart (warm-up from the SQLite store) without raising a fact
 //! twice.
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 
-use common::{config, keywatch, run_config, run_ok, SECRET};
+use crate::support::{config, keywatch, run_config, run_ok, SECRET};
 use keywatch::anomaly::eval::Rng;
 use keywatch::detect::{Finding, FindingKind};
 use keywatch::store::SqliteStore;

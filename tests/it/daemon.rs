@@ -1,13 +1,11 @@
 //! The daemon in follow mode: picks up appended lines, serves /metrics and /healthz, and
 //! shuts down cleanly on SIGTERM with its position saved.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use keywatch::source::Position;
 use keywatch::store::{SqliteStore, Store};
 

@@ -1,10 +1,8 @@
 //! Crash safety: kill -9 at random moments, restart, and the totals are still exact.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 #[test]
 fn kill_9_mid_file_loses_and_double_counts_nothing() {

@@ -8,8 +8,6 @@
 //! `KEYWATCH_TEST_CLICKHOUSE_URL` names a running server (scripts/test.sh starts one);
 //! without it, a private one is started in a temporary directory.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -20,8 +18,8 @@ use keywatch::source::Position;
 use keywatch::store::clickhouse::{ClickHouseConfig, ClickHouseStore, Table};
 use keywatch::store::{BatchWrite, Checkpoint, Origin, Store, StoredEvent};
 
-use common::clickhouse::{fresh_database, ClickHouse};
-use common::{keywatch, run_ok};
+use crate::support::clickhouse::{fresh_database, ClickHouse};
+use crate::support::{keywatch, run_ok};
 
 const DAY_MS: i64 = 86_400_000;
 

@@ -14,16 +14,14 @@
 //! `health_dashboard_reads_metrics_keywatch_exports` checks the Prometheus dashboard against
 //! a running daemon's /metrics.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::clickhouse::ClickHouse;
-use common::{keywatch, run_ok};
+use crate::support::clickhouse::ClickHouse;
+use crate::support::{keywatch, run_ok};
 use keywatch::detect::Finding;
 use keywatch::event::{AuthEvent, Decoder, Fingerprinter, Format, Outcome, NO_KEY};
 use keywatch::notify::AttemptRecord;
@@ -1347,9 +1345,9 @@ fn health_dashboard_reads_metrics_keywatch_exports() {
 
     // A daemon following a log, with /metrics on.
     let dir = tempfile::tempdir().unwrap();
-    let log = common::sample(dir.path(), "kong", 2000, 3);
+    let log = crate::support::sample(dir.path(), "kong", 2000, 3);
     let port = free_port();
-    let config = common::config(
+    let config = crate::support::config(
         dir.path(),
         &log,
         "kong",
@@ -1359,7 +1357,7 @@ fn health_dashboard_reads_metrics_keywatch_exports() {
         .unwrap()
         .replace("follow = false", "follow = true");
     std::fs::write(&config, text).unwrap();
-    let mut child = common::run_config(&config)
+    let mut child = crate::support::run_config(&config)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
