@@ -956,7 +956,7 @@ level = "keywatch=debug"
             ),
             (
                 "[input]\nfromat = \"kong\"\n",
-                "kw.toml:2: input.fromat: unknown field `fromat`, expected one of `kind`, `path`, `format`, `follow`, `start_at`, `gateway`, `mapping`, `kafka`",
+                "kw.toml:2: input.fromat: unknown field `fromat`, expected one of `kind`, `path`, `format`, `follow`, `start_at`, `gateway`, `key_id_fields`, `key_secret_fields`, `mapping`, `kafka`",
             ),
             (
                 "[input]\nkind = \"s3\"\n",
