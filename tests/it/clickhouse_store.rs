@@ -819,7 +819,7 @@ fn kill_dash_nine_at_any_moment_counts_exactly_once() {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "kill9_writer",
+                "clickhouse_store::kill9_writer",
                 "--ignored",
                 "--quiet",
                 "--test-threads=1",
