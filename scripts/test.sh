@@ -87,10 +87,13 @@ trap 'bash scripts/clickhouse.sh stop "$ch_dir" >/dev/null 2>&1 || true; rm -rf 
 KEYWATCH_TEST_CLICKHOUSE_URL=$(bash scripts/clickhouse.sh start "$ch_dir" auto | tail -n1)
 export KEYWATCH_TEST_CLICKHOUSE_URL
 echo "ClickHouse for the tests: $KEYWATCH_TEST_CLICKHOUSE_URL"
+# The chdb step below checks the SQL catalogues this run writes: none from an earlier run.
+rm -f "${CARGO_TARGET_DIR:-target}/tmp/clickhouse-sql-catalog.json" \
+    "${CARGO_TARGET_DIR:-target}/tmp/dashboard-sql-catalog.json"
 KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked
 
 step "Kafka over SASL_SSL with SCRAM-SHA-512 (the kafka-tls feature)"
 KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked --features kafka-tls --test it kafka_tls::
 
 step "current ClickHouse (chdb-core): every statement keywatch sends"
-bash tests/chdb/run.sh
+KEYWATCH_CHDB_REUSE=1 bash tests/chdb/run.sh
