@@ -16,6 +16,10 @@
 #     with `docker-compose config`; no Docker engine is needed);
 #   - python3-yaml and systemd, from Debian's packages (tests/deploy.rs reads the YAML files
 #     and runs `systemd-analyze verify` on the unit);
+#   - prometheus (promtool and the server), from Debian's packages: the alert rules on
+#     keywatch itself are checked and unit-tested, and a real Prometheus scrapes keywatch;
+#   - helm 4, built from the Go module proxy into ~/go/bin (the Helm chart is linted and
+#     rendered);
 #   - chdb-core, from PyPI, into a venv under target/ (tests/chdb/run.sh): a current
 #     ClickHouse engine, in-process, to check that the schema and queries also run on
 #     today's ClickHouse.
@@ -68,6 +72,16 @@ if ! command -v docker-compose >/dev/null; then
     echo "installing docker-compose (validates docker-compose.yml without an engine)"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq docker-compose
+fi
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+    echo "installing prometheus (promtool checks and unit-tests deploy/prometheus/alerts.yml; a real Prometheus scrapes keywatch)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus
+fi
+if ! command -v helm >/dev/null && [ ! -x "$HOME/go/bin/helm" ]; then
+    command -v go >/dev/null || { echo "go is required to build helm (https://go.dev/dl)" >&2; exit 1; }
+    echo "building helm 4 from the Go module proxy (lints and renders deploy/helm/keywatch; a few minutes, once)"
+    GOFLAGS=-mod=mod go install helm.sh/helm/v4/cmd/helm@v4.3.2
 fi
 echo "Apache Kafka: $kafka_libs (java: $(command -v java))"
 echo "clickhouse-server: $(command -v clickhouse-server)"
