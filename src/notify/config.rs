@@ -229,6 +229,8 @@ pub(crate) struct RawChannel {
     pub(crate) url_file: Option<Spanned<PathBuf>>,
     pub(crate) authorization_env: Option<Spanned<String>>,
     pub(crate) authorization_file: Option<Spanned<PathBuf>>,
+    pub(crate) signing_secret_env: Option<Spanned<String>>,
+    pub(crate) signing_secret_file: Option<Spanned<PathBuf>>,
     /// Refused: secrets are named, never written.
     pub(crate) password: Option<Spanned<toml::Value>>,
     pub(crate) authorization: Option<Spanned<toml::Value>>,
@@ -741,6 +743,14 @@ impl Validator<'_> {
             (
                 "authorization_file",
                 c.authorization_file.as_ref().map(|v| v.span()),
+            ),
+            (
+                "signing_secret_env",
+                c.signing_secret_env.as_ref().map(|v| v.span()),
+            ),
+            (
+                "signing_secret_file",
+                c.signing_secret_file.as_ref().map(|v| v.span()),
             ),
         ];
         let allowed: &[&str] = match kind {

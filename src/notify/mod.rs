@@ -62,6 +62,10 @@ pub mod template;
 
 use std::sync::Arc;
 
+/// How a webhook receiver checks keywatch's signature (rules/README.md, "webhook").
+pub use channel::webhook::{
+    verify as verify_webhook, SIGNATURE_HEADER as WEBHOOK_SIGNATURE_HEADER,
+};
 pub use channel::{scrub, Address, Console, DeliveryError};
 pub use check::{check_templates, send_test};
 pub use config::Config;

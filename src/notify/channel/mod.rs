@@ -331,7 +331,11 @@ impl Transports {
                         Some(r) => Some(secret("authorization", r)?),
                         None => None,
                     };
-                    Transport::Webhook(webhook::Webhook::new(url, auth))
+                    let signing = match &s.signing_secret {
+                        Some(r) => Some(secret("signing_secret", r)?),
+                        None => None,
+                    };
+                    Transport::Webhook(webhook::Webhook::new(url, auth).signed_with(signing))
                 }
             };
             channels.insert(name.clone(), t);
