@@ -417,7 +417,10 @@ mod tests {
         ] {
             assert!(adoption_png(&s).unwrap().len() > 1000);
         }
-        assert!(matches!(adoption_png(&status(0, None)), Err(ChartError::NoData)));
+        assert!(matches!(
+            adoption_png(&status(0, None)),
+            Err(ChartError::NoData)
+        ));
     }
 
     #[test]
