@@ -24,5 +24,6 @@ mod kafka_tls;
 mod lifecycle;
 mod notify;
 mod notify_e2e;
+mod notify_html;
 mod rotation;
 mod stack;
