@@ -497,3 +497,65 @@ fn screenshot(html: &Path, out: &Path, size: (u32, u32)) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `keywatch rotations --chart DIR` on the quick-start sample: one PNG per rotation, drawn
+/// from the same view as the table it prints (its share and deadline), and the table's
+/// share column carries the sparkline.
+#[test]
+fn rotations_chart_writes_one_png_per_rotation_from_the_printed_view() {
+    use crate::support::{config, keywatch, run_ok, SECRET};
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    let cfg = config(
+        dir.path(),
+        &cwd.join("examples/gateway.log"),
+        "kong",
+        &format!("[rules]\nkeys = {:?}\n", cwd.join("examples/registry.toml")),
+    );
+    run_ok(
+        keywatch()
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("KW_TEST_SECRET", SECRET),
+    );
+    let charts = dir.path().join("charts");
+    let out = run_ok(
+        keywatch()
+            .args(["rotations", "--config"])
+            .arg(&cfg)
+            .arg("--chart")
+            .arg(&charts),
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut pngs: Vec<PathBuf> = std::fs::read_dir(&charts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    pngs.sort();
+    let rotations = stdout.matches(" → ").count();
+    assert!(rotations >= 1, "{stdout}");
+    assert_eq!(
+        pngs.len(),
+        1,
+        "one rotation in the sample: {pngs:?}\n{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{}", pngs[0].display())),
+        "{stdout}"
+    );
+    let bytes = std::fs::read(&pngs[0]).unwrap();
+    let data = chart::png_data(&bytes).expect("a chart written by keywatch");
+    let share = format!("{:.0} %", data["share_24h"].as_f64().unwrap() * 100.0);
+    assert!(
+        stdout.contains(&share),
+        "the table's share {share}:\n{stdout}"
+    );
+    let tz: chrono_tz::Tz = data["timezone"].as_str().unwrap().parse().unwrap();
+    let deadline = format_local(data["deadline_ms"].as_i64().unwrap(), tz);
+    assert!(stdout.contains(&deadline), "{deadline}:\n{stdout}");
+    assert!(
+        stdout.chars().any(|c| ('▁'..='█').contains(&c)),
+        "a sparkline in the table:\n{stdout}"
+    );
+    assert!(!data["points"].as_array().unwrap().is_empty());
+}
