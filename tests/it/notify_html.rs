@@ -559,3 +559,77 @@ fn rotations_chart_writes_one_png_per_rotation_from_the_printed_view() {
     );
     assert!(!data["points"].as_array().unwrap().is_empty());
 }
+
+/// A message too big for one Slack message (more than 50 blocks: twenty leaked keys used
+/// from hostile hosts) goes as several, each within Block Kit's limits as the strict
+/// stand-in checks them, with the text fallback on each; every key is in one of them.
+#[tokio::test]
+async fn slack_messages_past_fifty_blocks_go_in_several_within_the_limits() {
+    use keywatch::detect::Engine;
+    use keywatch::event::{AuthEvent, Outcome};
+    let api = StandIn::start("1:unused", &[], &[SLACK_PATH]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("slack-evil"),
+        format!("{}{SLACK_PATH}\n", api.url()),
+    )
+    .unwrap();
+    let mut keys = format!(
+        "[owners.\"{EVIL_OWNER}\"]\nslack_webhook_file = \"{}/slack-evil\"\n",
+        dir.path().display()
+    );
+    for i in 0..20 {
+        keys.push_str(&format!(
+            "[[keys]]\nid = \"leaked-{i}\"\nname = '{EVIL_KEY_NAME} {i}'\nowner = \"{EVIL_OWNER}\"\nstate = \"revoked\"\n"
+        ));
+    }
+    let registry = Arc::new(Registry::parse("keys.toml", &keys).unwrap());
+    let config = Config::parse(
+        "routes.toml",
+        "[defaults]\ngroup_wait = \"0s\"\nmax_parts = 10\n[channels.slack]\ntype = \"slack\"\n\
+         [receivers.owner]\nowner = true\nchannels = [\"slack\"]\n[[routes]]\nreceivers = [\"owner\"]\n",
+    )
+    .unwrap();
+    let store = SqliteStore::open(&dir.path().join("state")).unwrap();
+    let mut n = Notifier::with_console(
+        config,
+        registry.clone(),
+        store,
+        Console::Capture(Arc::new(Mutex::new(Vec::new()))),
+    )
+    .unwrap();
+    let now = at("2026-11-21T10:00:00Z");
+    let mut engine = Engine::new(registry.clone(), Policy::default());
+    for i in 0..20 {
+        let mut ev = AuthEvent::new(now, format!("leaked-{i}").into(), 200, Outcome::Ok);
+        ev.source_ip = Some(format!("198.51.100.{i}").into());
+        ev.user_agent = Some(HOSTILE_UA.to_owned().into());
+        ev.endpoint = Some("/v1/<x>".into());
+        engine.observe(&ev);
+    }
+    let found = engine.take_pending();
+    assert_eq!(found.len(), 20);
+    n.handle(found, &[], now).await.unwrap();
+
+    let slack: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.api == Api::Slack)
+        .collect();
+    assert!(slack.len() >= 2, "{} messages", slack.len());
+    let mut all = String::new();
+    for r in &slack {
+        assert!(r.accepted, "{}: {}", r.status, r.answer);
+        let blocks = r.body["blocks"].as_array().unwrap();
+        assert!(blocks.len() <= 50, "{}", blocks.len());
+        assert!(!r.text().is_empty());
+        // Markup only in plain-text headers (shown as they are); none in mrkdwn.
+        for b in blocks.iter().filter(|b| b["type"] != "header") {
+            all.push_str(&serde_json::to_string(b).unwrap());
+        }
+    }
+    for i in 0..20 {
+        assert!(all.contains(&format!("`198.51.100.{i}`")), "source {i}");
+    }
+    assert!(!all.contains("<script>") && all.contains("&lt;script&gt;"));
+}

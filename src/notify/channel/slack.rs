@@ -341,11 +341,28 @@ pub fn blocks(ctx: &Value, max_parts: usize) -> Vec<Vec<Value>> {
         } else {
             let findings = s["findings"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             for f in findings.iter().take(LISTED) {
-                lines.push(format!(
-                    "• {}: {}",
-                    escape_mrkdwn(&plain(&f["at_local"])),
-                    code(&plain(&f["summary"]), 500)
-                ));
+                let at = escape_mrkdwn(&plain(&f["at_local"]));
+                let src = &f["source"];
+                // A key use names its host and request; other findings say it in a summary.
+                lines.push(if src.is_object() {
+                    let ev = &f["evidence"];
+                    format!(
+                        "• {at}: {} {} sent {}; the gateway *{}* it",
+                        code(&plain(&src["ip"]), 64),
+                        code(&plain(&src["user_agent"]), 160),
+                        code(
+                            format!("{} {}", plain(&ev["method"]), plain(&ev["endpoint"])).trim(),
+                            200
+                        ),
+                        if ev["accepted"] == true {
+                            "accepted"
+                        } else {
+                            "refused"
+                        }
+                    )
+                } else {
+                    format!("• {at}: {}", code(&plain(&f["summary"]), 500))
+                });
             }
             if findings.len() > LISTED {
                 lines.push(format!("… and {} more", findings.len() - LISTED));
