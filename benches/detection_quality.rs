@@ -12,7 +12,11 @@
 //! `keywatch backtest --config DIR/keywatch.toml --input DIR/gateway.log`, with the shipped
 //! rules/policy.toml. Per seed and kind it prints required findings, found ones (recall),
 //! findings that match an expectation or not (precision) and early ones (before their
-//! evidence); then the totals. Goal: recall 1.0, precision >= 0.95, no early finding.
+//! evidence); then the totals. Then the daemon on the same log: a one-shot `keywatch run`
+//! with the same config, its stored findings read with `keywatch findings --json`, scored
+//! the same way and compared one for one with the backtest's.
+//! Goal: recall 1.0, precision >= 0.95, no early finding; the daemon's findings equal the
+//! backtest's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -57,6 +61,8 @@ fn main() {
     let mut worst_precision: f64 = 1.0;
     let mut worst_recall: f64 = 1.0;
     let mut per_kind_all: BTreeMap<String, KindScore> = BTreeMap::new();
+    let mut daemon_all = KindScore::default();
+    let mut daemon_differs = 0usize;
     for seed in &seeds {
         let opts = ScenarioOptions {
             seed: *seed,
@@ -89,6 +95,50 @@ fn main() {
             .map(|l| Seen::parse(l).expect("backtest prints findings"))
             .collect();
         let sc = scenarios::score(&s.expected, &found);
+
+        // The daemon on the same log: a one-shot `keywatch run` (event time as its clock)
+        // evaluating as often as the backtest (`--every` defaults to 1h), then its stored
+        // findings. They must be the backtest's, one for one.
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(text.contains("[rules]\n"), "{text}");
+        std::fs::write(
+            &config,
+            text.replace("[rules]\n", "[rules]\nevaluate_every = \"1h\"\n"),
+        )
+        .unwrap();
+        let t = Instant::now();
+        let run = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run keywatch run");
+        let run_secs = t.elapsed().as_secs_f64();
+        if !run.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&run.stderr));
+            panic!("keywatch run failed for seed {seed}");
+        }
+        let stored = Command::new(bin)
+            .args(["findings", "--json", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run keywatch findings");
+        assert!(stored.status.success(), "keywatch findings failed");
+        let daemon: Vec<Seen> = String::from_utf8_lossy(&stored.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| Seen::parse(l).expect("findings --json prints findings"))
+            .collect();
+        let dsc = scenarios::score(&s.expected, &daemon);
+        let key = |f: &Seen| (f.at_ms, f.kind.clone(), f.key_id.clone(), f.ip.clone());
+        let mut a: Vec<_> = found.iter().map(key).collect();
+        let mut b: Vec<_> = daemon.iter().map(key).collect();
+        a.sort();
+        b.sort();
+        let same = a == b;
+        daemon_all.add(&dsc.total);
+        daemon_differs += usize::from(!same);
         println!(
             "\nseed {seed}: {} requests, {} findings, backtest {secs:.1} s",
             s.log.len(),
@@ -110,13 +160,7 @@ fn main() {
                 k.recall(),
                 k.precision()
             );
-            per_kind_all.entry(kind.clone()).or_default();
-            let e = per_kind_all.get_mut(kind).unwrap();
-            e.required += k.required;
-            e.found += k.found;
-            e.true_findings += k.true_findings;
-            e.false_findings += k.false_findings;
-            e.early += k.early;
+            per_kind_all.entry(kind.clone()).or_default().add(k);
         }
         let t = &sc.total;
         println!(
@@ -130,13 +174,26 @@ fn main() {
             t.recall(),
             t.precision()
         );
+        println!(
+            "  daemon (`keywatch run` one-shot, {run_secs:.1} s): {} findings, recall {:.2}, \
+             precision {:.2}, early {}; {}",
+            daemon.len(),
+            dsc.total.recall(),
+            dsc.total.precision(),
+            dsc.total.early,
+            if same {
+                "the same findings as the backtest".to_owned()
+            } else {
+                format!(
+                    "DIFFERENT from the backtest: {} only in the backtest, {} only in the daemon",
+                    a.iter().filter(|x| !b.contains(x)).count(),
+                    b.iter().filter(|x| !a.contains(x)).count()
+                )
+            }
+        );
         worst_precision = worst_precision.min(t.precision());
         worst_recall = worst_recall.min(t.recall());
-        all.required += t.required;
-        all.found += t.found;
-        all.true_findings += t.true_findings;
-        all.false_findings += t.false_findings;
-        all.early += t.early;
+        all.add(t);
         if list {
             for (label, kind) in &sc.missed {
                 println!("  missed  {kind:<20} {label}");
@@ -168,5 +225,14 @@ fn main() {
         all.precision(),
         worst_precision,
         all.early
+    );
+    println!(
+        "daemon, all seeds: recall {:.3}, precision {:.3}, early findings {}; {} of {} seeds \
+         differ from the backtest",
+        daemon_all.recall(),
+        daemon_all.precision(),
+        daemon_all.early,
+        daemon_differs,
+        seeds.len()
     );
 }

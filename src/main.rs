@@ -67,6 +67,8 @@ fn main() -> ExitCode {
             seed,
             output,
         } => tools::sample(preset, lines, seed, output),
+        Command::Completions { shell } => cli::docs::completions(shell),
+        Command::Man { out } => cli::docs::man(out),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");

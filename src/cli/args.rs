@@ -154,6 +154,15 @@ pub enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (keywatch.1 and one per subcommand) into a directory, or print
+    /// keywatch.1 without one
+    Man {
+        /// Directory to write keywatch.1, keywatch-run.1, ... into
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]

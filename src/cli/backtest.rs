@@ -1,12 +1,18 @@
 //! `keywatch backtest`: a log (`--input`) or the events stored in ClickHouse
 //! (`--from/--to`) through the daemon's pipeline with event time as the clock
 //! ([`crate::daemon::backtest`]); every finding it would raise, one JSON object per line.
+//!
+//! A long replay shows a progress bar on stderr (indicatif) when stderr is a terminal: bytes
+//! of the log read, or event time covered of the ClickHouse range. Not a terminal (a pipe, a
+//! file, CI): nothing but the closing summary, so scripts read stdout and stderr as before.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::config::StoreConfig;
 use crate::daemon::backtest::{backtest_events, pipeline_for};
@@ -27,9 +33,16 @@ pub fn backtest(
             let decoder = crate::daemon::decoder(&config)?;
             let file = std::fs::File::open(&input)
                 .with_context(|| format!("cannot open {}", input.display()))?;
-            let lines =
-                std::io::BufRead::split(std::io::BufReader::new(file), b'\n').map_while(Result::ok);
-            crate::daemon::backtest::backtest(lines, decoder, pipeline)?
+            let bar = progress(
+                file.metadata().map_or(0, |m| m.len()),
+                "{bar:40} {bytes}/{total_bytes} of the log, {bytes_per_sec}, {eta} left",
+            );
+            let lines = std::io::BufRead::split(std::io::BufReader::new(file), b'\n')
+                .map_while(Result::ok)
+                .inspect(|l| bar.inc(l.len() as u64 + 1));
+            let summary = crate::daemon::backtest::backtest(lines, decoder, pipeline);
+            bar.finish_and_clear();
+            summary?
         }
         (None, Some(from)) => {
             let to = to.unwrap_or(i64::MAX);
@@ -50,7 +63,26 @@ pub fn backtest(
                 .map_err(|e| anyhow::anyhow!("store.clickhouse: {e}"))?;
             let ch = ClickHouseStore::open_read_only(c, password, None)?;
             let mut events = ch.replay(from, to);
-            let summary = backtest_events(&mut events, pipeline)?;
+            // Event time covered, in seconds of the range (up to now for an open range).
+            let end = to.min(chrono::Utc::now().timestamp_millis()).max(from + 1);
+            let bar = progress(
+                u64::try_from((end - from) / 1000).unwrap_or(0).max(1),
+                "{bar:40} {percent}% of the range, at {msg}, {eta} left",
+            );
+            let mut last_shown = i64::MIN;
+            let replayed = (&mut events).inspect(|ev| {
+                if let Ok(ev) = ev {
+                    // Redraw once a minute of event time, not per event.
+                    if ev.ts_ms - last_shown >= 60_000 {
+                        last_shown = ev.ts_ms;
+                        bar.set_position(u64::try_from((ev.ts_ms - from) / 1000).unwrap_or(0));
+                        bar.set_message(crate::registry::format_rfc3339(ev.ts_ms));
+                    }
+                }
+            });
+            let summary = backtest_events(replayed, pipeline);
+            bar.finish_and_clear();
+            let summary = summary?;
             eprintln!(
                 "replayed {} event(s) from ClickHouse database {}",
                 events.events_read(),
@@ -67,4 +99,18 @@ pub fn backtest(
     }
     eprintln!("{} finding(s)", summary.findings.len());
     Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar of `len` units on stderr when stderr is a terminal; hidden otherwise.
+fn progress(len: u64, template: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("a valid progress template")
+            .progress_chars("=> "),
+    );
+    bar
 }

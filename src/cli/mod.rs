@@ -6,7 +6,8 @@
 //! - [`inspect`]: `usage`, `rotations`, `findings`, read from the store read-only;
 //! - [`backtest()`]: a log or a ClickHouse range through the daemon's pipeline;
 //! - [`notify`]: `notify test` and `silence`;
-//! - [`tools`]: `score`, `fingerprint`, `produce`, `sample`.
+//! - [`tools`]: `score`, `fingerprint`, `produce`, `sample`;
+//! - [`docs`]: `completions` and `man`.
 //!
 //! Terminal tables are in [`report`] and [`report_rotation`].
 
@@ -14,6 +15,7 @@ pub mod args;
 mod backtest;
 mod check;
 pub mod connect;
+pub mod docs;
 pub mod inspect;
 pub mod notify;
 pub mod produce;

@@ -30,6 +30,10 @@ use crate::registry::{line_of, parse_timezone, parse_toml, read_text, SecretRef}
 /// The name of the built-in receiver that stands for a finding's key owner.
 pub const OWNER_RECEIVER: &str = "owner";
 
+/// The receiver that hears what has no owner when `defaults.operators` is not set: the
+/// routes file's `operations` receiver when it has one, else this built-in one (the console).
+pub const OPERATORS_RECEIVER: &str = "operators";
+
 /// The notifier's configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -44,6 +48,9 @@ pub struct Config {
     pub retry: Retry,
     pub channels: BTreeMap<String, Channel>,
     pub receivers: BTreeMap<String, Receiver>,
+    /// The receiver (a team, never the owner receiver) that gets a finding routed to the
+    /// owner receiver when the finding has no owner: an unknown key's burst, say.
+    pub operators: String,
     pub routes: Vec<Route>,
     pub inhibit: Vec<Inhibit>,
 }
@@ -125,6 +132,15 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// The built-in operators receiver: no channel, so the console.
+    fn operators_default() -> Receiver {
+        Receiver {
+            name: OPERATORS_RECEIVER.to_owned(),
+            owner: false,
+            ..Receiver::owner_default()
+        }
+    }
+
     fn owner_default() -> Receiver {
         Receiver {
             name: OWNER_RECEIVER.to_owned(),
@@ -171,6 +187,7 @@ struct RawDefaults {
     group_by: Option<Vec<Spanned<String>>>,
     templates: Option<PathBuf>,
     max_parts: Option<Spanned<usize>>,
+    operators: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -496,7 +513,6 @@ impl Validator<'_> {
         receivers
             .entry(OWNER_RECEIVER.to_owned())
             .or_insert_with(Receiver::owner_default);
-
         let routes = match &raw.routes {
             None => vec![Route {
                 kinds: None,
@@ -523,6 +539,62 @@ impl Validator<'_> {
                     )
                 })
                 .collect::<Result<_, _>>()?,
+        };
+
+        // After the routes: they may not name the built-in operators receiver.
+        let operators = match &d.operators {
+            Some(v) => {
+                let name = v.get_ref().trim();
+                match receivers.get(name) {
+                    Some(r) if !r.owner => name.to_owned(),
+                    Some(_) => {
+                        return Err(self.err(
+                            "defaults.operators",
+                            Some(v.span()),
+                            format!(
+                                "`{name}` is an owner receiver: findings without an owner need \
+                                 a team receiver"
+                            ),
+                        ))
+                    }
+                    None => {
+                        let known: Vec<&str> = receivers
+                            .iter()
+                            .filter(|(_, r)| !r.owner)
+                            .map(|(n, _)| n.as_str())
+                            .collect();
+                        return Err(self.err(
+                            "defaults.operators",
+                            Some(v.span()),
+                            format!(
+                                "undefined receiver `{name}` (team receivers: {})",
+                                if known.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ),
+                        ));
+                    }
+                }
+            }
+            None => match receivers.get("operations") {
+                Some(r) if !r.owner => "operations".to_owned(),
+                _ => {
+                    let r = receivers
+                        .entry(OPERATORS_RECEIVER.to_owned())
+                        .or_insert_with(Receiver::operators_default);
+                    if r.owner {
+                        return Err(self.err(
+                            "defaults.operators",
+                            None,
+                            "receiver `operators` is an owner receiver: name the team receiver \
+                             for findings without an owner here",
+                        ));
+                    }
+                    OPERATORS_RECEIVER.to_owned()
+                }
+            },
         };
 
         let mut inhibit = Vec::new();
@@ -557,6 +629,7 @@ impl Validator<'_> {
             retry,
             channels,
             receivers,
+            operators,
             routes,
             inhibit,
         })

@@ -33,6 +33,7 @@ use super::channel::{slack, telegram};
 use super::route::{Item, Kind};
 use super::template::{self, Templates};
 use crate::detect::{FindingKind, LingeringSource, RotationClass, RotationStatus, Severity};
+use crate::event::NO_KEY;
 use crate::registry::{format_local, format_rfc3339};
 
 /// Sources listed in one message; the rest are counted.
@@ -103,6 +104,25 @@ fn source_from_status(s: &LingeringSource, tz: Tz) -> Value {
         "requests": s.requests,
         "failures": s.failures,
     })
+}
+
+/// Findings without a key (bursts of missing or unknown keys) are named by their source.
+fn keyless_label(items: &[&Item]) -> Option<String> {
+    if items.iter().any(|i| i.key_id != NO_KEY) {
+        return None;
+    }
+    let mut ips: Vec<&str> = items
+        .iter()
+        .filter_map(|i| i.evidence["ip"].as_str())
+        .filter(|ip| !ip.is_empty())
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    match ips.as_slice() {
+        [] => None,
+        [ip] => Some(format!("from {ip}")),
+        more => Some(format!("from {} sources", more.len())),
+    }
 }
 
 fn label(name: &Value, id: &Value) -> Value {
@@ -291,7 +311,7 @@ impl Context<'_> {
                     rot.as_ref()
                         .and_then(|r| r["old_label"].as_str().map(str::to_owned))
                 })
-                .unwrap_or_else(|| first.key_id.clone());
+                .unwrap_or_else(|| keyless_label(&items).unwrap_or_else(|| first.key_id.clone()));
             let findings: Vec<Value> = entries
                 .iter()
                 .map(|e| {

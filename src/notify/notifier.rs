@@ -313,8 +313,19 @@ impl<L: NotifyLog + Send> Notifier<L> {
             if routes.is_empty() {
                 tracing::debug!(finding = %item.dedup_key, "no route");
             }
+            let mut told = Vec::new();
             for (ri, rname) in routes {
                 let route = &config.routes[ri];
+                // Nobody owns the key (an unknown key's burst, say): the operators hear of it
+                // instead of a recipient nobody reads.
+                let rname = match config.receivers.get(rname) {
+                    Some(r) if r.owner && item.owner.is_none() => config.operators.as_str(),
+                    _ => rname,
+                };
+                if told.contains(&rname) {
+                    continue;
+                }
+                told.push(rname);
                 let Some(receiver) = config.receivers.get(rname) else {
                     continue;
                 };
@@ -585,5 +596,72 @@ mod tests {
         );
         n.tick(t0 + 30_000).await.unwrap();
         assert_eq!(out.lock().unwrap().len(), 1);
+    }
+    fn burst(ip: &str, at_ms: i64) -> Finding {
+        Finding {
+            kind: FindingKind::UnknownKeyBurst,
+            key_id: "-".into(),
+            owner: None,
+            at_ms,
+            severity: Severity::Warning,
+            summary: format!("40 unknown keys from {ip}"),
+            evidence: serde_json::json!({"ip": ip}),
+            dedup_key: format!("unknown_key_burst:{ip}"),
+        }
+    }
+
+    /// Who was told of an owner-less burst under `routes`.
+    async fn burst_recipients(routes: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse("routes.toml", routes).unwrap();
+        let registry = Arc::new(Registry::parse("keys.toml", KEYS).unwrap());
+        let (console, _out) = Console::capture();
+        let log = SqliteStore::open(dir.path()).unwrap();
+        let mut n = Notifier::with_console(config, registry, log, console).unwrap();
+        let t0 = 1_795_132_800_000;
+        n.handle(vec![burst("203.0.113.9", t0)], &[], t0)
+            .await
+            .unwrap();
+        n.drain(t0 + 3_600_000).await.unwrap();
+        let mut who: Vec<String> = n
+            .store()
+            .notify_messages(i64::MIN)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.recipient)
+            .collect();
+        who.sort();
+        who
+    }
+
+    #[tokio::test]
+    async fn findings_nobody_owns_go_to_the_operators_not_to_an_owner_called_dash() {
+        // The built-in routes (everything to the owner): the built-in operators receiver.
+        assert_eq!(burst_recipients("").await, ["team:operators"]);
+        // A routes file with an `operations` team: that team, once, although the owner
+        // receiver and operations both match.
+        let ops = "[receivers.operations]\n[[routes]]\nreceivers = [\"owner\", \"operations\"]\n";
+        assert_eq!(burst_recipients(ops).await, ["team:operations"]);
+        // Named explicitly; the owner receiver still hears of owned findings.
+        let named = "[defaults]\noperators = \"security\"\n[receivers.security]\n\
+            [[routes]]\nreceivers = [\"owner\"]\n";
+        assert_eq!(burst_recipients(named).await, ["team:security"]);
+    }
+
+    #[test]
+    fn operators_must_name_a_team_receiver() {
+        let err = Config::parse("routes.toml", "[defaults]\noperators = \"nobody\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("routes.toml")
+                && err.contains("defaults.operators")
+                && err.contains("undefined receiver `nobody`"),
+            "{err}"
+        );
+        let err = Config::parse("routes.toml", "[defaults]\noperators = \"owner\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is an owner receiver"), "{err}");
     }
 }

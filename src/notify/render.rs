@@ -28,7 +28,9 @@ use crate::config::ConfigError;
 use crate::detect::{RotationStatus, Severity};
 use crate::registry::{Owner, Registry};
 
-/// `owner:NAME` for the owner receiver (`owner:-` for findings without one), `team:NAME`.
+/// `owner:NAME` for the owner receiver, `team:NAME`. The notifier sends findings without an
+/// owner to the operators' receiver (`Config::operators`) instead; `owner:-` is what is left
+/// for a caller that does not.
 pub fn recipient_of(receiver: &Receiver, owner: Option<&str>) -> String {
     if receiver.owner {
         format!("owner:{}", owner.unwrap_or("-"))

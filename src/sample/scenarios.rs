@@ -1527,7 +1527,8 @@ impl KindScore {
         }
     }
 
-    fn add(&mut self, o: &KindScore) {
+    /// Adds another score (of a seed, a kind) to this one.
+    pub fn add(&mut self, o: &KindScore) {
         self.required += o.required;
         self.found += o.found;
         self.true_findings += o.true_findings;

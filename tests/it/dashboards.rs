@@ -30,8 +30,19 @@ use keywatch::store::clickhouse::catalog::Step;
 use keywatch::store::clickhouse::{ClickHouseConfig, ClickHouseStore, ServerFeatures, Sql, Table};
 use serde_json::Value;
 
-const CLICKHOUSE_UID: &str = "keywatch-clickhouse";
-const PROMETHEUS_UID: &str = "keywatch-prometheus";
+/// Panels name their data source by a datasource variable (so that an imported dashboard
+/// can use any data source of the type), which defaults to the stack's provisioned one.
+const CLICKHOUSE_UID: &str = "${clickhouse}";
+const PROMETHEUS_UID: &str = "${prometheus}";
+/// The provisioned data sources (dashboards/provisioning/datasources/clickhouse.yml).
+const PROVISIONED: [(&str, &str, &str); 2] = [
+    (
+        "clickhouse",
+        "grafana-clickhouse-datasource",
+        "keywatch-clickhouse",
+    ),
+    ("prometheus", "prometheus", "keywatch-prometheus"),
+];
 const ALL: &str = "__all";
 /// Registry deadline of acme-billing's rotation in examples/registry.toml:
 /// 2026-11-24T18:00 Europe/Berlin.
@@ -149,6 +160,35 @@ fn dashboards_are_well_formed() {
             .iter()
             .map(|v| v["name"].as_str().unwrap())
             .collect();
+        // A datasource variable per data source used, defaulting to the provisioned one,
+        // before the variables whose queries use it; and an import input for each.
+        let list = arr(&j["templating"]["list"]);
+        for (name, plugin, uid) in PROVISIONED {
+            let Some(pos) = list.iter().position(|v| v["name"] == name) else {
+                assert!(
+                    !j.to_string().contains(&format!("${{{name}}}")),
+                    "{}: ${name} used but not defined",
+                    d.file
+                );
+                continue;
+            };
+            let v = &list[pos];
+            assert_eq!(v["type"], "datasource", "{}", d.file);
+            assert_eq!(v["query"], plugin, "{}", d.file);
+            assert_eq!(v["current"]["value"], uid, "{}", d.file);
+            assert!(
+                list[..pos].iter().all(|o| o["type"] != "query"),
+                "{}: ${name} must come before the query variables",
+                d.file
+            );
+            assert!(
+                arr(&j["__inputs"])
+                    .iter()
+                    .any(|i| i["type"] == "datasource" && i["pluginId"] == plugin),
+                "{}: no import input for {plugin}",
+                d.file
+            );
+        }
         // Panels do not overlap on the 24-column grid.
         let mut cells = BTreeSet::new();
         let mut ids = BTreeSet::new();

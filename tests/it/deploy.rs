@@ -254,6 +254,15 @@ fn compose_file_is_valid_and_starts_in_order() {
         .next()
         .unwrap();
     assert_eq!(target, format!("keywatch:{port}"));
+    // The alert rules on keywatch itself are mounted where prometheus.yml names them.
+    let rule_file = prom["rule_files"][0].as_str().unwrap();
+    let prom_mounts = mounts(service(&c, "prometheus"));
+    assert!(
+        prom_mounts.iter().any(|(s, t)| Path::new(s)
+            == root().join("deploy/prometheus/alerts.yml")
+            && t == rule_file),
+        "{prom_mounts:?}"
+    );
 }
 
 #[test]
@@ -271,7 +280,25 @@ fn grafana_provisioning_matches_the_dashboards() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "json") {
             let d: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-            collect_datasources(&d, &mut used);
+            let mut here = BTreeSet::new();
+            collect_datasources(&d, &mut here);
+            // Panels name a datasource variable (`${clickhouse}`): the uid it defaults to.
+            for (t, u) in here {
+                let uid = match u.strip_prefix("${").and_then(|u| u.strip_suffix('}')) {
+                    Some(var) => d["templating"]["list"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|v| v["name"] == var && v["type"] == "datasource")
+                        .unwrap_or_else(|| panic!("{}: no datasource variable {var}", p.display()))
+                        ["current"]["value"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                    None => u,
+                };
+                used.insert((t, uid));
+            }
         }
     }
     let provisioned: BTreeSet<(String, String)> = [ch, prom]

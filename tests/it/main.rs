@@ -25,5 +25,6 @@ mod lifecycle;
 mod notify;
 mod notify_e2e;
 mod notify_html;
+mod operations;
 mod rotation;
 mod stack;
