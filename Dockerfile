@@ -31,6 +31,9 @@ RUN mkdir -p src \
  && cargo build --locked --release --features "$FEATURES" --bin keywatch \
  && rm -rf src
 COPY src ./src
+# Compiled in: the built-in templates (include_str!) and the chart's font (include_bytes!).
+COPY rules ./rules
+COPY assets ./assets
 # Make cargo see the real sources as newer than the stub's build.
 RUN touch src/main.rs src/lib.rs \
  && cargo build --locked --release --features "$FEATURES" --bin keywatch \

@@ -20,6 +20,8 @@
 #     keywatch itself are checked and unit-tested, and a real Prometheus scrapes keywatch;
 #   - helm 4, built from the Go module proxy into ~/go/bin (the Helm chart is linted and
 #     rendered);
+#   - chromium, from Debian's packages: tests/it/notify_html.rs renders the reminder email
+#     headless and keeps the screenshot under target/tmp/notify-artifacts/;
 #   - chdb-core, from PyPI, into a venv under target/ (tests/chdb/run.sh): a current
 #     ClickHouse engine, in-process, to check that the schema and queries also run on
 #     today's ClickHouse.
@@ -67,6 +69,11 @@ if ! /usr/bin/python3 -c 'import yaml' 2>/dev/null || ! command -v systemd-analy
     echo "installing python3-yaml and systemd (tests/deploy.rs reads YAML and verifies the unit)"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-yaml systemd
+fi
+if ! command -v chromium >/dev/null; then
+    echo "installing chromium (renders the HTML reminder email to a screenshot)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium
 fi
 if ! command -v docker-compose >/dev/null; then
     echo "installing docker-compose (validates docker-compose.yml without an engine)"

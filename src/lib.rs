@@ -12,6 +12,7 @@
 //!   (embedded SQLite, or ClickHouse with offsets kept with the data).
 //! - [`detect`] / [`detection`]: the rotation and stream detectors (pure) and how the
 //!   daemon runs them; [`registry`]: keys, owners and lifecycle events.
+//! - [`chart`]: a rotation's adoption chart (PNG) and sparkline, from the rotation view.
 //! - [`notify`]: routes findings to owners and teams over email, Telegram, Slack, webhooks.
 //! - [`anomaly`]: statistical models per key, and `keywatch score` for one series;
 //!   [`anomaly_feed`]: how the daemon warms them up and feeds them committed batches.
@@ -20,6 +21,7 @@
 
 pub mod aggregate;
 pub mod anomaly;
+pub mod chart;
 pub mod cli;
 pub mod config;
 pub mod daemon;

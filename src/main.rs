@@ -17,7 +17,9 @@ fn main() -> ExitCode {
             key,
             limit,
         } => inspect::usage(config, since, key, limit),
-        Command::Rotations { config, at } => inspect::rotations(config, &at),
+        Command::Rotations { config, at, chart } => {
+            inspect::rotations(config, &at, chart.as_deref())
+        }
         Command::Findings {
             config,
             since,

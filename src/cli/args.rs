@@ -55,6 +55,10 @@ pub enum Command {
         /// Evaluate at this time: `latest` (the latest stored event), `now`, or RFC 3339
         #[arg(long, default_value = "latest")]
         at: String,
+        /// Also write each rotation's adoption chart (the hourly share on the new key, the
+        /// deadline and the forecast) to DIR as OLD-KEY_to_NEW-KEY.png
+        #[arg(long, value_name = "DIR")]
+        chart: Option<PathBuf>,
     },
     /// Findings stored so far (lingering old keys, revoked keys used, ...)
     Findings {

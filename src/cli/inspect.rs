@@ -1,7 +1,8 @@
 //! `keywatch usage`, `rotations` and `findings`: what the store holds, read-only
-//! ([`crate::store::open::open_read_only`]).
+//! ([`crate::store::open::open_read_only`]). `rotations --chart DIR` also writes each
+//! rotation's adoption chart ([`crate::chart`]) from the rows it printed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use anyhow::Context;
 
 use super::{report, report_rotation};
 use crate::config::Config;
-use crate::detect::{Engine, FindingKind};
+use crate::detect::{Engine, FindingKind, RotationStatus};
 use crate::registry::Registry;
 use crate::store::open::open_read_only;
 use crate::store::UsageReport;
@@ -26,13 +27,49 @@ pub fn usage(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn rotations(config: Option<PathBuf>, at: &str) -> anyhow::Result<ExitCode> {
+pub fn rotations(
+    config: Option<PathBuf>,
+    at: &str,
+    chart_dir: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
     let config = super::load(config.as_ref())?;
     let rt = super::runtime()?;
     let registry = rt.block_on(crate::daemon::lifecycle::registry_now(&config))?;
     let _guard = rt.enter();
-    print_rotations(&config, registry, at)?;
+    let rows = print_rotations(&config, registry, at)?;
+    if let Some(dir) = chart_dir {
+        write_charts(dir, &rows)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One PNG per rotation in `dir` (created if missing), from the same view as the table.
+fn write_charts(dir: &Path, rows: &[RotationStatus]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--chart: cannot create {}", dir.display()))?;
+    let safe = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    for r in rows {
+        let path = dir.join(format!("{}_to_{}.png", safe(&r.old_key), safe(&r.new_key)));
+        match crate::chart::adoption_png(r) {
+            Ok(png) => {
+                std::fs::write(&path, png)
+                    .with_context(|| format!("--chart: cannot write {}", path.display()))?;
+                println!("chart of {} → {}: {}", r.old_key, r.new_key, path.display());
+            }
+            Err(e) => println!("no chart of {} → {}: {e}", r.old_key, r.new_key),
+        }
+    }
+    Ok(())
 }
 
 pub fn findings(
@@ -62,12 +99,12 @@ pub fn findings(
 }
 
 /// The rotations in `registry` (the file plus the lifecycle topic, see
-/// [`crate::daemon::lifecycle::registry_now`]) as of `at`.
+/// [`crate::daemon::lifecycle::registry_now`]) as of `at`; returns the rows printed.
 pub fn print_rotations(
     config: &Config,
     registry: Option<Arc<Registry>>,
     at: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<RotationStatus>> {
     let store = open_read_only(config)?;
     let now = match at {
         "latest" => store
@@ -83,7 +120,7 @@ pub fn print_rotations(
         println!(
             "no key registry configured (rules.keys or rules.lifecycle): no rotations to show"
         );
-        return Ok(());
+        return Ok(Vec::new());
     };
     let engine = Engine::new(registry, policy);
     let rows = engine.rotations(now, store.rotation_source());
@@ -93,7 +130,7 @@ pub fn print_rotations(
         println!("Rotations as of {} UTC:", report::format_ms(now));
         println!("{}", report_rotation::rotations_table(&rows));
     }
-    Ok(())
+    Ok(rows)
 }
 
 pub fn print_usage(

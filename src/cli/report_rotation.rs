@@ -3,7 +3,8 @@
 //!
 //! Rotation times (start, deadline, forecast) are shown in the owner's time zone, because
 //! that is how the owner was told the deadline; traffic times (first/last seen) in UTC, like
-//! `keywatch usage`.
+//! `keywatch usage`. The share column carries a sparkline of the hourly share since the
+//! rotation started ([`crate::chart::sparkline`]).
 
 use chrono_tz::Tz;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, ContentArrangement, Table};
@@ -84,10 +85,14 @@ pub fn rotations_table(rows: &[RotationStatus]) -> String {
             Cell::new(r.phase.as_str()),
             Cell::new(format_local(r.started_ms, tz)),
             Cell::new(format_local(r.deadline_ms, tz)),
-            right(
+            // The 24-hour share, and under it the hourly share since the start (the
+            // adoption chart as a sparkline).
+            right(format!(
+                "{}\n{}",
                 r.share_24h
                     .map_or("-".into(), |s| format!("{:.0} %", s * 100.0)),
-            ),
+                crate::chart::sparkline(r, 24)
+            )),
             Cell::new(forecast),
             Cell::new(r.last_old_use_ms.map_or("-".into(), format_ms)),
             right(format!("{} sources", r.lingering.len())),

@@ -18,7 +18,9 @@
 //!   the notifier's clock, so a message can say both, each for what it is), `share` (0..1
 //!   over 24 h, or none), `old_requests`,
 //!   `new_requests`, `last_old_use_local`, `lingering` (sources), `lingering_count`,
-//!   `lingering_more` (not listed), `forecast_local` (none when stalled or unknown);
+//!   `lingering_more` (not listed), `forecast_local` (none when stalled or unknown),
+//!   `phase` (`on track`, `at risk`, ...; from the rotation view, else what the findings
+//!   say), `chart_cid` (email only: the inline adoption chart, when one was drawn);
 //! - a source: `ip`, `user_agent`, `endpoints`, `gateways` (joined), `first_seen_local`,
 //!   `last_seen_local`, `requests`, `failures`.
 
@@ -167,6 +169,7 @@ fn rotation(
             "new_key": s.new_key,
             "new_label": s.new_name.clone().unwrap_or_else(|| s.new_key.clone()),
             "owner": s.owner,
+            "phase": s.phase.as_str(),
             "started_local": format_local(s.started_ms, tz),
             "deadline_local": format_local(s.deadline_ms, tz),
             "overdue": judged_ms >= s.deadline_ms,
@@ -182,9 +185,18 @@ fn rotation(
                 .as_str()
                 .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
                 .map(|t| t.timestamp_millis());
+            let has = |k: FindingKind| items.iter().any(|i| i.kind == Kind::Finding(k));
+            let phase = if has(FindingKind::RotationOverdue) {
+                json!("overdue")
+            } else if has(FindingKind::RotationAtRisk) {
+                json!("at risk")
+            } else {
+                Value::Null
+            };
             json!({
                 "old_key": ev["old_key"],
                 "old_label": label(&ev["old_name"], &ev["old_key"]),
+                "phase": phase,
                 "new_key": ev["new_key"],
                 "new_label": label(&ev["new_name"], &ev["new_key"]),
                 "owner": items[0].owner,
@@ -368,6 +380,40 @@ pub struct Rendered {
     /// The generic webhook's JSON body.
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub body: Value,
+    /// The email's HTML alternative (empty: text only, as in messages queued before it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub html: String,
+    /// Slack: the Block Kit blocks of each of `parts` (whose texts are then the fallback).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<Value>,
+    /// Pictures the HTML shows by `cid:` (the adoption charts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<InlineImage>,
+}
+
+/// A picture sent inside a message, referenced from its HTML as `cid:{cid}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InlineImage {
+    pub cid: String,
+    pub content_type: String,
+    /// The bytes, base64 in the stored message.
+    #[serde(with = "base64_bytes")]
+    pub data: Vec<u8>,
+}
+
+mod base64_bytes {
+    use base64::Engine;
+
+    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Renders with `templates`, falling back to `fallback` (the built-ins) when a user template
@@ -399,6 +445,9 @@ pub fn render(
         text: String::new(),
         parts: Vec::new(),
         body: Value::Null,
+        html: String::new(),
+        blocks: Vec::new(),
+        images: Vec::new(),
     };
     match channel_type {
         "telegram" => {
@@ -409,12 +458,50 @@ pub fn render(
             )
         }
         "slack" => {
-            r.parts =
-                slack::split_mrkdwn(get(template::SLACK).trim(), slack::SLACK_LIMIT, max_parts)
+            // Slack shows the blocks; a message's text is what notifications show: the
+            // mrkdwn template's first part with the first blocks, a continuation line with
+            // the others.
+            let msgs = slack::blocks(ctx, max_parts);
+            let n = msgs.len();
+            let first = slack::split_mrkdwn(get(template::SLACK).trim(), slack::SLACK_LIMIT, 1)
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            r.parts = (0..n)
+                .map(|i| {
+                    if i == 0 && !first.trim().is_empty() {
+                        first.clone()
+                    } else {
+                        format!(
+                            "{} (continued, {}/{n})",
+                            slack::escape_mrkdwn(&r.subject),
+                            i + 1
+                        )
+                    }
+                })
+                .collect();
+            r.blocks = msgs.into_iter().map(Value::from).collect();
         }
         "webhook" => {
             let text = get(template::TEXT);
             r.body = webhook(&r.subject, text.trim());
+        }
+        "email" => {
+            r.text = get(template::TEXT).trim().to_owned();
+            // When both HTML templates fail the mail goes as text alone: the findings'
+            // summaries as HTML would be unescaped.
+            r.html = templates
+                .render(template::EMAIL_HTML, &value)
+                .or_else(|e| {
+                    tracing::error!(error = %e, "a notification template failed; using the built-in one");
+                    fallback.render(template::EMAIL_HTML, &value)
+                })
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "the built-in template failed too; sending text only");
+                    String::new()
+                })
+                .trim()
+                .to_owned();
         }
         _ => r.text = get(template::TEXT).trim().to_owned(),
     }

@@ -7,6 +7,11 @@
 //! where it goes, the group, the time and its facts, so the same flush gives the same ids
 //! (the idempotency key of the webhook and email). No secret is in a message: a Slack
 //! webhook is addressed by the name of its variable or file.
+//!
+//! An email about a rotation the notifier has a view of carries its adoption chart
+//! ([`crate::chart`], drawn from that same view so the picture and the numbers agree) as an
+//! inline image that the HTML names by `cid:`; a chart that cannot be drawn leaves the
+//! HTML without it, never the message unsent.
 
 use std::collections::HashMap;
 
@@ -17,7 +22,7 @@ use super::channel::Address;
 use super::config::{ChannelKind, Config, Receiver};
 use super::group::{GroupId, Waiting};
 use super::log::{MessageFinding, NewMessage};
-use super::message::{self, Context, Entry, Rendered};
+use super::message::{self, Context, Entry, InlineImage, Rendered};
 use super::template::Templates;
 use crate::config::ConfigError;
 use crate::detect::{RotationStatus, Severity};
@@ -261,6 +266,7 @@ impl Renderer {
             })
             .collect();
         let mut out = Vec::new();
+        let mut charts = Charts::default();
         for t in targets(config, to.receiver, &gid.recipient, reg_owner, None) {
             let id = message_id(
                 &gid.recipient,
@@ -270,7 +276,12 @@ impl Renderer {
                 now_ms,
                 send,
             );
-            let value = ctx.to_value(&t.channel, now_ms);
+            let mut value = ctx.to_value(&t.channel, now_ms);
+            let images = if t.channel_type == "email" {
+                charts.attach(&mut value, rotations)
+            } else {
+                Vec::new()
+            };
             let body = WebhookBody {
                 id: &id,
                 to,
@@ -278,7 +289,12 @@ impl Renderer {
                 send,
                 test: false,
             };
-            let rendered = self.render(t.channel_type, &value, config.max_parts, &body);
+            let mut rendered = self.render(t.channel_type, &value, config.max_parts, &body);
+            // Only the pictures the HTML shows (an edited template may leave a chart out).
+            rendered.images = images
+                .into_iter()
+                .filter(|i| rendered.html.contains(&format!("cid:{}", i.cid)))
+                .collect();
             out.push(NewMessage {
                 id,
                 recipient: gid.recipient.clone(),
@@ -296,6 +312,53 @@ impl Renderer {
             });
         }
         out
+    }
+}
+
+/// The adoption charts of one flush, drawn once however many email targets show them.
+#[derive(Default)]
+struct Charts {
+    drawn: HashMap<String, Option<Vec<u8>>>,
+}
+
+impl Charts {
+    /// Names the chart of each rotation section in the context (`rotation.chart_cid`) and
+    /// returns the pictures to send with the HTML.
+    fn attach(
+        &mut self,
+        ctx: &mut serde_json::Value,
+        rotations: &HashMap<String, RotationStatus>,
+    ) -> Vec<InlineImage> {
+        let mut images = Vec::new();
+        let Some(sections) = ctx["sections"].as_array_mut() else {
+            return images;
+        };
+        for s in sections {
+            let r = &mut s["rotation"];
+            let Some(status) = r["old_key"].as_str().and_then(|k| rotations.get(k)) else {
+                continue;
+            };
+            let png = self
+                .drawn
+                .entry(status.old_key.clone())
+                .or_insert_with(|| match crate::chart::adoption_png(status) {
+                    Ok(png) => Some(png),
+                    Err(e) => {
+                        tracing::warn!(key = %status.old_key, error = %e, "no adoption chart in the email");
+                        None
+                    }
+                });
+            if let Some(png) = png {
+                let cid = format!("adoption-{}@keywatch", images.len() + 1);
+                r["chart_cid"] = serde_json::json!(cid);
+                images.push(InlineImage {
+                    cid,
+                    content_type: "image/png".to_owned(),
+                    data: png.clone(),
+                });
+            }
+        }
+        images
     }
 }
 

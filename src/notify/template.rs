@@ -6,6 +6,8 @@
 //! - `text.j2`: plain text: email body, console, the generic webhook's `text`;
 //! - `telegram.html.j2`: Telegram HTML (`parse_mode=HTML`). Every value is escaped (`&`,
 //!   `<`, `>`, `"`), so a user agent like `<script>` shows as text;
+//! - `email.html.j2`: the email's HTML part (beside `text.j2`'s text part). Every value is
+//!   escaped for HTML (`&`, `<`, `>`, `"`, `'`: also safe inside attribute values);
 //! - `slack.mrkdwn.j2`: Slack mrkdwn. Every value is escaped (`&`, `<`, `>`, as Slack asks)
 //!   and its backticks become `ˋ` (U+02CB), so that a value can neither open a link or a
 //!   mention nor leave a code span; the templates show values that come from traffic (user
@@ -24,6 +26,7 @@ use std::path::Path;
 use minijinja::value::Value;
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, State};
 
+use super::channel::email::escape_email_html;
 use super::channel::slack::escape_mrkdwn;
 use super::channel::telegram::escape_html;
 use crate::config::ConfigError;
@@ -32,11 +35,16 @@ pub const SUBJECT: &str = "subject.j2";
 pub const TEXT: &str = "text.j2";
 pub const TELEGRAM: &str = "telegram.html.j2";
 pub const SLACK: &str = "slack.mrkdwn.j2";
+pub const EMAIL_HTML: &str = "email.html.j2";
 
 /// The built-in templates, by name.
-pub const BUILT_IN: [(&str, &str); 4] = [
+pub const BUILT_IN: [(&str, &str); 5] = [
     (SUBJECT, include_str!("../../rules/templates/subject.j2")),
     (TEXT, include_str!("../../rules/templates/text.j2")),
+    (
+        EMAIL_HTML,
+        include_str!("../../rules/templates/email.html.j2"),
+    ),
     (
         TELEGRAM,
         include_str!("../../rules/templates/telegram.html.j2"),
@@ -46,6 +54,7 @@ pub const BUILT_IN: [(&str, &str); 4] = [
 
 const TELEGRAM_ESC: &str = "telegram";
 const SLACK_ESC: &str = "slack";
+const EMAIL_ESC: &str = "email";
 
 /// The templates of one configuration, compiled.
 #[derive(Debug)]
@@ -67,7 +76,9 @@ impl Templates {
                 .expect("the default delimiters"),
         );
         env.set_auto_escape_callback(|name| {
-            if name.ends_with(".html.j2") {
+            if name == EMAIL_HTML {
+                AutoEscape::Custom(EMAIL_ESC.into())
+            } else if name.ends_with(".html.j2") {
                 AutoEscape::Custom(TELEGRAM_ESC.into())
             } else if name.ends_with(".mrkdwn.j2") {
                 AutoEscape::Custom(SLACK_ESC.into())
@@ -139,6 +150,7 @@ fn escape_for(mode: &AutoEscape, s: &str) -> String {
     match mode {
         AutoEscape::Custom(m) if m == TELEGRAM_ESC => escape_html(s),
         AutoEscape::Custom(m) if m == SLACK_ESC => escape_mrkdwn(s),
+        AutoEscape::Custom(m) if m == EMAIL_ESC => escape_email_html(s),
         _ => s.to_owned(),
     }
 }
@@ -157,6 +169,10 @@ fn code(state: &State, v: Value) -> Value {
         AutoEscape::Custom(m) if m == TELEGRAM_ESC => {
             Value::from_safe_string(format!("<code>{}</code>", escape_html(&s)))
         }
+        AutoEscape::Custom(m) if m == EMAIL_ESC => Value::from_safe_string(format!(
+            "<code style=\"font-family:Menlo,Consolas,monospace;font-size:90%;background:#f6f8fa;padding:1px 4px;border-radius:3px;\">{}</code>",
+            escape_email_html(&s)
+        )),
         AutoEscape::Custom(m) if m == SLACK_ESC => {
             if s.is_empty() {
                 // An empty span would show two backticks.
@@ -220,13 +236,18 @@ mod tests {
     const HOSTILE: &str = "<script>alert(1)</script> *bold* _it_ ~x~ `tick` ```fence``` &amp; <b>x</b> \"q\" <@U123> <!channel>";
 
     fn render(name: &str, v: &str) -> String {
+        render_named(&format!("t.{name}"), v)
+    }
+
+    /// Renders `{{ v }}|{{ v|code }}|{{ v|cut(5) }}` as a template called `name`.
+    fn render_named(name: &str, v: &str) -> String {
         let mut env = Templates::load(None).unwrap().env;
         env.add_template_owned(
-            format!("t.{name}"),
+            name.to_owned(),
             "{{ v }}|{{ v|code }}|{{ v|cut(5) }}".to_owned(),
         )
         .unwrap();
-        env.get_template(&format!("t.{name}"))
+        env.get_template(name)
             .unwrap()
             .render(minijinja::context! { v => v })
             .unwrap()
@@ -241,6 +262,19 @@ mod tests {
         assert!(plain.contains("&amp;amp;"));
         assert!(rest.starts_with("<code>&lt;script&gt;"));
         check_keywatch_html(&out).unwrap();
+    }
+
+    #[test]
+    fn email_html_values_are_escaped_also_for_attributes() {
+        let out = render_named(EMAIL_HTML, HOSTILE);
+        let (plain, rest) = out.split_once('|').unwrap();
+        for bad in ['<', '>', '"', '\''] {
+            assert!(!plain.contains(bad), "{bad} in {plain}");
+        }
+        assert!(plain.starts_with("&lt;script&gt;alert(1)&lt;/script&gt; *bold*"));
+        assert!(plain.contains("&amp;amp;") && plain.contains("&quot;q&quot;"));
+        assert!(rest.starts_with("<code style="), "{rest}");
+        assert!(rest.contains(">&lt;script&gt;"));
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod kafka_tls;
 mod lifecycle;
 mod notify;
 mod notify_e2e;
+mod notify_html;
 mod operations;
 mod rotation;
 mod stack;

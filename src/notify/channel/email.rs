@@ -1,9 +1,14 @@
 //! Email over SMTP (lettre, tokio, rustls): STARTTLS (required when configured), implicit
 //! TLS, or plain for a local relay; AUTH when a username and password are set.
 //!
-//! One message per recipient group, to all its addresses, as text/plain UTF-8, with a
-//! `Message-ID` made of the keywatch message id: a message sent twice (a restart in the
-//! middle of an attempt) carries the same id, which mail systems use to drop duplicates.
+//! One message per recipient group, to all its addresses, with a `Message-ID` made of the
+//! keywatch message id: a message sent twice (a restart in the middle of an attempt)
+//! carries the same id, which mail systems use to drop duplicates. The body is
+//! `multipart/alternative`: the text part (`text.j2`), then the HTML part (`email.html.j2`),
+//! which is `multipart/related` with the pictures it shows by `cid:` (the adoption chart)
+//! when it has any. HTML values are escaped by [`escape_email_html`]; the HTML loads nothing
+//! from outside. A message without HTML (queued by an older keywatch, or whose HTML
+//! templates failed) goes as text/plain alone.
 //!
 //! Outcomes: accepted; 4xx replies, timeouts, connection and network failures retried; 5xx
 //! replies (a refused recipient, failed authentication), TLS failures (an untrusted
@@ -17,7 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lettre::message::header::ContentType;
-use lettre::message::Mailbox;
+use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -25,6 +30,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use super::{chain, is_certificate_error, scrub, DeliveryError};
 use crate::config::ConfigError;
 use crate::notify::config::ChannelTable;
+use crate::notify::message::Rendered;
 use crate::registry::{Secret, SecretRef};
 
 /// The fields of an email channel in `routes.toml`.
@@ -185,15 +191,13 @@ impl Mailer {
         &self,
         id: &str,
         to: &[String],
-        subject: &str,
-        text: &str,
+        rendered: &Rendered,
     ) -> Result<(), DeliveryError> {
         let secrets: Vec<&str> = self.password.iter().map(|p| p.expose()).collect();
         let mut b = Message::builder()
             .from(self.from.clone())
-            .subject(subject)
-            .message_id(Some(format!("<{id}@keywatch>")))
-            .header(ContentType::TEXT_PLAIN);
+            .subject(&rendered.subject)
+            .message_id(Some(format!("<{id}@keywatch>")));
         if to.is_empty() {
             return Err(DeliveryError::permanent("no email address"));
         }
@@ -203,8 +207,7 @@ impl Mailer {
             })?;
             b = b.to(mbox);
         }
-        let msg = b
-            .body(text.to_owned())
+        let msg = body(b, rendered)
             .map_err(|e| DeliveryError::permanent(format!("cannot build the email: {e}")))?;
         match self.transport.send(msg).await {
             Ok(_) => Ok(()),
@@ -219,4 +222,41 @@ impl Mailer {
             }
         }
     }
+}
+
+/// The message body: text alone, or text and HTML alternatives with the HTML's pictures.
+fn body(b: lettre::message::MessageBuilder, r: &Rendered) -> Result<Message, lettre::error::Error> {
+    if r.html.is_empty() {
+        return b.header(ContentType::TEXT_PLAIN).body(r.text.clone());
+    }
+    let text = SinglePart::plain(r.text.clone());
+    let html = SinglePart::html(r.html.clone());
+    let alternative = MultiPart::alternative().singlepart(text);
+    if r.images.is_empty() {
+        return b.multipart(alternative.singlepart(html));
+    }
+    let mut related = MultiPart::related().singlepart(html);
+    for img in &r.images {
+        let ct = ContentType::parse(&img.content_type)
+            .unwrap_or_else(|_| ContentType::parse("application/octet-stream").expect("valid"));
+        // A name for clients that list inline pictures as attachments.
+        let name = format!("{}.png", img.cid.split('@').next().unwrap_or("chart"));
+        related = related.singlepart(
+            Attachment::new_inline_with_name(img.cid.clone(), name).body(img.data.clone(), ct),
+        );
+    }
+    b.multipart(alternative.multipart(related))
+}
+
+/// HTML-escapes a value for the email's HTML part: `&`, `<`, `>`, `"` and `'`, so that it
+/// is text both between tags and inside a quoted attribute.
+pub fn escape_email_html(s: &str) -> String {
+    super::escape_with(s, |c| match c {
+        '&' => Some("&amp;"),
+        '<' => Some("&lt;"),
+        '>' => Some("&gt;"),
+        '"' => Some("&quot;"),
+        '\'' => Some("&#39;"),
+        _ => None,
+    })
 }

@@ -394,9 +394,7 @@ impl Transports {
                 (1, Ok(()))
             }
             (Transport::Email(m), Address::Email { to }) => {
-                let r = self
-                    .guarded(m.send(id, to, &rendered.subject, &rendered.text))
-                    .await;
+                let r = self.guarded(m.send(id, to, rendered)).await;
                 (u32::from(r.is_ok()), r)
             }
             (Transport::Telegram(t), Address::Telegram { chat_id }) => {
@@ -428,8 +426,12 @@ impl Transports {
                     }
                 };
                 let mut done = parts_done;
-                for part in rendered.parts.iter().skip(parts_done as usize) {
-                    if let Err(e) = self.guarded(slack::send(&self.http, &url, part)).await {
+                for (part, i) in rendered.parts.iter().zip(0..).skip(parts_done as usize) {
+                    let blocks = rendered.blocks.get(i);
+                    if let Err(e) = self
+                        .guarded(slack::send(&self.http, &url, part, blocks))
+                        .await
+                    {
                         return (done, Err(e));
                     }
                     done += 1;

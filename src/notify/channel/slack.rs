@@ -1,4 +1,10 @@
-//! Slack incoming webhooks: a POST of `{"text": …}` (mrkdwn) to the recipient's webhook URL.
+//! Slack incoming webhooks: a POST of `{"text": …, "blocks": […]}` to the recipient's
+//! webhook URL. The blocks (Block Kit: a header per section, its facts as section fields,
+//! the sources still on the old key as a list, what to do, a context line) are what Slack
+//! shows; `text` (`slack.mrkdwn.j2`, mrkdwn) is the fallback that notifications and
+//! clients without blocks show. [`blocks`] keeps Slack's limits: at most 50 blocks per
+//! message ([`MAX_BLOCKS`]; more go in following messages), 3,000 characters per section
+//! text ([`MAX_TEXT`]), 2,000 per field and at most 10 fields, 150 per header.
 //!
 //! The URL is the secret (anyone holding it can post): it is read from the variable or file
 //! the registry names when a message goes out, never logged, stripped from errors.
@@ -13,16 +19,24 @@
 //! `ˋ`, so a value can neither open a link or a mention nor leave a code span) and splitting
 //! ([`split_mrkdwn`]: code blocks closed in each part, entities never cut), and its sending.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{excerpt, http_error, retry_after, url_secrets, DeliveryError};
 use crate::registry::Secret;
 
-/// Posts one message (mrkdwn text).
-pub async fn send(http: &reqwest::Client, url: &Secret, text: &str) -> Result<(), DeliveryError> {
+/// Posts one message: mrkdwn text, with its blocks when it has any.
+pub async fn send(
+    http: &reqwest::Client,
+    url: &Secret,
+    text: &str,
+    blocks: Option<&Value>,
+) -> Result<(), DeliveryError> {
     let owned = url_secrets(url.expose());
     let secrets: Vec<&str> = owned.iter().map(String::as_str).collect();
-    let body = json!({ "text": text, "unfurl_links": false, "unfurl_media": false });
+    let mut body = json!({ "text": text, "unfurl_links": false, "unfurl_media": false });
+    if let Some(b) = blocks.filter(|b| b.as_array().is_some_and(|a| !a.is_empty())) {
+        body["blocks"] = b.clone();
+    }
     let resp = http
         .post(url.expose())
         .json(&body)
@@ -156,6 +170,245 @@ fn split_mrkdwn_raw(text: &str, limit: usize) -> Vec<String> {
     parts
 }
 
+/// Blocks in one Slack message.
+pub const MAX_BLOCKS: usize = 50;
+/// Characters in a section's text.
+pub const MAX_TEXT: usize = 3000;
+/// Characters in a section field, fields in a section, characters in a header.
+pub const MAX_FIELD: usize = 2000;
+pub const MAX_FIELDS: usize = 10;
+pub const MAX_HEADER: usize = 150;
+/// Sources and findings listed (the text fallback lists as many; the rest are counted).
+const LISTED: usize = 50;
+
+fn plain(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// At most `n` characters, with `…` when cut (before escaping: an entity is never cut).
+fn cut(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// A value from traffic or the registry as an inline code span (`-` when empty).
+fn code(v: &str, n: usize) -> String {
+    if v.is_empty() {
+        "-".to_owned()
+    } else {
+        format!("`{}`", escape_mrkdwn(&cut(v, n)))
+    }
+}
+
+fn header(text: &str) -> Value {
+    json!({"type": "header", "text": {"type": "plain_text", "text": cut(text, MAX_HEADER), "emoji": false}})
+}
+
+fn section(text: &str) -> Value {
+    json!({"type": "section", "text": {"type": "mrkdwn", "text": text}})
+}
+
+/// Lines packed into as few sections as fit [`MAX_TEXT`] (a line is never split: each is
+/// built from cut values, far below the limit).
+fn sections_of(lines: &[String], out: &mut Vec<Value>) {
+    let mut cur = String::new();
+    for line in lines {
+        let line = cut(line, MAX_TEXT);
+        if !cur.is_empty() && cur.chars().count() + 1 + line.chars().count() > MAX_TEXT {
+            out.push(section(&std::mem::take(&mut cur)));
+        }
+        if !cur.is_empty() {
+            cur.push('\n');
+        }
+        cur.push_str(&line);
+    }
+    if !cur.is_empty() {
+        out.push(section(&cur));
+    }
+}
+
+/// The Block Kit messages for a template context (see `notify::message`): each at most
+/// [`MAX_BLOCKS`] blocks, at most `max_parts` messages (a cut is said in the last one).
+pub fn blocks(ctx: &Value, max_parts: usize) -> Vec<Vec<Value>> {
+    let mut all: Vec<Value> = Vec::new();
+    if ctx["test"] == true {
+        all.push(header("keywatch test message"));
+        all.push(section(&format!(
+            "A test message for {} on the {} channel. If you can read it, keywatch can reach you here.",
+            code(&plain(&ctx["recipient"]), 200),
+            escape_mrkdwn(&plain(&ctx["channel"]))
+        )));
+    }
+    for (i, s) in ctx["sections"].as_array().into_iter().flatten().enumerate() {
+        if i > 0 {
+            all.push(json!({"type": "divider"}));
+        }
+        all.push(header(&format!(
+            "{}: {}",
+            plain(&s["title"]),
+            plain(&s["key_label"])
+        )));
+        let r = &s["rotation"];
+        let kind = s["kind"].as_str().unwrap_or("");
+        let progress = !r.is_null()
+            && matches!(
+                kind,
+                "rotation_reminder" | "rotation_overdue" | "rotation_at_risk" | "lingering_old_key"
+            );
+        let mut fields = vec![
+            format!("*Severity*\n{}", escape_mrkdwn(&plain(&s["severity"]))),
+            format!("*Owner*\n{}", code(&plain(&s["owner"]), 200)),
+        ];
+        if !r.is_null() {
+            if !r["phase"].is_null() {
+                fields.push(format!("*Phase*\n{}", escape_mrkdwn(&plain(&r["phase"]))));
+            }
+            fields.push(format!(
+                "*Deadline*\n{}{}",
+                escape_mrkdwn(&plain(&r["deadline_local"])),
+                if r["overdue"] == true {
+                    " (passed)"
+                } else {
+                    ""
+                }
+            ));
+            fields.push(format!(
+                "*On the new key (24 h)*\n{}",
+                r["share"]
+                    .as_f64()
+                    .map_or("no traffic".to_owned(), |x| format!("{:.0} %", x * 100.0))
+            ));
+            if let Some(f) = r["forecast_local"].as_str() {
+                fields.push(format!("*Forecast completion*\n{}", escape_mrkdwn(f)));
+            }
+            fields.push(format!(
+                "*Old key → new key*\n{} → {}",
+                code(&plain(&r["old_label"]), 200),
+                code(&plain(&r["new_label"]), 200)
+            ));
+        }
+        let fields: Vec<Value> = fields
+            .iter()
+            .take(MAX_FIELDS)
+            .map(|f| json!({"type": "mrkdwn", "text": cut(f, MAX_FIELD)}))
+            .collect();
+        all.push(json!({"type": "section", "fields": fields}));
+        let mut lines: Vec<String> = Vec::new();
+        if progress {
+            if s["kinds"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "rotation_at_risk"))
+            {
+                lines.push(match r["forecast_local"].as_str() {
+                    Some(f) => format!(
+                        "At the current pace the switch completes around *{}*, after the deadline.",
+                        escape_mrkdwn(f)
+                    ),
+                    None => "The switch to the new key has stalled.".to_owned(),
+                });
+            }
+            let count = r["lingering_count"].as_u64().unwrap_or(0);
+            if count > 0 {
+                lines.push(format!("*{count} source(s) still send the old key:*"));
+                for x in r["lingering"].as_array().into_iter().flatten().take(LISTED) {
+                    let endpoints = plain(&x["endpoints"]);
+                    lines.push(format!(
+                        "• {} {}: {} requests, last at {}{}",
+                        code(&plain(&x["ip"]), 64),
+                        code(&plain(&x["user_agent"]), 160),
+                        plain(&x["requests"]),
+                        escape_mrkdwn(&plain(&x["last_seen_local"])),
+                        if endpoints.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", {}", code(&endpoints, 200))
+                        }
+                    ));
+                }
+                let more = r["lingering_more"].as_u64().unwrap_or(0);
+                if more > 0 {
+                    lines.push(format!("… and {more} more"));
+                }
+            }
+        } else {
+            let findings = s["findings"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            for f in findings.iter().take(LISTED) {
+                let at = escape_mrkdwn(&plain(&f["at_local"]));
+                let src = &f["source"];
+                // A key use names its host and request; other findings say it in a summary.
+                lines.push(if src.is_object() {
+                    let ev = &f["evidence"];
+                    format!(
+                        "• {at}: {} {} sent {}; the gateway *{}* it",
+                        code(&plain(&src["ip"]), 64),
+                        code(&plain(&src["user_agent"]), 160),
+                        code(
+                            format!("{} {}", plain(&ev["method"]), plain(&ev["endpoint"])).trim(),
+                            200
+                        ),
+                        if ev["accepted"] == true {
+                            "accepted"
+                        } else {
+                            "refused"
+                        }
+                    )
+                } else {
+                    format!("• {at}: {}", code(&plain(&f["summary"]), 500))
+                });
+            }
+            if findings.len() > LISTED {
+                lines.push(format!("… and {} more", findings.len() - LISTED));
+            }
+        }
+        sections_of(&lines, &mut all);
+        let todo = match kind {
+            _ if progress => Some(format!(
+                "*What to do:* configure the new key {} on every source above and restart it. keywatch tells you when {} can be revoked.",
+                code(&plain(&r["new_label"]), 200),
+                code(&plain(&r["old_label"]), 200)
+            )),
+            "safe_to_revoke" => Some(format!(
+                "*What to do:* revoke {} at the gateway, then mark it revoked in keys.toml.",
+                code(&plain(&r["old_label"]), 200)
+            )),
+            "revoked_key_used" | "expired_key_used" => Some(
+                "*What to do:* someone still holds this key. Find the host above and remove the key from it.".to_owned(),
+            ),
+            _ => None,
+        };
+        if let Some(t) = todo {
+            all.push(section(&t));
+        }
+    }
+    all.push(
+        json!({"type": "context", "elements": [{"type": "mrkdwn", "text": cut(&format!(
+        "keywatch · to {} · times in {}",
+        code(&plain(&ctx["recipient"]), 200),
+        escape_mrkdwn(&plain(&ctx["tz"]))
+    ), MAX_FIELD)}]}),
+    );
+    let mut msgs: Vec<Vec<Value>> = all.chunks(MAX_BLOCKS).map(<[Value]>::to_vec).collect();
+    let max_parts = max_parts.max(1);
+    if msgs.len() > max_parts {
+        let dropped: usize = msgs[max_parts..].iter().map(Vec::len).sum();
+        msgs.truncate(max_parts);
+        let last = msgs.last_mut().expect("max_parts >= 1");
+        last.truncate(MAX_BLOCKS - 1);
+        let s = if dropped == 1 { "" } else { "s" };
+        last.push(json!({"type": "context", "elements": [{"type": "mrkdwn",
+            "text": format!("_… cut: {dropped} more block{s} not sent_")}]}));
+    }
+    msgs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +451,60 @@ mod tests {
     #[test]
     fn short_messages_stay_whole() {
         assert_eq!(split_mrkdwn("*hi*\n```a```", 4000, 5), ["*hi*\n```a```"]);
+    }
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::*;
+
+    #[test]
+    fn many_sections_keep_every_slack_limit() {
+        let hostile = "<script>`x`</script> *b* <!here> &amp; ".repeat(20);
+        let sections: Vec<Value> = (0..40)
+            .map(|i| {
+                json!({
+                    "title": format!("Revoked key used {hostile}"),
+                    "key_label": hostile,
+                    "owner": hostile,
+                    "kind": "revoked_key_used",
+                    "severity": "critical",
+                    "rotation": null,
+                    "findings": (0..60).map(|j| json!({
+                        "at_local": "2026-11-20 11:00 CET",
+                        "summary": format!("{i}/{j} {hostile}"),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let ctx = json!({"test": false, "recipient": "owner:x", "tz": "UTC", "sections": sections});
+        let msgs = blocks(&ctx, 100);
+        assert!(msgs.len() > 1);
+        for m in &msgs {
+            assert!(m.len() <= MAX_BLOCKS);
+            for b in m {
+                if let Some(t) = b["text"]["text"].as_str() {
+                    let max = if b["type"] == "header" {
+                        MAX_HEADER
+                    } else {
+                        MAX_TEXT
+                    };
+                    assert!(t.chars().count() <= max, "{}", t.chars().count());
+                    if b["type"] != "header" {
+                        assert!(!t.contains('<') && !t.contains('>'));
+                    }
+                }
+                for f in b["fields"].as_array().into_iter().flatten() {
+                    assert!(f["text"].as_str().unwrap().chars().count() <= MAX_FIELD);
+                }
+            }
+        }
+        let few = blocks(&ctx, 2);
+        assert_eq!(few.len(), 2);
+        let last = few[1].last().unwrap();
+        assert!(last["elements"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("more blocks not sent"));
     }
 }

@@ -6,15 +6,18 @@
 //!   generic JSON webhook (any other path), and checks requests as the real services do:
 //!   Telegram refuses an unknown token, an unknown chat ("Bad Request: chat not found"), an
 //!   empty or too long text, and HTML it cannot parse ("Bad Request: can't parse entities");
-//!   Slack refuses an unknown webhook (404 `no_service`) and a payload without text (400
-//!   `invalid_payload`). A [`Mode`] makes it fail on demand (429 with retry_after /
+//!   Slack refuses an unknown webhook (404 `no_service`), a payload without text (400
+//!   `invalid_payload`) and blocks past Block Kit's limits (400 `invalid_blocks`,
+//!   [`check_slack_blocks`]). A [`Mode`] makes it fail on demand (429 with retry_after /
 //!   Retry-After, 5xx, hanging).
 //! - [`Smtp`]: a real SMTP server (Debian's python3-aiosmtpd), with STARTTLS and AUTH when
 //!   asked, keeping every accepted message.
 #![allow(dead_code)]
 
+mod slack_blocks;
 mod telegram_html;
 
+pub use slack_blocks::check_slack_blocks;
 pub use telegram_html::check_telegram_html;
 
 use std::collections::HashSet;
@@ -376,6 +379,9 @@ fn telegram(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<u64>, 
 fn slack(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<u64>, bool) {
     if !s.slack_paths.contains(path) {
         return (404, "no_service".to_owned(), None, false);
+    }
+    if let Err(e) = check_slack_blocks(body) {
+        return (400, format!("invalid_blocks: {e}"), None, false);
     }
     match body["text"].as_str() {
         Some(t) if !t.trim().is_empty() => (200, "ok".to_owned(), None, true),

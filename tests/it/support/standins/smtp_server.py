@@ -1,7 +1,8 @@
 """A real SMTP server for keywatch's tests: aiosmtpd (Debian's python3-aiosmtpd), optionally
 with STARTTLS required and AUTH (LOGIN/PLAIN) checked. Every message it accepts is written to
 OUT_DIR as a JSON file: {"mail_from", "rcpt_tos", "from", "to", "subject",
-"message_id", "content_type", "body" (decoded), "data" (raw)}. Prints "READY" when it listens.
+"message_id", "content_type" (of the message: multipart/alternative for keywatch's HTML
+mail), "body" (the decoded text/plain part), "data" (raw)}. Prints "READY" when it listens.
 
 Usage: /usr/bin/python3 smtp_server.py PORT OUT_DIR [--tls CERT KEY | --implicit-tls CERT KEY]
            [--auth USER PASSFILE]
@@ -20,6 +21,12 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
+def text_of(msg):
+    """The text/plain body, also of a multipart message."""
+    part = msg.get_body(preferencelist=("plain",))
+    return part.get_content() if part is not None else ""
+
+
 class Store:
     def __init__(self, out):
         self.out = out
@@ -36,7 +43,7 @@ class Store:
                        "subject": str(msg["Subject"]),
                        "message_id": str(msg["Message-ID"]),
                        "content_type": msg.get_content_type(),
-                       "body": msg.get_content(),
+                       "body": text_of(msg),
                        "data": raw.decode("utf-8", "replace")}, f)
         os.rename(name + ".tmp", name)
         return "250 Message accepted for delivery"
