@@ -128,7 +128,12 @@ fn main() {
         let daemon: Vec<Seen> = String::from_utf8_lossy(&stored.stdout)
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| Seen::parse(l).expect("findings --json prints findings"))
+            .map(|l| {
+                // Scored at its first raise, as the backtest prints it.
+                let mut v: serde_json::Value = serde_json::from_str(l).expect("findings --json");
+                v["at"] = v["first_at"].clone();
+                Seen::parse(&v.to_string()).expect("findings --json prints findings")
+            })
             .collect();
         let dsc = scenarios::score(&s.expected, &daemon);
         let key = |f: &Seen| (f.at_ms, f.kind.clone(), f.key_id.clone(), f.ip.clone());

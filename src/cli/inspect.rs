@@ -87,8 +87,14 @@ pub fn findings(
         _ => all,
     };
     if json {
+        // The last raise as the finding (`at` is its time), with when it was first raised
+        // and how often: a backtest prints the first raise of each fact.
         for f in &rows {
-            println!("{}", serde_json::to_string(&f.finding)?);
+            let mut v = serde_json::to_value(&f.finding)?;
+            v["first_at"] = crate::registry::format_rfc3339(f.first_at_ms).into();
+            v["last_at"] = crate::registry::format_rfc3339(f.last_at_ms).into();
+            v["count"] = f.count.into();
+            println!("{v}");
         }
     } else if rows.is_empty() {
         println!("no findings stored in {}", store.describe(&config));
