@@ -346,6 +346,21 @@ impl Registry {
         self.owners.values()
     }
 
+    /// This registry with the Telegram chats owners linked themselves (owner → chat id,
+    /// `keywatch telegram link`) for the owners it knows that have no `telegram_chat_id`:
+    /// the registry's own chat wins.
+    pub fn with_linked_chats(&self, chats: &BTreeMap<String, String>) -> Registry {
+        let mut out = self.clone();
+        for (owner, chat) in chats {
+            if let Some(o) = out.owners.get_mut(owner) {
+                if o.telegram_chat_id.is_none() {
+                    o.telegram_chat_id = Some(chat.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Every key being replaced (rotating or deprecated, with a rotation start, or revoked
     /// at a known time after one), with its successor's id and the rotation.
     pub fn rotations(&self) -> impl Iterator<Item = (&Key, &str, Rotation)> {
