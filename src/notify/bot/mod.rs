@@ -547,14 +547,18 @@ impl Bot {
     }
 
     /// Long polling until `cancel`, while `active` (this instance evaluates rotations).
-    pub async fn poll(self: Arc<Self>, active: watch::Receiver<bool>, cancel: CancellationToken) {
+    pub async fn poll(
+        self: Arc<Self>,
+        active: Arc<std::sync::atomic::AtomicBool>,
+        cancel: CancellationToken,
+    ) {
         let mut offset: Option<i32> = None;
         let mut backoff = Duration::from_secs(1);
         loop {
             if cancel.is_cancelled() {
                 return;
             }
-            if !*active.borrow() {
+            if !active.load(std::sync::atomic::Ordering::Relaxed) {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
@@ -702,5 +706,87 @@ mod tests {
         let p = dir.path().join("s");
         std::fs::write(&p, s).unwrap();
         crate::registry::SecretRef::File(p).resolve().unwrap()
+    }
+}
+
+/// Sits between the pipeline and the notifier: passes every input on, gives the notifier
+/// the registry with the chats owners linked (again whenever a chat is linked by the bot,
+/// or unlinked from another process, read every [`LINKS_REFRESH`]), and gives the bot the
+/// registry and the rotations of each evaluation (for `/status`). Ends when the pipeline
+/// drops its sender, dropping the notifier's.
+pub async fn run_feed(
+    mut from: mpsc::Receiver<crate::notify::Input>,
+    to: mpsc::Sender<crate::notify::Input>,
+    mut base: Arc<Registry>,
+    state_dir: PathBuf,
+    registry_tx: watch::Sender<Arc<Registry>>,
+    rotations_tx: watch::Sender<Arc<Vec<RotationStatus>>>,
+    mut linked: watch::Receiver<u64>,
+) {
+    use crate::notify::Input;
+    let read_links = || match Links::open(&state_dir).and_then(|l| l.newest_by_owner()) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::error!(error = %e, "telegram links");
+            None
+        }
+    };
+    let mut links = read_links().unwrap_or_default();
+    let mut tick = tokio::time::interval(LINKS_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let merged = |base: &Registry, links: &std::collections::BTreeMap<String, String>| {
+        Arc::new(base.with_linked_chats(links))
+    };
+    loop {
+        let changed = tokio::select! {
+            input = from.recv() => {
+                let Some(input) = input else { return };
+                let input = match input {
+                    Input::Registry(r) => {
+                        base = r;
+                        let m = merged(&base, &links);
+                        registry_tx.send_replace(m.clone());
+                        Input::Registry(m)
+                    }
+                    Input::Evaluated { findings, rotations } => {
+                        rotations_tx.send_replace(Arc::new(rotations.clone()));
+                        Input::Evaluated { findings, rotations }
+                    }
+                    other => other,
+                };
+                if to.send(input).await.is_err() {
+                    return;
+                }
+                false
+            }
+            r = linked.changed() => r.is_ok(),
+            _ = tick.tick() => true,
+        };
+        if changed {
+            if let Some(fresh) = read_links() {
+                if fresh != links {
+                    links = fresh;
+                    let m = merged(&base, &links);
+                    registry_tx.send_replace(m.clone());
+                    if to.send(Input::Registry(m)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How often [`run_feed`] reads the links again (the CLI unlinks from another process).
+pub const LINKS_REFRESH: Duration = Duration::from_secs(2);
+
+/// The registry with the linked chats of `state_dir`.
+pub fn registry_with_links(base: &Registry, state_dir: &std::path::Path) -> Registry {
+    match Links::open(state_dir).and_then(|l| l.newest_by_owner()) {
+        Ok(m) => base.with_linked_chats(&m),
+        Err(e) => {
+            tracing::error!(error = %e, "telegram links");
+            base.clone()
+        }
     }
 }
