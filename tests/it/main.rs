@@ -26,3 +26,4 @@ mod notify;
 mod notify_e2e;
 mod rotation;
 mod stack;
+mod telegram;

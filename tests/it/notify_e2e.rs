@@ -92,7 +92,7 @@ pub fn spawn(config: &Path) -> Daemon {
         .arg("--config")
         .arg(config)
         .env("KW_NOTIFY_E2E_SECRET", SECRET)
-        .env_remove("KEYWATCH_LOG")
+        .env("KEYWATCH_LOG", "keywatch::notify=debug,info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -127,7 +127,7 @@ impl std::ops::DerefMut for Daemon {
     }
 }
 
-fn stop(mut d: Daemon) -> String {
+pub fn stop(mut d: Daemon) -> String {
     let _ = Command::new("kill")
         .args(["-TERM", &d.id().to_string()])
         .status();

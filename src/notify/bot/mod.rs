@@ -285,13 +285,14 @@ impl Bot {
 
     async fn reply(&self, chat: i64, html: &str) {
         let c = chat.to_string();
-        if let Err(e) = self.api.call(&html_message(&c, html, None), Some(&c)).await {
+        if let Err(e) = self.api.call_ok(&html_message(&c, html, None), Some(&c)).await {
             tracing::warn!(chat, error = %e, "telegram bot: reply not sent");
         }
     }
 
     /// Handles one update (a message or a button).
     pub async fn handle(&self, update: Update) {
+        tracing::debug!(update = update.id.0, "telegram bot: update");
         match update.kind {
             UpdateKind::Message(m) => self.message(m).await,
             UpdateKind::CallbackQuery(q) => self.callback(q).await,
@@ -481,7 +482,7 @@ impl Bot {
             let id = q.id.clone();
             async move {
                 let p = AnswerCallbackQuery::new(id).text(text).show_alert(alert);
-                if let Err(e) = api.call(&p, None).await {
+                if let Err(e) = api.call_ok(&p, None).await {
                     tracing::warn!(error = %e, "telegram bot: answerCallbackQuery");
                 }
             }
@@ -535,7 +536,7 @@ impl Bot {
                 .await;
                 // The buttons go: the reminder is answered.
                 let edit = EditMessageReplyMarkup::new(msg.chat().id, msg.id());
-                if let Err(e) = self.api.call(&edit, Some(&chat.to_string())).await {
+                if let Err(e) = self.api.call_ok(&edit, Some(&chat.to_string())).await {
                     tracing::warn!(error = %e, "telegram bot: editMessageReplyMarkup");
                 }
             }
@@ -577,6 +578,7 @@ impl Bot {
             };
             match got {
                 Ok(updates) => {
+                    tracing::debug!(updates = updates.len(), "telegram bot: getUpdates");
                     backoff = Duration::from_secs(1);
                     for u in updates {
                         offset = Some(i32::try_from(u.id.0).unwrap_or(i32::MAX).saturating_add(1));
@@ -616,7 +618,7 @@ impl Bot {
                 let p = SetWebhook::new(u)
                     .secret_token(secret.expose())
                     .allowed_updates([AllowedUpdate::Message, AllowedUpdate::CallbackQuery]);
-                match self.api.call(&p, None).await {
+                match self.api.call_ok(&p, None).await {
                     Ok(_) => tracing::info!("telegram bot: webhook set"),
                     Err(e) => tracing::error!(error = %e, "telegram bot: setWebhook failed"),
                 }

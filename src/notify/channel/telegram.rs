@@ -297,6 +297,18 @@ impl Api {
         self.call_with(payload, chat, None).await
     }
 
+    /// [`Api::call`] that only asks whether the call succeeded: a sent message is sent even
+    /// when its echo has a shape this teloxide version cannot read (that must not make
+    /// keywatch send it again).
+    pub async fn call_ok<P>(&self, payload: &P, chat: Option<&str>) -> Result<(), CallError>
+    where
+        P: Payload + Serialize,
+    {
+        self.call_as::<P, serde::de::IgnoredAny>(payload, chat, None)
+            .await
+            .map(|_| ())
+    }
+
     /// [`Api::call`] with a longer HTTP timeout (long polling).
     pub async fn call_with<P>(
         &self,
@@ -308,16 +320,30 @@ impl Api {
         P: Payload + Serialize,
         P::Output: DeserializeOwned,
     {
+        self.call_as::<P, P::Output>(payload, chat, timeout).await
+    }
+
+    async fn call_as<P, T>(
+        &self,
+        payload: &P,
+        chat: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<T, CallError>
+    where
+        P: Payload + Serialize,
+        T: DeserializeOwned,
+    {
         if chat.is_some() {
             self.pacer.wait(chat).await;
         }
         let secrets = self.secrets();
-        let url = format!(
-            "{}bot{}/{}",
-            self.bot.api_url(),
-            self.bot.token(),
-            P::NAME
-        );
+        // teloxide names payloads in Rust's case (`SendMessage`); the Bot API documents
+        // (and matches case-insensitively) `sendMessage`.
+        let mut method = P::NAME.to_owned();
+        if let Some(first) = method.get_mut(..1) {
+            first.make_ascii_lowercase();
+        }
+        let url = format!("{}bot{}/{method}", self.bot.api_url(), self.bot.token());
         let mut req = self.bot.client().post(url).json(payload);
         if let Some(t) = timeout {
             req = req.timeout(t);
@@ -426,7 +452,7 @@ impl Telegram {
         buttons: Option<InlineKeyboardMarkup>,
     ) -> Result<(), DeliveryError> {
         self.api
-            .call(&html_message(chat_id, html, buttons), Some(chat_id))
+            .call_ok(&html_message(chat_id, html, buttons), Some(chat_id))
             .await
             .map(|_| ())
             .map_err(|e| e.delivery())
