@@ -435,6 +435,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     let (findings_tx, findings_rx) = mpsc::channel::<Input>(64);
     let notify_cancel = CancellationToken::new();
     // With the owners' bot, its feed sits between the pipeline and the notifier.
+    let mut bot_task = None;
     let (findings_tx, notifier_rx, gate) = match bot {
         Some(b) => {
             let (tx, rx) = mpsc::channel::<Input>(64);
@@ -443,6 +444,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
                 findings_tx,
                 registry,
                 config.state_dir.clone(),
+                b.configured_tx,
                 b.registry_tx,
                 b.rotations_tx,
                 b.linked_rx,
@@ -455,10 +457,14 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
                 Some((url, secret, updates)) => {
                     let bot = b.bot.clone();
                     let c = cancel.clone();
-                    tokio::spawn(async move { bot.serve_webhook(&url, &secret, updates, c).await });
+                    bot_task = Some(tokio::spawn(async move {
+                        bot.serve_webhook(&url, &secret, updates, c).await
+                    }));
                 }
                 None => {
-                    tokio::spawn(b.bot.clone().poll(gate.clone(), cancel.clone()));
+                    bot_task = Some(tokio::spawn(
+                        b.bot.clone().poll(gate.clone(), cancel.clone()),
+                    ));
                 }
             }
             (tx, rx, Some(gate))
@@ -489,6 +495,10 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     if let Some(task) = server_task {
         let _ = task.await;
     }
+    if let Some(task) = bot_task {
+        // The poller confirms the updates it handled (a few seconds at most).
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     let summary = result?;
     tracing::info!(
         lines = summary.lines,
@@ -503,6 +513,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
 struct BotParts {
     bot: Arc<crate::notify::bot::Bot>,
     registry: tokio::sync::watch::Receiver<Arc<crate::registry::Registry>>,
+    configured_tx: tokio::sync::watch::Sender<Arc<crate::registry::Registry>>,
     registry_tx: tokio::sync::watch::Sender<Arc<crate::registry::Registry>>,
     rotations_tx: tokio::sync::watch::Sender<Arc<Vec<crate::detect::RotationStatus>>>,
     linked_rx: tokio::sync::watch::Receiver<u64>,
@@ -550,6 +561,7 @@ fn telegram_bot(
     };
     let merged = Arc::new(bot::registry_with_links(registry, &config.state_dir));
     let (registry_tx, registry_rx) = watch::channel(merged);
+    let (configured_tx, configured_rx) = watch::channel(registry.clone());
     let (rotations_tx, rotations_rx) = watch::channel(Arc::new(Vec::new()));
     let (linked_tx, linked_rx) = watch::channel(0u64);
     let http = reqwest::Client::builder()
@@ -564,6 +576,7 @@ fn telegram_bot(
         &bc,
         config.state_dir.clone(),
         bot::Feeds {
+            configured: configured_rx,
             registry: registry_rx.clone(),
             rotations: rotations_rx,
         },
@@ -575,6 +588,7 @@ fn telegram_bot(
     Ok(Some(BotParts {
         bot: Arc::new(b),
         registry: registry_rx,
+        configured_tx,
         registry_tx,
         rotations_tx,
         linked_rx,

@@ -241,7 +241,8 @@ fn owners_link_their_chats_with_one_time_codes_and_one_poller_answers() {
 
     let (ok, out, _) = keywatch(&config, &["telegram", "unlink", &CHAT.to_string()]);
     assert!(ok && out.contains("unlinked"), "{out}");
-    assert!(say(&api, CHAT, "/status").contains("not linked"));
+    let after = say(&api, CHAT, "/status");
+    assert!(after.contains("not linked"), "{after}");
     let stderr = stop(daemon);
     assert!(!stderr.contains(TOKEN), "the token is never logged");
     let db = std::fs::read(dir.path().join("state/telegram.sqlite")).unwrap();

@@ -192,6 +192,9 @@ pub fn bot_config(config: &super::Config) -> Result<Option<BotConfig>, String> {
 /// rotations, both fed by the daemon.
 #[derive(Clone)]
 pub struct Feeds {
+    /// The registry as configured (file and lifecycle topic), without linked chats.
+    pub configured: watch::Receiver<Arc<Registry>>,
+    /// With the linked chats (what the notifier uses).
     pub registry: watch::Receiver<Arc<Registry>>,
     pub rotations: watch::Receiver<Arc<Vec<RotationStatus>>>,
 }
@@ -268,7 +271,7 @@ impl Bot {
 
     /// The owner a chat belongs to: `keys.toml`'s `telegram_chat_id` first, then links.
     fn owner_of_chat(&self, chat: i64) -> Option<String> {
-        let registry = self.feeds.registry.borrow().clone();
+        let registry = self.feeds.configured.borrow().clone();
         let by_registry = registry
             .owners()
             .find(|o| o.telegram_chat_id.as_deref() == Some(&chat.to_string()))
@@ -296,7 +299,7 @@ impl Bot {
         match update.kind {
             UpdateKind::Message(m) => self.message(m).await,
             UpdateKind::CallbackQuery(q) => self.callback(q).await,
-            _ => {}
+            other => tracing::debug!(?other, "telegram bot: update ignored"),
         }
     }
 
@@ -323,6 +326,7 @@ impl Bot {
             self.reply(chat, "Too many commands: try again in a minute.").await;
             return;
         }
+        tracing::debug!(chat, "telegram bot: command");
         let (cmd, arg) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
         // `/status@keywatch_bot` in groups.
         let cmd = cmd.split('@').next().unwrap_or(cmd);
@@ -351,7 +355,9 @@ impl Bot {
                 None => NOT_LINKED.to_owned(),
             },
         };
+        tracing::debug!(chat, "telegram bot: replying");
         self.reply(chat, &answer).await;
+        tracing::debug!(chat, "telegram bot: replied");
     }
 
     fn start(&self, chat: i64, code: &str, by: &str, now: i64) -> String {
@@ -557,11 +563,20 @@ impl Bot {
         let mut backoff = Duration::from_secs(1);
         loop {
             if cancel.is_cancelled() {
+                // Confirms what was handled, so that the next poller does not get it again.
+                if let Some(o) = offset {
+                    let p = GetUpdates::new().offset(o).timeout(0).limit(1);
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        self.api.call_with(&p, None, Some(Duration::from_secs(3))),
+                    )
+                    .await;
+                }
                 return;
             }
             if !active.load(std::sync::atomic::Ordering::Relaxed) {
                 tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = cancel.cancelled() => continue,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
                 }
             }
@@ -573,7 +588,7 @@ impl Bot {
             }
             let http_timeout = Duration::from_secs(u64::from(POLL_SECS) + 10);
             let got = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => continue,
                 r = self.api.call_with(&p, None, Some(http_timeout)) => r,
             };
             match got {
@@ -597,7 +612,7 @@ impl Bot {
                         backoff = (backoff * 2).min(Duration::from_secs(60));
                     }
                     tokio::select! {
-                        _ = cancel.cancelled() => return,
+                        _ = cancel.cancelled() => continue,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                 }
@@ -721,6 +736,7 @@ pub async fn run_feed(
     to: mpsc::Sender<crate::notify::Input>,
     mut base: Arc<Registry>,
     state_dir: PathBuf,
+    configured_tx: watch::Sender<Arc<Registry>>,
     registry_tx: watch::Sender<Arc<Registry>>,
     rotations_tx: watch::Sender<Arc<Vec<RotationStatus>>>,
     mut linked: watch::Receiver<u64>,
@@ -746,6 +762,7 @@ pub async fn run_feed(
                 let input = match input {
                     Input::Registry(r) => {
                         base = r;
+                        configured_tx.send_replace(base.clone());
                         let m = merged(&base, &links);
                         registry_tx.send_replace(m.clone());
                         Input::Registry(m)
@@ -790,5 +807,30 @@ pub fn registry_with_links(base: &Registry, state_dir: &std::path::Path) -> Regi
             tracing::error!(error = %e, "telegram links");
             base.clone()
         }
+    }
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn updates_as_telegram_sends_them_parse() {
+        let u: Update = serde_json::from_str(
+            r#"{"message":{"chat":{"first_name":"owner","id":4242,"type":"private"},"date":1795132800,"from":{"first_name":"alice","id":4242,"is_bot":false,"username":"alice"},"message_id":5001,"text":"/status"},"update_id":100001}"#,
+        )
+        .unwrap();
+        match u.kind {
+            UpdateKind::Message(m) => assert_eq!(m.text(), Some("/status")),
+            other => panic!("{other:?}"),
+        }
+        // What `Api::call` avoids: read back from a `Value`, the kind is lost.
+        let v: Value = serde_json::from_str(
+            r#"{"message":{"chat":{"first_name":"owner","id":4242,"type":"private"},"date":1795132800,"from":{"first_name":"alice","id":4242,"is_bot":false,"username":"alice"},"message_id":5001,"text":"/status"},"update_id":100001}"#,
+        )
+        .unwrap();
+        let from_value = serde_json::from_value::<Update>(v).map(|u| matches!(u.kind, UpdateKind::Message(_)));
+        assert_ne!(from_value.ok(), Some(true));
     }
 }

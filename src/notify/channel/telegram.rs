@@ -336,6 +336,7 @@ impl Api {
         if chat.is_some() {
             self.pacer.wait(chat).await;
         }
+        tracing::debug!(method = P::NAME, "telegram call");
         let secrets = self.secrets();
         // teloxide names payloads in Rust's case (`SendMessage`); the Bot API documents
         // (and matches case-insensitively) `sendMessage`.
@@ -370,7 +371,13 @@ impl Api {
             }));
         };
         if answer["ok"] == true && status.is_success() {
-            return serde_json::from_value(answer["result"].clone()).map_err(|e| {
+            // From the text, not from `answer`: teloxide's types (an `Update`'s kind) do not
+            // all read back from a `serde_json::Value`.
+            #[derive(serde::Deserialize)]
+            struct Answer<T> {
+                result: T,
+            }
+            return serde_json::from_str::<Answer<T>>(&text).map(|a| a.result).map_err(|e| {
                 CallError::Transport(DeliveryError::transient(format!(
                     "telegram's answer to {} cannot be read: {e}",
                     P::NAME

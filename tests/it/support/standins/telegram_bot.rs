@@ -231,6 +231,14 @@ impl BotState {
                 "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running",
             );
         }
+        // A poller that goes away (its connection closed) stops polling.
+        struct Polling<'a>(&'a AtomicBool);
+        impl Drop for Polling<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _polling = Polling(&self.polling);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
         let result = loop {
             let notified = self.arrived.notified();
@@ -255,7 +263,6 @@ impl BotState {
                 _ = tokio::time::sleep_until(deadline) => {}
             }
         };
-        self.polling.store(false, Ordering::SeqCst);
         ok(Value::Array(result))
     }
 
