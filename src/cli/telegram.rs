@@ -17,10 +17,17 @@ pub fn link(config: Option<PathBuf>, owner: &str, ttl: Duration) -> anyhow::Resu
     let config = super::load(config.as_ref())?;
     let registry = super::runtime()?
         .block_on(crate::daemon::lifecycle::registry_now(&config))?
-        .ok_or_else(|| anyhow::anyhow!("no key registry configured (rules.keys or rules.lifecycle): no owners to link"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no key registry configured (rules.keys or rules.lifecycle): no owners to link"
+            )
+        })?;
     if registry.owner(owner).is_none() {
         let known: Vec<&str> = registry.owners().map(|o| o.name.as_str()).collect();
-        anyhow::bail!("unknown owner `{owner}`, expected one of {}", known.join(", "));
+        anyhow::bail!(
+            "unknown owner `{owner}`, expected one of {}",
+            known.join(", ")
+        );
     }
     let mut links = Links::open(&config.state_dir)?;
     let now = now_ms();

@@ -395,7 +395,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
             let (bound, task) =
                 server::serve_with(addr, health.clone(), Some(metrics), hook, cancel.clone())
                     .await
-                .with_context(|| format!("server.listen {addr}"))?;
+                    .with_context(|| format!("server.listen {addr}"))?;
             tracing::info!(%bound, "serving /metrics and /healthz");
             Some(task)
         }
@@ -438,9 +438,10 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     let mut bot_task = None;
     let (findings_tx, notifier_rx, gate) = match bot {
         Some(b) => {
-            let (tx, rx) = mpsc::channel::<Input>(64);
+            // pipeline ─▶ feed ─▶ notifier
+            let (pipeline_tx, feed_rx) = mpsc::channel::<Input>(64);
             tokio::spawn(crate::notify::bot::run_feed(
-                findings_rx,
+                feed_rx,
                 findings_tx,
                 registry,
                 config.state_dir.clone(),
@@ -467,7 +468,7 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
                     ));
                 }
             }
-            (tx, rx, Some(gate))
+            (pipeline_tx, findings_rx, Some(gate))
         }
         None => (findings_tx, findings_rx, None),
     };
@@ -546,7 +547,11 @@ fn telegram_bot(
                 );
             }
             let secret = secret.resolve().map_err(|e| {
-                anyhow::anyhow!("{}: channels.{}.webhook_secret: {e}", routes.origin, bc.channel)
+                anyhow::anyhow!(
+                    "{}: channels.{}.webhook_secret: {e}",
+                    routes.origin,
+                    bc.channel
+                )
             })?;
             let (tx, rx) = mpsc::channel(256);
             (

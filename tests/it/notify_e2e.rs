@@ -92,7 +92,7 @@ pub fn spawn(config: &Path) -> Daemon {
         .arg("--config")
         .arg(config)
         .env("KW_NOTIFY_E2E_SECRET", SECRET)
-        .env("KEYWATCH_LOG", "keywatch::notify=debug,info")
+        .env_remove("KEYWATCH_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

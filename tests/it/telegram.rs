@@ -105,7 +105,10 @@ fn keywatch(config: &Path, args: &[&str]) -> (bool, String, String) {
         .args(args)
         .arg("--config")
         .arg(config)
-        .env("KW_NOTIFY_E2E_SECRET", "notify-e2e-fingerprint-secret-0123456789")
+        .env(
+            "KW_NOTIFY_E2E_SECRET",
+            "notify-e2e-fingerprint-secret-0123456789",
+        )
         .output()
         .unwrap();
     (
@@ -149,7 +152,9 @@ fn wait_daemon(daemon: Daemon, what: &str, timeout: Duration, f: impl FnMut() ->
 fn say(api: &StandIn, chat: i64, text: &str) -> String {
     let before = api.sent_to(&chat.to_string()).len();
     api.bot().push_message(chat, "alice", text);
-    if !waited(Duration::from_secs(10), || api.sent_to(&chat.to_string()).len() > before) {
+    if !waited(Duration::from_secs(10), || {
+        api.sent_to(&chat.to_string()).len() > before
+    }) {
         let polls: Vec<(u16, String)> = api
             .telegram_calls("getUpdates")
             .into_iter()
@@ -179,18 +184,31 @@ fn owners_link_their_chats_with_one_time_codes_and_one_poller_answers() {
     let soon_expired = link_code(&config, "acme-billing", "1s");
     assert_ne!(good, soon_expired);
 
-    let daemon = wait_daemon(spawn(&config), "keywatch polls", Duration::from_secs(20), || {
-        api.bot().polling()
-    });
+    let daemon = wait_daemon(
+        spawn(&config),
+        "keywatch polls",
+        Duration::from_secs(20),
+        || api.bot().polling(),
+    );
     // Not linked yet: a refusal, no status.
     api.bot().push_message(CHAT, "alice", "/status");
-    let daemon = wait_daemon(daemon, "DEBUG", Duration::from_secs(5), || !api.sent_to(&CHAT.to_string()).is_empty());
-    assert!(api.sent_to(&CHAT.to_string())[0].text().contains("not linked"));
+    let daemon = wait_daemon(
+        daemon,
+        "an answer to /status",
+        Duration::from_secs(10),
+        || !api.sent_to(&CHAT.to_string()).is_empty(),
+    );
+    assert!(api.sent_to(&CHAT.to_string())[0]
+        .text()
+        .contains("not linked"));
     assert!(say(&api, CHAT, "/start WRONGCODE9").contains("Unknown code"));
     std::thread::sleep(Duration::from_millis(1200));
     assert!(say(&api, CHAT, &format!("/start {soon_expired}")).contains("expired"));
     let linked = say(&api, CHAT, &format!("/start {good}"));
-    assert!(linked.contains("Linked") && linked.contains("acme-billing"), "{linked}");
+    assert!(
+        linked.contains("Linked") && linked.contains("acme-billing"),
+        "{linked}"
+    );
     // Used once.
     assert!(say(&api, STRANGER, &format!("/start {good}")).contains("expired"));
     assert!(say(&api, STRANGER, "/help").contains("not linked"));
@@ -209,11 +227,15 @@ fn owners_link_their_chats_with_one_time_codes_and_one_poller_answers() {
     let dir2 = tempfile::tempdir().unwrap();
     let config2 = setup(dir2.path(), &api, "bot = \"poll\"", None);
     let second = spawn(&config2);
-    wait_for("a 409 for the second poller", Duration::from_secs(30), || {
-        api.telegram_calls("getUpdates")
-            .iter()
-            .any(|r| r.status == 409)
-    });
+    wait_for(
+        "a 409 for the second poller",
+        Duration::from_secs(30),
+        || {
+            api.telegram_calls("getUpdates")
+                .iter()
+                .any(|r| r.status == 409)
+        },
+    );
     let before = api.sent_to(&CHAT.to_string()).len();
     assert!(say(&api, CHAT, "/help").contains("/status"));
     std::thread::sleep(Duration::from_secs(2));
@@ -259,9 +281,12 @@ fn a_snoozed_reminder_holds_the_next_step_back_and_status_answers_from_the_store
 
     // Linked while nothing rotates.
     let code = link_code(&config, "acme-billing", "15m");
-    let daemon = wait_daemon(spawn(&config), "keywatch polls", Duration::from_secs(20), || {
-        api.bot().polling()
-    });
+    let daemon = wait_daemon(
+        spawn(&config),
+        "keywatch polls",
+        Duration::from_secs(20),
+        || api.bot().polling(),
+    );
     assert!(say(&api, CHAT, &format!("/start {code}")).contains("Linked"));
     stop(daemon);
 
@@ -318,7 +343,10 @@ fn a_snoozed_reminder_holds_the_next_step_back_and_status_answers_from_the_store
     });
     let answered = &api.telegram_calls("answerCallbackQuery")[0];
     assert!(
-        answered.body["text"].as_str().unwrap().starts_with("Snoozed until"),
+        answered.body["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Snoozed until"),
         "{}",
         answered.body
     );
@@ -378,9 +406,12 @@ fn webhook_mode_sets_the_webhook_and_takes_updates_only_with_the_secret() {
     );
     let config = setup(dir.path(), &api, &bot, Some(port));
     let code = link_code(&config, "acme-billing", "15m");
-    let daemon = wait_daemon(spawn(&config), "setWebhook", Duration::from_secs(20), || {
-        api.bot().webhook.lock().unwrap().is_some()
-    });
+    let daemon = wait_daemon(
+        spawn(&config),
+        "setWebhook",
+        Duration::from_secs(20),
+        || api.bot().webhook.lock().unwrap().is_some(),
+    );
     let hook = api.bot().webhook.lock().unwrap().clone().unwrap();
     assert_eq!(
         hook["url"],
@@ -388,7 +419,9 @@ fn webhook_mode_sets_the_webhook_and_takes_updates_only_with_the_secret() {
     );
     assert_eq!(hook["secret_token"], "s3cr3t_Hook-token");
 
-    let update = api.bot().push_message(CHAT, "alice", &format!("/start {code}"));
+    let update = api
+        .bot()
+        .push_message(CHAT, "alice", &format!("/start {code}"));
     let url = format!("http://127.0.0.1:{port}/telegram/webhook");
     let client = reqwest::blocking::Client::new();
     let post = |secret: Option<&str>| {

@@ -40,8 +40,8 @@ use teloxide_core::ApiError;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use super::channel::telegram::{Api, BotMode, CallError};
 use super::channel::telegram::{escape_html, html_message};
+pub use super::channel::telegram::{Api, BotMode, CallError};
 use super::log::MessageFinding;
 use super::{silence_add, Matcher};
 use crate::detect::{FindingKind, RotationClass, RotationStatus};
@@ -208,7 +208,13 @@ struct Limits {
 impl Limits {
     /// Records an event of `chat` at `now` in `map`; whether it is within `max` per
     /// `window_ms`.
-    fn allow(map: &mut HashMap<i64, Vec<i64>>, chat: i64, now: i64, window_ms: i64, max: usize) -> bool {
+    fn allow(
+        map: &mut HashMap<i64, Vec<i64>>,
+        chat: i64,
+        now: i64,
+        window_ms: i64,
+        max: usize,
+    ) -> bool {
         if map.len() > 10_000 {
             map.retain(|_, v| v.last().is_some_and(|t| now - t < window_ms));
         }
@@ -288,7 +294,11 @@ impl Bot {
 
     async fn reply(&self, chat: i64, html: &str) {
         let c = chat.to_string();
-        if let Err(e) = self.api.call_ok(&html_message(&c, html, None), Some(&c)).await {
+        if let Err(e) = self
+            .api
+            .call_ok(&html_message(&c, html, None), Some(&c))
+            .await
+        {
             tracing::warn!(chat, error = %e, "telegram bot: reply not sent");
         }
     }
@@ -320,10 +330,13 @@ impl Bot {
         }
         let over = {
             let l = self.limits.lock().expect("limits");
-            l.commands.get(&chat).is_some_and(|v| v.len() > MAX_COMMANDS)
+            l.commands
+                .get(&chat)
+                .is_some_and(|v| v.len() > MAX_COMMANDS)
         };
         if over {
-            self.reply(chat, "Too many commands: try again in a minute.").await;
+            self.reply(chat, "Too many commands: try again in a minute.")
+                .await;
             return;
         }
         tracing::debug!(chat, "telegram bot: command");
@@ -334,7 +347,10 @@ impl Bot {
         let by = who(m.from.as_ref());
         let answer = match cmd {
             "/start" if arg.is_empty() => match self.owner_of_chat(chat) {
-                Some(o) => format!("This chat is linked to <b>{}</b>.\n\n{HELP}", escape_html(&o)),
+                Some(o) => format!(
+                    "This chat is linked to <b>{}</b>.\n\n{HELP}",
+                    escape_html(&o)
+                ),
                 None => NOT_LINKED.to_owned(),
             },
             "/start" => self.start(chat, arg, &by, now),
@@ -406,10 +422,7 @@ impl Bot {
             .map_or(chrono_tz::Tz::UTC, |o| o.timezone);
         let mine: Vec<&RotationStatus> = rotations.iter().filter(|r| r.owner == owner).collect();
         if mine.is_empty() {
-            return format!(
-                "No rotation of <b>{}</b> in progress.",
-                escape_html(owner)
-            );
+            return format!("No rotation of <b>{}</b> in progress.", escape_html(owner));
         }
         let mut out = format!("<b>Rotations of {}</b>\n", escape_html(owner));
         for r in mine {
@@ -452,11 +465,24 @@ impl Bot {
         out
     }
 
-    fn silence(&self, matcher: &Matcher, hold: Duration, reason: &str, now: i64) -> Result<i64, String> {
-        let mut log = crate::store::SqliteStore::open(&self.state_dir).map_err(|e| e.to_string())?;
-        silence_add(&mut log, matcher, now + hold.as_millis() as i64, reason, now)
-            .map(|s| s.id)
-            .map_err(|e| e.to_string())
+    fn silence(
+        &self,
+        matcher: &Matcher,
+        hold: Duration,
+        reason: &str,
+        now: i64,
+    ) -> Result<i64, String> {
+        let mut log =
+            crate::store::SqliteStore::open(&self.state_dir).map_err(|e| e.to_string())?;
+        silence_add(
+            &mut log,
+            matcher,
+            now + hold.as_millis() as i64,
+            reason,
+            now,
+        )
+        .map(|s| s.id)
+        .map_err(|e| e.to_string())
     }
 
     fn snooze(&self, owner: &str, arg: &str, chat: i64, by: &str, now: i64) -> String {
@@ -467,7 +493,12 @@ impl Bot {
         let reason = format!("snoozed {arg} in Telegram by {by} (chat {chat})");
         match self.silence(&Matcher::Owner(owner.to_owned()), hold, &reason, now) {
             Ok(id) => {
-                let tz = self.feeds.registry.borrow().owner(owner).map_or(chrono_tz::Tz::UTC, |o| o.timezone);
+                let tz = self
+                    .feeds
+                    .registry
+                    .borrow()
+                    .owner(owner)
+                    .map_or(chrono_tz::Tz::UTC, |o| o.timezone);
                 format!(
                     "Snoozed: no notifications about <b>{}</b>'s keys until {} (silence {id}).",
                     escape_html(owner),
@@ -529,12 +560,18 @@ impl Bot {
         let reason = format!("{what} in Telegram by {by} (chat {chat})");
         match self.silence(&Matcher::Key(key.clone()), hold, &reason, now) {
             Ok(id) => {
-                let tz = registry.owner(&owner).map_or(chrono_tz::Tz::UTC, |o| o.timezone);
+                let tz = registry
+                    .owner(&owner)
+                    .map_or(chrono_tz::Tz::UTC, |o| o.timezone);
                 tracing::info!(chat, key = %key, by = %by, silence = id, "{what} in Telegram");
                 answer(
                     format!(
                         "{} until {} (silence {id})",
-                        if what == "acknowledged" { "Acknowledged: quiet" } else { "Snoozed" },
+                        if what == "acknowledged" {
+                            "Acknowledged: quiet"
+                        } else {
+                            "Snoozed"
+                        },
                         format_local(now + hold.as_millis() as i64, tz)
                     ),
                     false,
@@ -548,7 +585,11 @@ impl Bot {
             }
             Err(e) => {
                 tracing::error!(error = %e, "telegram bot: silence");
-                answer("keywatch cannot snooze right now: try again later.".into(), true).await;
+                answer(
+                    "keywatch cannot snooze right now: try again later.".into(),
+                    true,
+                )
+                .await;
             }
         }
     }
@@ -830,7 +871,8 @@ mod parse_tests {
             r#"{"message":{"chat":{"first_name":"owner","id":4242,"type":"private"},"date":1795132800,"from":{"first_name":"alice","id":4242,"is_bot":false,"username":"alice"},"message_id":5001,"text":"/status"},"update_id":100001}"#,
         )
         .unwrap();
-        let from_value = serde_json::from_value::<Update>(v).map(|u| matches!(u.kind, UpdateKind::Message(_)));
+        let from_value =
+            serde_json::from_value::<Update>(v).map(|u| matches!(u.kind, UpdateKind::Message(_)));
         assert_ne!(from_value.ok(), Some(true));
     }
 }

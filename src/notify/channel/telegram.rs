@@ -113,18 +113,21 @@ pub(crate) fn settings(t: &ChannelTable<'_>) -> Result<TelegramSettings, ConfigE
         None | Some(("off", _)) => BotMode::Off,
         Some(("poll", _)) => BotMode::Poll,
         Some(("webhook", span)) => {
-            let url = match &c.webhook_url {
-                Some(v) => t.http_url("webhook_url", v)?,
-                None => {
-                    return Err(t.err(
+            let url =
+                match &c.webhook_url {
+                    Some(v) => t.http_url("webhook_url", v)?,
+                    None => return Err(t.err(
                         "webhook_url",
                         Some(span),
                         "bot = \"webhook\" needs webhook_url (the public URL Telegram posts to)",
-                    ))
-                }
-            };
+                    )),
+                };
             let secret = t
-                .secret("webhook_secret", &c.webhook_secret_env, &c.webhook_secret_file)?
+                .secret(
+                    "webhook_secret",
+                    &c.webhook_secret_env,
+                    &c.webhook_secret_file,
+                )?
                 .ok_or_else(|| {
                     t.err(
                         "webhook_secret_env",
@@ -377,12 +380,14 @@ impl Api {
             struct Answer<T> {
                 result: T,
             }
-            return serde_json::from_str::<Answer<T>>(&text).map(|a| a.result).map_err(|e| {
-                CallError::Transport(DeliveryError::transient(format!(
-                    "telegram's answer to {} cannot be read: {e}",
-                    P::NAME
-                )))
-            });
+            return serde_json::from_str::<Answer<T>>(&text)
+                .map(|a| a.result)
+                .map_err(|e| {
+                    CallError::Transport(DeliveryError::transient(format!(
+                        "telegram's answer to {} cannot be read: {e}",
+                        P::NAME
+                    )))
+                });
         }
         let code = answer["error_code"]
             .as_u64()

@@ -396,7 +396,7 @@ async fn telegram(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<
         .split_once('/')
         .unwrap_or((&path["/bot".len()..], ""));
     if token != s.telegram_token {
-        return tg_error(401, "Unauthorized");
+        return tg_error(404, "Not Found");
     }
     // Method names are case-insensitive.
     match method.to_ascii_lowercase().as_str() {

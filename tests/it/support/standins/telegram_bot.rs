@@ -97,7 +97,13 @@ impl BotState {
 
     /// A press on a button of the bot's message `message_id` in `chat_id`: the update (with
     /// the query id the bot must answer).
-    pub fn push_callback(&self, chat_id: i64, message_id: i64, username: &str, data: &str) -> Value {
+    pub fn push_callback(
+        &self,
+        chat_id: i64,
+        message_id: i64,
+        username: &str,
+        data: &str,
+    ) -> Value {
         let qid = {
             let mut q = self.next_query.lock().unwrap();
             *q += 1;
@@ -148,12 +154,20 @@ pub fn check_markup(m: &Value) -> Result<(), String> {
         for b in buttons {
             let text = b["text"].as_str().unwrap_or("");
             if text.is_empty() {
-                return Err("Bad Request: text buttons are unallowed in the inline keyboard".into());
+                return Err(
+                    "Bad Request: text buttons are unallowed in the inline keyboard".into(),
+                );
             }
-            let actions = ["callback_data", "url", "switch_inline_query", "pay", "web_app"]
-                .iter()
-                .filter(|k| !b[**k].is_null())
-                .count();
+            let actions = [
+                "callback_data",
+                "url",
+                "switch_inline_query",
+                "pay",
+                "web_app",
+            ]
+            .iter()
+            .filter(|k| !b[**k].is_null())
+            .count();
             if actions != 1 {
                 return Err(
                     "Bad Request: can't parse inline keyboard button: exactly one of the optional fields must be used"
@@ -248,9 +262,9 @@ impl BotState {
                 .unwrap()
                 .iter()
                 .filter(|u| {
-                    allowed.as_ref().is_none_or(|a| {
-                        a.iter().any(|k| u.get(k.as_str()).is_some())
-                    })
+                    allowed
+                        .as_ref()
+                        .is_none_or(|a| a.iter().any(|k| u.get(k.as_str()).is_some()))
                 })
                 .take(limit)
                 .cloned()
@@ -268,13 +282,22 @@ impl BotState {
 
     pub fn answer_callback_query(&self, body: &Value) -> Answer {
         let Some(id) = body["callback_query_id"].as_str() else {
-            return err(400, "Bad Request: query is too old and response timeout expired or query ID is invalid");
+            return err(
+                400,
+                "Bad Request: query is too old and response timeout expired or query ID is invalid",
+            );
         };
-        if body["text"].as_str().is_some_and(|t| t.chars().count() > 200) {
+        if body["text"]
+            .as_str()
+            .is_some_and(|t| t.chars().count() > 200)
+        {
             return err(400, "Bad Request: MESSAGE_TOO_LONG");
         }
         if !self.open_queries.lock().unwrap().remove(id) {
-            return err(400, "Bad Request: query is too old and response timeout expired or query ID is invalid");
+            return err(
+                400,
+                "Bad Request: query is too old and response timeout expired or query ID is invalid",
+            );
         }
         ok(json!(true))
     }
@@ -303,7 +326,9 @@ impl BotState {
             );
         }
         *old = markup;
-        ok(json!({"message_id": mid, "chat": {"id": chat.parse::<i64>().unwrap_or(0), "type": "private"}, "date": 1_795_132_800, "text": "…"}))
+        ok(
+            json!({"message_id": mid, "chat": {"id": chat.parse::<i64>().unwrap_or(0), "type": "private"}, "date": 1_795_132_800, "text": "…"}),
+        )
     }
 
     pub fn set_webhook(&self, body: &Value) -> Answer {
@@ -313,20 +338,33 @@ impl BotState {
             return ok(json!(true));
         }
         let Ok(u) = reqwest::Url::parse(url) else {
-            return err(400, "Bad Request: bad webhook: Failed to resolve host: Name or service not known");
+            return err(
+                400,
+                "Bad Request: bad webhook: Failed to resolve host: Name or service not known",
+            );
         };
         if u.scheme() != "https" {
-            return err(400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook");
+            return err(
+                400,
+                "Bad Request: bad webhook: An HTTPS URL must be provided for webhook",
+            );
         }
         if !matches!(u.port_or_known_default(), Some(443 | 80 | 88 | 8443)) {
-            return err(400, "Bad Request: bad webhook: Webhook can be set up only on ports 80, 88, 443 or 8443");
+            return err(
+                400,
+                "Bad Request: bad webhook: Webhook can be set up only on ports 80, 88, 443 or 8443",
+            );
         }
         if let Some(s) = body.get("secret_token") {
             let s = s.as_str().unwrap_or("");
             let good = (1..=256).contains(&s.len())
-                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
             if !good {
-                return err(400, "Bad Request: secret token contains unallowed characters");
+                return err(
+                    400,
+                    "Bad Request: secret token contains unallowed characters",
+                );
             }
         }
         *self.webhook.lock().unwrap() = Some(body.clone());
