@@ -445,9 +445,11 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
                 findings_tx,
                 registry,
                 config.state_dir.clone(),
-                b.configured_tx,
-                b.registry_tx,
-                b.rotations_tx,
+                crate::notify::bot::FeedSenders {
+                    configured: b.configured_tx,
+                    registry: b.registry_tx,
+                    rotations: b.rotations_tx,
+                },
                 b.linked_rx,
             ));
             let gate = Arc::new(std::sync::atomic::AtomicBool::new(!matches!(

@@ -767,6 +767,13 @@ mod tests {
     }
 }
 
+/// What [`run_feed`] keeps up to date for the bot (the other ends of [`Feeds`]).
+pub struct FeedSenders {
+    pub configured: watch::Sender<Arc<Registry>>,
+    pub registry: watch::Sender<Arc<Registry>>,
+    pub rotations: watch::Sender<Arc<Vec<RotationStatus>>>,
+}
+
 /// Sits between the pipeline and the notifier: passes every input on, gives the notifier
 /// the registry with the chats owners linked (again whenever a chat is linked by the bot,
 /// or unlinked from another process, read every [`LINKS_REFRESH`]), and gives the bot the
@@ -777,11 +784,14 @@ pub async fn run_feed(
     to: mpsc::Sender<crate::notify::Input>,
     mut base: Arc<Registry>,
     state_dir: PathBuf,
-    configured_tx: watch::Sender<Arc<Registry>>,
-    registry_tx: watch::Sender<Arc<Registry>>,
-    rotations_tx: watch::Sender<Arc<Vec<RotationStatus>>>,
+    out: FeedSenders,
     mut linked: watch::Receiver<u64>,
 ) {
+    let FeedSenders {
+        configured: configured_tx,
+        registry: registry_tx,
+        rotations: rotations_tx,
+    } = out;
     use crate::notify::Input;
     let read_links = || match Links::open(&state_dir).and_then(|l| l.newest_by_owner()) {
         Ok(m) => Some(m),
