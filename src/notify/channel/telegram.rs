@@ -176,32 +176,36 @@ impl Pacer {
     /// Waits for the next slot of `chat` (and of the bot): slots are handed out in the order
     /// asked for, so a burst to one chat goes out a second apart.
     pub async fn wait(&self, chat: Option<&str>) {
-        let at = {
-            let mut s = self.state.lock().await;
-            let now = Instant::now();
-            let mut at = now;
-            if let Some(c) = chat {
-                if let Some(next) = s.chats.get(c) {
-                    at = at.max(*next);
-                }
-            }
-            if s.recent.len() >= PER_BOT {
-                let oldest = s.recent[s.recent.len() - PER_BOT];
-                at = at.max(oldest + Duration::from_secs(1));
-            }
-            if let Some(c) = chat {
-                if s.chats.len() > 10_000 {
-                    s.chats.retain(|_, next| *next > now);
-                }
-                s.chats.insert(c.to_owned(), at + PER_CHAT_GAP);
-            }
-            s.recent.push_back(at);
-            while s.recent.len() > PER_BOT {
-                s.recent.pop_front();
-            }
-            at
-        };
+        let at = self.state.lock().await.reserve(chat, Instant::now());
         tokio::time::sleep_until(at).await;
+    }
+}
+
+impl PaceState {
+    /// The next slot of `chat` and of the bot at or after `now`, reserved.
+    fn reserve(&mut self, chat: Option<&str>, now: Instant) -> Instant {
+        let mut at = now;
+        if let Some(c) = chat {
+            if let Some(next) = self.chats.get(c) {
+                at = at.max(*next);
+            }
+        }
+        if self.recent.len() >= PER_BOT {
+            let oldest = self.recent[self.recent.len() - PER_BOT];
+            at = at.max(oldest + Duration::from_secs(1));
+        }
+        if let Some(c) = chat {
+            if self.chats.len() > 10_000 {
+                self.chats.retain(|_, next| *next > now);
+            }
+            self.chats.insert(c.to_owned(), at + PER_CHAT_GAP);
+        }
+        // Slots are handed out in order, so the last PER_BOT are the latest.
+        self.recent.push_back(at);
+        while self.recent.len() > PER_BOT {
+            self.recent.pop_front();
+        }
+        at
     }
 }
 
@@ -692,6 +696,66 @@ mod tests {
             &limited[1][limited[1].len() - 80..]
         );
         check_keywatch_html(&limited[1]).unwrap();
+    }
+
+    #[test]
+    fn pacing_gives_a_chat_one_message_a_second_and_the_bot_thirty() {
+        let t0 = Instant::now();
+        let mut p = PaceState::default();
+        let s = |d: Duration| d.as_millis();
+        // A burst to one chat: a second apart.
+        let slots: Vec<u128> = (0..3).map(|_| s(p.reserve(Some("1"), t0) - t0)).collect();
+        assert_eq!(slots, [0, 1000, 2000]);
+        // Other chats are not held back by it, until the bot's 30 a second are used.
+        let mut p = PaceState::default();
+        let slots: Vec<u128> = (0..61)
+            .map(|i| s(p.reserve(Some(&i.to_string()), t0) - t0))
+            .collect();
+        assert!(slots[..30].iter().all(|x| *x == 0), "{slots:?}");
+        assert!(slots[30..60].iter().all(|x| *x == 1000), "{slots:?}");
+        assert_eq!(slots[60], 2000);
+        // Calls without a chat (answers to buttons) count for the bot only.
+        let mut p = PaceState::default();
+        p.reserve(Some("1"), t0);
+        assert_eq!(s(p.reserve(None, t0) - t0), 0);
+    }
+
+    #[test]
+    fn answers_map_to_retry_or_not() {
+        let api = |code: u16, error: RequestError| CallError::Api {
+            code,
+            error,
+            description: "d".into(),
+        };
+        let e = api(429, RequestError::RetryAfter(Seconds::from_seconds(7))).delivery();
+        assert_eq!(
+            e,
+            DeliveryError::Transient {
+                detail: "telegram answered 429: d".into(),
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        assert!(api(
+            502,
+            RequestError::Api(ApiError::Unknown("Bad Gateway".into()))
+        )
+        .delivery()
+        .is_transient());
+        assert!(!api(400, RequestError::Api(ApiError::ChatNotFound))
+            .delivery()
+            .is_transient());
+        let migrated = api(400, RequestError::MigrateToChatId(ChatId(-100123))).delivery();
+        assert!(!migrated.is_transient());
+        assert!(
+            migrated.detail().contains("the group is now chat -100123"),
+            "{migrated}"
+        );
+        // The description becomes teloxide's typed error.
+        let typed: ApiError = serde_json::from_value(Value::String(
+            "Forbidden: bot was blocked by the user".into(),
+        ))
+        .unwrap();
+        assert_eq!(typed, ApiError::BotBlocked);
     }
 
     #[test]
