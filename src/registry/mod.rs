@@ -490,6 +490,26 @@ mod tests {
     }
 
     #[test]
+    fn linked_chats_fill_in_and_the_files_chat_wins() {
+        let r = Registry::parse(
+            "keys.toml",
+            "[owners.a]\ntelegram_chat_id = -100\n[owners.b]\n[[keys]]\nid = \"k\"\nowner = \"b\"\n",
+        )
+        .unwrap();
+        let links: BTreeMap<String, String> = [("a", "1"), ("b", "2"), ("ghost", "3")]
+            .into_iter()
+            .map(|(o, c)| (o.to_owned(), c.to_owned()))
+            .collect();
+        let m = r.with_linked_chats(&links);
+        assert_eq!(
+            m.owner("a").unwrap().telegram_chat_id.as_deref(),
+            Some("-100")
+        );
+        assert_eq!(m.owner("b").unwrap().telegram_chat_id.as_deref(), Some("2"));
+        assert!(m.owner("ghost").is_none());
+    }
+
+    #[test]
     fn times_with_offsets_ignore_the_zone() {
         let berlin = parse_timezone("Europe/Berlin").unwrap();
         assert_eq!(
