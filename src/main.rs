@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use keywatch::cli::args::{Cli, Command, NotifyAction, SilenceAction};
-use keywatch::cli::{self, inspect, notify, tools};
+use keywatch::cli::args::{Cli, Command, NotifyAction, SilenceAction, TelegramAction};
+use keywatch::cli::{self, inspect, notify, telegram, tools};
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
@@ -51,6 +51,11 @@ fn main() -> ExitCode {
             } => notify::silence_add(config, &matcher, duration, &reason),
             SilenceAction::List { config, all } => notify::silence_list(config, all),
             SilenceAction::Remove { config, id } => notify::silence_remove(config, id),
+        },
+        Command::Telegram { action } => match action {
+            TelegramAction::Link { config, owner, ttl } => telegram::link(config, &owner, ttl),
+            TelegramAction::Chats { config } => telegram::chats(config),
+            TelegramAction::Unlink { config, chat_id } => telegram::unlink(config, chat_id),
         },
         Command::Score { input, output } => tools::score(input, output),
         Command::Fingerprint { config } => tools::fingerprint(config),

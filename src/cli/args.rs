@@ -108,6 +108,11 @@ pub enum Command {
         #[command(subcommand)]
         action: SilenceAction,
     },
+    /// The owners' Telegram bot: link owners' chats with one-time codes
+    Telegram {
+        #[command(subcommand)]
+        action: TelegramAction,
+    },
     /// Score a time series (CSV `timestamp,value`) with the anomaly models: writes
     /// `timestamp,value,anomaly_score`, same rows, same order, scores in [0,1], causal
     Score {
@@ -177,6 +182,32 @@ pub enum NotifyAction {
         /// An owner from the registry, or a team receiver
         #[arg(long)]
         owner: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TelegramAction {
+    /// Print a one-time code; the owner sends `/start CODE` to the bot from their chat
+    Link {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// An owner from the registry
+        owner: String,
+        /// How long the code works (at most 24h)
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// The linked chats
+    Chats {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Unlink a chat
+    Unlink {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(allow_hyphen_values = true)]
+        chat_id: i64,
     },
 }
 

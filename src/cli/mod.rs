@@ -5,7 +5,7 @@
 //! - [`check_config`] (and [`connect`] for `--connect`);
 //! - [`inspect`]: `usage`, `rotations`, `findings`, read from the store read-only;
 //! - [`backtest()`]: a log or a ClickHouse range through the daemon's pipeline;
-//! - [`notify`]: `notify test` and `silence`;
+//! - [`notify`]: `notify test` and `silence`; [`telegram`]: the chats linked to the owners' bot;
 //! - [`tools`]: `score`, `fingerprint`, `produce`, `sample`;
 //! - [`docs`]: `completions` and `man`.
 //!
@@ -22,6 +22,7 @@ pub mod produce;
 pub mod report;
 pub mod report_rotation;
 mod run;
+pub mod telegram;
 pub mod tools;
 
 use std::path::PathBuf;

@@ -185,6 +185,19 @@ pub async fn run(
     cancel: CancellationToken,
     findings: Option<mpsc::Sender<Input>>,
 ) -> anyhow::Result<RunSummary> {
+    run_with_gate(config, health, cancel, findings, None).await
+}
+
+/// [`run`]; `evaluator`, when given, learns whether this instance evaluates rotations (the
+/// owners' bot polls only there): `true` for a file or stdin, the group leadership for Kafka.
+pub async fn run_with_gate(
+    config: Config,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    findings: Option<mpsc::Sender<Input>>,
+    evaluator: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> anyhow::Result<RunSummary> {
+    let mut evaluator = evaluator;
     // The state directory holds the fingerprint secret and dead letters in every mode.
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir: cannot create {}", config.state_dir.display()))?;
@@ -288,6 +301,9 @@ pub async fn run(
             // Members of a group share the store (ClickHouse, or one SQLite state directory
             // on one host): one of them evaluates rotations.
             pipeline.evaluate_only_when(source.leader());
+            if let Some(gate) = evaluator.take() {
+                spawn_gate_mirror(source.leader(), gate, cancel.clone());
+            }
             Reader::Kafka(source)
         }
     };
@@ -324,6 +340,21 @@ pub async fn run(
     }
 }
 
+/// Keeps `gate` equal to the group leadership `leader` until `cancel`.
+fn spawn_gate_mirror(
+    leader: Arc<std::sync::atomic::AtomicBool>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
+    cancel: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    tokio::spawn(async move {
+        while !cancel.is_cancelled() {
+            gate.store(leader.load(Relaxed), Relaxed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
 enum Reader {
     File(FileFollower),
     Stdin(std::thread::JoinHandle<std::io::Result<()>>),
@@ -351,11 +382,20 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     let cancel = CancellationToken::new();
     let health = Arc::new(Health::default());
     let metrics = crate::telemetry::install().context("installing the metrics recorder")?;
+    let routes = notify_config(&config)?;
+    // The file's registry; the pipeline sends the lifecycle topic's changes once read.
+    let registry = match &config.rules.keys {
+        Some(p) => Arc::new(crate::registry::Registry::load(p)?),
+        None => Arc::new(crate::registry::Registry::empty()),
+    };
+    let bot = telegram_bot(&config, &routes, &registry)?;
     let server_task = match config.server {
         Some(addr) => {
-            let (bound, task) = server::serve(addr, health.clone(), Some(metrics), cancel.clone())
-                .await
-                .with_context(|| format!("server.listen {addr}"))?;
+            let hook = bot.as_ref().and_then(|b| b.hook.clone());
+            let (bound, task) =
+                server::serve_with(addr, health.clone(), Some(metrics), hook, cancel.clone())
+                    .await
+                    .with_context(|| format!("server.listen {addr}"))?;
             tracing::info!(%bound, "serving /metrics and /healthz");
             Some(task)
         }
@@ -372,11 +412,10 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     // The notifier: its own task, fed new findings by the pipeline through a bounded
     // channel. Its log lives in the embedded store in every mode.
     let mut notifier = crate::notify::Notifier::new(
-        notify_config(&config)?,
-        // The file's registry; the pipeline sends the lifecycle topic's changes once read.
-        match &config.rules.keys {
-            Some(p) => Arc::new(crate::registry::Registry::load(p)?),
-            None => Arc::new(crate::registry::Registry::empty()),
+        routes,
+        match &bot {
+            Some(b) => b.registry.borrow().clone(),
+            None => registry.clone(),
         },
         crate::store::SqliteStore::open(&config.state_dir)?,
     )?;
@@ -395,9 +434,49 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     };
     let (findings_tx, findings_rx) = mpsc::channel::<Input>(64);
     let notify_cancel = CancellationToken::new();
-    let notify_task = tokio::spawn(notifier.run(findings_rx, notify_cancel.clone()));
+    // With the owners' bot, its feed sits between the pipeline and the notifier.
+    let mut bot_task = None;
+    let (findings_tx, notifier_rx, gate) = match bot {
+        Some(b) => {
+            // pipeline ─▶ feed ─▶ notifier
+            let (pipeline_tx, feed_rx) = mpsc::channel::<Input>(64);
+            tokio::spawn(crate::notify::bot::run_feed(
+                feed_rx,
+                findings_tx,
+                registry,
+                config.state_dir.clone(),
+                crate::notify::bot::FeedSenders {
+                    configured: b.configured_tx,
+                    registry: b.registry_tx,
+                    rotations: b.rotations_tx,
+                },
+                b.linked_rx,
+            ));
+            let gate = Arc::new(std::sync::atomic::AtomicBool::new(!matches!(
+                config.input.source,
+                InputSource::Kafka(_)
+            )));
+            match b.webhook {
+                Some((url, secret, updates)) => {
+                    let bot = b.bot.clone();
+                    let c = cancel.clone();
+                    bot_task = Some(tokio::spawn(async move {
+                        bot.serve_webhook(&url, &secret, updates, c).await
+                    }));
+                }
+                None => {
+                    bot_task = Some(tokio::spawn(
+                        b.bot.clone().poll(gate.clone(), cancel.clone()),
+                    ));
+                }
+            }
+            (pipeline_tx, findings_rx, Some(gate))
+        }
+        None => (findings_tx, findings_rx, None),
+    };
+    let notify_task = tokio::spawn(notifier.run(notifier_rx, notify_cancel.clone()));
 
-    let result = run(config, health, cancel.clone(), Some(findings_tx)).await;
+    let result = run_with_gate(config, health, cancel.clone(), Some(findings_tx), gate).await;
     // The pipeline has stopped and dropped its sender: the notifier drains what is due,
     // then ends; a channel still retrying is given up after a while (the log keeps it).
     if tokio::time::timeout(Duration::from_secs(35), notify_task)
@@ -419,6 +498,10 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     if let Some(task) = server_task {
         let _ = task.await;
     }
+    if let Some(task) = bot_task {
+        // The poller confirms the updates it handled (a few seconds at most).
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     let summary = result?;
     tracing::info!(
         lines = summary.lines,
@@ -427,6 +510,98 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
         "stopped"
     );
     Ok(summary)
+}
+
+/// The owners' Telegram bot of a run, wired: see [`crate::notify::bot`].
+struct BotParts {
+    bot: Arc<crate::notify::bot::Bot>,
+    registry: tokio::sync::watch::Receiver<Arc<crate::registry::Registry>>,
+    configured_tx: tokio::sync::watch::Sender<Arc<crate::registry::Registry>>,
+    registry_tx: tokio::sync::watch::Sender<Arc<crate::registry::Registry>>,
+    rotations_tx: tokio::sync::watch::Sender<Arc<Vec<crate::detect::RotationStatus>>>,
+    linked_rx: tokio::sync::watch::Receiver<u64>,
+    hook: Option<server::TelegramHook>,
+    /// Webhook mode: the public URL, the secret, the updates the server takes.
+    webhook: Option<(
+        String,
+        crate::registry::Secret,
+        mpsc::Receiver<teloxide_core::types::Update>,
+    )>,
+}
+
+fn telegram_bot(
+    config: &Config,
+    routes: &crate::notify::Config,
+    registry: &Arc<crate::registry::Registry>,
+) -> anyhow::Result<Option<BotParts>> {
+    use crate::notify::bot::{self, BotMode};
+    use tokio::sync::watch;
+    let Some(bc) = bot::bot_config(routes).map_err(anyhow::Error::msg)? else {
+        return Ok(None);
+    };
+    let (hook, webhook) = match &bc.mode {
+        BotMode::Webhook { url, secret } => {
+            if config.server.is_none() {
+                bail!(
+                    "{}: channels.{}.bot: webhook mode needs the daemon's HTTP server (server.listen in the config)",
+                    routes.origin,
+                    bc.channel
+                );
+            }
+            let secret = secret.resolve().map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: channels.{}.webhook_secret: {e}",
+                    routes.origin,
+                    bc.channel
+                )
+            })?;
+            let (tx, rx) = mpsc::channel(256);
+            (
+                Some(server::TelegramHook {
+                    secret: secret.clone(),
+                    updates: tx,
+                }),
+                Some((url.clone(), secret, rx)),
+            )
+        }
+        _ => (None, None),
+    };
+    let merged = Arc::new(bot::registry_with_links(registry, &config.state_dir));
+    let (registry_tx, registry_rx) = watch::channel(merged);
+    let (configured_tx, configured_rx) = watch::channel(registry.clone());
+    let (rotations_tx, rotations_rx) = watch::channel(Arc::new(Vec::new()));
+    let (linked_tx, linked_rx) = watch::channel(0u64);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .connect_timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("keywatch/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("building the Telegram bot's HTTP client")?;
+    let b = bot::Bot::new(
+        http,
+        &bc,
+        config.state_dir.clone(),
+        bot::Feeds {
+            configured: configured_rx,
+            registry: registry_rx.clone(),
+            rotations: rotations_rx,
+        },
+        linked_tx,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: channels.{}.{e}", routes.origin, bc.channel))?;
+    let mode = if hook.is_some() { "webhook" } else { "polling" };
+    tracing::info!(channel = %bc.channel, mode, "owners' Telegram bot on");
+    Ok(Some(BotParts {
+        bot: Arc::new(b),
+        registry: registry_rx,
+        configured_tx,
+        registry_tx,
+        rotations_tx,
+        linked_rx,
+        hook,
+        webhook,
+    }))
 }
 
 /// The routes file the config names (console only without one).

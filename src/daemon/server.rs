@@ -1,4 +1,7 @@
-//! The operations endpoint: Prometheus `/metrics` and `/healthz`.
+//! The operations endpoint: Prometheus `/metrics` and `/healthz`; in the owners' bot's
+//! webhook mode also `POST /telegram/webhook` ([`crate::notify::bot::WEBHOOK_PATH`]), which
+//! takes an update only with the right `X-Telegram-Bot-Api-Secret-Token` (401 otherwise,
+//! nothing logged of it) and hands it to the bot.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -27,10 +30,18 @@ impl Health {
     }
 }
 
+/// Where the webhook route hands Telegram's updates, and the secret they must carry.
+#[derive(Clone)]
+pub struct TelegramHook {
+    pub secret: crate::registry::Secret,
+    pub updates: tokio::sync::mpsc::Sender<teloxide_core::types::Update>,
+}
+
 #[derive(Clone)]
 struct AppState {
     health: Arc<Health>,
     metrics: Option<PrometheusHandle>,
+    telegram: Option<TelegramHook>,
 }
 
 /// Binds `addr` and serves until `cancel`; returns the bound address (useful with port 0).
@@ -40,12 +51,31 @@ pub async fn serve(
     metrics: Option<PrometheusHandle>,
     cancel: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(addr, health, metrics, None, cancel).await
+}
+
+/// [`serve`], with the Telegram webhook route when `telegram` is given.
+pub async fn serve_with(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    metrics: Option<PrometheusHandle>,
+    telegram: Option<TelegramHook>,
+    cancel: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
-        .with_state(AppState { health, metrics });
+        .route(
+            crate::notify::bot::WEBHOOK_PATH,
+            axum::routing::post(telegram_update),
+        )
+        .with_state(AppState {
+            health,
+            metrics,
+            telegram,
+        });
     let task = tokio::spawn(async move {
         let shutdown = async move { cancel.cancelled().await };
         if let Err(e) = axum::serve(listener, app)
@@ -81,4 +111,28 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
         "last_commit_ms": (last > 0).then_some(last),
     });
     (status, Json(body))
+}
+
+async fn telegram_update(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    let Some(hook) = &state.telegram else {
+        return StatusCode::NOT_FOUND;
+    };
+    let got = headers
+        .get("x-telegram-bot-api-secret-token")
+        .map(|v| v.as_bytes());
+    if !crate::notify::bot::webhook_secret_ok(got, &hook.secret) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    match serde_json::from_slice::<teloxide_core::types::Update>(&body) {
+        // Telegram sends again what is not answered 2xx: a full queue asks for that.
+        Ok(u) => match hook.updates.try_send(u) {
+            Ok(()) => StatusCode::OK,
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        },
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
 }

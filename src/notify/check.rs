@@ -192,7 +192,15 @@ pub async fn send_test(
         &body,
     );
     let (_, result) = transports
-        .send(channel, &id, &recipient, &target.address, &rendered, 0)
+        .send(
+            channel,
+            &id,
+            &recipient,
+            &target.address,
+            &rendered,
+            0,
+            None,
+        )
         .await;
     result
         .map(|()| format!("{} via {channel}", target.target))

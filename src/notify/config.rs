@@ -223,6 +223,10 @@ pub(crate) struct RawChannel {
     pub(crate) bot_token_file: Option<Spanned<PathBuf>>,
     /// Refused with a message of its own: a token is a secret.
     pub(crate) bot_token: Option<Spanned<toml::Value>>,
+    pub(crate) bot: Option<Spanned<String>>,
+    pub(crate) webhook_url: Option<Spanned<String>>,
+    pub(crate) webhook_secret_env: Option<Spanned<String>>,
+    pub(crate) webhook_secret_file: Option<Spanned<PathBuf>>,
     // webhook
     pub(crate) url: Option<Spanned<String>>,
     pub(crate) url_env: Option<Spanned<String>>,

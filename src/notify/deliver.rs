@@ -51,13 +51,26 @@ pub async fn deliver_due<L: NotifyLog>(
                     continue;
                 }
             };
+            let reminder_key = if m.channel_type == "telegram" {
+                crate::notify::bot::reminder_key(&log.message_findings(&m.id)?)
+            } else {
+                None
+            };
             let transports = transports.clone();
             let (id, channel, recipient) = (m.id.clone(), m.channel.clone(), m.recipient.clone());
             let parts_done = m.parts_done;
             set.spawn(async move {
                 let t0 = Instant::now();
                 let (done, result) = transports
-                    .send(&channel, &id, &recipient, &address, &rendered, parts_done)
+                    .send(
+                        &channel,
+                        &id,
+                        &recipient,
+                        &address,
+                        &rendered,
+                        parts_done,
+                        reminder_key.as_deref(),
+                    )
                     .await;
                 (id, done, result, t0.elapsed())
             });

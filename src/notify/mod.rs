@@ -43,6 +43,7 @@
 //!   [`log`] for what a restart may and may not repeat.
 //! - With no channel configured for a recipient, the message goes to standard output.
 
+pub mod bot;
 mod channel;
 mod check;
 pub mod config;

@@ -346,6 +346,21 @@ impl Registry {
         self.owners.values()
     }
 
+    /// This registry with the Telegram chats owners linked themselves (owner → chat id,
+    /// `keywatch telegram link`) for the owners it knows that have no `telegram_chat_id`:
+    /// the registry's own chat wins.
+    pub fn with_linked_chats(&self, chats: &BTreeMap<String, String>) -> Registry {
+        let mut out = self.clone();
+        for (owner, chat) in chats {
+            if let Some(o) = out.owners.get_mut(owner) {
+                if o.telegram_chat_id.is_none() {
+                    o.telegram_chat_id = Some(chat.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Every key being replaced (rotating or deprecated, with a rotation start, or revoked
     /// at a known time after one), with its successor's id and the rotation.
     pub fn rotations(&self) -> impl Iterator<Item = (&Key, &str, Rotation)> {
@@ -472,6 +487,26 @@ mod tests {
 
     fn utc(s: &str) -> i64 {
         DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis()
+    }
+
+    #[test]
+    fn linked_chats_fill_in_and_the_files_chat_wins() {
+        let r = Registry::parse(
+            "keys.toml",
+            "[owners.a]\ntelegram_chat_id = -100\n[owners.b]\n[[keys]]\nid = \"k\"\nowner = \"b\"\n",
+        )
+        .unwrap();
+        let links: BTreeMap<String, String> = [("a", "1"), ("b", "2"), ("ghost", "3")]
+            .into_iter()
+            .map(|(o, c)| (o.to_owned(), c.to_owned()))
+            .collect();
+        let m = r.with_linked_chats(&links);
+        assert_eq!(
+            m.owner("a").unwrap().telegram_chat_id.as_deref(),
+            Some("-100")
+        );
+        assert_eq!(m.owner("b").unwrap().telegram_chat_id.as_deref(), Some("2"));
+        assert!(m.owner("ghost").is_none());
     }
 
     #[test]

@@ -28,3 +28,4 @@ mod notify_html;
 mod operations;
 mod rotation;
 mod stack;
+mod telegram;

@@ -127,7 +127,7 @@ impl std::ops::DerefMut for Daemon {
     }
 }
 
-fn stop(mut d: Daemon) -> String {
+pub fn stop(mut d: Daemon) -> String {
     let _ = Command::new("kill")
         .args(["-TERM", &d.id().to_string()])
         .status();

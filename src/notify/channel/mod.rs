@@ -265,7 +265,8 @@ impl Address {
 enum Transport {
     Console,
     Email(Box<email::Mailer>),
-    Telegram(telegram::Telegram),
+    /// With whether the channel's bot answers (buttons only then).
+    Telegram(telegram::Telegram, bool),
     Slack,
     Webhook(webhook::Webhook),
 }
@@ -318,10 +319,13 @@ impl Transports {
                         })?;
                     Transport::Email(Box::new(mailer))
                 }
-                ChannelKind::Telegram(s) => Transport::Telegram(telegram::Telegram::new(
-                    &s.api_url,
-                    secret("bot_token", &s.bot_token)?,
-                )),
+                ChannelKind::Telegram(s) => Transport::Telegram(
+                    telegram::Telegram::new(&http, &s.api_url, secret("bot_token", &s.bot_token)?)
+                        .map_err(|e| {
+                            NotifyError::Channel(format!("{}: channels.{name}.{e}", config.origin))
+                        })?,
+                    s.bot != telegram::BotMode::Off,
+                ),
                 ChannelKind::Webhook(s) => {
                     let url = match &s.url {
                         webhook::UrlRef::Plain(u) => webhook::Url::Plain(u.clone()),
@@ -363,7 +367,9 @@ impl Transports {
     }
 
     /// Sends the parts of `rendered` from `parts_done` on; returns how many parts are done
-    /// and the outcome.
+    /// and the outcome. `reminder_key`: the key a rotation reminder is about, for the
+    /// Acknowledge and Snooze buttons of a Telegram channel with a bot.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn send(
         &self,
         channel: &str,
@@ -372,6 +378,7 @@ impl Transports {
         address: &Address,
         rendered: &Rendered,
         parts_done: u32,
+        reminder_key: Option<&str>,
     ) -> (u32, Result<(), DeliveryError>) {
         let transport = match self.channels.get(channel) {
             Some(t) => t,
@@ -397,10 +404,14 @@ impl Transports {
                 let r = self.guarded(m.send(id, to, rendered)).await;
                 (u32::from(r.is_ok()), r)
             }
-            (Transport::Telegram(t), Address::Telegram { chat_id }) => {
+            (Transport::Telegram(t, bot), Address::Telegram { chat_id }) => {
                 let mut done = parts_done;
-                for part in rendered.parts.iter().skip(parts_done as usize) {
-                    if let Err(e) = self.guarded(t.send(&self.http, chat_id, part)).await {
+                let last = rendered.parts.len().saturating_sub(1);
+                for (i, part) in rendered.parts.iter().enumerate().skip(parts_done as usize) {
+                    let buttons = reminder_key
+                        .filter(|_| *bot && i == last)
+                        .and_then(crate::notify::bot::reminder_buttons);
+                    if let Err(e) = self.guarded(t.send(chat_id, part, buttons)).await {
                         return (done, Err(e));
                     }
                     done += 1;

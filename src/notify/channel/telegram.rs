@@ -1,16 +1,34 @@
-//! Telegram Bot API: `sendMessage` with `parse_mode=HTML` to the recipient's chat.
+//! Telegram Bot API through teloxide-core: `sendMessage` with `parse_mode=HTML` to the
+//! recipient's chat, and every call the owners' bot makes (`crate::notify::bot`).
 //!
-//! Plain HTTPS with reqwest rather than teloxide: keywatch needs the answer's `error_code`
-//! to tell a server error (retry) from a refused message (do not), teloxide-core drops it
-//! and sleeps 10 s by itself on a 5xx, and one request type does not need a bot framework.
+//! teloxide-core gives the API its types: the payloads ([`SendMessage`], `GetUpdates`,
+//! `AnswerCallbackQuery`, ...), the objects (`Update`, `Message`, `CallbackQuery`, the
+//! inline keyboards), the base URL and token of its [`Bot`] (built on keywatch's reqwest
+//! client, so keywatch's timeouts and no-redirect policy hold, with the API URL set for
+//! tests), and its error types: an answer's description becomes a typed [`ApiError`]
+//! (`ChatNotFound`, `BotBlocked`, `InvalidToken`, `TerminatedByOtherGetUpdates`, ...),
+//! `parameters.retry_after` a [`RequestError::RetryAfter`] and `parameters.migrate_to_chat_id`
+//! a [`RequestError::MigrateToChatId`], as teloxide itself reads them.
+//!
+//! Wrapped, not used as is: teloxide's `Requester::send` (its `net::request_json`) drops the
+//! answer's `error_code` and sleeps 10 s by itself after any 5xx before it returns. Keywatch
+//! needs the code to tell a server error (retry on its own schedule) from a refused message
+//! (do not), and a 10 s stall inside an attempt would hold a delivery slot and overrun the
+//! attempt's deadline. So [`Api::call`] posts teloxide's serialized payload to
+//! `{api_url}/bot{token}/{Payload::NAME}` itself and reads the answer into the payload's
+//! typed output or into [`CallError`] (code, teloxide error, description). For the same
+//! reason teloxide's `Throttle` adaptor (which only paces requests sent through
+//! `Requester`) is replaced by [`Pacer`]: at most one message a second per chat and 30 a
+//! second per bot, as Telegram asks; messages wait their turn instead of being refused with
+//! 429.
 //!
 //! The bot token is part of the URL path (`/bot<TOKEN>/sendMessage`): the URL is never
 //! logged, errors are stripped of it and scrubbed of the token.
 //!
 //! Outcomes: `{"ok":true}` delivered; 429 (or `parameters.retry_after`) retried after the
-//! wait asked for; 5xx, timeouts and connection failures retried; any other refusal
-//! (`Bad Request: chat not found`, `can't parse entities`, 401 bad token, 403 bot blocked)
-//! is permanent.
+//! wait asked for; 5xx, timeouts, connection failures and answers that are not JSON retried;
+//! any other refusal (`Bad Request: chat not found`, `can't parse entities`, 401 bad token,
+//! 403 bot blocked, a group migrated to a supergroup) is permanent.
 //!
 //! This module owns the channel whole: its settings ([`settings`]), its markup's escaping
 //! ([`escape_html`]: `&`, `<`, `>`, `"`, so a user agent like `<script>` shows as text) and
@@ -19,9 +37,19 @@
 //! inside a tag or an entity, and the tags open at a cut are closed and opened again), and
 //! its sending.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use teloxide_core::payloads::{SendMessage, SendMessageSetters};
+use teloxide_core::requests::Payload;
+use teloxide_core::types::{
+    ChatId, InlineKeyboardMarkup, LinkPreviewOptions, ParseMode, Recipient, ReplyMarkup, Seconds,
+};
+use teloxide_core::{ApiError, Bot, RequestError};
+use tokio::time::Instant;
 
 use super::{excerpt, http_error, DeliveryError};
 use crate::config::ConfigError;
@@ -32,16 +60,40 @@ use crate::registry::{Secret, SecretRef};
 pub const TELEGRAM_API: &str = "https://api.telegram.org";
 
 /// The fields of a telegram channel in `routes.toml`.
-pub(crate) const FIELDS: &[&str] = &["api_url", "bot_token_env", "bot_token_file"];
+pub(crate) const FIELDS: &[&str] = &[
+    "api_url",
+    "bot_token_env",
+    "bot_token_file",
+    "bot",
+    "webhook_url",
+    "webhook_secret_env",
+    "webhook_secret_file",
+];
+
+/// How the owners' bot of a telegram channel gets its updates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BotMode {
+    /// No bot: the channel only sends.
+    Off,
+    /// Long polling with `getUpdates` (the rotation evaluator of a consumer group only:
+    /// Telegram answers 409 to a second poller of a token).
+    Poll,
+    /// Telegram posts updates to `url` (the daemon's HTTP server, path
+    /// [`crate::notify::bot::WEBHOOK_PATH`]) with the secret in
+    /// `X-Telegram-Bot-Api-Secret-Token`.
+    Webhook { url: String, secret: SecretRef },
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TelegramSettings {
     pub api_url: String,
     pub bot_token: SecretRef,
+    pub bot: BotMode,
 }
 
 /// Reads a telegram channel's table: the bot token is named (`bot_token_env` or
-/// `bot_token_file`), the API URL defaults to Telegram's.
+/// `bot_token_file`), the API URL defaults to Telegram's; `bot = "poll"` or `"webhook"`
+/// (with `webhook_url` and `webhook_secret_env`/`_file`) turns on the owners' bot.
 pub(crate) fn settings(t: &ChannelTable<'_>) -> Result<TelegramSettings, ConfigError> {
     let c = t.raw;
     let api_url = match &c.api_url {
@@ -57,81 +109,369 @@ pub(crate) fn settings(t: &ChannelTable<'_>) -> Result<TelegramSettings, ConfigE
                 "a telegram channel needs bot_token_env or bot_token_file",
             )
         })?;
-    Ok(TelegramSettings { api_url, bot_token })
+    let bot = match c.bot.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
+        None | Some(("off", _)) => BotMode::Off,
+        Some(("poll", _)) => BotMode::Poll,
+        Some(("webhook", span)) => {
+            let url =
+                match &c.webhook_url {
+                    Some(v) => t.http_url("webhook_url", v)?,
+                    None => return Err(t.err(
+                        "webhook_url",
+                        Some(span),
+                        "bot = \"webhook\" needs webhook_url (the public URL Telegram posts to)",
+                    )),
+                };
+            let secret = t
+                .secret(
+                    "webhook_secret",
+                    &c.webhook_secret_env,
+                    &c.webhook_secret_file,
+                )?
+                .ok_or_else(|| {
+                    t.err(
+                        "webhook_secret_env",
+                        Some(span.clone()),
+                        "bot = \"webhook\" needs webhook_secret_env or webhook_secret_file",
+                    )
+                })?;
+            BotMode::Webhook { url, secret }
+        }
+        Some((other, span)) => {
+            return Err(t.err(
+                "bot",
+                Some(span),
+                format!("expected \"off\", \"poll\" or \"webhook\", found `{other}`"),
+            ))
+        }
+    };
+    Ok(TelegramSettings {
+        api_url,
+        bot_token,
+        bot,
+    })
 }
 
-pub struct Telegram {
-    api_url: String,
-    token: Secret,
+/// Pacing as Telegram asks for it: one message a second per chat, 30 a second per bot.
+/// Hand-written (a map and a queue of times) because teloxide's `Throttle` paces only
+/// requests sent through its `Requester`, which [`Api::call`] replaces.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    state: tokio::sync::Mutex<PaceState>,
 }
 
-impl Telegram {
-    pub fn new(api_url: &str, token: Secret) -> Telegram {
-        Telegram {
-            api_url: api_url.trim_end_matches('/').to_owned(),
-            token,
+#[derive(Debug, Default)]
+struct PaceState {
+    /// When each chat may get its next message.
+    chats: HashMap<String, Instant>,
+    /// The send times of the last second (at most [`PER_BOT`]).
+    recent: VecDeque<Instant>,
+}
+
+/// Messages a second per chat and per bot.
+pub const PER_CHAT_GAP: Duration = Duration::from_secs(1);
+pub const PER_BOT: usize = 30;
+
+impl Pacer {
+    /// Waits for the next slot of `chat` (and of the bot): slots are handed out in the order
+    /// asked for, so a burst to one chat goes out a second apart.
+    pub async fn wait(&self, chat: Option<&str>) {
+        let at = self.state.lock().await.reserve(chat, Instant::now());
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+impl PaceState {
+    /// The next slot of `chat` and of the bot at or after `now`, reserved.
+    fn reserve(&mut self, chat: Option<&str>, now: Instant) -> Instant {
+        let mut at = now;
+        if let Some(c) = chat {
+            if let Some(next) = self.chats.get(c) {
+                at = at.max(*next);
+            }
+        }
+        if self.recent.len() >= PER_BOT {
+            let oldest = self.recent[self.recent.len() - PER_BOT];
+            at = at.max(oldest + Duration::from_secs(1));
+        }
+        if let Some(c) = chat {
+            if self.chats.len() > 10_000 {
+                self.chats.retain(|_, next| *next > now);
+            }
+            self.chats.insert(c.to_owned(), at + PER_CHAT_GAP);
+        }
+        // Slots are handed out in order, so the last PER_BOT are the latest.
+        self.recent.push_back(at);
+        while self.recent.len() > PER_BOT {
+            self.recent.pop_front();
+        }
+        at
+    }
+}
+
+/// A Bot API call that did not succeed.
+#[derive(Debug)]
+pub enum CallError {
+    /// Telegram answered `ok: false`: the HTTP status or `error_code`, teloxide's reading
+    /// of the answer, and the description (scrubbed of the token).
+    Api {
+        code: u16,
+        error: RequestError,
+        description: String,
+    },
+    /// No answer that says anything: the connection failed, timed out, or the body was
+    /// not the Bot API's JSON (a proxy's error page).
+    Transport(DeliveryError),
+}
+
+impl CallError {
+    /// Keywatch's reading: retry or not.
+    pub fn delivery(&self) -> DeliveryError {
+        match self {
+            CallError::Transport(e) => e.clone(),
+            CallError::Api {
+                code,
+                error,
+                description,
+            } => {
+                let detail = format!("telegram answered {code}: {description}");
+                match error {
+                    RequestError::RetryAfter(s) => DeliveryError::Transient {
+                        detail,
+                        retry_after: Some(s.duration()),
+                    },
+                    _ if *code == 429 || *code >= 500 => DeliveryError::transient(detail),
+                    RequestError::MigrateToChatId(to) => DeliveryError::permanent(format!(
+                        "{detail}; the group is now chat {to}: update telegram_chat_id or link the chat again"
+                    )),
+                    _ => DeliveryError::permanent(detail),
+                }
+            }
         }
     }
 
-    /// Sends one message (at most 4096 characters of HTML) to `chat_id`.
-    pub async fn send(
+    /// The typed API error, when Telegram answered with one.
+    pub fn api_error(&self) -> Option<&ApiError> {
+        match self {
+            CallError::Api {
+                error: RequestError::Api(e),
+                ..
+            } => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.delivery())
+    }
+}
+
+/// A bot: teloxide's [`Bot`] (token, API URL, keywatch's HTTP client) and its [`Pacer`].
+pub struct Api {
+    bot: Bot,
+    pacer: Pacer,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Api { token: <redacted> }")
+    }
+}
+
+impl Api {
+    pub fn new(http: reqwest::Client, api_url: &str, token: &Secret) -> Result<Api, String> {
+        let url = reqwest::Url::parse(&format!("{}/", api_url.trim_end_matches('/')))
+            .map_err(|e| format!("api_url: {e}"))?;
+        Ok(Api {
+            bot: Bot::with_client(token.expose(), http).set_api_url(url),
+            pacer: Pacer::default(),
+        })
+    }
+
+    /// The bot's token, to scrub from anything shown.
+    fn secrets(&self) -> [&str; 1] {
+        [self.bot.token()]
+    }
+
+    /// Calls `P::NAME` with `payload`, paced for `chat` when it sends to one.
+    pub async fn call<P>(&self, payload: &P, chat: Option<&str>) -> Result<P::Output, CallError>
+    where
+        P: Payload + Serialize,
+        P::Output: DeserializeOwned,
+    {
+        self.call_with(payload, chat, None).await
+    }
+
+    /// [`Api::call`] that only asks whether the call succeeded: a sent message is sent even
+    /// when its echo has a shape this teloxide version cannot read (that must not make
+    /// keywatch send it again).
+    pub async fn call_ok<P>(&self, payload: &P, chat: Option<&str>) -> Result<(), CallError>
+    where
+        P: Payload + Serialize,
+    {
+        self.call_as::<P, serde::de::IgnoredAny>(payload, chat, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Api::call`] with a longer HTTP timeout (long polling).
+    pub async fn call_with<P>(
         &self,
-        http: &reqwest::Client,
-        chat_id: &str,
-        html: &str,
-    ) -> Result<(), DeliveryError> {
-        let secrets = [self.token.expose()];
-        let chat: Value = match chat_id.parse::<i64>() {
-            Ok(n) => json!(n),
-            Err(_) => json!(chat_id),
-        };
-        let body = json!({
-            "chat_id": chat,
-            "text": html,
-            "parse_mode": "HTML",
-            "link_preview_options": { "is_disabled": true },
-        });
-        let url = format!("{}/bot{}/sendMessage", self.api_url, self.token.expose());
-        let resp = http
-            .post(url)
-            .json(&body)
+        payload: &P,
+        chat: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<P::Output, CallError>
+    where
+        P: Payload + Serialize,
+        P::Output: DeserializeOwned,
+    {
+        self.call_as::<P, P::Output>(payload, chat, timeout).await
+    }
+
+    async fn call_as<P, T>(
+        &self,
+        payload: &P,
+        chat: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<T, CallError>
+    where
+        P: Payload + Serialize,
+        T: DeserializeOwned,
+    {
+        if chat.is_some() {
+            self.pacer.wait(chat).await;
+        }
+        tracing::debug!(method = P::NAME, "telegram call");
+        let secrets = self.secrets();
+        // teloxide names payloads in Rust's case (`SendMessage`); the Bot API documents
+        // (and matches case-insensitively) `sendMessage`.
+        let mut method = P::NAME.to_owned();
+        if let Some(first) = method.get_mut(..1) {
+            first.make_ascii_lowercase();
+        }
+        let url = format!("{}bot{}/{method}", self.bot.api_url(), self.bot.token());
+        let mut req = self.bot.client().post(url).json(payload);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let resp = req
             .send()
             .await
-            .map_err(|e| http_error(e, &secrets))?;
+            .map_err(|e| CallError::Transport(http_error(e, &secrets)))?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| http_error(e, &secrets))?;
-        let answer: Option<Value> = serde_json::from_str(&text).ok();
-        if status.is_success() && answer.as_ref().is_some_and(|a| a["ok"] == true) {
-            return Ok(());
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| CallError::Transport(http_error(e, &secrets)))?;
+        let Ok(answer) = serde_json::from_str::<Value>(&text) else {
+            let detail = format!(
+                "telegram answered {}: {}",
+                status.as_u16(),
+                excerpt(&text, &secrets)
+            );
+            return Err(CallError::Transport(if status.is_client_error() {
+                DeliveryError::permanent(detail)
+            } else {
+                DeliveryError::transient(detail)
+            }));
+        };
+        if answer["ok"] == true && status.is_success() {
+            // From the text, not from `answer`: teloxide's types (an `Update`'s kind) do not
+            // all read back from a `serde_json::Value`.
+            #[derive(serde::Deserialize)]
+            struct Answer<T> {
+                result: T,
+            }
+            return serde_json::from_str::<Answer<T>>(&text)
+                .map(|a| a.result)
+                .map_err(|e| {
+                    CallError::Transport(DeliveryError::transient(format!(
+                        "telegram's answer to {} cannot be read: {e}",
+                        P::NAME
+                    )))
+                });
         }
-        let code = answer
-            .as_ref()
-            .and_then(|a| a["error_code"].as_u64())
-            .unwrap_or(u64::from(status.as_u16()));
-        let description = answer
-            .as_ref()
-            .and_then(|a| a["description"].as_str())
-            .map_or_else(|| excerpt(&text, &secrets), |d| excerpt(d, &secrets));
-        let retry_after = answer
-            .as_ref()
-            .and_then(|a| a["parameters"]["retry_after"].as_u64())
-            .map(Duration::from_secs);
-        let detail = format!("telegram answered {code}: {description}");
-        if code == 429 || retry_after.is_some() || code >= 500 || status.is_server_error() {
-            return Err(DeliveryError::Transient {
-                detail,
-                retry_after,
-            });
-        }
-        if let Some(to) = answer
-            .as_ref()
-            .and_then(|a| a["parameters"]["migrate_to_chat_id"].as_i64())
-        {
-            return Err(DeliveryError::permanent(format!(
-                "{detail}; the group is now chat {to}: update telegram_chat_id"
-            )));
-        }
-        Err(DeliveryError::permanent(detail))
+        let code = answer["error_code"]
+            .as_u64()
+            .and_then(|c| u16::try_from(c).ok())
+            .unwrap_or(status.as_u16());
+        let raw = answer["description"].as_str().unwrap_or("").to_owned();
+        let description = excerpt(&raw, &secrets);
+        let params = &answer["parameters"];
+        let error = if let Some(s) = params["retry_after"].as_u64() {
+            RequestError::RetryAfter(Seconds::from_seconds(u32::try_from(s).unwrap_or(u32::MAX)))
+        } else if let Some(to) = params["migrate_to_chat_id"].as_i64() {
+            RequestError::MigrateToChatId(ChatId(to))
+        } else {
+            RequestError::Api(
+                serde_json::from_value::<ApiError>(Value::String(raw.clone()))
+                    .unwrap_or(ApiError::Unknown(raw)),
+            )
+        };
+        Err(CallError::Api {
+            code,
+            error,
+            description,
+        })
+    }
+}
+
+/// A chat id as the Bot API takes it: a number, or `@channel`.
+pub fn recipient(chat_id: &str) -> Recipient {
+    match chat_id.parse::<i64>() {
+        Ok(n) => Recipient::Id(ChatId(n)),
+        Err(_) => Recipient::ChannelUsername(chat_id.to_owned()),
+    }
+}
+
+/// One HTML message to `chat_id`, without link previews, with `buttons` when given.
+pub fn html_message(
+    chat_id: &str,
+    html: &str,
+    buttons: Option<InlineKeyboardMarkup>,
+) -> SendMessage {
+    let mut m = SendMessage::new(recipient(chat_id), html)
+        .parse_mode(ParseMode::Html)
+        .link_preview_options(LinkPreviewOptions {
+            is_disabled: true,
+            url: None,
+            prefer_small_media: false,
+            prefer_large_media: false,
+            show_above_text: false,
+        });
+    if let Some(b) = buttons {
+        m = m.reply_markup(ReplyMarkup::InlineKeyboard(b));
+    }
+    m
+}
+
+/// The channel's transport: one [`Api`] for the channel's token.
+pub struct Telegram {
+    api: Api,
+}
+
+impl Telegram {
+    pub fn new(http: &reqwest::Client, api_url: &str, token: Secret) -> Result<Telegram, String> {
+        Ok(Telegram {
+            api: Api::new(http.clone(), api_url, &token)?,
+        })
+    }
+
+    /// Sends one message (at most 4096 characters of HTML) to `chat_id`, with `buttons`
+    /// under it when given.
+    pub async fn send(
+        &self,
+        chat_id: &str,
+        html: &str,
+        buttons: Option<InlineKeyboardMarkup>,
+    ) -> Result<(), DeliveryError> {
+        self.api
+            .call_ok(&html_message(chat_id, html, buttons), Some(chat_id))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.delivery())
     }
 }
 
@@ -356,6 +696,66 @@ mod tests {
             &limited[1][limited[1].len() - 80..]
         );
         check_keywatch_html(&limited[1]).unwrap();
+    }
+
+    #[test]
+    fn pacing_gives_a_chat_one_message_a_second_and_the_bot_thirty() {
+        let t0 = Instant::now();
+        let mut p = PaceState::default();
+        let s = |d: Duration| d.as_millis();
+        // A burst to one chat: a second apart.
+        let slots: Vec<u128> = (0..3).map(|_| s(p.reserve(Some("1"), t0) - t0)).collect();
+        assert_eq!(slots, [0, 1000, 2000]);
+        // Other chats are not held back by it, until the bot's 30 a second are used.
+        let mut p = PaceState::default();
+        let slots: Vec<u128> = (0..61)
+            .map(|i| s(p.reserve(Some(&i.to_string()), t0) - t0))
+            .collect();
+        assert!(slots[..30].iter().all(|x| *x == 0), "{slots:?}");
+        assert!(slots[30..60].iter().all(|x| *x == 1000), "{slots:?}");
+        assert_eq!(slots[60], 2000);
+        // Calls without a chat (answers to buttons) count for the bot only.
+        let mut p = PaceState::default();
+        p.reserve(Some("1"), t0);
+        assert_eq!(s(p.reserve(None, t0) - t0), 0);
+    }
+
+    #[test]
+    fn answers_map_to_retry_or_not() {
+        let api = |code: u16, error: RequestError| CallError::Api {
+            code,
+            error,
+            description: "d".into(),
+        };
+        let e = api(429, RequestError::RetryAfter(Seconds::from_seconds(7))).delivery();
+        assert_eq!(
+            e,
+            DeliveryError::Transient {
+                detail: "telegram answered 429: d".into(),
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        assert!(api(
+            502,
+            RequestError::Api(ApiError::Unknown("Bad Gateway".into()))
+        )
+        .delivery()
+        .is_transient());
+        assert!(!api(400, RequestError::Api(ApiError::ChatNotFound))
+            .delivery()
+            .is_transient());
+        let migrated = api(400, RequestError::MigrateToChatId(ChatId(-100123))).delivery();
+        assert!(!migrated.is_transient());
+        assert!(
+            migrated.detail().contains("the group is now chat -100123"),
+            "{migrated}"
+        );
+        // The description becomes teloxide's typed error.
+        let typed: ApiError = serde_json::from_value(Value::String(
+            "Forbidden: bot was blocked by the user".into(),
+        ))
+        .unwrap();
+        assert_eq!(typed, ApiError::BotBlocked);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! latency benchmark.
 //!
 //! - [`StandIn`]: one local HTTP server that answers like the Telegram Bot API
-//!   (`POST /bot<TOKEN>/sendMessage`), Slack incoming webhooks (`POST /services/…`) and a
+//!   (`POST /bot<TOKEN>/sendMessage`, and the methods of a bot that talks to its users:
+//!   `getUpdates`, `answerCallbackQuery`, `editMessageReplyMarkup`, `setWebhook`,
+//!   `deleteWebhook`, checked as in [`telegram_bot`]), Slack incoming webhooks (`POST /services/…`) and a
 //!   generic JSON webhook (any other path), and checks requests as the real services do:
 //!   Telegram refuses an unknown token, an unknown chat ("Bad Request: chat not found"), an
 //!   empty or too long text, and HTML it cannot parse ("Bad Request: can't parse entities");
@@ -15,9 +17,11 @@
 #![allow(dead_code)]
 
 mod slack_blocks;
+mod telegram_bot;
 mod telegram_html;
 
 pub use slack_blocks::check_slack_blocks;
+pub use telegram_bot::BotState;
 pub use telegram_html::check_telegram_html;
 
 use std::collections::HashSet;
@@ -90,6 +94,7 @@ struct Shared {
     telegram_chats: HashSet<String>,
     slack_paths: HashSet<String>,
     next_message_id: Mutex<u64>,
+    bot: BotState,
 }
 
 /// A local HTTP server for Telegram, Slack and webhooks, on its own thread and runtime (so
@@ -111,6 +116,7 @@ impl StandIn {
             telegram_chats: chats.iter().map(|s| s.to_string()).collect(),
             slack_paths: slack_paths.iter().map(|s| s.to_string()).collect(),
             next_message_id: Mutex::new(1),
+            bot: BotState::default(),
         });
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -152,6 +158,45 @@ impl StandIn {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    /// The bot side of the Telegram stand-in: put updates in, see webhooks and markups.
+    pub fn bot(&self) -> &BotState {
+        &self.shared.bot
+    }
+
+    /// Telegram requests for `method` (`sendMessage`, `getUpdates`, ...).
+    pub fn telegram_calls(&self, method: &str) -> Vec<Request> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.api == Api::Telegram && r.path.ends_with(&format!("/{method}")))
+            .collect()
+    }
+
+    /// Messages the Bot API took for `chat`.
+    pub fn sent_to(&self, chat: &str) -> Vec<Request> {
+        self.telegram_calls("sendMessage")
+            .into_iter()
+            .filter(|r| r.accepted && chat_of(&r.body) == chat)
+            .collect()
+    }
+
+    /// Waits (really) until `chat` got `n` messages; panics after `timeout`.
+    pub fn wait_sent_to(&self, chat: &str, n: usize, timeout: Duration) -> Vec<Request> {
+        let start = Instant::now();
+        loop {
+            let a = self.sent_to(chat);
+            if a.len() >= n {
+                return a;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{} of {n} messages to {chat} after {timeout:?}: {:?}",
+                a.len(),
+                self.telegram_calls("sendMessage")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -217,7 +262,7 @@ fn form_decode(s: &str) -> Value {
 
 async fn handle(s: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().to_owned();
-    let api = if path.starts_with("/bot") && path.ends_with("/sendMessage") {
+    let api = if path.starts_with("/bot") && path[1..].contains('/') {
         Api::Telegram
     } else if path.starts_with("/services/") {
         Api::Slack
@@ -288,7 +333,7 @@ async fn handle(s: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Respon
             _ => (429, "rate_limited".to_owned(), Some(after), false),
         },
         Mode::Ok => match api {
-            Api::Telegram => telegram(s, &path, &json),
+            Api::Telegram => telegram(s, &path, &json).await,
             Api::Slack => slack(s, &path, &json),
             Api::Webhook => (200, "ok".to_owned(), None, true),
         },
@@ -341,11 +386,34 @@ fn tg_error(code: u16, description: &str) -> (u16, String, Option<u64>, bool) {
     )
 }
 
-fn telegram(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<u64>, bool) {
-    let token = &path["/bot".len()..path.len() - "/sendMessage".len()];
+fn chat_of(body: &Value) -> String {
+    match &body["chat_id"] {
+        Value::Number(n) => n.to_string(),
+        Value::String(c) => c.clone(),
+        _ => String::new(),
+    }
+}
+
+async fn telegram(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<u64>, bool) {
+    let (token, method) = path["/bot".len()..]
+        .split_once('/')
+        .unwrap_or((&path["/bot".len()..], ""));
     if token != s.telegram_token {
         return tg_error(404, "Not Found");
     }
+    // Method names are case-insensitive.
+    match method.to_ascii_lowercase().as_str() {
+        "sendmessage" => send_message(s, body),
+        "getupdates" => s.bot.get_updates(body).await,
+        "answercallbackquery" => s.bot.answer_callback_query(body),
+        "editmessagereplymarkup" => s.bot.edit_message_reply_markup(body),
+        "setwebhook" => s.bot.set_webhook(body),
+        "deletewebhook" => s.bot.delete_webhook(),
+        _ => tg_error(404, "Not Found: method not found"),
+    }
+}
+
+fn send_message(s: &Shared, body: &Value) -> (u16, String, Option<u64>, bool) {
     let chat = match &body["chat_id"] {
         Value::Number(n) => n.to_string(),
         Value::String(c) => c.clone(),
@@ -364,11 +432,17 @@ fn telegram(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<u64>, 
     if !s.telegram_chats.contains(&chat) {
         return tg_error(400, "Bad Request: chat not found");
     }
+    let markup = body.get("reply_markup").cloned().unwrap_or(Value::Null);
+    if let Err(e) = telegram_bot::check_markup(&markup) {
+        return tg_error(400, &e);
+    }
     let mut id = s.next_message_id.lock().unwrap();
     *id += 1;
+    s.bot.sent_message(&chat, *id as i64, &markup);
     (
         200,
-        json!({"ok": true, "result": {"message_id": *id, "chat": {"id": chat},
+        json!({"ok": true, "result": {"message_id": *id,
+               "chat": {"id": chat.parse::<i64>().map_or(json!(chat), |n| json!(n)), "type": "private"},
                "date": 1_795_132_800, "text": "…"}})
         .to_string(),
         None,
