@@ -56,7 +56,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::runtime::{Handle, Runtime};
 
-pub use config::{ClickHouseConfig, Password};
+pub use config::{ClickHouseConfig, InsertCompression, Password};
 pub use replay::{Replay, ReplayKey};
 pub use schema::{ServerFeatures, Sql, Table};
 
@@ -304,6 +304,10 @@ impl ClickHouseStore {
             .with_url(cfg.url.trim())
             .with_user(cfg.user.clone())
             .with_validation(false)
+            .with_compression(match cfg.compression {
+                InsertCompression::Lz4 => ::clickhouse::Compression::Lz4,
+                InsertCompression::None => ::clickhouse::Compression::None,
+            })
             .with_product_info("keywatch", env!("CARGO_PKG_VERSION"));
         if let Some(p) = &password {
             client = client.with_password(p.expose().to_owned());
@@ -448,6 +452,16 @@ impl ClickHouseStore {
         );
         self.insert_with(self.inner.sql.insert(table), &what, rows, phase)
             .await
+    }
+
+    /// [`Self::insert`] of batch rows, and how long it took.
+    async fn timed_insert(
+        &self,
+        (table, rows): (Table, &RowBinary),
+    ) -> (Result<(), StoreError>, Duration) {
+        let t = Instant::now();
+        let r = self.insert(table, rows, Phase::InsertRows).await;
+        (r, t.elapsed())
     }
 
     async fn insert_with(
@@ -834,9 +848,12 @@ impl ClickHouseStore {
                 .cloned()
                 .collect()
         };
+        let started = Instant::now();
+        let mut timings = CommitTimings::default();
         if !need.is_empty() {
             self.recover_async(src, &need).await?;
         }
+        timings.recover = started.elapsed();
 
         // Batch identity per topic partition, leaving out what is committed already.
         let mut batch_end: HashMap<(&str, i32), i64> = HashMap::new();
@@ -898,6 +915,7 @@ impl ClickHouseStore {
             }
             selected.push((&se.event, &se.origin, stream.0));
         }
+        let selected_events = selected.len();
         let encoded = encode(selected, src, &batch_end);
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut offsets = RowBinary::default();
@@ -917,13 +935,32 @@ impl ClickHouseStore {
                 st.dirty.insert((src.to_owned(), t.to_owned(), p));
             }
         }
-        for (table, rows) in encoded.tables() {
-            self.insert(table, rows, Phase::InsertRows).await?;
-        }
+        timings.encode = started.elapsed() - timings.recover;
+        // The four tables are independent until the offsets row: send them at once, each
+        // on a connection of its own, so the batch waits for the slowest insert instead of
+        // the sum. Any failure leaves the partitions dirty (recovered before the next try).
+        let rows_started = Instant::now();
+        let [ev, ro, so, ke] = encoded.tables();
+        timings.bytes = [ev, ro, so, ke].iter().map(|(_, r)| r.buf.len() as u64).sum();
+        let (ev, ro, so, ke) = tokio::join!(
+            self.timed_insert(ev),
+            self.timed_insert(ro),
+            self.timed_insert(so),
+            self.timed_insert(ke)
+        );
+        timings.rows = rows_started.elapsed();
+        timings.tables = [ev.1, ro.1, so.1, ke.1];
+        ev.0?;
+        ro.0?;
+        so.0?;
+        ke.0?;
         if !write_offsets {
             return Ok(());
         }
+        let offsets_started = Instant::now();
         self.insert(Table::Offsets, &offsets, Phase::Query).await?;
+        timings.offsets = offsets_started.elapsed();
+        timings.log(selected_events);
         let retention_due = {
             let mut st = self.lock();
             for ((t, p), n) in next {
@@ -1141,6 +1178,43 @@ impl OffsetStore for ClickHouseStore {
         partitions: &[TopicPartition],
     ) -> Result<HashMap<TopicPartition, i64>, StoreError> {
         ClickHouseStore::recover(self, source, partitions)
+    }
+}
+
+/// Where one commit's time went, logged per batch at debug level (target
+/// `keywatch::store::clickhouse`, message `batch stored`): the benchmarks read these lines.
+#[derive(Debug, Default, Clone, Copy)]
+struct CommitTimings {
+    /// Recovering partitions this instance did not know or whose last commit failed.
+    recover: Duration,
+    /// Selecting and encoding the rows (RowBinary).
+    encode: Duration,
+    /// The four row inserts, sent at once: the slowest of them.
+    rows: Duration,
+    /// Each insert's own time: events, rollups, sources, keys.
+    tables: [Duration; 4],
+    /// The offsets row (the commit point).
+    offsets: Duration,
+    /// RowBinary bytes of the four row inserts (before compression).
+    bytes: u64,
+}
+
+impl CommitTimings {
+    fn log(&self, events: usize) {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        tracing::debug!(
+            events,
+            bytes = self.bytes,
+            recover_ms = ms(self.recover),
+            encode_ms = ms(self.encode),
+            rows_ms = ms(self.rows),
+            events_ms = ms(self.tables[0]),
+            rollups_ms = ms(self.tables[1]),
+            sources_ms = ms(self.tables[2]),
+            keys_ms = ms(self.tables[3]),
+            offsets_ms = ms(self.offsets),
+            "batch stored"
+        );
     }
 }
 
