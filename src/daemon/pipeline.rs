@@ -291,6 +291,29 @@ pub struct Pipeline {
     streamed: Vec<Finding>,
     collect_streamed: bool,
     summary: RunSummary,
+    /// The daemon's loop ([`Pipeline::run`]) only: a batch's last segment is committed with
+    /// [`Store::commit_started`], and the batch acknowledged once the next batch is decoded
+    /// and prepared (or before an evaluation, or when no batch waits).
+    pipelined: bool,
+    /// The last segment of the current batch is being committed (with `pipelined`).
+    start_only: bool,
+    /// Where the current batch's last segment starts (its lines to store again, one by
+    /// one, should the store reject it after the start).
+    last_segment: usize,
+    /// The batch whose commit was started and not yet waited for.
+    unacked: Option<Unacked>,
+}
+
+/// A batch whose last segment's commit was started ([`Store::commit_started`]) and not
+/// yet waited for: it is acknowledged (Kafka offsets, in-flight guard, health) only once
+/// the store says it is committed.
+struct Unacked {
+    batch: Batch,
+    /// The lines of the started commit (the batch's last segment).
+    lines: std::ops::Range<usize>,
+    /// The store refused the started commit for good: the lines are stored again one by
+    /// one (with the line stage, at the next batch or the end).
+    rejected: Option<String>,
 }
 
 impl Pipeline {
@@ -312,6 +335,10 @@ impl Pipeline {
             streamed: Vec::new(),
             collect_streamed: false,
             summary: RunSummary::default(),
+            pipelined: false,
+            start_only: false,
+            last_segment: 0,
+            unacked: None,
         })
     }
 
@@ -418,6 +445,7 @@ impl Pipeline {
         let rt = tokio::runtime::Handle::current();
         // Before the first batch: the source reads ahead into the bounded channel meanwhile.
         self.warm_up();
+        self.pipelined = true;
         loop {
             // Wake up for the schedule and the registry even when no input comes.
             let wait = self.schedule.wall_wait().min(self.registry.wait());
@@ -428,13 +456,87 @@ impl Pipeline {
                     let behind = batch.len() >= batch_max || !rx.is_empty();
                     self.process_batch(&mut lines, batch)?;
                     self.schedule.set_behind(behind);
+                    // Nothing to prepare meanwhile: acknowledge the batch now rather than
+                    // with the next one.
+                    if rx.is_empty() {
+                        self.settle(&mut lines)?;
+                    }
                 }
                 Ok(None) => break,
                 Err(_elapsed) => self.schedule.set_behind(false),
             }
             self.tick()?;
         }
+        self.settle(&mut lines)?;
         self.finish()
+    }
+
+    /// Waits for the started commit of the previous batch and acknowledges it; a batch the
+    /// store refused after the start is stored again line by line (see
+    /// [`Self::isolate_rejected`]).
+    fn settle(&mut self, stage: &mut LineStage) -> anyhow::Result<()> {
+        self.settle_commit()?;
+        let Some(u) = self.unacked.take() else {
+            return Ok(());
+        };
+        let reason = u.rejected.clone().unwrap_or_default();
+        // Decoded again (without dead-lettering the undecodable lines twice), with the
+        // keys' canonical ids as first stored.
+        let mut decoded = Vec::new();
+        let mut events = Vec::new();
+        for i in u.lines.clone() {
+            if stage.decoder.decode(u.batch.line(i), &mut events).is_ok() {
+                decoded.extend(events.drain(..).enumerate().map(|(index, event)| Decoded {
+                    line: i,
+                    index: index as u32,
+                    event,
+                }));
+            }
+            events.clear();
+        }
+        self.canonical_ids(&mut decoded);
+        self.isolate_rejected(
+            &decoded,
+            &mut BatchLines {
+                batch: &u.batch,
+                stage,
+            },
+            u.lines.clone(),
+            &reason,
+        )?;
+        drop(decoded);
+        self.acknowledge(u.batch);
+        Ok(())
+    }
+
+    /// Waits for the started commit of the previous batch and acknowledges it when it
+    /// worked; a rejection is kept for [`Self::settle`] (which has the line stage).
+    fn settle_commit(&mut self) -> anyhow::Result<()> {
+        let Some(u) = &mut self.unacked else {
+            return Ok(());
+        };
+        if u.rejected.is_some() {
+            return Ok(());
+        }
+        match retry(self.store.as_mut(), &self.cancel, |s| s.wait_committed()) {
+            Ok(()) => {
+                let u = self.unacked.take().expect("checked above");
+                self.acknowledge(u.batch);
+            }
+            Err(StoreError::Rejected(reason)) => u.rejected = Some(reason),
+            Err(e) => return Err(e).context("storing a batch"),
+        }
+        Ok(())
+    }
+
+    /// Step 7: the batch is committed.
+    fn acknowledge(&mut self, mut batch: Batch) {
+        if let Some(h) = &self.health {
+            h.committed();
+        }
+        if let Some(ack) = batch.on_commit.take() {
+            ack();
+        }
     }
 
     /// Steps 1-7 of the module doc for one batch of lines.
@@ -442,7 +544,10 @@ impl Pipeline {
         let started = Instant::now();
         let (mut decoded, rejected) = stage.decode(&batch)?;
         let decode_ms = started.elapsed().as_secs_f64() * 1e3;
+        // The previous batch's commit ran while this one was read and decoded.
+        self.settle(stage)?;
         let n = batch.len();
+        self.start_only = self.pipelined;
         let stored = self.ingest(
             &mut decoded,
             &mut BatchLines {
@@ -451,6 +556,7 @@ impl Pipeline {
             },
             n,
         )?;
+        self.start_only = false;
         drop(decoded);
         self.summary.lines += n as u64;
         self.summary.events += stored;
@@ -465,7 +571,13 @@ impl Pipeline {
             total_ms = (started.elapsed().as_secs_f64() * 1e4).round() / 10.0,
             "batch committed"
         );
-        if let Some(ack) = batch.on_commit.take() {
+        if self.pipelined {
+            self.unacked = Some(Unacked {
+                lines: self.last_segment..n,
+                batch,
+                rejected: None,
+            });
+        } else if let Some(ack) = batch.on_commit.take() {
             ack();
         }
         Ok(())
@@ -563,6 +675,9 @@ impl Pipeline {
     ) -> anyhow::Result<u64> {
         let mut stored = 0;
         let (mut start, mut first_line) = (0, 0);
+        // Only the last segment's commit may be left running (an evaluation follows the
+        // others, and it reads what they stored).
+        let start_last = std::mem::replace(&mut self.start_only, false);
         while start < decoded.len() {
             let Some(cut) = self.next_cut(decoded[start].event.ts_ms) else {
                 break;
@@ -586,7 +701,10 @@ impl Pipeline {
             }
             self.advance_to(decoded[reach].event.ts_ms)?;
         }
+        self.last_segment = first_line;
+        self.start_only = start_last;
         stored += self.commit_segment(&mut decoded[start..], lines, first_line..n_lines)?;
+        self.start_only = false;
         // Ticks that did not cut (their evaluation reads nothing of the store) and that the
         // batch reached are evaluated now, in time order.
         if let Some(latest) = decoded[start..].iter().map(|d| d.event.ts_ms).max() {
@@ -632,13 +750,7 @@ impl Pipeline {
         // registry's aliases tie them, so both count as the key's usage, sources and
         // rotation progress.
         let prepare_started = Instant::now();
-        let registry = Arc::clone(self.engine.registry());
-        for d in events.iter_mut() {
-            let id = registry.canonical(&d.event.key_id);
-            if id != d.event.key_id {
-                d.event.key_id = std::borrow::Cow::Owned(id.to_owned());
-            }
-        }
+        self.canonical_ids(events);
         let events = &*events;
         let mut agg = Aggregate::default();
         let keep_raw = self.store.keeps_raw_events();
@@ -682,11 +794,19 @@ impl Pipeline {
             position,
         });
         let started = Instant::now();
-        let stored = match self.commit_with_retry(&BatchWrite {
+        let write = BatchWrite {
             aggregate: &agg,
             events: &raw,
             checkpoint,
-        }) {
+        };
+        let result = if self.start_only {
+            retry(self.store.as_mut(), &self.cancel, |store| {
+                store.commit_started(&write)
+            })
+        } else {
+            self.commit_with_retry(&write)
+        };
+        let stored = match result {
             Ok(()) => agg.events,
             Err(StoreError::Rejected(reason)) => {
                 drop(raw);
@@ -711,10 +831,23 @@ impl Pipeline {
         metrics::counter!("keywatch_batches_committed_total").increment(1);
         metrics::gauge!("keywatch_last_commit_timestamp_seconds")
             .set(chrono::Utc::now().timestamp() as f64);
-        if let Some(h) = &self.health {
-            h.committed();
+        if !self.start_only {
+            if let Some(h) = &self.health {
+                h.committed();
+            }
         }
         Ok(stored)
+    }
+
+    /// Each event's key becomes the registry's id for it.
+    fn canonical_ids(&self, events: &mut [Decoded<'_>]) {
+        let registry = self.engine.registry();
+        for d in events.iter_mut() {
+            let id = registry.canonical(&d.event.key_id);
+            if id != d.event.key_id {
+                d.event.key_id = std::borrow::Cow::Owned(id.to_owned());
+            }
+        }
     }
 
     /// The store refused a segment for good. Stores it again line by line, each with the
@@ -790,6 +923,8 @@ impl Pipeline {
 
     /// Evaluates rotations and key ages at `now_ms` (or hands the tick to the test hook).
     fn evaluate(&mut self, now_ms: i64) -> anyhow::Result<()> {
+        // The evaluation reads what is committed.
+        self.settle_commit()?;
         if let Some(hook) = &mut self.on_tick {
             hook(Tick {
                 now_ms,

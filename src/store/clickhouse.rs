@@ -141,6 +141,8 @@ struct Inner {
     password: Option<Password>,
     state: Mutex<State>,
     opened: Instant,
+    /// The commit started last and not yet waited for (see [`Store::commit_started`]).
+    in_flight: Mutex<Option<InFlightCommit>>,
 }
 
 impl std::fmt::Debug for ClickHouseStore {
@@ -322,6 +324,7 @@ impl ClickHouseStore {
                 password,
                 state: Mutex::new(State::default()),
                 opened: Instant::now(),
+                in_flight: Mutex::new(None),
             }),
         };
         let features = store.block_on(async {
@@ -359,6 +362,10 @@ impl ClickHouseStore {
 
     fn block_on<F: Future>(&self, f: F) -> F::Output {
         self.inner.rt.block_on(f)
+    }
+
+    fn in_flight(&self) -> MutexGuard<'_, Option<InFlightCommit>> {
+        self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -799,6 +806,17 @@ impl ClickHouseStore {
         batch: &BatchWrite<'_, '_>,
         write_offsets: bool,
     ) -> Result<(), StoreError> {
+        match self.prepare(batch).await? {
+            Some(p) => self.write_prepared(&p, write_offsets).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The first half of a commit: recovers the batch's partitions when needed, works out
+    /// the batch's identity and encodes its rows. `None`: nothing left to write (a replay
+    /// of committed messages, or a file batch committed by an attempt whose answer was
+    /// lost).
+    async fn prepare(&self, batch: &BatchWrite<'_, '_>) -> Result<Option<Prepared>, StoreError> {
         if batch.events.is_empty() && batch.aggregate.events > 0 {
             return Err(StoreError::Fatal(
                 "the ClickHouse store needs the batch's raw events (keeps_raw_events); \
@@ -882,7 +900,7 @@ impl ClickHouseStore {
                 None => {
                     let c = committed("", 0);
                     if !position.is_empty() && c.position == position {
-                        return Ok(()); // committed by an attempt whose answer was lost
+                        return Ok(None); // committed by an attempt whose answer was lost
                     }
                     let end = c.next.unwrap_or(0);
                     batch_end.insert(("", 0), end);
@@ -892,7 +910,7 @@ impl ClickHouseStore {
             }
         }
         if next.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
 
         let mut selected = Vec::with_capacity(batch.events.len());
@@ -928,19 +946,36 @@ impl ClickHouseStore {
             };
             offsets.offset(&id, n, &position, now_ms);
         }
+        timings.encode = started.elapsed() - timings.recover;
+        Ok(Some(Prepared {
+            src: src.to_owned(),
+            next: next
+                .into_iter()
+                .map(|((t, p), n)| ((t.to_owned(), p), n))
+                .collect(),
+            position,
+            encoded,
+            offsets,
+            events: selected_events,
+            timings,
+        }))
+    }
 
+    /// The second half of a commit: the rows, then the offsets row (the commit point).
+    async fn write_prepared(&self, p: &Prepared, write_offsets: bool) -> Result<(), StoreError> {
+        let src = p.src.as_str();
+        let mut timings = p.timings;
         {
             let mut st = self.lock();
-            for &(t, p) in next.keys() {
-                st.dirty.insert((src.to_owned(), t.to_owned(), p));
+            for (t, part) in p.next.keys() {
+                st.dirty.insert((src.to_owned(), t.clone(), *part));
             }
         }
-        timings.encode = started.elapsed() - timings.recover;
         // The four tables are independent until the offsets row: send them at once, each
         // on a connection of its own, so the batch waits for the slowest insert instead of
         // the sum. Any failure leaves the partitions dirty (recovered before the next try).
         let rows_started = Instant::now();
-        let [ev, ro, so, ke] = encoded.tables();
+        let [ev, ro, so, ke] = p.encoded.tables();
         timings.bytes = [ev, ro, so, ke].iter().map(|(_, r)| r.buf.len() as u64).sum();
         let (ev, ro, so, ke) = tokio::join!(
             self.timed_insert(ev),
@@ -958,19 +993,19 @@ impl ClickHouseStore {
             return Ok(());
         }
         let offsets_started = Instant::now();
-        self.insert(Table::Offsets, &offsets, Phase::Query).await?;
+        self.insert(Table::Offsets, &p.offsets, Phase::Query).await?;
         timings.offsets = offsets_started.elapsed();
-        timings.log(selected_events);
+        timings.log(p.events);
         let retention_due = {
             let mut st = self.lock();
-            for ((t, p), n) in next {
-                let k = (src.to_owned(), t.to_owned(), p);
+            for ((t, part), n) in &p.next {
+                let k = (src.to_owned(), t.clone(), *part);
                 st.dirty.remove(&k);
                 st.committed.insert(
                     k,
                     Committed {
-                        next: Some(n),
-                        position: position.clone(),
+                        next: Some(*n),
+                        position: p.position.clone(),
                     },
                 );
             }
@@ -986,6 +1021,29 @@ impl ClickHouseStore {
             }
         }
         Ok(())
+    }
+
+    /// Writes a prepared commit again after a failed attempt: its partitions are recovered
+    /// first (the attempt's rows removed, unless its offsets row landed and only the answer
+    /// was lost: then it is committed and nothing is written).
+    async fn retry_prepared(&self, p: &Prepared) -> Result<(), StoreError> {
+        let parts: Vec<TopicPartition> = p.next.keys().cloned().collect();
+        self.recover_async(&p.src, &parts).await?;
+        let done = {
+            let st = self.lock();
+            p.next.iter().all(|((t, part), n)| {
+                st.committed
+                    .get(&(p.src.clone(), t.clone(), *part))
+                    .is_some_and(|c| {
+                        c.next.is_some_and(|c| c >= *n)
+                            && (p.position.is_empty() || c.position == p.position)
+                    })
+            })
+        };
+        if done {
+            return Ok(());
+        }
+        self.write_prepared(p, true).await
     }
 
     /// Test hook (feature `test-hooks`): writes a batch's rows but not its offsets, as a
@@ -1148,7 +1206,50 @@ impl ClickHouseStore {
 
 impl Store for ClickHouseStore {
     fn commit(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
+        self.wait_committed()?;
         self.block_on(self.commit_async(batch, true))
+    }
+
+    /// Waits for the previous commit, prepares this one (recovery when needed, identity,
+    /// encoding) and writes it on the runtime: rows, then the offsets row. The batch
+    /// counts only once that row exists, as with [`Store::commit`]; a crash before leaves
+    /// rows that recovery removes. Only with a runtime handle (the daemon's): a store with
+    /// a runtime of its own commits at once.
+    fn commit_started(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
+        self.wait_committed()?;
+        let Rt::Handle(handle) = &self.inner.rt else {
+            return self.block_on(self.commit_async(batch, true));
+        };
+        let Some(prepared) = self.block_on(self.prepare(batch))? else {
+            return Ok(());
+        };
+        let prepared = Arc::new(prepared);
+        let (store, p) = (self.clone(), Arc::clone(&prepared));
+        let task = handle.spawn(async move { store.write_prepared(&p, true).await });
+        *self.in_flight() = Some(InFlightCommit {
+            prepared,
+            task: Some(task),
+        });
+        Ok(())
+    }
+
+    /// A transient error keeps the commit for the next call (which recovers its partitions
+    /// and writes it again); any other error drops it (its partitions stay dirty, so the
+    /// next commit recovers them first).
+    fn wait_committed(&mut self) -> Result<(), StoreError> {
+        let Some(mut pending) = self.in_flight().take() else {
+            return Ok(());
+        };
+        let result = match pending.task.take() {
+            Some(task) => self.block_on(task).unwrap_or_else(|e| {
+                Err(StoreError::Transient(format!("the commit task failed: {e}")))
+            }),
+            None => self.block_on(self.retry_prepared(&pending.prepared)),
+        };
+        if matches!(&result, Err(e) if e.is_transient()) {
+            *self.in_flight() = Some(pending);
+        }
+        result
     }
 
     fn keeps_raw_events(&self) -> bool {
@@ -1179,6 +1280,27 @@ impl OffsetStore for ClickHouseStore {
     ) -> Result<HashMap<TopicPartition, i64>, StoreError> {
         ClickHouseStore::recover(self, source, partitions)
     }
+}
+
+/// A commit whose rows are encoded, ready to be written (and written again after a failed
+/// attempt).
+struct Prepared {
+    src: String,
+    /// The next offset (Kafka) or batch count (files) of each topic partition.
+    next: BTreeMap<TopicPartition, i64>,
+    /// JSON of the position (files, stdin); empty for Kafka.
+    position: String,
+    encoded: rowbinary::EncodedBatch,
+    offsets: RowBinary,
+    events: usize,
+    timings: CommitTimings,
+}
+
+/// The commit started by [`Store::commit_started`] and not yet waited for.
+struct InFlightCommit {
+    prepared: Arc<Prepared>,
+    /// `None` once the task has failed: [`Store::wait_committed`] retries synchronously.
+    task: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
 }
 
 /// Where one commit's time went, logged per batch at debug level (target
