@@ -913,38 +913,64 @@ impl ClickHouseStore {
             return Ok(None);
         }
 
+        // The streams written, in (topic, partition) order. Events carry their partition
+        // only, which names one stream here (`EventTopics` refused a batch where it would
+        // not): a short list searched by partition, the last hit first, rather than a hash
+        // of (topic, partition) per event (about 7 % of keywatch's CPU, perf).
+        let ids: Vec<(rowbinary::BatchId<'_>, i64)> = next
+            .keys()
+            .map(|&(topic, part)| {
+                (
+                    rowbinary::BatchId {
+                        src,
+                        topic,
+                        part,
+                        batch_end: batch_end[&(topic, part)],
+                    },
+                    keep_from[&(topic, part)],
+                )
+            })
+            .collect();
         let mut selected = Vec::with_capacity(batch.events.len());
+        let mut last: Option<(i32, usize)> = None;
         for se in batch.events {
-            let stream = (topics.of(src, se)?, se.origin.partition);
-            let Some(&end) = batch_end.get(&stream) else {
-                continue;
+            let part = se.origin.partition;
+            let found = match last {
+                Some((p, i)) if p == part => Some(i),
+                _ => ids.iter().position(|(id, _)| id.part == part),
             };
-            if se.origin.offset < keep_from[&stream] {
+            let Some(i) = found else {
+                continue; // a partition whose messages are all committed
+            };
+            last = Some((part, i));
+            let (id, keep_from) = &ids[i];
+            if se.origin.offset < *keep_from {
                 continue;
             }
-            if kafka.is_some() && se.origin.offset > end {
+            if kafka.is_some() && se.origin.offset > id.batch_end {
                 return Err(StoreError::Fatal(format!(
                     "source {src}: an event at offset {} of partition {} is past the batch's \
                      checkpoint ({})",
                     se.origin.offset,
-                    stream.1,
-                    end + 1
+                    part,
+                    id.batch_end + 1
                 )));
             }
-            selected.push((&se.event, &se.origin, stream.0));
+            selected.push((&se.event, &se.origin, i));
         }
         let selected_events = selected.len();
-        let encoded = encode(selected, src, &batch_end);
+        // One stream and every event of the batch: the batch's aggregate is the stream's
+        // (the pipeline folded exactly these events), so it is not folded again.
+        let whole = (ids.len() == 1
+            && selected_events == batch.events.len()
+            && batch.aggregate.events == selected_events as u64)
+            .then_some(batch.aggregate);
+        let ids: Vec<rowbinary::BatchId<'_>> = ids.into_iter().map(|(id, _)| id).collect();
+        let encoded = encode(selected, &ids, whole);
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut offsets = RowBinary::default();
-        for (&(topic, part), &n) in &next {
-            let id = rowbinary::BatchId {
-                src,
-                topic,
-                part,
-                batch_end: batch_end[&(topic, part)],
-            };
-            offsets.offset(&id, n, &position, now_ms);
+        for (id, n) in ids.iter().zip(next.values()) {
+            offsets.offset(id, *n, &position, now_ms);
         }
         timings.encode = started.elapsed() - timings.recover;
         Ok(Some(Prepared {
