@@ -242,10 +242,7 @@ impl BatchTimings {
             };
             for (k, val) in v.as_object().unwrap() {
                 if let Some(x) = val.as_f64() {
-                    t.fields
-                        .entry(format!("{prefix}{k}"))
-                        .or_default()
-                        .push(x);
+                    t.fields.entry(format!("{prefix}{k}")).or_default().push(x);
                 }
             }
         }
@@ -257,9 +254,7 @@ impl BatchTimings {
             println!("{indent}(no batch timings: keywatch logged none)");
             return;
         };
-        println!(
-            "{indent}{n} batches; per batch: median / p90 / sum (ms where the name says so)"
-        );
+        println!("{indent}{n} batches; per batch: median / p90 / sum (ms where the name says so)");
         for (k, v) in &self.fields {
             let mut s = v.clone();
             s.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -330,7 +325,10 @@ fn file_half(
     secret: &str,
 ) {
     println!();
-    println!("File -> ClickHouse ({n} Kong records, {} MB)", std::fs::metadata(log).unwrap().len() / 1_000_000);
+    println!(
+        "File -> ClickHouse ({n} Kong records, {} MB)",
+        std::fs::metadata(log).unwrap().len() / 1_000_000
+    );
     ch_query(http, churl, "DROP TABLE IF EXISTS default.file_copy");
     ch_query(
         http,

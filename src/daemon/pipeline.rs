@@ -6,8 +6,10 @@
 //! 1. decode each line into events (gateway preset or field mapping; raw keys fingerprinted);
 //!    an undecodable line is counted and kept in the dead letters;
 //! 2. with an event-time clock, cut the batch before the first line whose event reaches the
-//!    next evaluation tick or lifecycle change ([`Schedule::next_cut`]); each segment runs
-//!    steps 3-6, then the ticks and changes it reached are applied in time order;
+//!    next lifecycle change, or the next evaluation tick when that evaluation reads the
+//!    store (an open rotation; [`Schedule::next_cut`]); each segment runs steps 3-6, then the
+//!    ticks and changes it reached are applied in time order (ticks that did not cut, after
+//!    the batch's last segment);
 //! 3. each event's key becomes the registry's id for it (an alias such as the fingerprint
 //!    of the secret a refused request presented names the same key); the stream detectors
 //!    observe every event; the events fold into one [`Aggregate`];
@@ -20,12 +22,19 @@
 //!    dead-lettered; transient store errors are retried until they pass or keywatch stops;
 //! 7. the batch is acknowledged to its source (Kafka: its offsets may be committed).
 //!
+//! In the daemon's loop ([`Pipeline::run`]) step 6 of a batch's last segment only starts
+//! the commit ([`Store::commit_started`]: ClickHouse writes it on its runtime), and steps
+//! 1-5 of the next batch run meanwhile; the batch is acknowledged once
+//! [`Store::wait_committed`] says its position is stored: before the next batch's commit,
+//! before any evaluation, at the end, and at once when no batch waits in the channel.
+//!
 //! Between batches ([`Pipeline::tick`]): the registry file and the lifecycle topic are
 //! followed, and with the wall clock rotations are evaluated on their schedule. When the
 //! input ends ([`Pipeline::finish`]) a last evaluation runs.
 //!
-//! Architecture invariant: a batch's position is stored only by [`Store::commit`], with the
-//! batch's effect; nothing acknowledges a batch before that.
+//! Architecture invariant: a batch's position is stored only by [`Store::commit`] (or
+//! [`Store::commit_started`]), with the batch's effect; nothing acknowledges a batch before
+//! that is done.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

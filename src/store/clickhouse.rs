@@ -7,8 +7,11 @@
 //! `src` (the source id), `topic` and `part` (the Kafka topic partition; empty and 0 for
 //! files) and `batch_end` (the batch's last offset in that partition; for files, the
 //! number of batches committed before). A batch inserts `events`, `rollup_minute`,
-//! `key_sources`, `keys_seen` (one insert each, rows aggregated per partition), then one
-//! `offsets` row per partition: **a batch is committed iff its offsets rows exist.**
+//! `key_sources`, `keys_seen` (one insert each, rows aggregated per partition; the four sent
+//! at once), then, once all four succeeded, one `offsets` row per partition: **a batch is
+//! committed iff its offsets rows exist.** [`Store::commit_started`] does the same on the
+//! runtime while the caller prepares the next batch; [`Store::wait_committed`] says when it
+//! is done (and retries it after a transient failure, recovering first).
 //! Readers sum the per-batch rows at query time.
 //!
 //! A crash can leave rows of a batch whose offsets row never landed. [`ClickHouseStore::
@@ -365,7 +368,10 @@ impl ClickHouseStore {
     }
 
     fn in_flight(&self) -> MutexGuard<'_, Option<InFlightCommit>> {
-        self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1002,7 +1008,10 @@ impl ClickHouseStore {
         // the sum. Any failure leaves the partitions dirty (recovered before the next try).
         let rows_started = Instant::now();
         let [ev, ro, so, ke] = p.encoded.tables();
-        timings.bytes = [ev, ro, so, ke].iter().map(|(_, r)| r.buf.len() as u64).sum();
+        timings.bytes = [ev, ro, so, ke]
+            .iter()
+            .map(|(_, r)| r.buf.len() as u64)
+            .sum();
         let (ev, ro, so, ke) = tokio::join!(
             self.timed_insert(ev),
             self.timed_insert(ro),
@@ -1019,7 +1028,8 @@ impl ClickHouseStore {
             return Ok(());
         }
         let offsets_started = Instant::now();
-        self.insert(Table::Offsets, &p.offsets, Phase::Query).await?;
+        self.insert(Table::Offsets, &p.offsets, Phase::Query)
+            .await?;
         timings.offsets = offsets_started.elapsed();
         timings.log(p.events);
         let retention_due = {
@@ -1268,7 +1278,9 @@ impl Store for ClickHouseStore {
         };
         let result = match pending.task.take() {
             Some(task) => self.block_on(task).unwrap_or_else(|e| {
-                Err(StoreError::Transient(format!("the commit task failed: {e}")))
+                Err(StoreError::Transient(format!(
+                    "the commit task failed: {e}"
+                )))
             }),
             None => self.block_on(self.retry_prepared(&pending.prepared)),
         };

@@ -6,7 +6,6 @@
 //! the exact RowBinary bytes the store sends for a sample batch.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -216,9 +215,7 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
     };
     let ids = [id(0, 102), id(1, 41)];
     let batch = encode(
-        committed
-            .iter()
-            .map(|(e, o)| (e, o, o.partition as usize)),
+        committed.iter().map(|(e, o)| (e, o, o.partition as usize)),
         &ids,
         None,
     );

@@ -243,9 +243,6 @@ impl EncodedBatch {
     }
 }
 
-/// A Kafka topic partition (topic empty and partition 0 for files and stdin).
-pub(crate) type Stream<'a> = (&'a str, i32);
-
 /// Folds events into per-stream aggregates (readers sum the per-batch rows) and encodes
 /// the events and the aggregates. Each event comes with the index of its stream's identity
 /// in `ids`. `whole`: the aggregate of all the events, when there is one stream (not folded
