@@ -172,6 +172,247 @@ fn child_path(args: &[String]) {
     println!("{rate} {cpu} {hwm}");
 }
 
+/// A process's figures from `/usr/bin/time -f "%e %U %S %M"` (GNU time): wall, CPU and
+/// peak RSS of the whole process, from the kernel's accounting at exit.
+struct Timed {
+    wall: f64,
+    cpu: f64,
+    rss_mb: f64,
+}
+
+fn run_timed(cmd: Command, stdin: Option<&Path>, log: &Path) -> Timed {
+    let times = log.with_extension("time");
+    let mut c = Command::new("/usr/bin/time");
+    c.arg("-o").arg(&times).args(["-f", "%e %U %S %M"]);
+    c.arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(p) = stdin {
+        c.stdin(std::fs::File::open(p).unwrap());
+    }
+    c.stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    let status = c.status().expect("/usr/bin/time (GNU time) is needed");
+    assert!(
+        status.success(),
+        "{:?} failed; see {}",
+        cmd.get_program(),
+        log.display()
+    );
+    let f: Vec<f64> = std::fs::read_to_string(&times)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    Timed {
+        wall: f[0],
+        cpu: f[1] + f[2],
+        rss_mb: f[3] / 1024.0,
+    }
+}
+
+/// The per-batch figures keywatch logs at debug level (JSON lines): pipeline segments
+/// (`segment committed`), ClickHouse commits (`batch stored`) and batches (`batch committed`).
+#[derive(Default)]
+struct BatchTimings {
+    /// field -> one value per line carrying it
+    fields: std::collections::BTreeMap<String, Vec<f64>>,
+}
+
+impl BatchTimings {
+    fn read(log: &Path) -> Self {
+        let mut t = BatchTimings::default();
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let prefix = match v["message"].as_str() {
+                Some("batch stored") => "store.",
+                Some("segment committed") => "segment.",
+                Some("batch committed") => "batch.",
+                _ => continue,
+            };
+            for (k, val) in v.as_object().unwrap() {
+                if let Some(x) = val.as_f64() {
+                    t.fields.entry(format!("{prefix}{k}")).or_default().push(x);
+                }
+            }
+        }
+        t
+    }
+
+    fn print(&self, indent: &str) {
+        let Some(n) = self.fields.get("batch.lines").map(Vec::len) else {
+            println!("{indent}(no batch timings: keywatch logged none)");
+            return;
+        };
+        println!("{indent}{n} batches; per batch: median / p90 / sum (ms where the name says so)");
+        for (k, v) in &self.fields {
+            let mut s = v.clone();
+            s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let q = |p: f64| s[((s.len() - 1) as f64 * p).round() as usize];
+            println!(
+                "{indent}  {k:<22} {:>10.1} {:>10.1} {:>12.1}",
+                q(0.5),
+                q(0.9),
+                s.iter().sum::<f64>()
+            );
+        }
+    }
+}
+
+/// ClickHouse's own view (`system.query_log`, on with `KEYWATCH_CH_QUERY_LOG=1`): per kind
+/// of statement since `since`, queries, summed duration, rows and bytes written.
+fn query_log(http: &reqwest::blocking::Client, churl: &str, since: &str) -> String {
+    ch_query(http, churl, "SYSTEM FLUSH LOGS");
+    ch_query(
+        http,
+        churl,
+        &format!(
+            "SELECT replaceRegexpOne(query, '^(INSERT INTO [^ (]+|SELECT|ALTER|[A-Z]+).*$', '\\\\1') AS q, \
+             count(), sum(query_duration_ms), sum(written_rows), sum(written_bytes) \
+             FROM system.query_log WHERE type = 2 AND event_time >= '{since}' \
+             AND query NOT LIKE '%query_log%' GROUP BY q ORDER BY sum(query_duration_ms) DESC \
+             FORMAT TabSeparated"
+        ),
+    )
+}
+
+fn ch_now(http: &reqwest::blocking::Client, churl: &str) -> String {
+    ch_query(http, churl, "SELECT toString(now())")
+        .trim()
+        .to_owned()
+}
+
+fn print_query_log(text: &str) {
+    println!(
+        "    {:<44} {:>7} {:>9} {:>10} {:>12}",
+        "ClickHouse query_log: statement", "queries", "sum ms", "rows", "bytes"
+    );
+    for l in text.lines() {
+        let f: Vec<&str> = l.split('\t').collect();
+        if f.len() == 5 {
+            println!(
+                "    {:<44} {:>7} {:>9} {:>10} {:>12}",
+                f[0], f[1], f[2], f[3], f[4]
+            );
+        }
+    }
+}
+
+/// File → ClickHouse: the plain copy (`clickhouse-client ... FORMAT TabSeparated < log`
+/// into one String column) against `keywatch run` on the same file, each into a fresh
+/// database of the same server.
+#[allow(clippy::too_many_arguments)]
+fn file_half(
+    dir: &Path,
+    http: &reqwest::blocking::Client,
+    churl: &str,
+    chport: u16,
+    ch_pid: Option<u32>,
+    log: &Path,
+    n: usize,
+    extra_pipeline: &str,
+    store_extra: &str,
+    secret: &str,
+) {
+    println!();
+    println!(
+        "File -> ClickHouse ({n} Kong records, {} MB)",
+        std::fs::metadata(log).unwrap().len() / 1_000_000
+    );
+    ch_query(http, churl, "DROP TABLE IF EXISTS default.file_copy");
+    ch_query(
+        http,
+        churl,
+        "CREATE TABLE default.file_copy (line String) ENGINE = MergeTree ORDER BY tuple()",
+    );
+    let ch_cpu = || ch_pid.map_or(0.0, |p| proc_stats(p).0);
+    let since = ch_now(http, churl);
+    let before = ch_cpu();
+    let mut copy = Command::new("clickhouse-client");
+    copy.args([
+        "--port",
+        &(chport + 1).to_string(),
+        "--query",
+        "INSERT INTO default.file_copy FORMAT TabSeparated",
+    ]);
+    let c = run_timed(copy, Some(log), &dir.join("copy.log"));
+    let copy_ch = ch_cpu() - before;
+    let copy_log = query_log(http, churl, &since);
+    let copied = ch_query(http, churl, "SELECT count() FROM default.file_copy");
+
+    ch_query(http, churl, "DROP DATABASE IF EXISTS keywatch_file");
+    let state = dir.join("state-file");
+    let cfg = dir.join("keywatch-file.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = {state:?}\n[input]\nkind = \"file\"\npath = {log:?}\nfollow = false\nformat = \"kong\"\n\
+             [fingerprint]\nsecret_env = \"KW_BENCH_SECRET\"\n[server]\nenabled = false\n\
+             [log]\nformat = \"json\"\nlevel = \"warn,keywatch::store::clickhouse=debug,keywatch::daemon::pipeline=debug\"\n\
+             [pipeline]\n{extra_pipeline}\n\
+             [store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = \"{churl}\"\ndatabase = \"keywatch_file\"\n{store_extra}"
+        ),
+    )
+    .unwrap();
+    let since = ch_now(http, churl);
+    let before = ch_cpu();
+    let mut kw = Command::new(env!("CARGO_BIN_EXE_keywatch"));
+    kw.arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .env("KW_BENCH_SECRET", secret);
+    let kwlog = dir.join("keywatch-file.log");
+    let k = run_timed(kw, None, &kwlog);
+    let kw_ch = ch_cpu() - before;
+    let kw_log = query_log(http, churl, &since);
+    let stored = ch_query(
+        http,
+        churl,
+        "SELECT count() FROM keywatch_file.keywatch_events",
+    );
+    println!(
+        "{:<44} {:>10} {:>8} {:>8} {:>9} {:>10}",
+        "path", "events/s", "wall s", "CPU s", "peak RSS", "CH CPU"
+    );
+    for (name, t, chc) in [
+        ("(f1) plain copy: clickhouse-client, TSV", &c, copy_ch),
+        ("(f2) keywatch run (file, follow = false)", &k, kw_ch),
+    ] {
+        println!(
+            "{:<44} {:>10.0} {:>8.2} {:>8.2} {:>6.0} MB {:>10.1}",
+            name,
+            n as f64 / t.wall,
+            t.wall,
+            t.cpu,
+            t.rss_mb,
+            chc
+        );
+    }
+    println!(
+        "keywatch: {:.2}x plain copy (wall, whole processes); {:.2} us CPU per event; \
+         rows: copy {}, keywatch events {}",
+        c.wall / k.wall,
+        k.cpu / n as f64 * 1e6,
+        copied.trim(),
+        stored.trim()
+    );
+    println!("  (f1) plain copy:");
+    print_query_log(&copy_log);
+    println!("  (f2) keywatch:");
+    print_query_log(&kw_log);
+    BatchTimings::read(&kwlog).print("    ");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -189,8 +430,79 @@ fn main() {
     } else {
         "clickhouse"
     };
+    let file_only = args.iter().any(|a| a == "file-only");
+    let kafka_only = args.iter().any(|a| a == "kafka-only");
+    // `events=N`, `bytes=N`: [pipeline] batch_max_events / batch_max_bytes of both keywatch
+    // runs (default: keywatch's defaults).
+    let mut extra_pipeline = String::new();
+    for a in &args {
+        if let Some(v) = a.strip_prefix("events=") {
+            extra_pipeline.push_str(&format!("batch_max_events = {v}\n"));
+        }
+        if let Some(v) = a.strip_prefix("bytes=") {
+            extra_pipeline.push_str(&format!("batch_max_bytes = {v}\n"));
+        }
+    }
+    let compression = args
+        .iter()
+        .find_map(|a| a.strip_prefix("compression="))
+        .unwrap_or("lz4")
+        .to_owned();
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let secret = "benchmark-secret-0123456789";
+    let lines = keywatch::sample::generate(&keywatch::sample::SampleOptions {
+        preset: "kong".into(),
+        lines: n,
+        days: 30.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
+    let text = lines.join("\n") + "\n";
+    drop(lines);
+
+    // ClickHouse, with its query log (where the server's time goes).
+    let chdir = dir.path().join("clickhouse");
+    let chport = free_port();
+    let out = Command::new("bash")
+        .arg(root.join("scripts/clickhouse.sh"))
+        .args(["start", chdir.to_str().unwrap(), &chport.to_string()])
+        .env("KEYWATCH_CH_QUERY_LOG", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let churl = format!("http://127.0.0.1:{chport}/");
+    let http = reqwest::blocking::Client::new();
+    let ch_pid = clickhouse_pid(&chdir);
+    let ch_stop = Stopper(root.join("scripts/clickhouse.sh"), chdir.clone());
+    let store_extra = format!("compression = \"{compression}\"\n");
+
+    if !kafka_only {
+        let log = dir.path().join("kong.log");
+        std::fs::write(&log, text.as_bytes()).unwrap();
+        file_half(
+            dir.path(),
+            &http,
+            &churl,
+            chport,
+            ch_pid,
+            &log,
+            n,
+            &extra_pipeline,
+            &store_extra,
+            secret,
+        );
+        std::fs::remove_file(&log).unwrap();
+    }
+    if file_only {
+        return;
+    }
+    println!();
 
     // Broker.
     let kdir = dir.path().join("kafka");
@@ -222,22 +534,6 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
 
-    // ClickHouse.
-    let chdir = dir.path().join("clickhouse");
-    let chport = free_port();
-    let out = Command::new("bash")
-        .arg(root.join("scripts/clickhouse.sh"))
-        .args(["start", chdir.to_str().unwrap(), &chport.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let churl = format!("http://127.0.0.1:{chport}/");
-    let http = reqwest::blocking::Client::new();
-
     // Data.
     let topic = "gateway";
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -250,17 +546,6 @@ fn main() {
         &AdminOptions::new(),
     ))
     .unwrap();
-    let lines = keywatch::sample::generate(&keywatch::sample::SampleOptions {
-        preset: "kong".into(),
-        lines: n,
-        days: 30.0,
-        ..Default::default()
-    })
-    .unwrap();
-    let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
-    let text = lines.join("\n") + "\n";
-    drop(lines);
-    let secret = "benchmark-secret-0123456789";
     let decoder = keywatch::event::Decoder::new(
         keywatch::event::Format::Kong,
         keywatch::event::Fingerprinter::new(secret.as_bytes(), 4),
@@ -287,7 +572,6 @@ fn main() {
 
     // (a) Bare read and (b) plain copy, each in a process of its own.
     ch_query(&http, &churl, "CREATE TABLE IF NOT EXISTS default.plain_copy (line String) ENGINE = MergeTree ORDER BY tuple()");
-    let ch_pid = clickhouse_pid(&chdir);
     let run_path = |path: &str| -> Measured {
         let others = (
             proc_stats(broker_pid).0,
@@ -322,7 +606,7 @@ fn main() {
     let store_section = match store {
         "sqlite" => String::new(),
         _ => format!(
-            "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = \"http://127.0.0.1:{chport}\"\ndatabase = \"keywatch_bench\"\n"
+            "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = \"http://127.0.0.1:{chport}\"\ndatabase = \"keywatch_bench\"\n{store_extra}"
         ),
     };
     let cfg = dir.path().join("keywatch.toml");
@@ -332,7 +616,8 @@ fn main() {
             "state_dir = {state:?}\n[input]\nkind = \"kafka\"\nformat = \"kong\"\n\
              [input.kafka]\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"keywatch\"\n\
              [fingerprint]\nsecret_env = \"KW_BENCH_SECRET\"\n[server]\nenabled = false\n\
-             [pipeline]\nbatch_max_events = 20000\nbatch_max_wait = \"500ms\"\n{store_section}"
+             [log]\nformat = \"json\"\nlevel = \"warn,keywatch::store::clickhouse=debug,keywatch::daemon::pipeline=debug\"\n\
+             [pipeline]\nbatch_max_wait = \"500ms\"\n{extra_pipeline}{store_section}"
         ),
     )
     .unwrap();
@@ -340,6 +625,7 @@ fn main() {
         proc_stats(broker_pid).0,
         ch_pid.map_or(0.0, |p| proc_stats(p).0),
     );
+    let since = ch_now(&http, &churl);
     let t = Instant::now();
     let mut child = Killer(
         Command::new(env!("CARGO_BIN_EXE_keywatch"))
@@ -347,7 +633,6 @@ fn main() {
             .arg("--config")
             .arg(&cfg)
             .env("KW_BENCH_SECRET", secret)
-            .env("KEYWATCH_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("keywatch.log")).unwrap())
             .spawn()
@@ -423,8 +708,10 @@ fn main() {
         kw.cpu / n as f64 * 1e6,
         copied.trim()
     );
-    let _ = Command::new("bash")
-        .arg(root.join("scripts/clickhouse.sh"))
-        .args(["stop", chdir.to_str().unwrap()])
-        .status();
+    drop(child);
+    if store == "clickhouse" {
+        print_query_log(&query_log(&http, &churl, &since));
+    }
+    BatchTimings::read(&dir.path().join("keywatch.log")).print("    ");
+    drop(ch_stop);
 }

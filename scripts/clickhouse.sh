@@ -41,6 +41,13 @@ ping_ok() (
 
 write_config() {
     local dir=$1 port=$2
+    # KEYWATCH_CH_QUERY_LOG=1: every query in system.query_log (benchmarks read where the
+    # server's time goes); off by default, since the log costs a little per query.
+    local query_log_section="" log_queries=0
+    if [ "${KEYWATCH_CH_QUERY_LOG:-0}" = 1 ]; then
+        query_log_section="    <query_log><database>system</database><table>query_log</table><flush_interval_milliseconds>1000</flush_interval_milliseconds></query_log>"
+        log_queries=1
+    fi
     mkdir -p "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/format_schemas" "$dir/log"
     cat >"$dir/config.xml" <<EOF
 <?xml version="1.0"?>
@@ -72,15 +79,17 @@ write_config() {
     <builtin_dictionaries_reload_interval>3600</builtin_dictionaries_reload_interval>
     <max_session_timeout>3600</max_session_timeout>
     <default_session_timeout>60</default_session_timeout>
+$query_log_section
 </yandex>
 EOF
     # Two users: `default` without a password (what the tests use) and `keywatch` with the
     # password `keywatch-test` (to test authentication and that errors never show it).
-    cat >"$dir/users.xml" <<'EOF'
+    cat >"$dir/users.xml" <<EOF
 <?xml version="1.0"?>
 <yandex>
     <profiles>
         <default>
+            <log_queries>$log_queries</log_queries>
             <max_memory_usage>4000000000</max_memory_usage>
             <load_balancing>random</load_balancing>
         </default>

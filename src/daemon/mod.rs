@@ -159,6 +159,7 @@ pub fn kafka_settings(k: &KafkaInput, config: &Config) -> anyhow::Result<KafkaSe
         topics: k.topics.clone(),
         group_id: k.group_id.clone(),
         max_messages: config.pipeline.batch_max_events.get(),
+        max_bytes: config.pipeline.batch_max_bytes.get(),
         max_wait: config.pipeline.batch_max_wait,
     })
 }
@@ -272,6 +273,7 @@ pub async fn run_with_gate(
         follow: config.input.follow,
         start_at_end: config.input.start_at == StartAt::End,
         max_lines: config.pipeline.batch_max_events.get(),
+        max_bytes: config.pipeline.batch_max_bytes.get(),
         max_wait: config.pipeline.batch_max_wait,
         ..FollowOptions::default()
     };

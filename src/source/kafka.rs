@@ -96,6 +96,8 @@ pub struct KafkaSettings {
     pub topics: Vec<String>,
     pub group_id: String,
     pub max_messages: usize,
+    /// A batch is sent once its payloads reach this many bytes (or `max_messages`).
+    pub max_bytes: usize,
     pub max_wait: Duration,
 }
 
@@ -474,7 +476,8 @@ async fn consume(
                 metrics::counter!("keywatch_source_lines_total").increment(1);
             }
         }
-        let full = pending.batch.len() >= settings.max_messages;
+        let full = pending.batch.len() >= settings.max_messages
+            || pending.batch.buf.len() >= settings.max_bytes;
         let due = pending
             .started
             .is_some_and(|s| s.elapsed() >= settings.max_wait);

@@ -85,6 +85,22 @@ pub trait Store {
     /// position, atomically: after a crash, either all of it is visible or none of it is.
     fn commit(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError>;
 
+    /// Starts committing a batch: like [`Store::commit`], but the store may still be
+    /// writing when it returns, so that the caller prepares the next batch meanwhile. The
+    /// batch is committed (and may be acknowledged) only once [`Store::wait_committed`]
+    /// returns `Ok`; a start waits for the commit started before it. A store that cannot
+    /// write in the background commits here.
+    fn commit_started(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
+        self.commit(batch)
+    }
+
+    /// Waits for the commit [`Store::commit_started`] started. After a transient error,
+    /// calling again retries it; any other error drops it (the caller stores the batch
+    /// again, line by line for [`StoreError::Rejected`]).
+    fn wait_committed(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The rotation view and findings table, for stores that have them.
     fn detection(&mut self) -> Option<&mut dyn DetectionStore> {
         None

@@ -6,7 +6,6 @@
 //! the exact RowBinary bytes the store sends for a sample batch.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -208,11 +207,17 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
     // A committed batch over partitions 0 (offsets 100..=102) and 1 (40..=41), and an
     // interrupted one (0: 103..=104) without its offsets rows.
     let (committed, uncommitted) = sample_events();
-    let ids = HashMap::from([((TOPIC, 0), 102), ((TOPIC, 1), 41)]);
+    let id = |part, batch_end| BatchId {
+        src: SAMPLE_SOURCE,
+        topic: TOPIC,
+        part,
+        batch_end,
+    };
+    let ids = [id(0, 102), id(1, 41)];
     let batch = encode(
-        committed.iter().map(|(e, o)| (e, o, TOPIC)),
-        SAMPLE_SOURCE,
+        committed.iter().map(|(e, o)| (e, o, o.partition as usize)),
         &ids,
+        None,
     );
     for (t, rows) in batch.tables() {
         steps.push(insert_step(
@@ -240,11 +245,10 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         Table::Offsets,
         &offsets,
     ));
-    let ids = HashMap::from([((TOPIC, 0), 104)]);
     let lost = encode(
-        uncommitted.iter().map(|(e, o)| (e, o, TOPIC)),
-        SAMPLE_SOURCE,
-        &ids,
+        uncommitted.iter().map(|(e, o)| (e, o, 0)),
+        &[id(0, 104)],
+        None,
     );
     for (t, rows) in lost.tables() {
         steps.push(insert_step(

@@ -37,6 +37,20 @@ pub struct ClickHouseConfig {
     /// Longest wait for the deletion of an interrupted batch's rows at recovery.
     #[serde(default = "default_mutation_timeout", deserialize_with = "duration")]
     pub mutation_timeout: Duration,
+    /// The body of inserts: `lz4` (ClickHouse's own framing, `decompress=1`; every server
+    /// version has it) or `none`. On loopback `none` saves both sides a little CPU; over a
+    /// network lz4 sends about a quarter of the bytes.
+    #[serde(default)]
+    pub compression: InsertCompression,
+}
+
+/// See [`ClickHouseConfig::compression`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InsertCompression {
+    #[default]
+    Lz4,
+    None,
 }
 
 fn default_url() -> String {
@@ -82,6 +96,7 @@ impl Default for ClickHouseConfig {
             retention_days: default_retention_days(),
             insert_timeout: default_insert_timeout(),
             mutation_timeout: default_mutation_timeout(),
+            compression: InsertCompression::default(),
         }
     }
 }
@@ -98,6 +113,7 @@ impl fmt::Debug for ClickHouseConfig {
             .field("retention_days", &self.retention_days)
             .field("insert_timeout", &self.insert_timeout)
             .field("mutation_timeout", &self.mutation_timeout)
+            .field("compression", &self.compression)
             .finish()
     }
 }

@@ -7,7 +7,6 @@
 //! be replayed against chdb.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use super::schema::Table;
 use crate::aggregate::{Aggregate, KeySeen, Rollup, SourceKey, SourceStats};
@@ -244,49 +243,46 @@ impl EncodedBatch {
     }
 }
 
-/// A Kafka topic partition (topic empty and partition 0 for files and stdin).
-pub(crate) type Stream<'a> = (&'a str, i32);
-
-/// Folds events into per-partition aggregates (readers sum the per-batch rows) and encodes
-/// the events and the aggregates. Each event comes with its topic; `batch_end` gives each
-/// topic partition's batch identity.
+/// Folds events into per-stream aggregates (readers sum the per-batch rows) and encodes
+/// the events and the aggregates. Each event comes with the index of its stream's identity
+/// in `ids`. `whole`: the aggregate of all the events, when there is one stream (not folded
+/// again).
 pub(crate) fn encode<'a, 'b: 'a, I>(
     events: I,
-    src: &str,
-    batch_end: &HashMap<Stream<'_>, i64>,
+    ids: &[BatchId<'_>],
+    whole: Option<&Aggregate>,
 ) -> EncodedBatch
 where
-    I: IntoIterator<Item = (&'a AuthEvent<'b>, &'a Origin, &'a str)>,
+    I: IntoIterator<Item = (&'a AuthEvent<'b>, &'a Origin, usize)>,
 {
     let mut out = EncodedBatch::default();
-    let mut aggs: HashMap<(&str, i32), Aggregate> = HashMap::new();
-    for (ev, origin, topic) in events {
-        let id = BatchId {
-            src,
-            topic,
-            part: origin.partition,
-            batch_end: batch_end[&(topic, origin.partition)],
-        };
-        out.events.event(ev, origin, &id);
-        aggs.entry((topic, origin.partition)).or_default().add(ev);
+    let whole = whole.filter(|_| ids.len() == 1);
+    let mut aggs: Vec<Aggregate> = Vec::new();
+    if whole.is_none() {
+        aggs.resize_with(ids.len(), Aggregate::default);
     }
-    let mut parts: Vec<_> = aggs.into_iter().collect();
-    parts.sort_by(|a, b| a.0.cmp(&b.0));
-    for ((topic, part), agg) in &parts {
-        let id = BatchId {
-            src,
-            topic,
-            part: *part,
-            batch_end: batch_end[&(*topic, *part)],
+    for (ev, origin, i) in events {
+        out.events.event(ev, origin, &ids[i]);
+        if let Some(agg) = aggs.get_mut(i) {
+            agg.add(ev);
+        }
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let agg = match whole {
+            Some(w) => w,
+            None => &aggs[i],
         };
+        if agg.events == 0 && whole.is_none() {
+            continue;
+        }
         for (key_id, minute, r) in agg.rollups() {
-            out.rollups.rollup(key_id, minute, r, &id);
+            out.rollups.rollup(key_id, minute, r, id);
         }
         for (k, s) in agg.sources() {
-            out.sources.source(k, s, &id);
+            out.sources.source(k, s, id);
         }
         for (key_id, seen) in agg.keys() {
-            out.keys.key(key_id, seen, &id);
+            out.keys.key(key_id, seen, id);
         }
     }
     out
@@ -306,8 +302,13 @@ mod tests {
             offset: 7,
             index: 0,
         };
-        let ids = HashMap::from([(("t", 2), 9)]);
-        let b = encode([(&ev, &origin, "t")], "s", &ids);
+        let ids = [BatchId {
+            src: "s",
+            topic: "t",
+            part: 2,
+            batch_end: 9,
+        }];
+        let b = encode([(&ev, &origin, 0)], &ids, None);
         for (table, rows) in b.tables() {
             assert_eq!(rows.rows, 1, "{table:?}");
             assert_eq!(rows.values(), table.columns().len(), "{table:?}");
