@@ -62,6 +62,8 @@ pub mod template;
 
 use std::sync::Arc;
 
+#[doc(hidden)]
+pub use channel::fuzz as channel_fuzz;
 pub use channel::{scrub, Address, Console, DeliveryError};
 pub use check::{check_templates, send_test};
 pub use config::Config;

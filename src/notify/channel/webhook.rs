@@ -19,7 +19,11 @@
 
 use serde_json::Value;
 
-use super::{excerpt, http_error, retry_after, url_secrets, DeliveryError};
+use std::time::Duration;
+
+use super::{
+    answer_text, excerpt, http_error, retry_after, url_secrets, DeliveryError, MAX_ANSWER_BYTES,
+};
 use crate::config::ConfigError;
 use crate::notify::config::ChannelTable;
 use crate::registry::{Secret, SecretRef};
@@ -130,19 +134,36 @@ impl Webhook {
         if status.is_success() {
             return Ok(());
         }
-        let answer = resp.text().await.unwrap_or_default();
-        let detail = format!(
-            "webhook answered {}: {}",
-            status.as_u16(),
-            excerpt(&answer, &secrets)
-        );
-        if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
-            Err(DeliveryError::Transient {
-                detail,
-                retry_after: wait,
-            })
-        } else {
-            Err(DeliveryError::permanent(detail))
-        }
+        let answer = answer_text(resp, MAX_ANSWER_BYTES)
+            .await
+            .unwrap_or_default();
+        classify(status, wait, &answer, &secrets)
+    }
+}
+
+/// What a webhook's answer means: 2xx delivered; 408, 429 and 5xx worth retrying (after
+/// `wait`, the answer's `Retry-After`); anything else permanent. The detail quotes a
+/// scrubbed excerpt of the body.
+pub(crate) fn classify(
+    status: reqwest::StatusCode,
+    wait: Option<Duration>,
+    answer: &str,
+    secrets: &[&str],
+) -> Result<(), DeliveryError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let detail = format!(
+        "webhook answered {}: {}",
+        status.as_u16(),
+        excerpt(answer, secrets)
+    );
+    if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
+        Err(DeliveryError::Transient {
+            detail,
+            retry_after: wait,
+        })
+    } else {
+        Err(DeliveryError::permanent(detail))
     }
 }
