@@ -33,7 +33,9 @@ fuzz_target!(|input: Input| {
         assert!(!excerpt.contains(s), "a secret in {excerpt:?}");
     }
     match ch::webhook_answer(input.status, &input.retry_after, &input.body, &secrets) {
-        Ok(()) => assert!((200..300).contains(&input.status) || input.status < 100 || input.status > 999),
+        Ok(()) => {
+            assert!((200..300).contains(&input.status) || input.status < 100 || input.status > 999)
+        }
         Err(e) => {
             let prefix = format!("webhook answered {}: ", input.status);
             for s in &secrets {
@@ -69,11 +71,19 @@ fuzz_target!(|input: Input| {
     let parts = ch::telegram_split(&html, limit, max_parts);
     assert!(parts.len() <= max_parts);
     for p in &parts {
-        assert!(ch::telegram_utf16_len(p) <= limit, "{} > {limit}", ch::telegram_utf16_len(p));
+        assert!(
+            ch::telegram_utf16_len(p) <= limit,
+            "{} > {limit}",
+            ch::telegram_utf16_len(p)
+        );
     }
     let parts = ch::slack_split(&mrkdwn, limit, max_parts);
     assert!(parts.len() <= max_parts);
     for p in &parts {
-        assert!(p.chars().count() <= limit, "{} > {limit}", p.chars().count());
+        assert!(
+            p.chars().count() <= limit,
+            "{} > {limit}",
+            p.chars().count()
+        );
     }
 });

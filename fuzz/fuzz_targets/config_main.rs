@@ -9,7 +9,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Err(e) = keywatch::config::parse("fuzz.toml", text).and_then(|raw| raw.validate("fuzz.toml")).map(drop) {
+    if let Err(e) = keywatch::config::parse("fuzz.toml", text)
+        .and_then(|raw| raw.validate("fuzz.toml"))
+        .map(drop)
+    {
         check_config_error(&e);
     }
 });

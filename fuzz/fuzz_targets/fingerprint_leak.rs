@@ -9,16 +9,46 @@ use libfuzzer_sys::fuzz_target;
 
 /// `K` is the raw key (JSON-escaped), `X` the extra fields.
 const TEMPLATES: &[(usize, &str)] = &[
-    (0, r#"{"started_at":1614232669000,"response":{"status":401},"request":{"method":"GET","uri":"/v1/x","headers":{"apikey":K}},"client_ip":"10.0.0.1"X}"#),
-    (0, r#"{"started_at":1614232669000,"response":{"status":200},"request":{"method":"GET","uri":"/v1/x","headers":{"x-api-key":[K,"b"]X}}}"#),
-    (0, r#"[{"started_at":1614232669000,"response":{"status":200},"request":{"headers":{"apikey":K}}X},{"started_at":1614232669001,"response":{"status":200},"request":{"headers":{"x-api-key":K}}}]"#),
-    (1, r#"{"timestamp":"2024-01-01T00:00:00Z","response_code":200,"api_key":KX,"path":"/a","method":"GET"}"#),
-    (2, r#"{"StartUTC":"2024-01-01T00:00:00Z","DownstreamStatus":200,"request_X-Api-Key":K,"RequestPath":"/a"X}"#),
-    (3, r#"{"start_time":"2024-01-01T00:00:00Z","response_code":403X,"x_api_key":K,"path":"/a"}"#),
-    (4, r#"{"msec":1704067200.123,"status":200,"http_x_api_key":K,"request_uri":"/a"X}"#),
-    (6, r#"{"t":"2024-01-01T00:00:00Z","creds":{"token":K},"res":{"status":200}X}"#),
-    (7, r#"{"started_at":1614232669000,"response":{"status":401},"request":{"headers":{"x-partner-key":K}}X}"#),
-    (7, r#"{"started_at":1614232669000,"response":{"status":401},"k":KX}"#),
+    (
+        0,
+        r#"{"started_at":1614232669000,"response":{"status":401},"request":{"method":"GET","uri":"/v1/x","headers":{"apikey":K}},"client_ip":"10.0.0.1"X}"#,
+    ),
+    (
+        0,
+        r#"{"started_at":1614232669000,"response":{"status":200},"request":{"method":"GET","uri":"/v1/x","headers":{"x-api-key":[K,"b"]X}}}"#,
+    ),
+    (
+        0,
+        r#"[{"started_at":1614232669000,"response":{"status":200},"request":{"headers":{"apikey":K}}X},{"started_at":1614232669001,"response":{"status":200},"request":{"headers":{"x-api-key":K}}}]"#,
+    ),
+    (
+        1,
+        r#"{"timestamp":"2024-01-01T00:00:00Z","response_code":200,"api_key":KX,"path":"/a","method":"GET"}"#,
+    ),
+    (
+        2,
+        r#"{"StartUTC":"2024-01-01T00:00:00Z","DownstreamStatus":200,"request_X-Api-Key":K,"RequestPath":"/a"X}"#,
+    ),
+    (
+        3,
+        r#"{"start_time":"2024-01-01T00:00:00Z","response_code":403X,"x_api_key":K,"path":"/a"}"#,
+    ),
+    (
+        4,
+        r#"{"msec":1704067200.123,"status":200,"http_x_api_key":K,"request_uri":"/a"X}"#,
+    ),
+    (
+        6,
+        r#"{"t":"2024-01-01T00:00:00Z","creds":{"token":K},"res":{"status":200}X}"#,
+    ),
+    (
+        7,
+        r#"{"started_at":1614232669000,"response":{"status":401},"request":{"headers":{"x-partner-key":K}}X}"#,
+    ),
+    (
+        7,
+        r#"{"started_at":1614232669000,"response":{"status":401},"k":KX}"#,
+    ),
 ];
 
 #[derive(Debug, Arbitrary)]

@@ -95,9 +95,14 @@ fuzz_target!(|input: Input| {
     let max_parts = usize::from(input.max_parts % 8) + 1;
     for channel in ["email", "telegram", "slack", "webhook", "console"] {
         let value = ctx.to_value(channel, input.at_ms);
-        let r = render(channel, &value, templates(), templates(), max_parts, |s, t| {
-            serde_json::json!({ "subject": s, "text": t })
-        });
+        let r = render(
+            channel,
+            &value,
+            templates(),
+            templates(),
+            max_parts,
+            |s, t| serde_json::json!({ "subject": s, "text": t }),
+        );
         assert!(!r.subject.contains('\n'), "subject {:?}", r.subject);
         assert!(r.parts.len() <= max_parts, "{} parts", r.parts.len());
         for part in &r.parts {
