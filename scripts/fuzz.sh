@@ -41,7 +41,7 @@ run_one() {
     (cd fuzz && cargo +nightly fuzz run -O --debug-assertions --sanitizer none "$target" \
         "corpus/$target" "seeds/$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 \
-        -jobs="$jobs" -workers="$jobs") || rc=$?
+        $([ "$jobs" -gt 1 ] && echo "-jobs=$jobs -workers=$jobs")) || rc=$?
     # Smoke runs are not counted in the hours.
     [ -n "${FUZZ_NO_LOG:-}" ] || echo "$target $((seconds * jobs)) $rc $(date -u +%FT%TZ)" >>fuzz/runs.log
     return $rc

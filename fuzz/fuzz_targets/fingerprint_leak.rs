@@ -7,47 +7,47 @@ use arbitrary::Arbitrary;
 use keywatch_fuzz::{check_decode, decoders};
 use libfuzzer_sys::fuzz_target;
 
-/// `K` is the raw key (JSON-escaped), `X` the extra fields.
+/// `@K@` is the raw key (JSON-escaped), `@X@` the extra fields.
 const TEMPLATES: &[(usize, &str)] = &[
     (
         0,
-        r#"{"started_at":1614232669000,"response":{"status":401},"request":{"method":"GET","uri":"/v1/x","headers":{"apikey":K}},"client_ip":"10.0.0.1"X}"#,
+        r#"{"started_at":1614232669000,"response":{"status":401},"request":{"method":"GET","uri":"/v1/x","headers":{"apikey":@K@}},"client_ip":"10.0.0.1"@X@}"#,
     ),
     (
         0,
-        r#"{"started_at":1614232669000,"response":{"status":200},"request":{"method":"GET","uri":"/v1/x","headers":{"x-api-key":[K,"b"]X}}}"#,
+        r#"{"started_at":1614232669000,"response":{"status":200},"request":{"method":"GET","uri":"/v1/x","headers":{"x-api-key":[@K@,"b"]@X@}}}"#,
     ),
     (
         0,
-        r#"[{"started_at":1614232669000,"response":{"status":200},"request":{"headers":{"apikey":K}}X},{"started_at":1614232669001,"response":{"status":200},"request":{"headers":{"x-api-key":K}}}]"#,
+        r#"[{"started_at":1614232669000,"response":{"status":200},"request":{"headers":{"apikey":@K@}}@X@},{"started_at":1614232669001,"response":{"status":200},"request":{"headers":{"x-api-key":@K@}}}]"#,
     ),
     (
         1,
-        r#"{"timestamp":"2024-01-01T00:00:00Z","response_code":200,"api_key":KX,"path":"/a","method":"GET"}"#,
+        r#"{"timestamp":"2024-01-01T00:00:00Z","response_code":200,"api_key":@K@@X@,"path":"/a","method":"GET"}"#,
     ),
     (
         2,
-        r#"{"StartUTC":"2024-01-01T00:00:00Z","DownstreamStatus":200,"request_X-Api-Key":K,"RequestPath":"/a"X}"#,
+        r#"{"StartUTC":"2024-01-01T00:00:00Z","DownstreamStatus":200,"request_X-Api-Key":@K@,"RequestPath":"/a"@X@}"#,
     ),
     (
         3,
-        r#"{"start_time":"2024-01-01T00:00:00Z","response_code":403X,"x_api_key":K,"path":"/a"}"#,
+        r#"{"start_time":"2024-01-01T00:00:00Z","response_code":403@X@,"x_api_key":@K@,"path":"/a"}"#,
     ),
     (
         4,
-        r#"{"msec":1704067200.123,"status":200,"http_x_api_key":K,"request_uri":"/a"X}"#,
+        r#"{"msec":1704067200.123,"status":200,"http_x_api_key":@K@,"request_uri":"/a"@X@}"#,
     ),
     (
         6,
-        r#"{"t":"2024-01-01T00:00:00Z","creds":{"token":K},"res":{"status":200}X}"#,
+        r#"{"t":"2024-01-01T00:00:00Z","creds":{"token":@K@},"res":{"status":200}@X@}"#,
     ),
     (
         7,
-        r#"{"started_at":1614232669000,"response":{"status":401},"request":{"headers":{"x-partner-key":K}}X}"#,
+        r#"{"started_at":1614232669000,"response":{"status":401},"request":{"headers":{"x-partner-key":@K@}}@X@}"#,
     ),
     (
         7,
-        r#"{"started_at":1614232669000,"response":{"status":401},"k":KX}"#,
+        r#"{"started_at":1614232669000,"response":{"status":401},"k":@K@@X@}"#,
     ),
 ];
 
@@ -76,7 +76,7 @@ fuzz_target!(|input: Input| {
         extra.push_str(&serde_json::to_string(value).unwrap());
     }
     let quoted = serde_json::to_string(&input.key).unwrap();
-    let line = template.replace('K', &quoted).replace('X', &extra);
+    let line = template.replace("@K@", &quoted).replace("@X@", &extra);
     let d = &decoders()[which];
     check_decode(d, line.as_bytes());
     let mut out = Vec::new();

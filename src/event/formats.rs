@@ -2107,4 +2107,15 @@ mod tests {
         let d = decoder(Format::Kong).with_max_line_bytes(ok.len());
         assert_eq!(d.decode(ok.as_bytes(), &mut Vec::new()), Ok(1));
     }
+
+    #[test]
+    fn fuzz_finding_a_tyk_time_before_the_epoch_is_refused() {
+        // fuzz/artifacts/decode/crash-833b06f0 (FUZZING.md): a year-1013 timestamp gave an
+        // event at a negative time.
+        let line = r#"{"method":"GET","host":"api.example.com","path":"/v1/orders","raw_path":"/v1/orders","content_length":0,"user_agent":"okhttp/4.12.0","day":20,"month":11,"year":2026,"hour":14,"response_code":200,"api_key":"tyk_bO5JNpXJHv9lOgsxwkXWZ1tgIIMF48Yg","timestamp":"1013-11-20T14:17:05.46256917Z","api_version":"Non Versioned","api_name":"orders-v1","api_id":"157206940ae957df54cdca00158b10b2","org_id":"ce800e76d6fed00bea0541f6","oauth_id":"","request_time_ms":16,"latency":{"total":16,"upstream":14},"ip_address":"203.0.113.77","tags":["org-ce800e76d6fed00bea0541f6","api-157206940ae957df54cdca00158b10b2","env:prod"],"alias":"globex-mobile","track_path":false,"expireAt":"2026-11-27T14:17:05.46256917Z"}"#;
+        let err = decoder(Format::Tyk)
+            .decode(line.as_bytes(), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(err.kind(), "invalid_field", "{err}");
+    }
 }
