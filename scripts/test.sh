@@ -24,7 +24,10 @@
 #     headless and keeps the screenshot under target/tmp/notify-artifacts/;
 #   - chdb-core, from PyPI, into a venv under target/ (tests/chdb/run.sh): a current
 #     ClickHouse engine, in-process, to check that the schema and queries also run on
-#     today's ClickHouse.
+#     today's ClickHouse;
+#   - a nightly Rust toolchain (rustup) and cargo-fuzz (crates.io), for a few seconds of
+#     every fuzz target (scripts/fuzz.sh, FUZZING.md); GNU time (/usr/bin/time, Debian's
+#     `time`) measures peak memory in tests/it/bounds.rs.
 # Tests start the servers they need on free loopback ports with temporary data directories
 # (tests/it/support/kafka.rs starts Kafka brokers and three-node clusters; one shared ClickHouse
 # server started here, and any test that stops its server starts its own), and everything is
@@ -90,6 +93,11 @@ if ! command -v helm >/dev/null && [ ! -x "$HOME/go/bin/helm" ]; then
     echo "building helm 4 from the Go module proxy (lints and renders deploy/helm/keywatch; a few minutes, once)"
     GOFLAGS=-mod=mod go install helm.sh/helm/v4/cmd/helm@v4.3.2
 fi
+if [ ! -x /usr/bin/time ]; then
+    echo "installing GNU time (the bounds tests measure peak memory with it)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq time
+fi
 echo "Apache Kafka: $kafka_libs (java: $(command -v java))"
 echo "clickhouse-server: $(command -v clickhouse-server)"
 
@@ -118,3 +126,8 @@ KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked --features kafka-tls --
 
 step "current ClickHouse (chdb-core): every statement keywatch sends"
 KEYWATCH_CHDB_REUSE=1 bash tests/chdb/run.sh
+
+step "fuzz: every target for a few seconds (long runs: scripts/fuzz.sh long, FUZZING.md)"
+# scripts/fuzz.sh installs nightly and cargo-fuzz when missing; a crash fails this step and
+# leaves the input in fuzz/artifacts/TARGET/.
+bash scripts/fuzz.sh smoke "${KEYWATCH_FUZZ_SECONDS:-5}"

@@ -174,7 +174,17 @@ pub struct RawInput {
     pub key_secret_fields: Vec<String>,
     pub mapping: Option<FieldMapping>,
     pub kafka: Option<RawKafka>,
+    /// Longer lines (Kafka messages) are dead-lettered with their size, unread.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: u64,
 }
+
+fn default_max_line_bytes() -> u64 {
+    crate::event::DEFAULT_MAX_LINE_BYTES as u64
+}
+
+/// The largest `input.max_line_bytes` accepted: a batch holds at least one line, in memory.
+pub const MAX_LINE_BYTES_LIMIT: u64 = 256 << 20;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -222,6 +232,7 @@ impl Default for RawInput {
             key_secret_fields: Vec::new(),
             mapping: None,
             kafka: None,
+            max_line_bytes: default_max_line_bytes(),
         }
     }
 }
@@ -376,6 +387,7 @@ pub struct InputConfig {
     pub gateway: Option<String>,
     /// `key_id_fields` and `key_secret_fields`.
     pub key_fallbacks: crate::event::KeyFallbacks,
+    pub max_line_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -598,6 +610,12 @@ impl RawConfig {
                 return Err(err("input.gateway", "must not be empty when set".into()));
             }
         }
+        if !(1..=MAX_LINE_BYTES_LIMIT).contains(&input.max_line_bytes) {
+            return Err(err(
+                "input.max_line_bytes",
+                format!("must be between 1 and {MAX_LINE_BYTES_LIMIT}"),
+            ));
+        }
 
         let fp = &self.fingerprint;
         let secret = match (&fp.secret_env, &fp.secret_file) {
@@ -736,6 +754,7 @@ impl RawConfig {
                     id_fields: input.key_id_fields.clone(),
                     secret_fields: input.key_secret_fields.clone(),
                 },
+                max_line_bytes: input.max_line_bytes as usize,
             },
             fingerprint: FingerprintConfig { secret, hint_chars },
             pipeline,
@@ -979,7 +998,7 @@ level = "keywatch=debug"
             ),
             (
                 "[input]\nfromat = \"kong\"\n",
-                "kw.toml:2: input.fromat: unknown field `fromat`, expected one of `kind`, `path`, `format`, `follow`, `start_at`, `gateway`, `key_id_fields`, `key_secret_fields`, `mapping`, `kafka`",
+                "kw.toml:2: input.fromat: unknown field `fromat`, expected one of `kind`, `path`, `format`, `follow`, `start_at`, `gateway`, `key_id_fields`, `key_secret_fields`, `mapping`, `kafka`, `max_line_bytes`",
             ),
             (
                 "[input]\nkind = \"s3\"\n",
@@ -1000,6 +1019,14 @@ level = "keywatch=debug"
             (
                 "[input]\nkind = \"file\"\n",
                 "kw.toml: input.path: required when input.kind = \"file\"",
+            ),
+            (
+                "[input]\nmax_line_bytes = 0\n",
+                "kw.toml: input.max_line_bytes: must be between 1 and 268435456",
+            ),
+            (
+                "[input]\nmax_line_bytes = -1\n",
+                "kw.toml:2: input.max_line_bytes: invalid value: integer `-1`, expected u64",
             ),
             (
                 "[rules.lifecycle]\ntopic = \"key-lifecycle\"\n",

@@ -118,7 +118,8 @@ pub fn decoder(config: &Config) -> anyhow::Result<Decoder> {
         Fingerprinter::new(&secret, config.fingerprint.hint_chars),
         config.input.gateway.clone(),
     )
-    .with_key_fallbacks(config.input.key_fallbacks.clone()))
+    .with_key_fallbacks(config.input.key_fallbacks.clone())
+    .with_max_line_bytes(config.input.max_line_bytes))
 }
 
 /// librdkafka properties: `bootstrap.servers`, the fixed ones, and those read from the
@@ -275,6 +276,7 @@ pub async fn run_with_gate(
         max_lines: config.pipeline.batch_max_events.get(),
         max_bytes: config.pipeline.batch_max_bytes.get(),
         max_wait: config.pipeline.batch_max_wait,
+        max_line_bytes: config.input.max_line_bytes,
         ..FollowOptions::default()
     };
     // The source gets its own token so that it can be stopped before the pipeline.

@@ -2,17 +2,39 @@
 //! webhook mode also `POST /telegram/webhook` ([`crate::notify::bot::WEBHOOK_PATH`]), which
 //! takes an update only with the right `X-Telegram-Bot-Api-Secret-Token` (401 otherwise,
 //! nothing logged of it) and hands it to the bot.
+//!
+//! Anyone who can reach the port can talk to it, so each connection is bounded (served with
+//! hyper directly, as `axum::serve` has no such settings): the request head (request line
+//! and headers) at most [`MAX_HEAD_BYTES`] (a longer one is answered 431 and the connection
+//! closed), read within [`HEADER_READ_TIMEOUT`] (a slow or silent client is disconnected),
+//! request bodies at most [`MAX_BODY_BYTES`] (for routes that read one: 413 past it), and
+//! at most [`MAX_CONNECTIONS`] connections served at once (more wait in the listen
+//! backlog). On cancel the server stops accepting; open connections are dropped with it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// Request line and headers, bytes at most (hyper's smallest buffer is 8 KiB).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Time a client has to send a request's head, from its first byte or from the end of the
+/// previous response.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request body bytes at most, for routes that read a body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// What `/healthz` reports; updated by the pipeline.
 #[derive(Debug, Default)]
@@ -75,14 +97,41 @@ pub async fn serve_with(
             health,
             metrics,
             telegram,
-        });
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     let task = tokio::spawn(async move {
-        let shutdown = async move { cancel.cancelled().await };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "metrics server failed");
+        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
+            let stream = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors, mostly: wait rather than spin.
+                        tracing::warn!(error = %e, "metrics server cannot accept");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    // Errors are the client's (gone, too slow, head too large).
+                    r = conn => if let Err(e) = r { tracing::debug!(error = %e, "metrics connection ended") },
+                }
+                drop(permit);
+            });
         }
     });
     Ok((bound, task))

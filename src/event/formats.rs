@@ -13,8 +13,11 @@ use super::fpcache::FingerprintCache;
 use super::mapping::{CompiledMapping, FieldMapping, EXPECTED_TIMESTAMP};
 use super::redact::Redactor;
 use super::time::{epoch_to_ms, parse_timestamp, scale_epoch};
-use super::value::{Header, Num, Obj, Val};
-use super::{normalize_path, AuthEvent, DecodeError, Fingerprinter, Outcome, NO_KEY};
+use super::value::{Bounded, Header, Num, Obj, Val};
+use super::{
+    normalize_path, parse_too_long_marker, too_long_marker, AuthEvent, DecodeError, Fingerprinter,
+    Outcome, DEFAULT_MAX_LINE_BYTES, NO_KEY,
+};
 
 /// The preset names, as accepted by [`Format::preset`].
 pub const PRESETS: &[&str] = &["kong", "tyk", "traefik", "envoy", "nginx", "aws-apigw"];
@@ -104,6 +107,7 @@ pub struct Decoder {
     redactor: Redactor,
     fingerprints: FingerprintCache,
     fallbacks: KeyFallbacks,
+    max_line_bytes: usize,
 }
 
 /// What a record said, before the key is resolved and the outcome classified.
@@ -148,7 +152,29 @@ impl Decoder {
             redactor,
             fingerprints: FingerprintCache::new(),
             fallbacks: KeyFallbacks::default(),
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
         }
+    }
+
+    /// Lines (Kafka messages) longer than `bytes` are refused unparsed with
+    /// [`DecodeError::TooLong`], and their dead letter holds a [`too_long_marker`] instead
+    /// of a copy (default [`DEFAULT_MAX_LINE_BYTES`]; at least 1).
+    pub fn with_max_line_bytes(mut self, bytes: usize) -> Self {
+        self.max_line_bytes = bytes.max(1);
+        self
+    }
+
+    /// The over-long line's error, if `line` is too long or a source's marker for one.
+    fn too_long(&self, line: &[u8]) -> Option<DecodeError> {
+        let bytes = if line.len() > self.max_line_bytes {
+            line.len() as u64
+        } else {
+            parse_too_long_marker(line)?
+        };
+        Some(DecodeError::TooLong {
+            bytes,
+            limit: self.max_line_bytes,
+        })
     }
 
     /// Extends the preset with more key fields, tried in order when its own name no key
@@ -207,6 +233,9 @@ impl Decoder {
         line: &'a [u8],
         out: &mut Vec<AuthEvent<'a>>,
     ) -> Result<usize, DecodeError> {
+        if let Some(e) = self.too_long(line) {
+            return Err(e);
+        }
         let Some(&first) = line.iter().find(|c| !c.is_ascii_whitespace()) else {
             return Ok(0);
         };
@@ -243,7 +272,12 @@ impl Decoder {
     /// `request_X-Api-Key`, case-insensitive, at any depth) replaced by their fingerprint id.
     /// Lines that are not JSON are searched for the same names (`"name":"value"`,
     /// `name=value`, `name: value`). Invalid UTF-8 is replaced lossily.
+    ///
+    /// A line over the limit is not copied: its redaction is its [`too_long_marker`].
     pub fn redact(&self, line: &[u8]) -> String {
+        if let Some(DecodeError::TooLong { bytes, .. }) = self.too_long(line) {
+            return too_long_marker(bytes);
+        }
         self.redactor.redact(line, &self.fingerprinter)
     }
 
@@ -252,11 +286,11 @@ impl Decoder {
         line: &'a str,
         out: &mut Vec<AuthEvent<'a>>,
     ) -> Result<usize, DecodeError> {
-        let records: Vec<Obj<KongRecord<'a>>> = parse(line)?;
+        let Bounded(records): Bounded<Obj<KongRecord<'a>>> = parse(line)?;
         let values: Option<Vec<serde_json::Value>> = if self.fallbacks.is_empty() {
             None
         } else {
-            Some(parse(line)?)
+            Some(parse::<Bounded<_>>(line)?.0)
         };
         let start = out.len();
         for (i, record) in records.into_iter().enumerate() {
@@ -848,6 +882,7 @@ fn aws(r: AwsRecord<'_>) -> Result<Parts<'_>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::MAX_BATCH_RECORDS;
 
     const SECRET: &[u8] = b"test-secret";
     const LABEL: &str = "edge-1";
@@ -1958,5 +1993,129 @@ mod tests {
         let out = d.redact(br#"{"creds":{"token":"tok_1234567890abcdef"},"t":"-"}"#);
         assert!(!out.contains("tok_1234567890abcdef"), "{out}");
         assert!(out.contains(&*fp("tok_1234567890abcdef")), "{out}");
+    }
+
+    fn every_format() -> Vec<Format> {
+        let mut all: Vec<Format> = PRESETS.iter().map(|p| Format::preset(p).unwrap()).collect();
+        all.push(Format::Json(
+            toml::from_str("timestamp = \"t\"\nkey_secret = \"a.b\"\nstatus = \"s.0\"").unwrap(),
+        ));
+        all
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflow() {
+        // serde_json stops at 128 levels; deeper than that must be an error, not a stack
+        // overflow, wherever the nesting sits (a field a preset reads, one it skips, a
+        // batch element).
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        for format in every_format() {
+            let d = decoder(format.clone());
+            for line in [
+                format!(r#"{{"request":{}}}"#, deep(100_000)),
+                format!(r#"{{"zzz_skipped":{}}}"#, deep(100_000)),
+                format!(r#"{{"a":{{"b":{}}}}}"#, deep(200)),
+                format!("[{}]", deep(100_000)),
+            ] {
+                let mut out = Vec::new();
+                assert!(
+                    d.decode(line.as_bytes(), &mut out).is_err(),
+                    "{}",
+                    format.name()
+                );
+                assert!(out.is_empty());
+            }
+        }
+        // Shallow nesting in a skipped field is fine.
+        let line = format!(
+            r#"{{"request":{{"method":"GET","uri":"/"}},"response":{{"status":200}},"started_at":1614232669000,"x":{}}}"#,
+            deep(100)
+        );
+        assert_eq!(
+            decoder(Format::Kong).decode(line.as_bytes(), &mut Vec::new()),
+            Ok(1)
+        );
+    }
+
+    #[test]
+    fn kong_batches_are_bounded() {
+        let rec = r#"{"request":{"method":"GET","uri":"/"},"response":{"status":200},"started_at":1614232669000,"authenticated_entity":{"id":"k"}}"#;
+        let batch = |n: usize| format!("[{}]", vec![rec; n].join(","));
+        let d = decoder(Format::Kong).with_max_line_bytes(usize::MAX);
+        let mut out = Vec::new();
+        assert_eq!(
+            d.decode(batch(MAX_BATCH_RECORDS).as_bytes(), &mut out),
+            Ok(MAX_BATCH_RECORDS)
+        );
+        let line = batch(MAX_BATCH_RECORDS + 1);
+        let mut out = Vec::new();
+        let err = d.decode(line.as_bytes(), &mut out).unwrap_err();
+        assert!(
+            err.to_string().contains("batch of more than 10000 records"),
+            "{err}"
+        );
+        assert!(out.is_empty());
+        // With fallbacks (a second parse into values) too.
+        let d = d.with_key_fallbacks(KeyFallbacks {
+            id_fields: vec!["x".into()],
+            secret_fields: vec![],
+        });
+        assert!(d.decode(line.as_bytes(), &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn over_long_lines_are_refused_unread_and_not_copied() {
+        let d = decoder(Format::Kong).with_max_line_bytes(64);
+        let long = format!(
+            r#"{{"apikey":"raw_secret_key_0123456789","pad":"{}"}}"#,
+            "x".repeat(100)
+        );
+        let err = d.decode(long.as_bytes(), &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::TooLong {
+                bytes: long.len() as u64,
+                limit: 64
+            }
+        );
+        assert_eq!(err.kind(), "too_long");
+        assert_eq!(
+            err.to_string(),
+            format!("line too long: {} bytes (limit 64)", long.len())
+        );
+        assert_eq!(
+            d.redact(long.as_bytes()),
+            too_long_marker(long.len() as u64)
+        );
+        // The sources' marker for a line they skipped gives the same error and dead letter.
+        let marker = too_long_marker(5_000_000_000);
+        assert_eq!(
+            d.decode(marker.as_bytes(), &mut Vec::new()),
+            Err(DecodeError::TooLong {
+                bytes: 5_000_000_000,
+                limit: 64
+            })
+        );
+        assert_eq!(d.redact(marker.as_bytes()), marker);
+        // Not a marker: ordinary errors.
+        for line in ["<line too long: x bytes>", "<line too long: 12 bytes", "<"] {
+            let e = d.decode(line.as_bytes(), &mut Vec::new()).unwrap_err();
+            assert_eq!(e.kind(), "json", "{line}");
+        }
+        // At the limit exactly: decoded.
+        let ok = r#"{"started_at":1614232669000,"response":{"status":200}}"#;
+        let d = decoder(Format::Kong).with_max_line_bytes(ok.len());
+        assert_eq!(d.decode(ok.as_bytes(), &mut Vec::new()), Ok(1));
+    }
+
+    #[test]
+    fn fuzz_finding_a_tyk_time_before_the_epoch_is_refused() {
+        // fuzz/artifacts/decode/crash-833b06f0 (FUZZING.md): a year-1013 timestamp gave an
+        // event at a negative time.
+        let line = r#"{"method":"GET","host":"api.example.com","path":"/v1/orders","raw_path":"/v1/orders","content_length":0,"user_agent":"okhttp/4.12.0","day":20,"month":11,"year":2026,"hour":14,"response_code":200,"api_key":"tyk_bO5JNpXJHv9lOgsxwkXWZ1tgIIMF48Yg","timestamp":"1013-11-20T14:17:05.46256917Z","api_version":"Non Versioned","api_name":"orders-v1","api_id":"157206940ae957df54cdca00158b10b2","org_id":"ce800e76d6fed00bea0541f6","oauth_id":"","request_time_ms":16,"latency":{"total":16,"upstream":14},"ip_address":"203.0.113.77","tags":["org-ce800e76d6fed00bea0541f6","api-157206940ae957df54cdca00158b10b2","env:prod"],"alias":"globex-mobile","track_path":false,"expireAt":"2026-11-27T14:17:05.46256917Z"}"#;
+        let err = decoder(Format::Tyk)
+            .decode(line.as_bytes(), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(err.kind(), "invalid_field", "{err}");
     }
 }

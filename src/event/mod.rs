@@ -7,6 +7,23 @@
 //!
 //! Events borrow from the input line where the JSON allows it (no escapes), so the hot path
 //! allocates only for fields that are kept past the batch.
+//!
+//! # Bounds
+//!
+//! Whatever the input, decoding neither panics nor grows without bound (FUZZING.md):
+//! - a line longer than the decoder's limit ([`Decoder::with_max_line_bytes`], default
+//!   [`DEFAULT_MAX_LINE_BYTES`], `input.max_line_bytes`) is refused unread as
+//!   [`DecodeError::TooLong`], and so is the `<line too long: N bytes>` marker the file and
+//!   stdin sources put in place of a line they did not buffer ([`too_long_marker`]). This is
+//!   the bound for Kafka messages, which arrive whole;
+//! - nesting: serde_json refuses input nested deeper than 128 arrays/objects ("recursion
+//!   limit exceeded"), for the typed preset records and for the mapping's `Value` alike;
+//!   values a preset skips are skipped without recursion. Checked by
+//!   `deep_nesting_is_refused_without_overflow` below for every format;
+//! - a Kong batch holds at most [`MAX_BATCH_RECORDS`] records; the array is refused at the
+//!   first record past the limit, before it is built. Other arrays inside a record are
+//!   skipped unbuilt by the presets; the generic mapping builds a `serde_json::Value`, whose
+//!   size is bounded by the line's (a few times the line length at most).
 
 mod fingerprint;
 mod formats;
@@ -24,6 +41,29 @@ pub use formats::{Decoder, Format, KeyFallbacks, PRESETS};
 pub use mapping::{FieldMapping, LatencyUnit, TimestampFormat};
 pub use outcome::Outcome;
 pub use time::{epoch_to_ms, parse_timestamp};
+
+/// The default for [`Decoder::with_max_line_bytes`] (and `input.max_line_bytes`): 1 MiB.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Records per Kong batch (a JSON array on one line) at most.
+pub const MAX_BATCH_RECORDS: usize = 10_000;
+
+const TOO_LONG_PREFIX: &str = "<line too long: ";
+const TOO_LONG_SUFFIX: &str = " bytes>";
+
+/// The line a source puts in place of one longer than its limit, which it skipped unread:
+/// `<line too long: N bytes>`. No format decodes it; [`Decoder::decode`] turns it into
+/// [`DecodeError::TooLong`] and [`Decoder::redact`] keeps it as is.
+pub fn too_long_marker(bytes: u64) -> String {
+    format!("{TOO_LONG_PREFIX}{bytes}{TOO_LONG_SUFFIX}")
+}
+
+/// The size a [`too_long_marker`] line gives, if `line` is one.
+fn parse_too_long_marker(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(TOO_LONG_PREFIX.as_bytes())?;
+    let digits = rest.strip_suffix(TOO_LONG_SUFFIX.as_bytes())?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
 
 /// The key id used for requests that presented no key at all.
 pub const NO_KEY: &str = "-";
@@ -111,6 +151,9 @@ pub enum DecodeError {
     Invalid { field: &'static str, reason: String },
     #[error("line is not UTF-8")]
     NotUtf8,
+    /// Longer than the limit: not parsed (nor copied into the dead letter).
+    #[error("line too long: {bytes} bytes (limit {limit})")]
+    TooLong { bytes: u64, limit: usize },
 }
 
 impl DecodeError {
@@ -121,6 +164,7 @@ impl DecodeError {
             DecodeError::Missing(_) => "missing_field",
             DecodeError::Invalid { .. } => "invalid_field",
             DecodeError::NotUtf8 => "not_utf8",
+            DecodeError::TooLong { .. } => "too_long",
         }
     }
 

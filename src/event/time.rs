@@ -84,7 +84,13 @@ fn is_numeric(b: &[u8]) -> bool {
 }
 
 /// `YYYY-MM-DD[Tt ]HH:MM:SS[.fff...][Z|±HH[:MM]|±HHMM]`; no offset means UTC.
+/// [`parse_iso_any`] within 1970..=9999: an event time before the epoch is a broken
+/// record (found by fuzzing: `0224-01-01 00:00:00` gave a negative time).
 pub(crate) fn parse_iso(b: &[u8]) -> Option<i64> {
+    parse_iso_any(b).filter(|ms| (0..=MAX_MS).contains(ms))
+}
+
+fn parse_iso_any(b: &[u8]) -> Option<i64> {
     let mut p = Cursor { b, i: 0 };
     let year = p.digits(4)?;
     p.expect(b'-')?;
@@ -122,7 +128,12 @@ pub(crate) fn parse_iso(b: &[u8]) -> Option<i64> {
 }
 
 /// `DD/Mon/YYYY:HH:MM:SS[ ±HHMM]`, optionally in brackets; no offset means UTC.
+/// [`parse_clf_any`] within 1970..=9999, as [`parse_iso`].
 pub(crate) fn parse_clf(s: &str) -> Option<i64> {
+    parse_clf_any(s).filter(|ms| (0..=MAX_MS).contains(ms))
+}
+
+fn parse_clf_any(s: &str) -> Option<i64> {
     let s = s.trim();
     let s = s.strip_prefix('[').unwrap_or(s);
     let s = s.strip_suffix(']').unwrap_or(s);
@@ -386,6 +397,11 @@ mod tests {
             "2021-02-30T00:00:00Z",
             "2021-02-29T00:00:00Z",
             "1900-02-29T00:00:00Z",
+            // Found by fuzzing (FUZZING.md): before the epoch, in every form.
+            "0224-01-01 00:00:00.5123456",
+            "1969-12-31T23:59:59.999Z",
+            "1970-01-01T00:30:00+01:00",
+            "10/Oct/1900:13:55:36 -0700",
             "2021-13-01T00:00:00Z",
             "2021-00-01T00:00:00Z",
             "2021-01-00T00:00:00Z",

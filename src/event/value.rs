@@ -12,7 +12,7 @@ use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::DecodeError;
+use super::{DecodeError, MAX_BATCH_RECORDS};
 
 const EXPECTED_NUMBER: &str = "expected a number or numeric string";
 const EXPECTED_STRING: &str = "expected a string";
@@ -312,6 +312,41 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjVisitor<T> {
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(ObjVisitor(PhantomData))
+    }
+}
+
+/// A JSON array of at most [`MAX_BATCH_RECORDS`] elements: the visitor stops at the first
+/// element past the limit, so a huge batch is refused before it is built.
+#[derive(Debug)]
+pub(crate) struct Bounded<T>(pub(crate) Vec<T>);
+
+struct BoundedVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for BoundedVisitor<T> {
+    type Value = Bounded<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "an array of at most {MAX_BATCH_RECORDS} records")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bounded<T>, A::Error> {
+        // size_hint is the caller's claim, not a fact: never trust it past the limit.
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(v) = seq.next_element()? {
+            if out.len() == MAX_BATCH_RECORDS {
+                return Err(de::Error::custom(format_args!(
+                    "batch of more than {MAX_BATCH_RECORDS} records"
+                )));
+            }
+            out.push(v);
+        }
+        Ok(Bounded(out))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Bounded<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_seq(BoundedVisitor(PhantomData))
     }
 }
 

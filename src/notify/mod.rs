@@ -63,6 +63,8 @@ pub mod template;
 
 use std::sync::Arc;
 
+#[doc(hidden)]
+pub use channel::fuzz as channel_fuzz;
 /// How a webhook receiver checks keywatch's signature (rules/README.md, "webhook").
 pub use channel::webhook::{
     verify as verify_webhook, SIGNATURE_HEADER as WEBHOOK_SIGNATURE_HEADER,

@@ -897,7 +897,7 @@ impl LineBatcher {
             bytes = len,
             "over-long line replaced by a marker"
         );
-        let marker = format!("<line too long: {len} bytes>");
+        let marker = crate::event::too_long_marker(len);
         self.push(marker.as_bytes(), start, end)
     }
 

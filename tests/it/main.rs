@@ -9,6 +9,7 @@ mod support;
 mod anomaly;
 mod anomaly_daemon;
 mod backlog;
+mod bounds;
 mod cli;
 mod clickhouse_backtest;
 mod clickhouse_detection;

@@ -11,6 +11,9 @@
 //! transports. Errors are described from status codes, API descriptions and error chains
 //! with URLs stripped (`reqwest::Error::without_url`), and every description goes through
 //! [`scrub`] with the transport's secrets before it is logged or stored.
+//!
+//! A channel's answer is read with [`answer_text`]: at most [`MAX_ANSWER_BYTES`] of it, so
+//! a broken or hostile endpoint answering gigabytes costs no more memory than a short error.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -205,6 +208,28 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
     let t = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let ms = t.timestamp_millis() - chrono::Utc::now().timestamp_millis();
     Some(Duration::from_millis(ms.max(0) as u64))
+}
+
+/// Bytes of a channel's answer read at most: every API error keywatch reads fits many
+/// times over (the excerpt kept is 200 characters).
+pub(crate) const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The body of `resp` as text (invalid UTF-8 replaced), cut at `max` bytes: the rest is
+/// never read (the connection is dropped with the response), so memory stays bounded
+/// whatever the channel sends.
+pub(crate) async fn answer_text(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<String, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = max - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= max {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// A short, secret-free excerpt of a response body.
@@ -460,6 +485,66 @@ impl Transports {
                 ))),
             ),
         }
+    }
+}
+
+/// Entry points for the fuzz targets (fuzz/): the parsers of channel answers and the
+/// channels' markup, which are not public otherwise. Not an API.
+#[doc(hidden)]
+pub mod fuzz {
+    use std::time::Duration;
+
+    pub use super::DeliveryError;
+
+    /// A webhook answer (status, `Retry-After` header, body) as the channel classifies it;
+    /// the detail is scrubbed of `secrets`.
+    pub fn webhook_answer(
+        status: u16,
+        retry_after: &[u8],
+        body: &str,
+        secrets: &[&str],
+    ) -> Result<(), DeliveryError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Ok(v) = reqwest::header::HeaderValue::from_bytes(retry_after) {
+            headers.insert(reqwest::header::RETRY_AFTER, v);
+        }
+        let status = reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::OK);
+        super::webhook::classify(status, super::retry_after(&headers), body, secrets)
+    }
+
+    /// `Retry-After` as every channel reads it.
+    pub fn retry_after(value: &[u8]) -> Option<Duration> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::RETRY_AFTER,
+            reqwest::header::HeaderValue::from_bytes(value).ok()?,
+        );
+        super::retry_after(&headers)
+    }
+
+    /// The excerpt of an answer kept in errors.
+    pub fn excerpt(body: &str, secrets: &[&str]) -> String {
+        super::excerpt(body, secrets)
+    }
+
+    pub fn telegram_split(text: &str, limit: usize, max_parts: usize) -> Vec<String> {
+        super::telegram::split_html(text, limit, max_parts)
+    }
+
+    pub fn telegram_escape(s: &str) -> String {
+        super::telegram::escape_html(s)
+    }
+
+    pub fn telegram_utf16_len(s: &str) -> usize {
+        super::telegram::utf16_len(s)
+    }
+
+    pub fn slack_split(text: &str, limit: usize, max_parts: usize) -> Vec<String> {
+        super::slack::split_mrkdwn(text, limit, max_parts)
+    }
+
+    pub fn slack_escape(s: &str) -> String {
+        super::slack::escape_mrkdwn(s)
     }
 }
 

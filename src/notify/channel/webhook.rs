@@ -29,7 +29,11 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
-use super::{excerpt, http_error, retry_after, url_secrets, DeliveryError};
+use std::time::Duration;
+
+use super::{
+    answer_text, excerpt, http_error, retry_after, url_secrets, DeliveryError, MAX_ANSWER_BYTES,
+};
 use crate::config::ConfigError;
 use crate::notify::config::ChannelTable;
 use crate::registry::{Secret, SecretRef};
@@ -217,20 +221,104 @@ impl Webhook {
         if status.is_success() {
             return Ok(());
         }
-        let answer = resp.text().await.unwrap_or_default();
-        let detail = format!(
-            "webhook answered {}: {}",
-            status.as_u16(),
-            excerpt(&answer, &secrets)
+        let answer = answer_text(resp, MAX_ANSWER_BYTES)
+            .await
+            .unwrap_or_default();
+        classify(status, wait, &answer, &secrets)
+    }
+}
+
+/// What a webhook's answer means: 2xx delivered; 408, 429 and 5xx worth retrying (after
+/// `wait`, the answer's `Retry-After`); anything else permanent. The detail quotes a
+/// scrubbed excerpt of the body.
+pub(crate) fn classify(
+    status: reqwest::StatusCode,
+    wait: Option<Duration>,
+    answer: &str,
+    secrets: &[&str],
+) -> Result<(), DeliveryError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let detail = format!(
+        "webhook answered {}: {}",
+        status.as_u16(),
+        excerpt(answer, secrets)
+    );
+    if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
+        Err(DeliveryError::Transient {
+            detail,
+            retry_after: wait,
+        })
+    } else {
+        Err(DeliveryError::permanent(detail))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn peak_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/self/status")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_endless_answer_is_read_only_up_to_the_bound() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A webhook that answers 500 with a 1 GiB body (chunked), or until keywatch hangs up.
+        let server = std::thread::spawn(move || -> u64 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early");
+                head.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n")
+                .unwrap();
+            let chunk = [b"10000\r\n".as_slice(), &[b'x'; 0x10000], b"\r\n"].concat();
+            let mut sent = 0u64;
+            while sent < 1 << 30 {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += 0x10000;
+            }
+            sent
+        });
+        let before = peak_rss_kib();
+        let hook = Webhook::new(Url::Plain(format!("http://{addr}/hook")), None);
+        let err = hook
+            .send(&reqwest::Client::new(), "id-1", &serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(
+            err.detail().starts_with("webhook answered 500: xxxx"),
+            "{err:?}"
         );
-        if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
-            Err(DeliveryError::Transient {
-                detail,
-                retry_after: wait,
-            })
-        } else {
-            Err(DeliveryError::permanent(detail))
-        }
+        // The connection closes in the runtime's tasks: wait without blocking them.
+        let sent = tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+        println!(
+            "the webhook wrote {} KiB of its answer before keywatch hung up (bound {} KiB); \
+             peak RSS {before} KiB -> {} KiB",
+            sent >> 10,
+            MAX_ANSWER_BYTES >> 10,
+            peak_rss_kib()
+        );
+        // Socket buffers take a few MiB; reading the answer whole would take all 1 GiB.
+        assert!(sent < 256 << 20, "{sent} bytes read");
     }
 }
 
