@@ -96,6 +96,13 @@ pub const CATALOGUE: &[Metric] = &[
         "Kafka client errors",
     ),
     m(
+        "keywatch_kafka_consumer_lag",
+        Gauge,
+        &["topic"],
+        "messages of this member's partitions not yet stored (librdkafka's consumer lag, \
+         every 15 s)",
+    ),
+    m(
         "keywatch_kafka_skipped_total",
         Counter,
         &[],

@@ -219,6 +219,7 @@ pub async fn run_with_gate(
     })?;
     pipeline.stop_retrying_on(cancel.clone());
     pipeline.report_health(health.clone());
+    health.done(server::WAIT_STORE);
     // Lifecycle events first: traffic is judged against a registry that knows them.
     let lifecycle_cancel = cancel.child_token();
     let lifecycle = match &config.rules.lifecycle {
@@ -235,7 +236,10 @@ pub async fn run_with_gate(
                 .registry_feed()
                 .follow_topic(&config.state_dir, &l.topic, rx)?;
             tracing::info!(topic = %l.topic, brokers = %l.brokers, "reading lifecycle events");
-            if !pipeline.catch_up(l.catch_up_timeout).await? {
+            let caught_up = pipeline.catch_up(l.catch_up_timeout).await?;
+            // Caught up or not, events now apply as they arrive: ready either way.
+            health.done(server::WAIT_LIFECYCLE);
+            if !caught_up {
                 tracing::warn!(
                     topic = %l.topic,
                     timeout = ?l.catch_up_timeout,
@@ -305,6 +309,7 @@ pub async fn run_with_gate(
             // Members of a group share the store (ClickHouse, or one SQLite state directory
             // on one host): one of them evaluates rotations.
             pipeline.evaluate_only_when(source.leader());
+            health.wait_for_assignment(source.assigned());
             if let Some(gate) = evaluator.take() {
                 spawn_gate_mirror(source.leader(), gate, cancel.clone());
             }
@@ -384,7 +389,11 @@ impl Reader {
 /// the input ends or a signal asks to stop; then everything in order (see the module doc).
 pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     let cancel = CancellationToken::new();
-    let health = Arc::new(Health::default());
+    let mut steps = vec![server::WAIT_STORE, server::WAIT_WARM_UP];
+    if config.rules.lifecycle.is_some() {
+        steps.push(server::WAIT_LIFECYCLE);
+    }
+    let health = Arc::new(Health::starting(&steps));
     let metrics = crate::telemetry::install().context("installing the metrics recorder")?;
     let routes = notify_config(&config)?;
     // The file's registry; the pipeline sends the lifecycle topic's changes once read.

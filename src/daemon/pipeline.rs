@@ -440,6 +440,9 @@ impl Pipeline {
         if let Some(a) = &mut self.anomaly {
             a.warm_up(self.store.as_mut());
         }
+        if let Some(h) = &self.health {
+            h.done(super::server::WAIT_WARM_UP);
+        }
     }
 
     /// The daemon's loop: batches from `rx` until the source ends, with the registry and the
@@ -527,7 +530,12 @@ impl Pipeline {
         if u.rejected.is_some() {
             return Ok(());
         }
-        match retry(self.store.as_mut(), &self.cancel, |s| s.wait_committed()) {
+        match retry(
+            self.store.as_mut(),
+            &self.cancel,
+            self.health.as_deref(),
+            |s| s.wait_committed(),
+        ) {
             Ok(()) => {
                 let u = self.unacked.take().expect("checked above");
                 self.acknowledge(u.batch);
@@ -788,9 +796,12 @@ impl Pipeline {
         }
         if !found.is_empty() {
             let sink = &mut self.sink;
-            retry(self.store.as_mut(), &self.cancel, |store| {
-                sink.record(store, &found)
-            })
+            retry(
+                self.store.as_mut(),
+                &self.cancel,
+                self.health.as_deref(),
+                |store| sink.record(store, &found),
+            )
             .context("storing findings")?;
             self.sink.hand_over(found);
         }
@@ -809,9 +820,12 @@ impl Pipeline {
             checkpoint,
         };
         let result = if self.start_only {
-            retry(self.store.as_mut(), &self.cancel, |store| {
-                store.commit_started(&write)
-            })
+            retry(
+                self.store.as_mut(),
+                &self.cancel,
+                self.health.as_deref(),
+                |store| store.commit_started(&write),
+            )
         } else {
             self.commit_with_retry(&write)
         };
@@ -925,9 +939,12 @@ impl Pipeline {
     }
 
     fn commit_with_retry(&mut self, batch: &BatchWrite<'_, '_>) -> Result<(), StoreError> {
-        retry(self.store.as_mut(), &self.cancel, |store| {
-            store.commit(batch)
-        })
+        retry(
+            self.store.as_mut(),
+            &self.cancel,
+            self.health.as_deref(),
+            |store| store.commit(batch),
+        )
     }
 
     /// Evaluates rotations and key ages at `now_ms` (or hands the tick to the test hook).
@@ -973,9 +990,11 @@ impl Pipeline {
 
 /// Retries transient store errors with capped exponential backoff until `op` works or
 /// keywatch is asked to stop (the batch is then read again at the next start).
+/// `/readyz` hears of the store's trouble (and of its end) through `health`.
 fn retry(
     store: &mut dyn Store,
     cancel: &CancellationToken,
+    health: Option<&Health>,
     mut op: impl FnMut(&mut dyn Store) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let mut delay = Duration::from_millis(100);
@@ -985,10 +1004,18 @@ fn retry(
                 metrics::counter!("keywatch_store_errors_total", "kind" => "transient")
                     .increment(1);
                 tracing::warn!(error = %e, retry_in = ?delay, "store unavailable, retrying");
+                if let Some(h) = health {
+                    h.store_failing(&e.to_string());
+                }
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
-            other => return other,
+            other => {
+                if let (Some(h), Ok(())) = (health, &other) {
+                    h.store_answers();
+                }
+                return other;
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The operations endpoint: Prometheus `/metrics` and `/healthz`; in the owners' bot's
+//! The operations endpoint: Prometheus `/metrics`, `/healthz` (liveness) and `/readyz`
+//! (readiness, with the reasons when not ready); in the owners' bot's
 //! webhook mode also `POST /telegram/webhook` ([`crate::notify::bot::WEBHOOK_PATH`]), which
 //! takes an update only with the right `X-Telegram-Bot-Api-Secret-Token` (401 otherwise,
 //! nothing logged of it) and hands it to the bot.
@@ -36,19 +37,91 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// What `/healthz` reports; updated by the pipeline.
+/// What `/readyz` waits for at start, each until the daemon says it is done.
+pub const WAIT_STORE: &str = "the store: opening it and migrating its schema";
+pub const WAIT_LIFECYCLE: &str = "the lifecycle topic, read to its end";
+pub const WAIT_WARM_UP: &str = "the anomaly models' warm-up from stored history";
+pub const WAIT_ASSIGNMENT: &str = "the consumer group's assignment of partitions";
+
+/// What `/healthz` (liveness) and `/readyz` (readiness) report; updated by the daemon and
+/// the pipeline.
 #[derive(Debug, Default)]
 pub struct Health {
     /// Unix ms of the last successful store commit (0: none yet).
     pub last_commit_ms: AtomicI64,
     /// Set when the pipeline stopped on an error it cannot recover from.
     pub failed: AtomicBool,
+    /// The start-up steps not done yet (`WAIT_*`).
+    waiting: std::sync::Mutex<Vec<&'static str>>,
+    /// The last error of a store that is being retried; cleared when it answers.
+    store_error: std::sync::Mutex<Option<String>>,
+    /// A consumer-group member: set once the group has assigned its partitions.
+    assigned: std::sync::Mutex<Option<Arc<AtomicBool>>>,
 }
 
 impl Health {
+    /// Health that is not ready until each of `steps` is [`Health::done`].
+    pub fn starting(steps: &[&'static str]) -> Health {
+        Health {
+            waiting: std::sync::Mutex::new(steps.to_vec()),
+            ..Health::default()
+        }
+    }
+
     pub fn committed(&self) {
         self.last_commit_ms
             .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        self.store_answers();
+    }
+
+    /// A start-up step is over.
+    pub fn done(&self, step: &'static str) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|s| *s != step);
+    }
+
+    /// Ready only once `assigned` is set (the Kafka source sets it at its first assignment).
+    pub fn wait_for_assignment(&self, assigned: Arc<AtomicBool>) {
+        *self.assigned.lock().unwrap_or_else(|e| e.into_inner()) = Some(assigned);
+    }
+
+    /// The store refused an attempt that is being retried.
+    pub fn store_failing(&self, error: &str) {
+        *self.store_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
+    }
+
+    /// The store took an attempt.
+    pub fn store_answers(&self) {
+        *self.store_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Why the instance is not ready; empty: ready.
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.failed.load(Ordering::Relaxed) {
+            out.push("the pipeline stopped on an error (see the log)".to_owned());
+        }
+        for w in self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            out.push(format!("waiting for {w}"));
+        }
+        let assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        if assigned
+            .as_ref()
+            .is_some_and(|a| !a.load(Ordering::Relaxed))
+        {
+            out.push(format!("waiting for {WAIT_ASSIGNMENT}"));
+        }
+        if let Some(e) = &*self.store_error.lock().unwrap_or_else(|e| e.into_inner()) {
+            out.push(format!("the store does not answer (retrying): {e}"));
+        }
+        out
     }
 }
 
@@ -89,6 +162,7 @@ pub async fn serve_with(
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route(
             crate::notify::bot::WEBHOOK_PATH,
             axum::routing::post(telegram_update),
@@ -160,6 +234,21 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json:
         "last_commit_ms": (last > 0).then_some(last),
     });
     (status, Json(body))
+}
+
+/// Readiness: 200 once the store is open and answers, the lifecycle topic is read to its
+/// end, the models are warmed up and (in a consumer group) the partitions are assigned;
+/// otherwise 503 with the reasons.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let reasons = state.health.not_ready();
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "reasons": reasons})),
+        )
+    }
 }
 
 async fn telegram_update(

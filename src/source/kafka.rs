@@ -143,6 +143,8 @@ struct Context {
     /// The partition that makes its owner the group's evaluator (see [`KafkaSource::leader`]).
     leader_partition: TopicPartition,
     leader: Arc<AtomicBool>,
+    /// Set at the first assignment the group hands this member (even an empty one).
+    assigned: Arc<AtomicBool>,
     budget: CallbackBudget,
 }
 
@@ -150,6 +152,22 @@ impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
         metrics::counter!("keywatch_kafka_errors_total").increment(1);
         tracing::warn!(%error, reason, "kafka client error");
+    }
+
+    /// librdkafka's statistics (every `statistics.interval.ms`): the consumer lag of this
+    /// member's partitions, per topic (high watermark minus the committed offset, which
+    /// keywatch commits only after a batch is stored: messages not yet stored).
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for (name, topic) in &stats.topics {
+            let lag: i64 = topic
+                .partitions
+                .iter()
+                // -1 is librdkafka's internal "unassigned" partition; a lag of -1 is unknown.
+                .filter(|(p, part)| **p >= 0 && part.consumer_lag >= 0)
+                .map(|(_, part)| part.consumer_lag)
+                .sum();
+            metrics::gauge!("keywatch_kafka_consumer_lag", "topic" => name.clone()).set(lag as f64);
+        }
     }
 }
 
@@ -193,6 +211,7 @@ impl ConsumerContext for Context {
                 if partitions.contains(&self.leader_partition) {
                     self.leader.store(true, Ordering::SeqCst);
                 }
+                self.assigned.store(true, Ordering::SeqCst);
                 tracing::info!(
                     partitions = ?partitions,
                     resumed = recovered.as_ref().map_or(0, HashMap::len),
@@ -316,6 +335,7 @@ fn max_poll_interval(settings: &KafkaSettings) -> Duration {
 pub struct KafkaSource {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     leader: Arc<AtomicBool>,
+    assigned: Arc<AtomicBool>,
 }
 
 impl KafkaSource {
@@ -328,9 +348,11 @@ impl KafkaSource {
     ) -> anyhow::Result<KafkaSource> {
         let in_flight = Arc::new(InFlight::default());
         let leader = Arc::new(AtomicBool::new(false));
+        let assigned = Arc::new(AtomicBool::new(false));
         let context = Context {
             leader_partition: (settings.topics.first().cloned().unwrap_or_default(), 0),
             leader: leader.clone(),
+            assigned: assigned.clone(),
             source: settings.source_id(),
             offsets,
             in_flight: in_flight.clone(),
@@ -349,6 +371,10 @@ impl KafkaSource {
         if config.get("auto.offset.reset").is_none() {
             config.set("auto.offset.reset", "earliest");
         }
+        // keywatch_kafka_consumer_lag comes from librdkafka's statistics.
+        if config.get("statistics.interval.ms").is_none() {
+            config.set("statistics.interval.ms", "15000");
+        }
         let consumer: StreamConsumer<Context> = config
             .create_with_context(context)
             .map_err(|e| anyhow::anyhow!("creating the Kafka consumer: {e}"))?;
@@ -358,7 +384,17 @@ impl KafkaSource {
             .map_err(|e| anyhow::anyhow!("subscribing to {topics:?}: {e}"))?;
         let consumer = Arc::new(consumer);
         let task = tokio::spawn(consume(consumer, settings, in_flight, tx, cancel));
-        Ok(KafkaSource { task, leader })
+        Ok(KafkaSource {
+            task,
+            leader,
+            assigned,
+        })
+    }
+
+    /// Set once the group has handed this member its partitions (possibly none: a member
+    /// beyond the partition count stands by). `/readyz` waits for it.
+    pub fn assigned(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.assigned)
     }
 
     /// True while this instance owns partition 0 of the first topic. Exactly one member of

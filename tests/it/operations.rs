@@ -231,6 +231,13 @@ fn a_real_prometheus_scrapes_keywatch_and_loads_its_alerts() {
         std::thread::sleep(Duration::from_millis(500));
     };
     assert_eq!(events, 2_000.0, "every sample line is an event");
+    // Ready: the store open, the models warmed up (no lifecycle topic, no consumer group).
+    let ready = http_get(kw_port, "/readyz").unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&ready).unwrap()["status"],
+        "ready",
+        "{ready}"
+    );
 
     // It loaded every alert rule, and evaluates them without error on keywatch's series.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -283,7 +290,10 @@ fn render(args: &[&str]) -> Vec<Value> {
     assert!(out.status.success(), "helm template: {err}");
     // Only the symlinked files (the shipped rules and alerts) are worth a word from helm.
     for line in err.lines() {
-        assert!(line.contains("found symbolic link"), "helm template: {line}");
+        assert!(
+            line.contains("found symbolic link"),
+            "helm template: {line}"
+        );
     }
     yaml_docs(&String::from_utf8_lossy(&out.stdout))
 }
@@ -472,4 +482,47 @@ fn backtest_shows_progress_on_a_terminal_and_nothing_in_a_pipe() {
         "no progress bar on a terminal: {seen:?}"
     );
     assert!(seen.contains("finding(s)"), "{seen}");
+}
+
+#[test]
+fn readyz_says_what_an_instance_still_waits_for() {
+    // A consumer-group member whose brokers never answer: alive, but not ready, and it
+    // says why.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let dead = free_port();
+    let config = dir.path().join("keywatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {state:?}\n[input]\nkind = \"kafka\"\nformat = \"kong\"\n\
+             [input.kafka]\nbrokers = \"127.0.0.1:{dead}\"\ntopics = [\"gateway-logs\"]\n\
+             group_id = \"keywatch\"\n[fingerprint]\nsecret_env = \"KW_TEST_SECRET\"\n\
+             [server]\nlisten = \"127.0.0.1:{port}\"\n",
+            state = dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let _kw = Killed(support::spawn_quiet(&mut support::run_config(&config)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (health, ready) = loop {
+        if let (Some(h), Some(r)) = (http_get(port, "/healthz"), http_get(port, "/readyz")) {
+            let r: Value = serde_json::from_str(&r).unwrap();
+            // Past the start-up steps: only the assignment is missing.
+            if r["reasons"].as_array().is_some_and(|a| a.len() == 1) {
+                break (h, r);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer from /readyz within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    assert_eq!(ready["status"], "not ready");
+    assert_eq!(
+        ready["reasons"][0],
+        "waiting for the consumer group's assignment of partitions"
+    );
 }

@@ -323,7 +323,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod tests {
+mod signing_tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
