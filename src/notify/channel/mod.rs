@@ -143,8 +143,10 @@ pub(crate) fn at_most(
     if parts.len() <= max_parts {
         return parts;
     }
-    let marker_room = 64;
-    let parts = split(limit.saturating_sub(marker_room).max(marker_room));
+    // Room for the marker, as long as it can get (a count of up to 99,999 parts): its bytes
+    // bound both its characters and its UTF-16 units.
+    let marker_room = mark("… cut: 99999 more parts not sent").len();
+    let parts = split(limit.saturating_sub(marker_room).max(1));
     let dropped = parts.len() - max_parts;
     let mut kept: Vec<String> = parts.into_iter().take(max_parts).collect();
     if let Some(last) = kept.last_mut() {
