@@ -73,7 +73,7 @@ pub fn backtest(
             let replayed = (&mut events).inspect(|ev| {
                 if let Ok(ev) = ev {
                     // Redraw once a minute of event time, not per event.
-                    if ev.ts_ms - last_shown >= 60_000 {
+                    if ev.ts_ms.saturating_sub(last_shown) >= 60_000 {
                         last_shown = ev.ts_ms;
                         bar.set_position(u64::try_from((ev.ts_ms - from) / 1000).unwrap_or(0));
                         bar.set_message(crate::registry::format_rfc3339(ev.ts_ms));

@@ -586,6 +586,17 @@ fn split_html_raw(text: &str, limit: usize) -> Vec<String> {
     let mut i = 0;
     while i < toks.len() {
         let t = toks[i];
+        // An element with nothing in it is dropped: tags alone are never content, and
+        // without this a run of empty elements never made a part break.
+        if let (HtmlTok::Close(name), Some((top, raw))) = (t, stack.last()) {
+            if *top == name && cur.ends_with(raw) {
+                cur.truncate(cur.len() - raw.len());
+                cur_len -= utf16_len(raw);
+                stack.pop();
+                i += 1;
+                continue;
+            }
+        }
         let mut next = stack.clone();
         let written: std::borrow::Cow<'_, str> = match t {
             HtmlTok::Open { name, raw } => {
@@ -648,6 +659,15 @@ pub(crate) mod html_check;
 mod tests {
     use super::html_check::check_keywatch_html;
     use super::*;
+
+    #[test]
+    fn empty_elements_are_dropped_and_never_outgrow_a_part() {
+        // Found by fuzzing (channel_answers): 64 empty elements made one part of 448 units.
+        let text = "<b></b>".repeat(64) + "<b>x</b>";
+        let parts = split_html(&text, 64, 1);
+        assert_eq!(parts, ["<b>x</b>"]);
+        assert_eq!(split_html(&"<i></i>".repeat(100), 64, 1), [""]);
+    }
 
     #[test]
     fn html_splits_at_lines_and_keeps_tags_balanced() {
