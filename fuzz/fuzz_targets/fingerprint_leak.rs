@@ -62,12 +62,24 @@ fuzz_target!(|input: Input| {
     let (which, template) = TEMPLATES[input.template as usize % TEMPLATES.len()];
     let key = input.key.trim();
     // Short keys can be anything (`GET`, `200`): the hint alone shows 4 characters.
-    if key.chars().count() < 8 || template.contains(key) {
+    // A key that is itself a fingerprint (`fp:…`; the fuzzer learns the one redaction
+    // writes) is what redaction leaves, not a leak.
+    if key.chars().count() < 8 || template.contains(key) || key.starts_with("fp:") {
         return;
     }
+    // The key as it appears inside a JSON string: what the redacted line must not hold.
+    let escaped_key = serde_json::to_string(key).unwrap();
+    let escaped_key = &escaped_key[1..escaped_key.len() - 1];
     let mut extra = String::new();
     for (name, value) in &input.extra {
-        if name.contains(key) || value.contains(key) {
+        // An extra field that holds the key, raw or once written as JSON (a NUL in a name
+        // is written `\u0000`, which a key of those six characters matches), is not a key
+        // field the decoder could know to redact.
+        let holds = |s: &String| {
+            let json = serde_json::to_string(s).unwrap();
+            s.contains(key) || json.contains(escaped_key) || json.contains(key)
+        };
+        if holds(name) || holds(value) {
             return;
         }
         extra.push(',');
@@ -98,9 +110,8 @@ fuzz_target!(|input: Input| {
         }
     }
     let redacted = d.redact(line.as_bytes());
-    let escaped = &quoted[1..quoted.len() - 1];
     assert!(
-        !redacted.contains(key) && !redacted.contains(escaped.trim()),
+        !redacted.contains(key) && !redacted.contains(escaped_key),
         "the raw key survives redaction: {redacted}"
     );
 });

@@ -236,12 +236,14 @@ pub(crate) async fn answer_text(
 
 /// A short, secret-free excerpt of a response body.
 pub(crate) fn excerpt(body: &str, secrets: &[&str]) -> String {
+    // Secrets out first, then the cut: cutting first could leave the head of a secret that
+    // straddles the cut, and scrubbing after the cut could make the excerpt longer (found by
+    // fuzzing channel_answers).
     let one: String = body
         .chars()
-        .take(200)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    scrub(one.trim(), secrets)
+    scrub(one.trim(), secrets).chars().take(200).collect()
 }
 
 /// How a message reaches its target, stored with the message (no secret in it).
