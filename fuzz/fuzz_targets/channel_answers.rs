@@ -22,7 +22,9 @@ struct Input {
 fuzz_target!(|input: Input| {
     let _ = ch::retry_after(&input.retry_after);
     let secret = input.secret.trim();
-    let secrets: Vec<&str> = if secret.chars().count() >= 8 {
+    // A "secret" with angle brackets can be spelled by the scrubber's own `<redacted>`
+    // markers next to each other; tokens, passwords and URLs have none.
+    let secrets: Vec<&str> = if secret.chars().count() >= 8 && !secret.contains(['<', '>']) {
         vec![secret]
     } else {
         Vec::new()
@@ -37,11 +39,12 @@ fuzz_target!(|input: Input| {
             assert!((200..300).contains(&input.status) || input.status < 100 || input.status > 999)
         }
         Err(e) => {
+            // keywatch's own words are no leak (a "secret" may overlap them): the answer's
+            // excerpt after them must hold no secret.
             let prefix = format!("webhook answered {}: ", input.status);
+            let answer = e.detail().strip_prefix(&prefix).unwrap_or(e.detail());
             for s in &secrets {
-                if !prefix.contains(s) {
-                    assert!(!e.detail().contains(s), "a secret in {:?}", e.detail());
-                }
+                assert!(!answer.contains(s), "a secret in {:?}", e.detail());
             }
         }
     }
