@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::keywatch;
+use crate::support::{self, keywatch};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -25,36 +25,11 @@ fn has(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// YAML as JSON, read by Debian's python3 with its yaml module (python3-yaml, which
-/// scripts/test.sh installs; no YAML crate in keywatch). A missing module fails the test.
+/// A YAML file's one document, as JSON ([`support::yaml_docs`]).
 fn yaml(text: &str) -> Value {
-    let mut child = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("/usr/bin/python3 runs");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !err.contains("No module named 'yaml'"),
-            "python3-yaml is needed (scripts/test.sh installs it: apt-get install python3-yaml)"
-        );
-        panic!("not valid YAML: {err}\n{text}");
-    }
-    serde_json::from_slice(&out.stdout).unwrap()
+    let mut docs = support::yaml_docs(text);
+    assert_eq!(docs.len(), 1, "one YAML document expected");
+    docs.remove(0)
 }
 
 fn read(rel: &str) -> String {

@@ -50,33 +50,6 @@ fn ok(cmd: &mut Command) -> String {
     text
 }
 
-/// Every YAML document of `text`, as JSON (Debian's python3-yaml, as in deploy.rs).
-fn yaml_docs(text: &str) -> Vec<Value> {
-    let mut child = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("/usr/bin/python3 runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "not valid YAML: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// The metric names an expression text uses.
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -295,7 +268,7 @@ fn render(args: &[&str]) -> Vec<Value> {
             "helm template: {line}"
         );
     }
-    yaml_docs(&String::from_utf8_lossy(&out.stdout))
+    support::yaml_docs(&String::from_utf8_lossy(&out.stdout))
 }
 
 fn of_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
@@ -354,8 +327,9 @@ fn the_helm_chart_lints_renders_and_mounts_a_config_keywatch_accepts() {
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
     // The PrometheusRule carries the promtool-tested rules, unchanged.
     let rule = of_kind(&docs, "PrometheusRule");
-    let alerts =
-        yaml_docs(&std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap());
+    let alerts = support::yaml_docs(
+        &std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap(),
+    );
     assert_eq!(rule["spec"]["groups"], alerts[0]["groups"]);
 
     // The mounted files, as the pod sees them, pass `keywatch check-config`.

@@ -158,3 +158,36 @@ pub fn metric(port: u16, name: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Every YAML document of `text`, as JSON, read by Debian's python3 with its yaml module
+/// (python3-yaml, which scripts/test.sh installs; no YAML crate in keywatch). A missing
+/// module fails the test, saying so.
+pub fn yaml_docs(text: &str) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let mut child = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("No module named 'yaml'"),
+            "python3-yaml is needed (scripts/test.sh installs it: apt-get install python3-yaml)"
+        );
+        panic!("not valid YAML: {err}\n{text}");
+    }
+    serde_json::from_slice(&out.stdout).unwrap()
+}
