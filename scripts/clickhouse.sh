@@ -2,7 +2,7 @@
 # Starts and stops a private ClickHouse server for keywatch's tests.
 #
 #   scripts/clickhouse.sh start DIR PORT   # HTTP on PORT, native TCP on PORT+1; prints the URL
-#                                          # (PORT `auto`: the first free pair from 18123)
+#                                          # (PORT `auto`: a free pair in 18123-28122)
 #   scripts/clickhouse.sh stop DIR         # stops the server started in DIR
 #   scripts/clickhouse.sh url DIR          # prints the URL of the server running in DIR
 #
@@ -140,10 +140,16 @@ port_free() (
 start() {
     local dir=$1 port=$2
     if [ "$port" = auto ] && ! running_pid "$dir" >/dev/null; then
-        port=18123
+        # From a random pair, not the first free one: a test that stops its server and
+        # starts it again on the same port must not find it taken meanwhile by another
+        # test's new server, and servers started at the same moment must not pick the same.
+        local first=$((18123 + 2 * (RANDOM % 5000))) tries=0
+        port=$first
         until port_free "$port" && port_free $((port + 1)); do
             port=$((port + 2))
-            [ "$port" -lt 19123 ] || die "no free port pair in 18123-19122"
+            [ "$port" -lt 28123 ] || port=18123
+            tries=$((tries + 1))
+            [ "$tries" -lt 5000 ] || die "no free port pair in 18123-28122"
         done
     fi
     [ "$port" = auto ] && port=$(cat "$dir/port")

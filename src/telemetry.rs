@@ -108,6 +108,12 @@ pub const CATALOGUE: &[Metric] = &[
         &[],
         "messages skipped because the store already had them",
     ),
+    m(
+        "keywatch_kafka_backpressure_pauses_total",
+        Counter,
+        &[],
+        "times the pipeline was full and the assigned partitions were paused (polling goes on)",
+    ),
     m("keywatch_events_total", Counter, &[], "events stored"),
     m(
         "keywatch_events_rejected_total",

@@ -25,7 +25,14 @@
 //! wait for batches in flight and the store's recovery each get a share. If the store cannot
 //! say where to start within its share, the partitions are assigned paused and the consume
 //! loop keeps asking the store; each starts (a seek, then resume) once it has answered, and
-//! nothing is read from it before.
+//! nothing is read from it before. If the revocation's wait expired with batches still being
+//! stored, no partition's start is read from the store until those batches are finished
+//! with, since their commit is about to move it.
+//!
+//! Backpressure: the consume loop never blocks on a full pipeline (a slow or unreachable
+//! store), because a member that stops polling for `max.poll.interval.ms` is put out of the
+//! group, and the rebalance callbacks only run while it polls. It pauses its partitions
+//! instead, goes on polling, and resumes them when the pipeline has room.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -139,6 +146,10 @@ struct Context {
     /// Assigned partitions the store has not yet said where to start (assigned paused);
     /// nothing is read from them until it has.
     recovering: std::sync::Mutex<Vec<TopicPartition>>,
+    /// Set when a revocation gave partitions away while batches were still being stored:
+    /// the last of those batches. Until they are finished with, the store's offsets may be
+    /// about to move, so no partition's start is read from it (they wait, paused).
+    stale_through: std::sync::Mutex<Option<u64>>,
     cancel: CancellationToken,
     /// The partition that makes its owner the group's evaluator (see [`KafkaSource::leader`]).
     leader_partition: TopicPartition,
@@ -191,7 +202,14 @@ impl ConsumerContext for Context {
             .collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let recovered = self.recover(&partitions, self.budget.recover);
+                let recovered = if self.stale_batches_pending() {
+                    tracing::warn!(
+                        "batches handed out before a revocation are still being stored; the partitions wait, paused"
+                    );
+                    None
+                } else {
+                    self.recover(&partitions, self.budget.recover)
+                };
                 if let Some(recovered) = &recovered {
                     let mut expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
                     for (tp, offset) in recovered {
@@ -236,6 +254,8 @@ impl ConsumerContext for Context {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 if !self.in_flight.wait_idle(self.budget.revoke_wait) {
+                    *self.stale_through.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(self.in_flight.issued());
                     tracing::error!(
                         in_flight = self.in_flight.count(),
                         "batches still being stored after {:?}; giving the partitions away",
@@ -313,6 +333,19 @@ impl Context {
         }
     }
 
+    /// True while batches handed out before a timed-out revocation are being stored.
+    fn stale_batches_pending(&self) -> bool {
+        let mut stale = self.stale_through.lock().unwrap_or_else(|e| e.into_inner());
+        match *stale {
+            Some(seq) if !self.in_flight.drained_through(seq) => true,
+            Some(_) => {
+                *stale = None;
+                false
+            }
+            None => false,
+        }
+    }
+
     fn is_recovering(&self, tp: &TopicPartition) -> bool {
         self.recovering
             .lock()
@@ -359,6 +392,7 @@ impl KafkaSource {
             generation: AtomicU64::new(0),
             expected: Default::default(),
             recovering: Default::default(),
+            stale_through: Default::default(),
             cancel: cancel.clone(),
             budget: CallbackBudget::from_max_poll_interval(max_poll_interval(&settings)),
         };
@@ -424,6 +458,111 @@ impl Pending {
             started: None,
         }
     }
+
+    /// Ready to be handed to the pipeline: full, or its first message waited `max_wait`.
+    fn ready(&self, settings: &KafkaSettings) -> bool {
+        !self.batch.is_empty()
+            && (self.batch.len() >= settings.max_messages
+                || self.batch.buf.len() >= settings.max_bytes
+                || self
+                    .started
+                    .is_some_and(|s| s.elapsed() >= settings.max_wait))
+    }
+
+    /// Past twice a full batch: while the pipeline is full, only messages fetched before
+    /// the pause can still arrive, and past this they are sent back to Kafka (a seek).
+    fn over_bound(&self, settings: &KafkaSettings) -> bool {
+        self.batch.len() >= settings.max_messages.saturating_mul(2)
+            || self.batch.buf.len() >= settings.max_bytes.saturating_mul(2)
+    }
+}
+
+/// What woke the consume loop.
+enum Woke<'a, M> {
+    Nothing,
+    Message(M),
+    /// The pipeline has room for the batch being held back.
+    Room(tokio::sync::mpsc::Permit<'a, Batch>),
+}
+
+/// Backpressure without leaving the group: when the pipeline's channel is full (the store
+/// is slow or down), the consume loop does not block on it, since the rebalance callbacks
+/// and librdkafka's `max.poll.interval.ms` both need it to go on polling. It pauses every
+/// assigned partition instead, keeps polling, and resumes them when the channel has room.
+#[derive(Default)]
+struct Backpressure {
+    paused: bool,
+    /// Partitions sought back to a message that arrived over [`Pending::over_bound`]; until
+    /// that offset comes again, later ones (fetched before the seek) are skipped.
+    held: HashMap<TopicPartition, i64>,
+}
+
+impl Backpressure {
+    fn pause(&mut self, consumer: &StreamConsumer<Context>) {
+        if self.paused {
+            return;
+        }
+        self.paused = true;
+        metrics::counter!("keywatch_kafka_backpressure_pauses_total").increment(1);
+        tracing::debug!("the pipeline is full; pausing the assigned partitions and polling on");
+        match consumer.assignment() {
+            Ok(tpl) => {
+                if let Err(e) = consumer.pause(&tpl) {
+                    tracing::warn!(error = %e, "pausing partitions while the pipeline is full");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the assignment to pause it"),
+        }
+    }
+
+    /// Resumes what [`Self::pause`] paused; partitions whose start the store has not yet
+    /// given stay paused ([`start_recovered`] resumes them).
+    fn resume(&mut self, consumer: &StreamConsumer<Context>) {
+        if !std::mem::take(&mut self.paused) {
+            return;
+        }
+        let recovering = consumer
+            .context()
+            .recovering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match consumer.assignment() {
+            Ok(tpl) => {
+                let mut running = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    let tp = (e.topic().to_owned(), e.partition());
+                    if !recovering.contains(&tp) {
+                        running.add_partition(&tp.0, tp.1);
+                    }
+                }
+                if let Err(e) = consumer.resume(&running) {
+                    tracing::warn!(error = %e, "resuming partitions after the pipeline drained");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the assignment to resume it"),
+        }
+    }
+
+    /// Sends `tp` back to `offset` (nothing from it is kept).
+    fn hold(&mut self, consumer: &StreamConsumer<Context>, tp: TopicPartition, offset: i64) {
+        if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(offset), Duration::ZERO) {
+            tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seeking back a message the full pipeline cannot take");
+        }
+        self.held.insert(tp, offset);
+    }
+
+    /// False for a message fetched before [`Self::hold`]'s seek.
+    fn admits(&mut self, tp: &TopicPartition, offset: i64) -> bool {
+        match self.held.get(tp) {
+            Some(o) if *o == offset => {
+                self.held.remove(tp);
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
 }
 
 async fn consume(
@@ -439,23 +578,30 @@ async fn consume(
         .map(|t| Arc::from(t.as_str()))
         .collect();
     let mut pending = Pending::new();
+    let mut backpressure = Backpressure::default();
     let mut generation = consumer.context().generation.load(Ordering::SeqCst);
     let mut retry_recovery = tokio::time::interval(Duration::from_secs(1));
     retry_recovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let ready = pending.ready(&settings);
         let deadline = pending
             .started
+            .filter(|_| !ready)
             .map(|s| tokio::time::Instant::from_std(s + settings.max_wait));
         // Always armed: partitions may be deferred by a rebalance inside recv(), which then
         // waits for messages that paused partitions never deliver.
-        let received = tokio::select! {
+        let woke = tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => None,
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() => Woke::Nothing,
             _ = retry_recovery.tick() => {
                 start_recovered(&consumer, &settings).await;
-                None
+                Woke::Nothing
             }
-            m = consumer.recv() => Some(m),
+            permit = tx.reserve(), if ready => match permit {
+                Ok(permit) => Woke::Room(permit),
+                Err(_) => break,
+            },
+            m = consumer.recv() => Woke::Message(m),
         };
         // A rebalance happened inside recv(): what was being collected may belong to
         // partitions this instance no longer owns. It was not stored, so dropping it is safe;
@@ -472,15 +618,24 @@ async fn consume(
                 rewind_kept(&consumer, pending.next.keys());
             }
             pending = Pending::new();
+            backpressure.held.clear();
+            backpressure.resume(&consumer);
         }
-        match received {
-            None => {}
-            Some(Err(e)) => {
+        match woke {
+            Woke::Nothing => {}
+            Woke::Room(permit) => {
+                if !pending.batch.is_empty() {
+                    permit.send(cut(&mut pending, &consumer, &in_flight));
+                }
+                backpressure.resume(&consumer);
+                continue;
+            }
+            Woke::Message(Err(e)) => {
                 metrics::counter!("keywatch_kafka_errors_total").increment(1);
                 tracing::warn!(error = %e, "kafka receive error");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Some(Ok(msg)) => {
+            Woke::Message(Ok(msg)) => {
                 let tp = (msg.topic().to_owned(), msg.partition());
                 let offset = msg.offset();
                 let expected = consumer
@@ -494,8 +649,13 @@ async fn consume(
                 if expected.is_some_and(|e| offset < e)
                     || already_in_batch
                     || consumer.context().is_recovering(&tp)
+                    || !backpressure.admits(&tp, offset)
                 {
                     metrics::counter!("keywatch_kafka_skipped_total").increment(1);
+                    continue;
+                }
+                if pending.over_bound(&settings) {
+                    backpressure.hold(&consumer, tp, offset);
                     continue;
                 }
                 let payload = msg.payload().unwrap_or_default();
@@ -512,41 +672,16 @@ async fn consume(
                 metrics::counter!("keywatch_source_lines_total").increment(1);
             }
         }
-        let full = pending.batch.len() >= settings.max_messages
-            || pending.batch.buf.len() >= settings.max_bytes;
-        let due = pending
-            .started
-            .is_some_and(|s| s.elapsed() >= settings.max_wait);
-        if !pending.batch.is_empty() && (full || due) {
-            let Pending {
-                mut batch, next, ..
-            } = std::mem::replace(&mut pending, Pending::new());
-            let offsets: Vec<PartitionOffset> = next
-                .iter()
-                .map(|((topic, partition), offset)| PartitionOffset {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    offset: *offset,
-                })
-                .collect();
-            let ack_consumer = consumer.clone();
-            let ack_offsets = offsets.clone();
-            batch.on_commit = Some(Box::new(move || store_offsets(&ack_consumer, &ack_offsets)));
-            batch.position = Some(Position::Kafka { offsets });
-            batch.in_flight = Some(in_flight.guard());
-            {
-                let mut expected = consumer
-                    .context()
-                    .expected
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                for (tp, offset) in next {
-                    expected.insert(tp, offset);
+        if pending.ready(&settings) {
+            match tx.try_reserve() {
+                Ok(permit) => {
+                    permit.send(cut(&mut pending, &consumer, &in_flight));
+                    backpressure.resume(&consumer);
                 }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                sent = tx.send(batch) => if sent.is_err() { break },
+                Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
+                    backpressure.pause(&consumer)
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => break,
             }
         }
     }
@@ -564,6 +699,42 @@ async fn consume(
     }
     consumer.unsubscribe();
     Ok(())
+}
+
+/// Takes the pending batch to hand it to the pipeline: it carries the offsets to commit
+/// with it and an in-flight guard (revocations wait for it), and the messages it holds are
+/// from now on expected no more.
+fn cut(
+    pending: &mut Pending,
+    consumer: &Arc<StreamConsumer<Context>>,
+    in_flight: &Arc<InFlight>,
+) -> Batch {
+    let Pending {
+        mut batch, next, ..
+    } = std::mem::replace(pending, Pending::new());
+    let offsets: Vec<PartitionOffset> = next
+        .iter()
+        .map(|((topic, partition), offset)| PartitionOffset {
+            topic: topic.clone(),
+            partition: *partition,
+            offset: *offset,
+        })
+        .collect();
+    let ack_consumer = consumer.clone();
+    let ack_offsets = offsets.clone();
+    batch.on_commit = Some(Box::new(move || store_offsets(&ack_consumer, &ack_offsets)));
+    batch.position = Some(Position::Kafka { offsets });
+    batch.in_flight = Some(in_flight.guard());
+    let mut expected = consumer
+        .context()
+        .expected
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    for (tp, offset) in next {
+        expected.insert(tp, offset);
+    }
+    drop(expected);
+    batch
 }
 
 /// Seeks each of `partitions` that this instance still owns back to the next offset it
@@ -597,7 +768,7 @@ async fn start_recovered(consumer: &Arc<StreamConsumer<Context>>, settings: &Kaf
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    if partitions.is_empty() {
+    if partitions.is_empty() || ctx.stale_batches_pending() {
         return;
     }
     let offsets = Arc::clone(&ctx.offsets);

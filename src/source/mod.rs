@@ -75,42 +75,71 @@ impl std::fmt::Debug for Batch {
     }
 }
 
-/// Counts batches handed to the pipeline and not yet finished with.
+/// Counts batches handed to the pipeline and not yet finished with. Each has a sequence
+/// number, so that a rebalance can wait for the batches handed out before a moment without
+/// waiting for those handed out after it (see [`InFlight::drained_through`]).
 #[derive(Debug, Default)]
 pub struct InFlight {
-    count: std::sync::Mutex<usize>,
+    state: std::sync::Mutex<Flights>,
     idle: std::sync::Condvar,
 }
 
+#[derive(Debug, Default)]
+struct Flights {
+    /// The sequence number of the last guard handed out.
+    issued: u64,
+    outstanding: std::collections::BTreeSet<u64>,
+}
+
 impl InFlight {
+    fn state(&self) -> std::sync::MutexGuard<'_, Flights> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn guard(self: &std::sync::Arc<Self>) -> InFlightGuard {
-        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        InFlightGuard(self.clone())
+        let mut state = self.state();
+        state.issued += 1;
+        let seq = state.issued;
+        state.outstanding.insert(seq);
+        InFlightGuard(self.clone(), seq)
     }
 
     pub fn count(&self) -> usize {
-        *self.count.lock().unwrap_or_else(|e| e.into_inner())
+        self.state().outstanding.len()
+    }
+
+    /// The sequence number of the last batch handed out (0 before the first).
+    pub fn issued(&self) -> u64 {
+        self.state().issued
+    }
+
+    /// True once every batch up to sequence number `seq` is finished with.
+    pub fn drained_through(&self, seq: u64) -> bool {
+        self.state()
+            .outstanding
+            .first()
+            .is_none_or(|first| *first > seq)
     }
 
     /// Waits until no batch is in flight; false on timeout.
     pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
-        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        let (count, _) = self
+        let state = self.state();
+        let (state, _) = self
             .idle
-            .wait_timeout_while(count, timeout, |c| *c > 0)
+            .wait_timeout_while(state, timeout, |s| !s.outstanding.is_empty())
             .unwrap_or_else(|e| e.into_inner());
-        *count == 0
+        state.outstanding.is_empty()
     }
 }
 
 #[derive(Debug)]
-pub struct InFlightGuard(std::sync::Arc<InFlight>);
+pub struct InFlightGuard(std::sync::Arc<InFlight>, u64);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        let mut count = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
-        *count = count.saturating_sub(1);
-        if *count == 0 {
+        let mut state = self.0.state();
+        state.outstanding.remove(&self.1);
+        if state.outstanding.is_empty() {
             self.0.idle.notify_all();
         }
     }
@@ -141,5 +170,31 @@ impl Batch {
         self.buf.extend_from_slice(line);
         self.lines.push(start..self.buf.len());
         self.line_offsets.push(offset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_revocation_waits_for_the_batches_handed_out_before_it_not_after() {
+        let flights = Arc::new(InFlight::default());
+        assert!(flights.drained_through(flights.issued()));
+        let first = flights.guard();
+        let second = flights.guard();
+        let mark = flights.issued();
+        let later = flights.guard();
+        assert!(!flights.drained_through(mark));
+        drop(second);
+        assert!(!flights.drained_through(mark));
+        drop(first);
+        assert!(flights.drained_through(mark));
+        assert_eq!(flights.count(), 1);
+        assert!(!flights.wait_idle(Duration::from_millis(10)));
+        drop(later);
+        assert!(flights.wait_idle(Duration::ZERO));
     }
 }

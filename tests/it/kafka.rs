@@ -687,6 +687,94 @@ fn store_down_during_a_rebalance_defers_the_start_past_max_poll_interval() {
     assert_eq!(ch.totals(db), Some((8000, 8000)));
 }
 
+/// The store is down for more than two poll intervals while traffic keeps coming: the
+/// pipeline fills up, and the member pauses its partitions and goes on polling instead of
+/// waiting on the pipeline, so librdkafka never puts it out of the group (no poll-interval
+/// expiry, no rebalance); once the store is back everything is stored, once.
+#[test]
+fn a_full_pipeline_pauses_the_partitions_and_the_member_stays_in_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = crate::support::clickhouse::ClickHouse::start(&dir.path().join("ch"));
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 2);
+    let db = "kw_backpressure";
+    let cfg = clickhouse_config(
+        dir.path(),
+        &broker.brokers(),
+        &topic,
+        &unique("g"),
+        &ch.url,
+        db,
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "[input.kafka.properties]\n",
+            "[input.kafka.properties]\n\"max.poll.interval.ms\" = \"6000\"\n",
+        )
+        .replace(
+            "[pipeline]\nbatch_max_events = 500\n",
+            "[pipeline]\nbatch_max_events = 100\nchannel_capacity = 1\n",
+        )
+        .replace(
+            "[server]\nenabled = false\n",
+            &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+        )
+        .replace(
+            "[fingerprint]",
+            "[rules]\nevaluate_every = \"1h\"\n[fingerprint]",
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let log = dir.path().join("keywatch.log");
+    let mut member = Running(
+        run_config(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let first = sample(dir.path(), "nginx", 1000, 45);
+    produce(&broker.brokers(), &topic, &first);
+    let got = wait_for_clickhouse(&ch, db, 1000, Duration::from_secs(60));
+    assert_eq!(got, 1000, "{}", std::fs::read_to_string(&log).unwrap());
+
+    ch.stop();
+    let second = sample(dir.path(), "nginx", 5000, 46);
+    produce(&broker.brokers(), &topic, &second);
+    std::thread::sleep(Duration::from_secs(15));
+    if let Some(status) = member.0.try_wait().unwrap() {
+        panic!(
+            "the member exited ({status}):\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+    }
+    let pauses = metric(port, "keywatch_kafka_backpressure_pauses_total");
+    let rebalances = metric(port, "keywatch_kafka_rebalances_total");
+    ch.restart_after_stop();
+    let got = wait_for_clickhouse(&ch, db, 6000, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    sigterm(&mut member.0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("max.poll.interval.ms) exceeded"),
+        "the member stopped polling while the store was down:\n{text}"
+    );
+    assert!(
+        pauses.is_some_and(|p| p >= 1.0),
+        "the pipeline never filled up (pauses {pauses:?}), so this tested nothing"
+    );
+    // The first assignment is the only rebalance.
+    assert_eq!(rebalances, Some(1.0), "{text}");
+    assert_eq!(got, 6000);
+    assert_eq!(ch.totals(db), Some((6000, 6000)));
+}
+
 #[test]
 fn check_config_connect_says_what_works_and_what_fails() {
     let dir = tempfile::tempdir().unwrap();
