@@ -25,6 +25,11 @@ pub enum Command {
         /// SQLite in ./keywatch-state
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Detect and report, tell nobody: findings are stored and logged as usual, every
+        /// notification is printed to standard output instead of sent, and the
+        /// notification log is left as it was (a later run still sends)
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Validate a config file without connecting to anything (and with --connect, reach
     /// the Kafka brokers and ClickHouse it names)

@@ -18,6 +18,7 @@ mod crash;
 mod daemon;
 mod dashboards;
 mod deploy;
+mod dry_run;
 mod file_source;
 mod kafka;
 #[cfg(feature = "kafka-tls")]
