@@ -47,7 +47,7 @@ use crate::notify::Input;
 use crate::source::kafka::{KafkaSettings, KafkaSource};
 use crate::source::lifecycle::LifecycleConsumer;
 use crate::source::{self, Batch, FileFollower, FollowOptions, Position};
-use deadletter::{DeadLetterFile, DeadLetterSink, DEAD_LETTER_FILE, DEFAULT_MAX_BYTES};
+use deadletter::{DeadLetterFile, DeadLetterSink, DEAD_LETTER_FILE};
 use deadletter_kafka::KafkaDeadLetters;
 use findings::FindingSink;
 use lifecycle::{load_rules, RegistryFeed};
@@ -234,7 +234,7 @@ pub async fn run_with_gate(
             .context("rules.lifecycle")?;
             pipeline
                 .registry_feed()
-                .follow_topic(&config.state_dir, &l.topic, rx)?;
+                .follow_topic(&config.state_dir, config.dead_letter, &l.topic, rx)?;
             tracing::info!(topic = %l.topic, brokers = %l.brokers, "reading lifecycle events");
             let caught_up = pipeline.catch_up(l.catch_up_timeout).await?;
             // Caught up or not, events now apply as they arrive: ready either way.
@@ -264,7 +264,7 @@ pub async fn run_with_gate(
             )
         }
         _ => Box::new(
-            DeadLetterFile::open(&config.state_dir.join(DEAD_LETTER_FILE), DEFAULT_MAX_BYTES)
+            DeadLetterFile::open(&config.state_dir.join(DEAD_LETTER_FILE), config.dead_letter)
                 .context("opening the dead-letter file")?,
         ),
     };

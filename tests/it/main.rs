@@ -17,6 +17,7 @@ mod clickhouse_store;
 mod crash;
 mod daemon;
 mod dashboards;
+mod dead_letters;
 mod deploy;
 mod dry_run;
 mod file_source;
