@@ -73,7 +73,7 @@ pub use channel::webhook::{
     verify as verify_webhook, SIGNATURE_HEADER as WEBHOOK_SIGNATURE_HEADER,
 };
 pub use channel::{scrub, Address, Console, DeliveryError};
-pub use check::{check_templates, send_test};
+pub use check::{check_templates, reach_channels, send_test};
 pub use config::Config;
 pub use dry_run::DryRunLog;
 pub use log::{AttemptLog, AttemptRecord, NotifyLog, SharedLog};

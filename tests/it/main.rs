@@ -14,6 +14,7 @@ mod cli;
 mod clickhouse_backtest;
 mod clickhouse_detection;
 mod clickhouse_store;
+mod connect;
 mod crash;
 mod daemon;
 mod dashboards;

@@ -408,6 +408,29 @@ impl Transports {
         self
     }
 
+    /// `check-config --connect` for channel `name`: an email channel connects to its server
+    /// (TLS and AUTH as configured, nothing sent), a Telegram channel checks its token with
+    /// `getMe`. `None` for the other types (reaching them would send). The answer is what
+    /// was reached, or why not, without secrets.
+    pub(crate) async fn reach(&self, name: &str) -> Option<Result<String, String>> {
+        let timed_out = || format!("no answer within {} s", self.deadline.as_secs());
+        match self.channels.get(name)? {
+            Transport::Email(m) => Some(
+                tokio::time::timeout(self.deadline, m.test_connection())
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()))
+                    .map(|()| "connected, TLS and login as configured".to_owned()),
+            ),
+            Transport::Telegram(t, _) => Some(
+                tokio::time::timeout(self.deadline, t.get_me())
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()))
+                    .map(|user| format!("token valid: bot @{user}")),
+            ),
+            _ => None,
+        }
+    }
+
     async fn guarded(
         &self,
         f: impl std::future::Future<Output = Result<(), DeliveryError>>,
