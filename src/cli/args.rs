@@ -32,10 +32,11 @@ pub enum Command {
         dry_run: bool,
     },
     /// Validate a config file without connecting to anything (and with --connect, reach
-    /// the Kafka brokers and ClickHouse it names)
+    /// the Kafka brokers, ClickHouse, SMTP servers and Telegram bots it names)
     CheckConfig {
         file: PathBuf,
-        /// Also reach the services the config names and say what failed
+        /// Also reach the services the config names and say what failed (SMTP: connect and
+        /// log in, nothing sent; Telegram: getMe)
         #[arg(long)]
         connect: bool,
     },

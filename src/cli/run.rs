@@ -12,7 +12,8 @@ pub fn run(config: Option<PathBuf>, dry_run: bool) -> anyhow::Result<ExitCode> {
     let config = super::load(config.as_ref())?;
     super::init_tracing(&config);
     super::runtime()?.block_on(async {
-        let summary = crate::daemon::serve(config.clone(), crate::daemon::ServeOptions { dry_run }).await?;
+        let summary =
+            crate::daemon::serve(config.clone(), crate::daemon::ServeOptions { dry_run }).await?;
         if config.input.follow {
             return Ok(ExitCode::SUCCESS);
         }

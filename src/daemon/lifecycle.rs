@@ -346,7 +346,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut feed = RegistryFeed::new(None, Duration::from_secs(3600));
         let (tx, rx) = mpsc::channel(8);
-        feed.follow_topic(dir.path(), DeadLetterConfig::default(), "lc", rx).unwrap();
+        feed.follow_topic(dir.path(), DeadLetterConfig::default(), "lc", rx)
+            .unwrap();
         assert!(feed.follows_topic());
         let event = serde_json::to_vec(&created("k1")).unwrap();
         tx.send(LifecycleMessage::Event {

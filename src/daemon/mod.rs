@@ -232,9 +232,12 @@ pub async fn run_with_gate(
                 lifecycle_cancel.clone(),
             )
             .context("rules.lifecycle")?;
-            pipeline
-                .registry_feed()
-                .follow_topic(&config.state_dir, config.dead_letter, &l.topic, rx)?;
+            pipeline.registry_feed().follow_topic(
+                &config.state_dir,
+                config.dead_letter,
+                &l.topic,
+                rx,
+            )?;
             tracing::info!(topic = %l.topic, brokers = %l.brokers, "reading lifecycle events");
             let caught_up = pipeline.catch_up(l.catch_up_timeout).await?;
             // Caught up or not, events now apply as they arrive: ready either way.
@@ -465,7 +468,9 @@ pub async fn serve(config: Config, options: ServeOptions) -> anyhow::Result<RunS
     let notifier_registry = match &bot {
         Some(b) => b.registry.borrow().clone(),
         // A dry run keeps the bot off but still knows the chats owners linked to it.
-        None if options.dry_run && crate::notify::bot::bot_config(&routes).is_ok_and(|b| b.is_some()) => {
+        None if options.dry_run
+            && crate::notify::bot::bot_config(&routes).is_ok_and(|b| b.is_some()) =>
+        {
             tracing::info!("dry run: the owners' Telegram bot is off");
             Arc::new(crate::notify::bot::registry_with_links(
                 &registry,

@@ -97,7 +97,10 @@ fn smtp_servers_are_reached_with_tls_and_login_as_configured() {
         down.contains("FAILED") && down.to_lowercase().contains("connection refused"),
         "{out}"
     );
-    assert!(!out.contains(PASSWORD) && !out.contains("not-the-password-Qq9"), "{out}");
+    assert!(
+        !out.contains(PASSWORD) && !out.contains("not-the-password-Qq9"),
+        "{out}"
+    );
     // Reached, not used: nothing was sent.
     assert!(smtp.messages().is_empty());
 }
@@ -124,7 +127,10 @@ fn telegram_tokens_are_checked_with_get_me() {
         ok.ends_with(&format!("ok: token valid: bot @{BOT_USERNAME}")),
         "{out}"
     );
-    let wrong = line(&out, &format!("telegram {} (channel tg_wrong): ", api.url()));
+    let wrong = line(
+        &out,
+        &format!("telegram {} (channel tg_wrong): ", api.url()),
+    );
     assert!(
         wrong.contains("FAILED: telegram answered 401: Unauthorized"),
         "{out}"

@@ -1367,7 +1367,10 @@ group_wait = "0s"
             stored.push_str(&format!("{a:?}\n"));
         }
     }
-    assert!(stored.contains("telegram answered 401: Unauthorized"), "{stored}");
+    assert!(
+        stored.contains("telegram answered 401: Unauthorized"),
+        "{stored}"
+    );
     assert!(
         stored.contains("slack answered 404: no_service"),
         "{stored}"

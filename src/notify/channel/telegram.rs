@@ -463,7 +463,10 @@ impl Telegram {
     /// bot's username, or why not (never with the token: [`Api`] scrubs it).
     pub async fn get_me(&self) -> Result<String, String> {
         match self.api.call(&GetMe::new(), None).await {
-            Ok(me) => Ok(me.user.username.unwrap_or_else(|| me.user.first_name.clone())),
+            Ok(me) => Ok(me
+                .user
+                .username
+                .unwrap_or_else(|| me.user.first_name.clone())),
             Err(e) => Err(e.delivery().detail().to_owned()),
         }
     }

@@ -22,7 +22,10 @@ mod telegram_bot;
 mod telegram_html;
 
 pub use slack_blocks::check_slack_blocks;
-pub use telegram_bot::{BotState, BOT_USERNAME};
+pub use telegram_bot::BotState;
+// The latency bench includes this tree too and never asks for the bot's name.
+#[allow(unused_imports)]
+pub use telegram_bot::BOT_USERNAME;
 pub use telegram_html::check_telegram_html;
 
 use std::collections::HashSet;
@@ -402,11 +405,9 @@ async fn telegram(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<
     if token != s.telegram_token {
         // As the real API: a token of the right shape (`<bot id>:<secret>`) that is not
         // the bot's is refused 401; anything else is not a bot path at all.
-        let shaped = token
-            .split_once(':')
-            .is_some_and(|(id, rest)| {
-                !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty()
-            });
+        let shaped = token.split_once(':').is_some_and(|(id, rest)| {
+            !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty()
+        });
         return if shaped {
             tg_error(401, "Unauthorized")
         } else {
