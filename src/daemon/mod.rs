@@ -465,12 +465,12 @@ pub async fn serve(config: Config, options: ServeOptions) -> anyhow::Result<RunS
 
     // The notifier: its own task, fed new findings by the pipeline through a bounded
     // channel. Its log lives in the embedded store in every mode.
+    // A dry run keeps the owners' bot off but still knows the chats owners linked to it.
+    let links_without_bot =
+        options.dry_run && crate::notify::bot::bot_config(&routes).is_ok_and(|b| b.is_some());
     let notifier_registry = match &bot {
         Some(b) => b.registry.borrow().clone(),
-        // A dry run keeps the bot off but still knows the chats owners linked to it.
-        None if options.dry_run
-            && crate::notify::bot::bot_config(&routes).is_ok_and(|b| b.is_some()) =>
-        {
+        None if links_without_bot => {
             tracing::info!("dry run: the owners' Telegram bot is off");
             Arc::new(crate::notify::bot::registry_with_links(
                 &registry,
@@ -549,6 +549,25 @@ pub async fn serve(config: Config, options: ServeOptions) -> anyhow::Result<RunS
                 }
             }
             (pipeline_tx, findings_rx, Some(gate))
+        }
+        None if links_without_bot => {
+            // pipeline ─▶ links added to each reloaded registry ─▶ notifier
+            let (pipeline_tx, mut links_rx) = mpsc::channel::<Input>(64);
+            let state_dir = config.state_dir.clone();
+            tokio::spawn(async move {
+                while let Some(input) = links_rx.recv().await {
+                    let input = match input {
+                        Input::Registry(r) => Input::Registry(Arc::new(
+                            crate::notify::bot::registry_with_links(&r, &state_dir),
+                        )),
+                        other => other,
+                    };
+                    if findings_tx.send(input).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            (pipeline_tx, findings_rx, None)
         }
         None => (findings_tx, findings_rx, None),
     };
