@@ -1,7 +1,9 @@
 //! `keywatch run --dry-run` end to end: the real binary reads a gateway log with a revoked
 //! key's use and a route to a real SMTP server (aiosmtpd). The dry run stores the finding
 //! and prints the message it would send, and the server gets nothing; the next (real) run
-//! tells the same fact, because the dry run left the notification log as it was.
+//! tells the same fact, because the dry run left the notification log as it was. With the
+//! owners' Telegram bot configured, the dry run leaves the bot off (no Bot API call at all)
+//! and still renders to the chat an owner linked to it.
 
 use std::io::Write;
 use std::path::Path;
@@ -139,4 +141,78 @@ fn a_dry_run_renders_and_stores_but_sends_nothing_and_the_next_run_still_sends()
     let (stdout, _) = run(&config, true);
     assert!(!stdout.contains("dry run, not sent"), "{stdout}");
     assert_eq!(smtp.messages().len(), 1);
+}
+
+#[test]
+fn a_dry_run_keeps_the_owners_bot_off_and_still_knows_the_chats_linked_to_it() {
+    use keywatch::notify::bot::links::Links;
+    const TOKEN: &str = "424242:dry-run-bot-token-AbCdEf";
+    const CHAT: i64 = 4242;
+    let api = crate::support::StandIn::start(TOKEN, &[&CHAT.to_string()], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    append(
+        &log,
+        &kong_line(
+            REVOKED,
+            "203.0.113.77",
+            chrono::Utc::now().timestamp_millis(),
+        ),
+    );
+    std::fs::write(
+        dir.path().join("keys.toml"),
+        format!(
+            "[owners.acme-billing]\n[[keys]]\nid = \"{REVOKED}\"\nowner = \"acme-billing\"\n\
+             state = \"revoked\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(
+        dir.path().join("routes.toml"),
+        format!(
+            "[channels.tg]\ntype = \"telegram\"\napi_url = \"{api}\"\nbot_token_file = {token:?}\n\
+             bot = \"poll\"\n[receivers.owner]\nowner = true\nchannels = [\"tg\"]\n\
+             [[routes]]\nkinds = [\"revoked_key_used\"]\nreceivers = [\"owner\"]\n\
+             group_wait = \"0s\"\n",
+            api = api.url(),
+            token = dir.path().join("token"),
+        ),
+    )
+    .unwrap();
+    let config = crate::support::config(
+        dir.path(),
+        &log,
+        "kong",
+        &format!(
+            "[rules]\nkeys = {keys:?}\nroutes = {routes:?}\n",
+            keys = dir.path().join("keys.toml"),
+            routes = dir.path().join("routes.toml"),
+        ),
+    );
+    // The owner linked their chat to the bot earlier (the registry names no chat).
+    let state = dir.path().join("state");
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut links = Links::open(&state).unwrap();
+    let code = links
+        .new_code("acme-billing", std::time::Duration::from_secs(600), now)
+        .unwrap();
+    assert_eq!(
+        links.redeem(&code, CHAT, "owner", now).unwrap().unwrap(),
+        "acme-billing"
+    );
+    drop(links);
+
+    let (stdout, stderr) = run(&config, true);
+    assert!(
+        stderr.contains("dry run: the owners' Telegram bot is off"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("via tg to Telegram chat {CHAT}"))
+            && stdout.contains("203.0.113.77"),
+        "the message to the linked chat is not printed:\n{stdout}"
+    );
+    // Nothing reached the Bot API: no message, no polling, no webhook.
+    assert!(api.requests().is_empty(), "{:?}", api.requests());
 }
