@@ -66,6 +66,19 @@ pub struct RawConfig {
     pub rules: RawRules,
     #[serde(default)]
     pub store: RawStore,
+    #[serde(default)]
+    pub dead_letter: RawDeadLetter,
+}
+
+/// `[dead_letter]`: how much of the dead-letter files is kept on disk.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeadLetter {
+    /// Bytes past which the current file is rotated (default 64 MiB).
+    pub max_bytes: Option<u64>,
+    /// Rotated files kept besides the current one (`.1` newest); the oldest is deleted, and
+    /// its dead letters counted, when one more is rotated (default 1).
+    pub keep_files: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -335,7 +348,31 @@ pub struct Config {
     pub log: RawLog,
     pub rules: RulesConfig,
     pub store: StoreConfig,
+    pub dead_letter: DeadLetterConfig,
 }
+
+/// How much of a dead-letter file is kept: the current file up to `max_bytes`, then
+/// `keep_files` rotated ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterConfig {
+    pub max_bytes: u64,
+    pub keep_files: u32,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            max_bytes: 64 << 20,
+            keep_files: 1,
+        }
+    }
+}
+
+/// The smallest `dead_letter.max_bytes`: a few records (a record holds a line of up to
+/// `input.max_line_bytes`, so a larger one still makes a file of its own).
+pub const DEAD_LETTER_MIN_BYTES: u64 = 4096;
+/// The most rotated dead-letter files kept: a budget beyond it wants a larger `max_bytes`.
+pub const DEAD_LETTER_MAX_FILES: u32 = 1000;
 
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
@@ -713,6 +750,31 @@ impl RawConfig {
             }
         };
 
+        let dead_letter = {
+            let d = DeadLetterConfig::default();
+            let max_bytes = self.dead_letter.max_bytes.unwrap_or(d.max_bytes);
+            if max_bytes < DEAD_LETTER_MIN_BYTES {
+                return Err(err(
+                    "dead_letter.max_bytes",
+                    format!("must be at least {DEAD_LETTER_MIN_BYTES}, found {max_bytes}"),
+                ));
+            }
+            let keep_files = self.dead_letter.keep_files.unwrap_or(d.keep_files);
+            if keep_files > DEAD_LETTER_MAX_FILES {
+                return Err(err(
+                    "dead_letter.keep_files",
+                    format!(
+                        "at most {DEAD_LETTER_MAX_FILES} files, found {keep_files} (raise \
+                         dead_letter.max_bytes instead)"
+                    ),
+                ));
+            }
+            DeadLetterConfig {
+                max_bytes,
+                keep_files,
+            }
+        };
+
         let positive = |field: &str, d: Option<Duration>, default: Duration| match d {
             Some(d) if d.is_zero() => Err(err(field, "must be more than 0".into())),
             Some(d) => Ok(d),
@@ -762,6 +824,7 @@ impl RawConfig {
             log: self.log,
             rules,
             store,
+            dead_letter,
         })
     }
 }
@@ -924,6 +987,13 @@ mod tests {
         assert_eq!(c.server, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.fingerprint.secret, SecretSource::StateDir);
         assert_eq!(c.pipeline.batch_max_events.get(), 4096);
+        assert_eq!(
+            c.dead_letter,
+            DeadLetterConfig {
+                max_bytes: 64 << 20,
+                keep_files: 1
+            }
+        );
     }
 
     #[test]
@@ -949,6 +1019,9 @@ listen = "0.0.0.0:9000"
 [log]
 format = "json"
 level = "keywatch=debug"
+[dead_letter]
+max_bytes = 1048576
+keep_files = 10
 "#,
         )
         .unwrap();
@@ -961,6 +1034,13 @@ level = "keywatch=debug"
         assert_eq!(c.fingerprint.secret, SecretSource::Env("KW_SECRET".into()));
         assert_eq!(c.pipeline.batch_max_wait, Duration::from_secs(1));
         assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(
+            c.dead_letter,
+            DeadLetterConfig {
+                max_bytes: 1 << 20,
+                keep_files: 10
+            }
+        );
     }
 
     #[test]
@@ -1023,6 +1103,22 @@ level = "keywatch=debug"
             (
                 "[input]\nmax_line_bytes = 0\n",
                 "kw.toml: input.max_line_bytes: must be between 1 and 268435456",
+            ),
+            (
+                "[dead_letter]\nmax_bytes = 100\n",
+                "kw.toml: dead_letter.max_bytes: must be at least 4096, found 100",
+            ),
+            (
+                "[dead_letter]\nkeep_files = 5000\n",
+                "kw.toml: dead_letter.keep_files: at most 1000 files, found 5000 (raise dead_letter.max_bytes instead)",
+            ),
+            (
+                "[dead_letter]\nkeep_files = -1\n",
+                "kw.toml:2: dead_letter.keep_files: invalid value: integer `-1`, expected u32",
+            ),
+            (
+                "[dead_letter]\nmax_files = 3\n",
+                "kw.toml:2: dead_letter.max_files: unknown field `max_files`, expected `max_bytes` or `keep_files`",
             ),
             (
                 "[input]\nmax_line_bytes = -1\n",

@@ -9,7 +9,7 @@ use keywatch::cli::{self, inspect, notify, telegram, tools};
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Run { config } => cli::run(config),
+        Command::Run { config, dry_run } => cli::run(config, dry_run),
         Command::CheckConfig { file, connect } => cli::check_config(&file, connect),
         Command::Usage {
             config,

@@ -122,6 +122,13 @@ pub const CATALOGUE: &[Metric] = &[
         "lines dead-lettered, by reason",
     ),
     m(
+        "keywatch_dead_letters_dropped_total",
+        Counter,
+        &["file"],
+        "dead letters deleted from disk when the oldest rotated dead-letter file went \
+         (`[dead_letter]` max_bytes, keep_files)",
+    ),
+    m(
         "keywatch_batches_committed_total",
         Counter,
         &[],
@@ -211,7 +218,7 @@ pub const CATALOGUE: &[Metric] = &[
         Counter,
         &["channel", "outcome"],
         "notification attempts by channel type and outcome (`ok`, `transient`, `gave_up`, \
-         `permanent`)",
+         `permanent`; `dry_run` for messages `run --dry-run` rendered and did not send)",
     ),
     m(
         "keywatch_notify_silenced_total",

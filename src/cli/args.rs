@@ -25,12 +25,18 @@ pub enum Command {
         /// SQLite in ./keywatch-state
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Detect and report, tell nobody: findings are stored and logged as usual, every
+        /// notification is printed to standard output instead of sent, and the
+        /// notification log is left as it was (a later run still sends)
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Validate a config file without connecting to anything (and with --connect, reach
-    /// the Kafka brokers and ClickHouse it names)
+    /// the Kafka brokers, ClickHouse, SMTP servers and Telegram bots it names)
     CheckConfig {
         file: PathBuf,
-        /// Also reach the services the config names and say what failed
+        /// Also reach the services the config names and say what failed (SMTP: connect and
+        /// log in, nothing sent; Telegram: getMe)
         #[arg(long)]
         connect: bool,
     },

@@ -1,5 +1,9 @@
 //! `keywatch check-config --connect`: reaches the services a config names and says plainly
-//! what works and what does not. Separate from validation, which never connects.
+//! what works and what does not, one line each: the Kafka brokers and topics, the lifecycle
+//! topic, ClickHouse, and from the routes file every email server (TLS and AUTH as
+//! configured, nothing sent) and Telegram bot token (`getMe`). Separate from validation,
+//! which never connects. No line holds a secret (passwords and tokens are scrubbed by the
+//! channels, [`crate::notify::reach_channels`]).
 
 use std::time::Duration;
 
@@ -49,6 +53,12 @@ pub async fn check(config: &Config) -> Vec<Check> {
             format!("clickhouse {}", c.url),
             crate::store::open::ping(c).await,
         ));
+    }
+    if let Some(p) = &config.rules.routes {
+        match crate::notify::Config::load(p) {
+            Ok(routes) => out.extend(crate::notify::reach_channels(&routes).await),
+            Err(e) => out.push(("routes".into(), Err(e.to_string()))),
+        }
     }
     if out.is_empty() {
         out.push((

@@ -1,4 +1,6 @@
-//! `keywatch run`: the daemon; after a one-shot read (`follow = false`), what was stored.
+//! `keywatch run [--dry-run]`: the daemon; after a one-shot read (`follow = false`), what
+//! was stored. With `--dry-run` notifications are rendered to standard output, not sent
+//! ([`crate::notify::dry_run`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,11 +8,12 @@ use std::process::ExitCode;
 use super::inspect::{print_rotations, print_usage};
 use super::report_rotation;
 
-pub fn run(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn run(config: Option<PathBuf>, dry_run: bool) -> anyhow::Result<ExitCode> {
     let config = super::load(config.as_ref())?;
     super::init_tracing(&config);
     super::runtime()?.block_on(async {
-        let summary = crate::daemon::serve(config.clone()).await?;
+        let summary =
+            crate::daemon::serve(config.clone(), crate::daemon::ServeOptions { dry_run }).await?;
         if config.input.follow {
             return Ok(ExitCode::SUCCESS);
         }

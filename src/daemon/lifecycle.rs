@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use super::deadletter::{DeadLetter, DeadLetterFile, DEFAULT_MAX_BYTES};
+use super::deadletter::{DeadLetter, DeadLetterConfig, DeadLetterFile};
 use crate::config::Config;
 use crate::detect::Policy;
 use crate::registry::{LifecycleEvent, Registry, RegistryWatcher, Reload};
@@ -89,11 +89,12 @@ impl RegistryFeed {
     pub fn follow_topic(
         &mut self,
         state_dir: &Path,
+        keep: DeadLetterConfig,
         topic: &str,
         rx: mpsc::Receiver<LifecycleMessage>,
     ) -> anyhow::Result<()> {
         let path = state_dir.join(LIFECYCLE_DEAD_LETTER_FILE);
-        let dead_letters = DeadLetterFile::open(&path, DEFAULT_MAX_BYTES)
+        let dead_letters = DeadLetterFile::open(&path, keep)
             .with_context(|| format!("opening {}", path.display()))?;
         self.watcher
             .get_or_insert_with(RegistryWatcher::without_file);
@@ -345,7 +346,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut feed = RegistryFeed::new(None, Duration::from_secs(3600));
         let (tx, rx) = mpsc::channel(8);
-        feed.follow_topic(dir.path(), "lc", rx).unwrap();
+        feed.follow_topic(dir.path(), DeadLetterConfig::default(), "lc", rx)
+            .unwrap();
         assert!(feed.follows_topic());
         let event = serde_json::to_vec(&created("k1")).unwrap();
         tx.send(LifecycleMessage::Event {

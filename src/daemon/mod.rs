@@ -47,7 +47,7 @@ use crate::notify::Input;
 use crate::source::kafka::{KafkaSettings, KafkaSource};
 use crate::source::lifecycle::LifecycleConsumer;
 use crate::source::{self, Batch, FileFollower, FollowOptions, Position};
-use deadletter::{DeadLetterFile, DeadLetterSink, DEAD_LETTER_FILE, DEFAULT_MAX_BYTES};
+use deadletter::{DeadLetterFile, DeadLetterSink, DEAD_LETTER_FILE};
 use deadletter_kafka::KafkaDeadLetters;
 use findings::FindingSink;
 use lifecycle::{load_rules, RegistryFeed};
@@ -232,9 +232,12 @@ pub async fn run_with_gate(
                 lifecycle_cancel.clone(),
             )
             .context("rules.lifecycle")?;
-            pipeline
-                .registry_feed()
-                .follow_topic(&config.state_dir, &l.topic, rx)?;
+            pipeline.registry_feed().follow_topic(
+                &config.state_dir,
+                config.dead_letter,
+                &l.topic,
+                rx,
+            )?;
             tracing::info!(topic = %l.topic, brokers = %l.brokers, "reading lifecycle events");
             let caught_up = pipeline.catch_up(l.catch_up_timeout).await?;
             // Caught up or not, events now apply as they arrive: ready either way.
@@ -264,7 +267,7 @@ pub async fn run_with_gate(
             )
         }
         _ => Box::new(
-            DeadLetterFile::open(&config.state_dir.join(DEAD_LETTER_FILE), DEFAULT_MAX_BYTES)
+            DeadLetterFile::open(&config.state_dir.join(DEAD_LETTER_FILE), config.dead_letter)
                 .context("opening the dead-letter file")?,
         ),
     };
@@ -385,9 +388,37 @@ impl Reader {
     }
 }
 
+/// How `keywatch run` tells people.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeOptions {
+    /// `--dry-run`: detect and store as usual, render every notification to standard output
+    /// and send none; the notification log is only read (see [`crate::notify::dry_run`]),
+    /// the owners' Telegram bot stays off and no attempt is written to ClickHouse.
+    pub dry_run: bool,
+}
+
+/// The notifier of a run: the real one, or the dry run's.
+enum RunNotifier {
+    Real(crate::notify::Notifier),
+    DryRun(crate::notify::Notifier<crate::notify::DryRunLog<crate::store::SqliteStore>>),
+}
+
+impl RunNotifier {
+    fn spawn(
+        self,
+        rx: mpsc::Receiver<Input>,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        match self {
+            RunNotifier::Real(n) => tokio::spawn(n.run(rx, cancel)),
+            RunNotifier::DryRun(n) => tokio::spawn(n.run(rx, cancel)),
+        }
+    }
+}
+
 /// `keywatch run`: the metrics server, signal handling, the notifier and the pipeline, until
 /// the input ends or a signal asks to stop; then everything in order (see the module doc).
-pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
+pub async fn serve(config: Config, options: ServeOptions) -> anyhow::Result<RunSummary> {
     let cancel = CancellationToken::new();
     let mut steps = vec![server::WAIT_STORE, server::WAIT_WARM_UP];
     if config.rules.lifecycle.is_some() {
@@ -396,12 +427,22 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
     let health = Arc::new(Health::starting(&steps));
     let metrics = crate::telemetry::install().context("installing the metrics recorder")?;
     let routes = notify_config(&config)?;
+    if options.dry_run {
+        tracing::info!(
+            "dry run: findings are detected and stored as usual; notifications are rendered \
+             to standard output and not sent, and the notification log is left as it was"
+        );
+    }
     // The file's registry; the pipeline sends the lifecycle topic's changes once read.
     let registry = match &config.rules.keys {
         Some(p) => Arc::new(crate::registry::Registry::load(p)?),
         None => Arc::new(crate::registry::Registry::empty()),
     };
-    let bot = telegram_bot(&config, &routes, &registry)?;
+    let bot = if options.dry_run {
+        None
+    } else {
+        telegram_bot(&config, &routes, &registry)?
+    };
     let server_task = match config.server {
         Some(addr) => {
             let hook = bot.as_ref().and_then(|b| b.hook.clone());
@@ -424,26 +465,50 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
 
     // The notifier: its own task, fed new findings by the pipeline through a bounded
     // channel. Its log lives in the embedded store in every mode.
-    let mut notifier = crate::notify::Notifier::new(
-        routes,
-        match &bot {
-            Some(b) => b.registry.borrow().clone(),
-            None => registry.clone(),
-        },
-        crate::store::SqliteStore::open(&config.state_dir)?,
-    )?;
-    // In full mode every attempt is also written to ClickHouse (dashboards), in batches.
-    let attempt_sink = match &config.store {
-        StoreConfig::ClickHouse(c) => {
-            let store = crate::store::open::open_clickhouse(c)?;
-            let (tx, rx) = mpsc::channel(1024);
-            // What the group's other instances delivered counts as told here too.
-            notifier = notifier
-                .with_attempt_sink(tx)
-                .with_shared_log(Arc::new(store.clone()));
-            Some(tokio::spawn(crate::notify::run_attempt_sink(store, rx)))
+    // A dry run keeps the owners' bot off but still knows the chats owners linked to it.
+    let links_without_bot =
+        options.dry_run && crate::notify::bot::bot_config(&routes).is_ok_and(|b| b.is_some());
+    let notifier_registry = match &bot {
+        Some(b) => b.registry.borrow().clone(),
+        None if links_without_bot => {
+            tracing::info!("dry run: the owners' Telegram bot is off");
+            Arc::new(crate::notify::bot::registry_with_links(
+                &registry,
+                &config.state_dir,
+            ))
         }
-        StoreConfig::Sqlite => None,
+        None => registry.clone(),
+    };
+    let log = crate::store::SqliteStore::open(&config.state_dir)?;
+    let (notifier, attempt_sink) = if options.dry_run {
+        let mut notifier = crate::notify::Notifier::dry_run(
+            routes,
+            notifier_registry,
+            log,
+            crate::notify::Console::Stdout,
+        )?;
+        if let StoreConfig::ClickHouse(c) = &config.store {
+            // Read only: what the group's other instances delivered counts as told.
+            let store = crate::store::open::open_clickhouse(c)?;
+            notifier = notifier.with_shared_log(Arc::new(store));
+        }
+        (RunNotifier::DryRun(notifier), None)
+    } else {
+        let mut notifier = crate::notify::Notifier::new(routes, notifier_registry, log)?;
+        // In full mode every attempt is also written to ClickHouse (dashboards), in batches.
+        let attempt_sink = match &config.store {
+            StoreConfig::ClickHouse(c) => {
+                let store = crate::store::open::open_clickhouse(c)?;
+                let (tx, rx) = mpsc::channel(1024);
+                // What the group's other instances delivered counts as told here too.
+                notifier = notifier
+                    .with_attempt_sink(tx)
+                    .with_shared_log(Arc::new(store.clone()));
+                Some(tokio::spawn(crate::notify::run_attempt_sink(store, rx)))
+            }
+            StoreConfig::Sqlite => None,
+        };
+        (RunNotifier::Real(notifier), attempt_sink)
     };
     let (findings_tx, findings_rx) = mpsc::channel::<Input>(64);
     let notify_cancel = CancellationToken::new();
@@ -485,9 +550,28 @@ pub async fn serve(config: Config) -> anyhow::Result<RunSummary> {
             }
             (pipeline_tx, findings_rx, Some(gate))
         }
+        None if links_without_bot => {
+            // pipeline ─▶ links added to each reloaded registry ─▶ notifier
+            let (pipeline_tx, mut links_rx) = mpsc::channel::<Input>(64);
+            let state_dir = config.state_dir.clone();
+            tokio::spawn(async move {
+                while let Some(input) = links_rx.recv().await {
+                    let input = match input {
+                        Input::Registry(r) => Input::Registry(Arc::new(
+                            crate::notify::bot::registry_with_links(&r, &state_dir),
+                        )),
+                        other => other,
+                    };
+                    if findings_tx.send(input).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            (pipeline_tx, findings_rx, None)
+        }
         None => (findings_tx, findings_rx, None),
     };
-    let notify_task = tokio::spawn(notifier.run(notifier_rx, notify_cancel.clone()));
+    let notify_task = notifier.spawn(notifier_rx, notify_cancel.clone());
 
     let result = run_with_gate(config, health, cancel.clone(), Some(findings_tx), gate).await;
     // The pipeline has stopped and dropped its sender: the notifier drains what is due,

@@ -1,9 +1,12 @@
 //! The notifier's entry points outside the pipeline: `keywatch check-config` checks the
-//! templates ([`check_templates`]) and `keywatch notify test` sends one test message
-//! ([`send_test`]), through the same targets, templates and channels as the pipeline.
+//! templates ([`check_templates`]), `check-config --connect` reaches the email servers and
+//! checks the Telegram tokens ([`reach_channels`]), and `keywatch notify test` sends one test
+//! message ([`send_test`]), through the same targets, templates and channels as the
+//! pipeline.
 //!
-//! Contract: neither writes the notification log; `check_templates` reads template files
-//! only (no secrets, no network).
+//! Contract: none writes the notification log; `check_templates` reads template files
+//! only (no secrets, no network); `reach_channels` sends nothing and its answers hold no
+//! secret.
 
 use std::collections::HashMap;
 
@@ -18,6 +21,30 @@ use super::{wall_ms, NotifyError};
 use crate::config::ConfigError;
 use crate::detect::Severity;
 use crate::registry::Registry;
+
+/// For `keywatch check-config --connect`: one line per email channel (connected to its
+/// server with TLS and AUTH as configured, NOOP, nothing sent) and per Telegram channel
+/// (the token checked with `getMe`): (what, Ok(detail) | Err(reason)). A secret that
+/// cannot be read fails its channel's line; no line holds a secret.
+pub async fn reach_channels(config: &Config) -> Vec<(String, Result<String, String>)> {
+    let mut out = Vec::new();
+    for (name, c) in &config.channels {
+        let what = match &c.kind {
+            ChannelKind::Email(s) => format!("smtp {}:{} (channel {name})", s.host, s.port),
+            ChannelKind::Telegram(s) => format!("telegram {} (channel {name})", s.api_url),
+            _ => continue,
+        };
+        let result = match Transports::build(config, Some(name), Console::Stdout) {
+            Err(e) => Err(e.to_string()),
+            Ok(t) => match t.reach(name).await {
+                Some(r) => r,
+                None => continue,
+            },
+        };
+        out.push((what, result));
+    }
+    out
+}
 
 /// For `keywatch check-config`: the templates compile and render a sample of every kind
 /// for every channel type. Reads the template files; no secrets, no network.

@@ -42,6 +42,8 @@
 //!   ClickHouse store implements the group-wide ports [`SharedLog`] and [`AttemptLog`]. See
 //!   [`log`] for what a restart may and may not repeat.
 //! - With no channel configured for a recipient, the message goes to standard output.
+//! - `run --dry-run` ([`dry_run`]): the whole pipeline on a read-only view of the log, every
+//!   message rendered to standard output instead of sent, nothing written to the log.
 
 pub mod bot;
 mod channel;
@@ -49,6 +51,7 @@ mod check;
 pub mod config;
 mod dedup;
 mod deliver;
+pub mod dry_run;
 mod group;
 mod inhibit;
 pub mod log;
@@ -70,8 +73,9 @@ pub use channel::webhook::{
     verify as verify_webhook, SIGNATURE_HEADER as WEBHOOK_SIGNATURE_HEADER,
 };
 pub use channel::{scrub, Address, Console, DeliveryError};
-pub use check::{check_templates, send_test};
+pub use check::{check_templates, reach_channels, send_test};
 pub use config::Config;
+pub use dry_run::DryRunLog;
 pub use log::{AttemptLog, AttemptRecord, NotifyLog, SharedLog};
 pub use notifier::Notifier;
 pub use record::run_attempt_sink;

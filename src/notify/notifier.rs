@@ -17,6 +17,7 @@ use super::channel::{Console, Transports};
 use super::config::Config;
 use super::dedup::{self, Dedup};
 use super::deliver;
+use super::dry_run::DryRunLog;
 use super::group::{self, GroupId, Groups, Waiting};
 use super::inhibit::Inhibitors;
 use super::log::{AttemptEnd, AttemptRecord, NotifyLog, PendingRow, SharedLog};
@@ -51,6 +52,19 @@ pub struct Notifier<L: NotifyLog = SqliteStore> {
     orphaned: bool,
 }
 
+impl<L: NotifyLog + Send> Notifier<DryRunLog<L>> {
+    /// `run --dry-run` ([`super::dry_run`]): the same pipeline on `log` read-only, every
+    /// message rendered to `console` instead of sent.
+    pub fn dry_run(
+        config: Config,
+        registry: Arc<Registry>,
+        log: L,
+        console: Console,
+    ) -> Result<Notifier<DryRunLog<L>>, NotifyError> {
+        Notifier::build(config, registry, DryRunLog::new(log)?, console, true)
+    }
+}
+
 impl<L: NotifyLog + Send> Notifier<L> {
     /// Reads the templates and the channels' secrets, and picks up what the log holds from
     /// the last run: messages to send or retry, findings waiting in groups.
@@ -69,8 +83,24 @@ impl<L: NotifyLog + Send> Notifier<L> {
         log: L,
         console: Console,
     ) -> Result<Notifier<L>, NotifyError> {
+        Notifier::build(config, registry, log, console, false)
+    }
+
+    fn build(
+        config: Config,
+        registry: Arc<Registry>,
+        log: L,
+        console: Console,
+        dry_run: bool,
+    ) -> Result<Notifier<L>, NotifyError> {
         let renderer = Renderer::load(&config)?;
-        let transports = Arc::new(Transports::build(&config, None, console)?);
+        let mut transports = Transports::build(&config, None, console)?;
+        let mut recorder = Recorder::default();
+        if dry_run {
+            transports = transports.dry_run();
+            recorder.set_dry_run();
+        }
+        let transports = Arc::new(transports);
         let inhibitors = Inhibitors::new(config.inhibit.clone());
         let mut n = Notifier {
             config: Arc::new(config),
@@ -83,7 +113,7 @@ impl<L: NotifyLog + Send> Notifier<L> {
             inhibitors,
             silences: Silences::default(),
             dedup: Dedup::default(),
-            recorder: Recorder::default(),
+            recorder,
             pruned_ms: None,
             orphaned: false,
         };

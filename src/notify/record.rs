@@ -52,6 +52,8 @@ pub struct Ended<'a> {
 #[derive(Debug, Default)]
 pub struct Recorder {
     sink: Option<mpsc::Sender<AttemptRecord>>,
+    /// `run --dry-run`: attempts are counted with outcome `dry_run` (nothing was sent).
+    dry_run: bool,
 }
 
 impl Recorder {
@@ -59,10 +61,27 @@ impl Recorder {
         self.sink = Some(sink);
     }
 
+    pub fn set_dry_run(&mut self) {
+        self.dry_run = true;
+    }
+
     /// Counts, logs and hands on one attempt's outcome.
     pub fn record(&self, log: &impl NotifyLog, e: Ended<'_>) {
         let m = e.message;
         let attempt = e.attempt;
+        if self.dry_run {
+            metrics::counter!(
+                "keywatch_notifications_total",
+                "channel" => m.channel_type.clone(),
+                "outcome" => "dry_run"
+            )
+            .increment(1);
+            tracing::info!(
+                message = %m.id, recipient = %m.recipient, channel = %m.channel,
+                target = %m.target, kinds = %m.kinds, "dry run: notification rendered, not sent"
+            );
+            return;
+        }
         let (outcome, detail) = outcome(e.end);
         metrics::counter!(
             "keywatch_notifications_total",

@@ -14,10 +14,13 @@ mod cli;
 mod clickhouse_backtest;
 mod clickhouse_detection;
 mod clickhouse_store;
+mod connect;
 mod crash;
 mod daemon;
 mod dashboards;
+mod dead_letters;
 mod deploy;
+mod dry_run;
 mod file_source;
 mod kafka;
 #[cfg(feature = "kafka-tls")]

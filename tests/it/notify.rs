@@ -1367,7 +1367,10 @@ group_wait = "0s"
             stored.push_str(&format!("{a:?}\n"));
         }
     }
-    assert!(stored.contains("telegram answered 404"), "{stored}");
+    assert!(
+        stored.contains("telegram answered 401: Unauthorized"),
+        "{stored}"
+    );
     assert!(
         stored.contains("slack answered 404: no_service"),
         "{stored}"
@@ -1385,7 +1388,10 @@ group_wait = "0s"
     assert!(stored.to_lowercase().contains("connect"), "{stored}");
     let config_debug = format!("{:?} {:?}", env.config, env.registry);
     let all_errors = errors.join("\n");
-    assert!(all_errors.contains("telegram answered 404"), "{all_errors}");
+    assert!(
+        all_errors.contains("telegram answered 401: Unauthorized"),
+        "{all_errors}"
+    );
     for s in secrets {
         assert!(!logs.contains(s), "{s} in the logs:\n{logs}");
         assert!(

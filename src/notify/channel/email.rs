@@ -187,6 +187,17 @@ impl Mailer {
         })
     }
 
+    /// `check-config --connect`: connects as a send would (TLS and AUTH as configured),
+    /// says NOOP and quits; nothing is sent. The error never holds the password.
+    pub async fn test_connection(&self) -> Result<(), String> {
+        let secrets: Vec<&str> = self.password.iter().map(|p| p.expose()).collect();
+        match self.transport.test_connection().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the server did not answer NOOP".into()),
+            Err(e) => Err(scrub(&format!("smtp: {}", chain(&e)), &secrets)),
+        }
+    }
+
     pub async fn send(
         &self,
         id: &str,

@@ -282,6 +282,22 @@ impl Address {
         }
     }
 
+    /// Where a message goes, for the dry run's output: no secret is in an address (a Slack
+    /// webhook is named by its variable or file, a webhook URL not at all).
+    fn describe(&self) -> String {
+        match self {
+            Address::Console => "the console".into(),
+            Address::Email { to } => to.join(", "),
+            Address::Telegram { chat_id } => format!("Telegram chat {chat_id}"),
+            Address::Slack { env: Some(e), .. } => format!("the Slack webhook in ${e}"),
+            Address::Slack { file: Some(f), .. } => {
+                format!("the Slack webhook in {}", f.display())
+            }
+            Address::Slack { .. } => "a Slack webhook".into(),
+            Address::Webhook => "the channel's webhook".into(),
+        }
+    }
+
     fn slack_ref(&self) -> Option<SecretRef> {
         match self {
             Address::Slack { env: Some(e), .. } => Some(SecretRef::Env(e.clone())),
@@ -308,6 +324,8 @@ pub(crate) struct Transports {
     deadline: Duration,
     channels: BTreeMap<String, Transport>,
     console: Console,
+    /// `run --dry-run`: every message is rendered to the console instead of sent.
+    dry_run: bool,
 }
 
 impl Transports {
@@ -378,7 +396,39 @@ impl Transports {
             deadline: config.retry.timeout * 3,
             channels,
             console,
+            dry_run: false,
         })
+    }
+
+    /// Renders every message to the console, with its channel and target, instead of
+    /// sending it (`run --dry-run`; see `notify::dry_run`). The transports are still built,
+    /// so a missing secret fails the dry run like the real one.
+    pub(crate) fn dry_run(mut self) -> Transports {
+        self.dry_run = true;
+        self
+    }
+
+    /// `check-config --connect` for channel `name`: an email channel connects to its server
+    /// (TLS and AUTH as configured, nothing sent), a Telegram channel checks its token with
+    /// `getMe`. `None` for the other types (reaching them would send). The answer is what
+    /// was reached, or why not, without secrets.
+    pub(crate) async fn reach(&self, name: &str) -> Option<Result<String, String>> {
+        let timed_out = || format!("no answer within {} s", self.deadline.as_secs());
+        match self.channels.get(name)? {
+            Transport::Email(m) => Some(
+                tokio::time::timeout(self.deadline, m.test_connection())
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()))
+                    .map(|()| "connected, TLS and login as configured".to_owned()),
+            ),
+            Transport::Telegram(t, _) => Some(
+                tokio::time::timeout(self.deadline, t.get_me())
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()))
+                    .map(|user| format!("token valid: bot @{user}")),
+            ),
+            _ => None,
+        }
     }
 
     async fn guarded(
@@ -409,6 +459,15 @@ impl Transports {
         parts_done: u32,
         reminder_key: Option<&str>,
     ) -> (u32, Result<(), DeliveryError>) {
+        if self.dry_run {
+            self.console.write(&format!(
+                "--- keywatch (dry run, not sent) → {recipient} via {channel} to {} ---\n{}\n\n{}\n",
+                address.describe(),
+                rendered.subject,
+                rendered.text
+            ));
+            return (rendered.parts.len().max(1) as u32, Ok(()));
+        }
         let transport = match self.channels.get(channel) {
             Some(t) => t,
             None if *address == Address::Console => &Transport::Console,

@@ -43,7 +43,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use teloxide_core::payloads::{SendMessage, SendMessageSetters};
+use teloxide_core::payloads::{GetMe, SendMessage, SendMessageSetters};
 use teloxide_core::requests::Payload;
 use teloxide_core::types::{
     ChatId, InlineKeyboardMarkup, LinkPreviewOptions, ParseMode, Recipient, ReplyMarkup, Seconds,
@@ -457,6 +457,18 @@ impl Telegram {
         Ok(Telegram {
             api: Api::new(http.clone(), api_url, &token)?,
         })
+    }
+
+    /// `check-config --connect`: `getMe` checks the token without sending anything; the
+    /// bot's username, or why not (never with the token: [`Api`] scrubs it).
+    pub async fn get_me(&self) -> Result<String, String> {
+        match self.api.call(&GetMe::new(), None).await {
+            Ok(me) => Ok(me
+                .user
+                .username
+                .unwrap_or_else(|| me.user.first_name.clone())),
+            Err(e) => Err(e.delivery().detail().to_owned()),
+        }
     }
 
     /// Sends one message (at most 4096 characters of HTML) to `chat_id`, with `buttons`

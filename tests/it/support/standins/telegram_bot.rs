@@ -12,6 +12,7 @@
 //!   modified" when the markup is the same.
 //! - `setWebhook`: an HTTPS URL on port 443, 80, 88 or 8443, `secret_token` of 1 to 256
 //!   characters `A-Za-z0-9_-`; `deleteWebhook`.
+//! - `getMe`: the bot itself (`BOT_USERNAME`), with the fields of the real answer.
 //! - `reply_markup` of `sendMessage`: an inline keyboard of rows of buttons, each with a text
 //!   and exactly one action, `callback_data` 1 to 64 bytes.
 //!
@@ -68,7 +69,25 @@ fn chat(id: i64) -> Value {
     json!({"id": id, "type": "private", "first_name": "owner"})
 }
 
+/// The stand-in bot's username, as `getMe` tells it.
+pub const BOT_USERNAME: &str = "keywatch_test_bot";
+
 impl BotState {
+    /// `getMe`: the bot's user, as the real API answers it.
+    pub fn get_me(&self) -> Answer {
+        ok(json!({
+            "id": 7_000_000_001i64,
+            "is_bot": true,
+            "first_name": "keywatch test",
+            "username": BOT_USERNAME,
+            "can_join_groups": true,
+            "can_read_all_group_messages": false,
+            "supports_inline_queries": false,
+            "can_connect_to_business": false,
+            "has_main_web_app": false
+        }))
+    }
+
     fn push(&self, kind: &str, value: Value) -> i64 {
         let mut n = self.next_update.lock().unwrap();
         *n += 1;
