@@ -208,6 +208,19 @@ pub const CATALOGUE: &[Metric] = &[
         "rotation evaluations run",
     ),
     m(
+        "keywatch_evaluation_seconds",
+        Histogram,
+        &[],
+        "time one rotation evaluation took (reading the store's rotation view and judging \
+         every open rotation and key age); the capacity guide's figure for rotations",
+    ),
+    m(
+        "keywatch_rotations_open",
+        Gauge,
+        &[],
+        "rotations the last evaluation judged",
+    ),
+    m(
         "keywatch_evaluations_postponed_total",
         Counter,
         &[],

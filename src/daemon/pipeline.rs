@@ -973,7 +973,17 @@ impl Pipeline {
         let Some(ds) = self.store.detection() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         let (found, rotations) = self.engine.evaluate_with_rotations(now_ms, &*ds);
+        let took = started.elapsed();
+        metrics::histogram!("keywatch_evaluation_seconds").record(took.as_secs_f64());
+        metrics::gauge!("keywatch_rotations_open").set(rotations.len() as f64);
+        tracing::debug!(
+            rotations = rotations.len(),
+            findings = found.len(),
+            took_ms = took.as_millis() as u64,
+            "rotations evaluated"
+        );
         match self.sink.evaluated(self.store.as_mut(), found, rotations) {
             // The store is away for a while: this evaluation is dropped, the next one (on
             // the schedule) says the same again; ingestion goes on retrying its commits.
