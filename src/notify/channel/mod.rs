@@ -499,7 +499,17 @@ impl Transports {
                     let buttons = reminder_key
                         .filter(|_| *bot && i == last)
                         .and_then(crate::notify::bot::reminder_buttons);
-                    if let Err(e) = self.guarded(t.send(chat_id, part, buttons)).await {
+                    // A message with a picture (the adoption chart) sends it first, with
+                    // the first part as its caption (`render`: `telegram::split_caption`).
+                    let photo = rendered.images.first().filter(|_| i == 0);
+                    let sent = match photo {
+                        Some(img) => {
+                            self.guarded(t.send_photo(chat_id, &img.data, part, buttons))
+                                .await
+                        }
+                        None => self.guarded(t.send(chat_id, part, buttons)).await,
+                    };
+                    if let Err(e) = sent {
                         return (done, Err(e));
                     }
                     done += 1;
@@ -573,6 +583,59 @@ pub mod fuzz {
         }
         let status = reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::OK);
         super::webhook::classify(status, super::retry_after(&headers), body, secrets)
+    }
+
+    /// A Slack webhook's answer as the channel classifies it.
+    pub fn slack_answer(
+        status: u16,
+        retry_after: &[u8],
+        body: &str,
+        secrets: &[&str],
+    ) -> Result<(), DeliveryError> {
+        super::slack::classify(status, self::retry_after(retry_after), body, secrets)
+    }
+
+    /// A Bot API answer to `sendMessage` (whose result keywatch ignores) as the channel
+    /// classifies it; `body` is cut at the bound first, as the channel reads it. The
+    /// error's detail, with teloxide's typed error for the caller to check too.
+    pub fn telegram_send_answer(
+        status: u16,
+        body: &str,
+        secrets: &[&str],
+    ) -> Result<(), (DeliveryError, String)> {
+        let bound = super::telegram::answer_bound("SendMessage");
+        super::telegram::classify::<serde::de::IgnoredAny>(
+            "SendMessage",
+            status,
+            body,
+            bound,
+            secrets,
+        )
+        .map(|_| ())
+        .map_err(|e| (e.delivery(), format!("{e:?}")))
+    }
+
+    /// A Bot API answer to `getUpdates`, read into teloxide's updates; how many.
+    pub fn telegram_updates_answer(
+        status: u16,
+        body: &str,
+        secrets: &[&str],
+    ) -> Result<usize, (DeliveryError, String)> {
+        let bound = super::telegram::answer_bound("GetUpdates");
+        super::telegram::classify::<Vec<teloxide_core::types::Update>>(
+            "GetUpdates",
+            status,
+            body,
+            bound,
+            secrets,
+        )
+        .map(|u| u.len())
+        .map_err(|e| (e.delivery(), format!("{e:?}")))
+    }
+
+    /// A Telegram message with a photo: caption and the parts after it.
+    pub fn telegram_caption_split(text: &str, max_parts: usize) -> Vec<String> {
+        super::telegram::split_caption(text, max_parts)
     }
 
     /// `Retry-After` as every channel reads it.

@@ -21,7 +21,9 @@
 
 use serde_json::{json, Value};
 
-use super::{excerpt, http_error, retry_after, url_secrets, DeliveryError};
+use super::{
+    answer_text, excerpt, http_error, retry_after, url_secrets, DeliveryError, MAX_ANSWER_BYTES,
+};
 use crate::registry::Secret;
 
 /// Posts one message: mrkdwn text, with its blocks when it has any.
@@ -45,16 +47,29 @@ pub async fn send(
         .map_err(|e| http_error(e, &secrets))?;
     let status = resp.status();
     let wait = retry_after(resp.headers());
-    let answer = resp.text().await.unwrap_or_default();
-    if status.is_success() {
+    // Bounded: what Slack says is a word (`ok`, `invalid_payload`); a broken proxy's
+    // endless answer is not read past the bound. An answer that fails midway is read as
+    // empty: its status is what counts.
+    let answer = answer_text(resp, MAX_ANSWER_BYTES)
+        .await
+        .unwrap_or_default();
+    classify(status.as_u16(), wait, &answer, &secrets)
+}
+
+/// Slack's answer (status, `Retry-After`, body) as keywatch reads it: 2xx delivered; 408,
+/// 429 and 5xx retried (after `wait`); anything else refused for good. The detail holds an
+/// excerpt of the body scrubbed of `secrets`.
+pub(crate) fn classify(
+    status: u16,
+    wait: Option<std::time::Duration>,
+    answer: &str,
+    secrets: &[&str],
+) -> Result<(), DeliveryError> {
+    if (200..300).contains(&status) {
         return Ok(());
     }
-    let detail = format!(
-        "slack answered {}: {}",
-        status.as_u16(),
-        excerpt(&answer, &secrets)
-    );
-    if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
+    let detail = format!("slack answered {status}: {}", excerpt(answer, secrets));
+    if status == 429 || status >= 500 || status == 408 {
         Err(DeliveryError::Transient {
             detail,
             retry_after: wait,
