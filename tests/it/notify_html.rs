@@ -775,6 +775,18 @@ async fn on_telegram_the_reminder_is_the_chart_as_a_photo_with_its_caption_then_
     );
     let rest: Vec<&str> = texts.iter().map(|t| t.text()).collect();
     let whole = format!("{caption}\n{}", rest.join("\n"));
+    // For a person to look at: the photo, the caption and the messages after it.
+    let out = artifacts();
+    std::fs::write(out.join("telegram-photo.png"), &file.data).unwrap();
+    std::fs::write(
+        out.join("telegram-reminder.txt"),
+        format!(
+            "--- photo caption ({parsed} characters after parsing)\n{caption}\n--- {} message(s) after it\n{}\n",
+            rest.len(),
+            rest.join("\n---\n")
+        ),
+    )
+    .unwrap();
     for t in &rest {
         crate::support::check_telegram_html(t).unwrap();
     }

@@ -674,6 +674,69 @@ pub mod fuzz {
     }
 }
 
+/// A server that answers one request with an endless body, for the tests that the channels
+/// read their answers bounded.
+#[cfg(test)]
+pub(crate) mod endless {
+    use std::io::{Read, Write};
+    use std::net::SocketAddr;
+    use std::thread::JoinHandle;
+
+    /// The test process's peak resident set (VmHWM), in KiB.
+    pub(crate) fn peak_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/self/status")
+    }
+
+    /// Answers the first request with `status` (`500 Internal Server Error`), `head` as the
+    /// body's first bytes, then `x` in 64 KiB chunks up to 1 GiB or until the client hangs
+    /// up; the thread returns how many bytes of body it wrote.
+    pub(crate) fn endless_answer(
+        status: &str,
+        content_type: &str,
+        head: &[u8],
+    ) -> (SocketAddr, JoinHandle<u64>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let head = head.to_vec();
+        let server = std::thread::spawn(move || -> u64 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early");
+                req.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(first.as_bytes()).unwrap();
+            let mut sent = 0u64;
+            if !head.is_empty() {
+                s.write_all(format!("{:x}\r\n", head.len()).as_bytes())
+                    .unwrap();
+                s.write_all(&head).unwrap();
+                s.write_all(b"\r\n").unwrap();
+                sent += head.len() as u64;
+            }
+            let chunk = [b"10000\r\n".as_slice(), &[b'x'; 0x10000], b"\r\n"].concat();
+            while sent < 1 << 30 {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += 0x10000;
+            }
+            sent
+        });
+        (addr, server)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -990,6 +990,130 @@ mod tests {
         assert_eq!(typed, ApiError::BotBlocked);
     }
 
+    /// The text a Telegram HTML shows (tags out, entities as one character each).
+    fn shown(html: &str) -> String {
+        let mut out = String::new();
+        for t in tokenize_html(html) {
+            if let HtmlTok::Text(s) = t {
+                out.push_str(s);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_caption_is_cut_within_its_limit_and_the_rest_follows_whole() {
+        let mut text = String::from("<b>header</b> <code>k&lt;1&gt;</code>\n<pre>");
+        for i in 0..60 {
+            text.push_str(&format!("row {i} <code>{}</code>\n", "é&amp;".repeat(8)));
+        }
+        text.push_str("</pre>\n<i>end</i>");
+        let parts = split_caption(&text, 10);
+        assert!(parts.len() >= 2, "{parts:?}");
+        assert!(utf16_len(&parts[0]) <= CAPTION_LIMIT, "{}", utf16_len(&parts[0]));
+        for p in &parts {
+            check_keywatch_html(p).unwrap_or_else(|e| panic!("{e}: {p}"));
+            assert!(utf16_len(p) <= TELEGRAM_LIMIT);
+        }
+        // Cut at a line end inside the <pre>, which the next part opens again.
+        assert!(parts[0].ends_with("</pre>"), "{}", parts[0]);
+        assert!(parts[1].starts_with("<pre>row "), "{}", &parts[1][..20]);
+        // Nothing lost, nothing twice.
+        let joined: String = parts.iter().map(|p| shown(p)).collect::<Vec<_>>().join("\n");
+        assert_eq!(joined.replace('\n', ""), shown(&text).replace('\n', ""));
+        // A short message is its caption alone.
+        assert_eq!(split_caption("<b>hi</b>\nthere", 5), ["<b>hi</b>\nthere"]);
+        // At most max_parts parts in all (the caption and one more at least).
+        let long = "line of text\n".repeat(2000);
+        let limited = split_caption(&long, 3);
+        assert_eq!(limited.len(), 3);
+        assert!(limited[2].ends_with("more parts not sent</i>"));
+        assert_eq!(split_caption(&long, 1).len(), 2);
+    }
+
+    #[test]
+    fn answers_are_classified_without_the_token() {
+        let token = "123456:AAE-secret-token";
+        let secrets = [token];
+        let bound = answer_bound("SendMessage");
+        let send = |status: u16, body: &str| {
+            classify::<serde::de::IgnoredAny>("SendMessage", status, body, bound, &secrets)
+                .map(|_| ())
+        };
+        assert!(send(200, r#"{"ok":true,"result":{"message_id":1}}"#).is_ok());
+        let e = send(
+            400,
+            &format!(r#"{{"ok":false,"error_code":400,"description":"Bad Request: chat not found /bot{token}/x"}}"#),
+        )
+        .unwrap_err();
+        assert!(matches!(e.api_error(), Some(ApiError::Unknown(d)) if !d.contains(token)), "{e:?}");
+        assert!(!e.delivery().is_transient());
+        assert!(!format!("{e:?}").contains(token));
+        let e = send(400, r#"{"ok":false,"error_code":400,"description":"Bad Request: chat not found"}"#)
+            .unwrap_err();
+        assert_eq!(e.api_error(), Some(&ApiError::ChatNotFound));
+        let e = send(
+            429,
+            r#"{"ok":false,"error_code":429,"description":"Too Many Requests","parameters":{"retry_after":3}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.delivery(),
+            DeliveryError::Transient {
+                detail: "telegram answered 429: Too Many Requests".into(),
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        // Not the API's JSON: a proxy's page is retried after a 5xx, not after a 4xx; an
+        // answer cut at the bound says so.
+        assert!(send(502, &format!("<html>bad gateway {token}</html>"))
+            .unwrap_err()
+            .delivery()
+            .is_transient());
+        let e = send(413, "<html>too large</html>").unwrap_err().delivery();
+        assert!(!e.is_transient());
+        let cut = format!(r#"{{"ok":true,"result":{{"text":"{}"#, "x".repeat(bound));
+        let e = send(200, &cut).unwrap_err().delivery();
+        assert!(e.is_transient());
+        assert!(e.detail().ends_with(&format!("(an answer longer than {bound} bytes, not read further)")), "{e}");
+        // `ok: true` with an error status is no success.
+        assert!(send(500, r#"{"ok":true,"result":true}"#).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_endless_answer_is_read_only_up_to_the_bound() {
+        use super::super::endless::{endless_answer, peak_rss_kib};
+        // A Bot API (or a proxy in front of it) answering 502 with 1 GiB.
+        let (addr, server) = endless_answer(
+            "502 Bad Gateway",
+            "application/json",
+            br#"{"ok":false,"description":"#,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "123456:AAE-secret-token").unwrap();
+        let token = SecretRef::File(dir.path().join("token")).resolve().unwrap();
+        let before = peak_rss_kib();
+        let tg = Telegram::new(&reqwest::Client::new(), &format!("http://{addr}"), token).unwrap();
+        let err = tg.send("42", "<b>hi</b>", None).await.unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(
+            err.detail().starts_with(r#"telegram answered 502: {"ok":false,"description":xxx"#),
+            "{err:?}"
+        );
+        assert!(err.detail().contains("longer than 1048576 bytes"), "{err:?}");
+        let sent = tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+        println!(
+            "the Bot API wrote {} KiB of its answer before keywatch hung up (bound {} KiB); \
+             peak RSS {before} KiB -> {} KiB",
+            sent >> 10,
+            MAX_CALL_ANSWER_BYTES >> 10,
+            peak_rss_kib()
+        );
+        assert!(sent < 256 << 20, "{sent} bytes read");
+    }
+
     #[test]
     fn short_messages_stay_whole() {
         assert_eq!(split_html("<b>hi</b>", 4096, 5), ["<b>hi</b>"]);
