@@ -329,7 +329,10 @@ mod line_tests {
         );
         assert_eq!(got[1].too_long, Some(100));
         assert_eq!(got[4].too_long, Some(11));
-        assert_eq!(got.iter().map(|l| l.consumed).sum::<u64>(), input.len() as u64);
+        assert_eq!(
+            got.iter().map(|l| l.consumed).sum::<u64>(),
+            input.len() as u64
+        );
         // An over-long last line without a newline.
         let got = lines(&[b'y'; 50], 10);
         assert_eq!(got.len(), 1);

@@ -352,10 +352,11 @@ impl Charts {
         ctx: &mut serde_json::Value,
         rotations: &HashMap<String, RotationStatus>,
     ) -> Option<InlineImage> {
-        let status = ctx["sections"]
-            .as_array()?
-            .iter()
-            .find_map(|s| s["rotation"]["old_key"].as_str().and_then(|k| rotations.get(k)))?;
+        let status = ctx["sections"].as_array()?.iter().find_map(|s| {
+            s["rotation"]["old_key"]
+                .as_str()
+                .and_then(|k| rotations.get(k))
+        })?;
         let data = self.png(status)?.clone();
         ctx["photo"] = serde_json::json!(true);
         Some(InlineImage {

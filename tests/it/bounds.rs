@@ -132,7 +132,11 @@ fn backtest_measured(dir: &Path, log: &Path, max_line_bytes: usize) -> (u64, Str
         })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no peak RSS in:\n{stderr}"));
-    (kib, String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    (
+        kib,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
 }
 
 #[test]

@@ -729,7 +729,11 @@ async fn on_telegram_the_reminder_is_the_chart_as_a_photo_with_its_caption_then_
     let photos = api.telegram_calls("sendPhoto");
     assert_eq!(photos.len(), 1, "{calls:?}");
     let photo = &photos[0];
-    assert!(photo.accepted, "the Bot API refused the photo: {}", photo.answer);
+    assert!(
+        photo.accepted,
+        "the Bot API refused the photo: {}",
+        photo.answer
+    );
     assert!(
         photo
             .header("content-type")
@@ -739,8 +743,14 @@ async fn on_telegram_the_reminder_is_the_chart_as_a_photo_with_its_caption_then_
         photo.header("content-type")
     );
     let texts = api.sent_to(TG_CHAT);
-    assert!(!texts.is_empty(), "the rest of the message follows the photo");
-    assert!(calls[0].path.ends_with("/sendPhoto"), "the photo comes first");
+    assert!(
+        !texts.is_empty(),
+        "the rest of the message follows the photo"
+    );
+    assert!(
+        calls[0].path.ends_with("/sendPhoto"),
+        "the photo comes first"
+    );
     assert!(texts.iter().all(|t| t.at >= photo.at));
 
     // --- The photo: the rotation's adoption chart, a PNG of the chart's size.
@@ -813,10 +823,15 @@ async fn on_telegram_the_reminder_is_the_chart_as_a_photo_with_its_caption_then_
     for bad in ["<script", "<img src=x", "</td></tr>", "<b>&co", "<A>"] {
         assert!(!whole.contains(bad), "{bad} unescaped: {whole}");
     }
-    assert!(whole.contains("&lt;script&gt;alert('x')&lt;/script&gt;"), "{whole}");
+    assert!(
+        whole.contains("&lt;script&gt;alert('x')&lt;/script&gt;"),
+        "{whole}"
+    );
     assert!(whole.contains("evil &lt;b&gt;&amp;co&lt;/b&gt;"), "{whole}");
     assert!(
-        whole.contains("billing &lt;A&gt; &quot;v1&quot; &lt;/td&gt;&lt;script&gt;k()&lt;/script&gt;"),
+        whole.contains(
+            "billing &lt;A&gt; &quot;v1&quot; &lt;/td&gt;&lt;script&gt;k()&lt;/script&gt;"
+        ),
         "{whole}"
     );
     assert!(shown.contains(EVIL_OWNER) && shown.contains(EVIL_KEY_NAME));
@@ -874,7 +889,11 @@ async fn on_telegram_the_reminder_is_the_chart_as_a_photo_with_its_caption_then_
     let before = api.sent_to(TG_CHAT).len();
     let (_, found) = rotation(&registry, now);
     n2.handle(found, &[], now).await.unwrap();
-    assert_eq!(api.telegram_calls("sendPhoto").len(), 1, "no photo without a chart");
+    assert_eq!(
+        api.telegram_calls("sendPhoto").len(),
+        1,
+        "no photo without a chart"
+    );
     let after = api.sent_to(TG_CHAT);
     assert!(after.len() > before, "the reminder went as text");
     let buttons = serde_json::to_string(&after.last().unwrap().body["reply_markup"]).unwrap();

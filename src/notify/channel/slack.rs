@@ -445,7 +445,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_transient(), "{err:?}");
-        assert!(err.detail().starts_with("slack answered 503: xxxx"), "{err:?}");
+        assert!(
+            err.detail().starts_with("slack answered 503: xxxx"),
+            "{err:?}"
+        );
         let sent = tokio::task::spawn_blocking(move || server.join().unwrap())
             .await
             .unwrap();
@@ -463,8 +466,13 @@ mod tests {
     fn answers_are_classified() {
         let secrets = ["/services/T0/B0/slack-secret-part"];
         assert_eq!(classify(200, None, "ok", &secrets), Ok(()));
-        let e = classify(429, Some(std::time::Duration::from_secs(2)), "rate_limited", &secrets)
-            .unwrap_err();
+        let e = classify(
+            429,
+            Some(std::time::Duration::from_secs(2)),
+            "rate_limited",
+            &secrets,
+        )
+        .unwrap_err();
         assert_eq!(
             e,
             DeliveryError::Transient {
@@ -472,9 +480,16 @@ mod tests {
                 retry_after: Some(std::time::Duration::from_secs(2))
             }
         );
-        assert!(classify(503, None, "", &secrets).unwrap_err().is_transient());
-        let e = classify(404, None, "no_service /services/T0/B0/slack-secret-part", &secrets)
-            .unwrap_err();
+        assert!(classify(503, None, "", &secrets)
+            .unwrap_err()
+            .is_transient());
+        let e = classify(
+            404,
+            None,
+            "no_service /services/T0/B0/slack-secret-part",
+            &secrets,
+        )
+        .unwrap_err();
         assert!(!e.is_transient());
         assert_eq!(e.detail(), "slack answered 404: no_service <redacted>");
     }

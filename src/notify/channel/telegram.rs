@@ -43,7 +43,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use teloxide_core::payloads::{GetMe, SendMessage, SendMessageSetters, SendPhoto, SendPhotoSetters};
+use teloxide_core::payloads::{
+    GetMe, SendMessage, SendMessageSetters, SendPhoto, SendPhotoSetters,
+};
 use teloxide_core::requests::Payload;
 use teloxide_core::types::{
     ChatId, InlineKeyboardMarkup, InputFile, LinkPreviewOptions, ParseMode, Recipient, ReplyMarkup,
@@ -402,7 +404,11 @@ impl Api {
             .mime_str(file.content_type)
             .map_err(|e| CallError::Transport(DeliveryError::permanent(format!("{field}: {e}"))))?;
         form = form.part(field, part);
-        let req = self.bot.client().post(self.method_url::<P>()).multipart(form);
+        let req = self
+            .bot
+            .client()
+            .post(self.method_url::<P>())
+            .multipart(form);
         self.exchange::<P, serde::de::IgnoredAny>(req, chat, None)
             .await
             .map(|_| ())
@@ -1010,7 +1016,11 @@ mod tests {
         text.push_str("</pre>\n<i>end</i>");
         let parts = split_caption(&text, 10);
         assert!(parts.len() >= 2, "{parts:?}");
-        assert!(utf16_len(&parts[0]) <= CAPTION_LIMIT, "{}", utf16_len(&parts[0]));
+        assert!(
+            utf16_len(&parts[0]) <= CAPTION_LIMIT,
+            "{}",
+            utf16_len(&parts[0])
+        );
         for p in &parts {
             check_keywatch_html(p).unwrap_or_else(|e| panic!("{e}: {p}"));
             assert!(utf16_len(p) <= TELEGRAM_LIMIT);
@@ -1019,7 +1029,11 @@ mod tests {
         assert!(parts[0].ends_with("</pre>"), "{}", parts[0]);
         assert!(parts[1].starts_with("<pre>row "), "{}", &parts[1][..20]);
         // Nothing lost, nothing twice.
-        let joined: String = parts.iter().map(|p| shown(p)).collect::<Vec<_>>().join("\n");
+        let joined: String = parts
+            .iter()
+            .map(|p| shown(p))
+            .collect::<Vec<_>>()
+            .join("\n");
         assert_eq!(joined.replace('\n', ""), shown(&text).replace('\n', ""));
         // A short message is its caption alone.
         assert_eq!(split_caption("<b>hi</b>\nthere", 5), ["<b>hi</b>\nthere"]);
@@ -1046,11 +1060,17 @@ mod tests {
             &format!(r#"{{"ok":false,"error_code":400,"description":"Bad Request: chat not found /bot{token}/x"}}"#),
         )
         .unwrap_err();
-        assert!(matches!(e.api_error(), Some(ApiError::Unknown(d)) if !d.contains(token)), "{e:?}");
+        assert!(
+            matches!(e.api_error(), Some(ApiError::Unknown(d)) if !d.contains(token)),
+            "{e:?}"
+        );
         assert!(!e.delivery().is_transient());
         assert!(!format!("{e:?}").contains(token));
-        let e = send(400, r#"{"ok":false,"error_code":400,"description":"Bad Request: chat not found"}"#)
-            .unwrap_err();
+        let e = send(
+            400,
+            r#"{"ok":false,"error_code":400,"description":"Bad Request: chat not found"}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.api_error(), Some(&ApiError::ChatNotFound));
         let e = send(
             429,
@@ -1075,7 +1095,12 @@ mod tests {
         let cut = format!(r#"{{"ok":true,"result":{{"text":"{}"#, "x".repeat(bound));
         let e = send(200, &cut).unwrap_err().delivery();
         assert!(e.is_transient());
-        assert!(e.detail().ends_with(&format!("(an answer longer than {bound} bytes, not read further)")), "{e}");
+        assert!(
+            e.detail().ends_with(&format!(
+                "(an answer longer than {bound} bytes, not read further)"
+            )),
+            "{e}"
+        );
         // `ok: true` with an error status is no success.
         assert!(send(500, r#"{"ok":true,"result":true}"#).is_err());
     }
@@ -1097,10 +1122,14 @@ mod tests {
         let err = tg.send("42", "<b>hi</b>", None).await.unwrap_err();
         assert!(err.is_transient(), "{err:?}");
         assert!(
-            err.detail().starts_with(r#"telegram answered 502: {"ok":false,"description":xxx"#),
+            err.detail()
+                .starts_with(r#"telegram answered 502: {"ok":false,"description":xxx"#),
             "{err:?}"
         );
-        assert!(err.detail().contains("longer than 1048576 bytes"), "{err:?}");
+        assert!(
+            err.detail().contains("longer than 1048576 bytes"),
+            "{err:?}"
+        );
         let sent = tokio::task::spawn_blocking(move || server.join().unwrap())
             .await
             .unwrap();

@@ -366,7 +366,9 @@ async fn handle(s: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Respon
             Api::Webhook => (200, "ok".to_owned(), None, true),
         },
     };
-    record(s, api, &path, &headers, &json, status, accepted, &answer, files);
+    record(
+        s, api, &path, &headers, &json, status, accepted, &answer, files,
+    );
     let mut resp = (StatusCode::from_u16(status).unwrap(), answer).into_response();
     if let Some(a) = retry_after {
         resp.headers_mut()
@@ -519,7 +521,10 @@ async fn multipart_decode(
                 data,
             });
         } else {
-            fields.insert(name, Value::String(String::from_utf8_lossy(&data).into_owned()));
+            fields.insert(
+                name,
+                Value::String(String::from_utf8_lossy(&data).into_owned()),
+            );
         }
     }
     Ok((Value::Object(fields), files))
