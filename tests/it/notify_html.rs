@@ -742,11 +742,13 @@ async fn on_telegram_the_reminder_is_the_chart_as_a_photo_with_its_caption_then_
         "{:?}",
         photo.header("content-type")
     );
-    let texts = api.sent_to(TG_CHAT);
+    let texts = api.telegram_calls("sendMessage");
+    assert!(texts.iter().all(|t| t.accepted), "{texts:?}");
     assert!(
         !texts.is_empty(),
         "the rest of the message follows the photo"
     );
+    assert_eq!(api.sent_to(TG_CHAT).len(), texts.len() + 1);
     assert!(
         calls[0].path.ends_with("/sendPhoto"),
         "the photo comes first"

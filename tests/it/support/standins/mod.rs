@@ -98,9 +98,22 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The message text (Telegram and Slack `text`, webhook `text`).
+    /// A Telegram message's `reply_markup` (JSON text in a multipart form, an object in a
+    /// JSON body), Null without one.
+    pub fn reply_markup(&self) -> Value {
+        match &self.body["reply_markup"] {
+            Value::String(j) => serde_json::from_str(j).unwrap_or(Value::Null),
+            v => v.clone(),
+        }
+    }
+
+    /// The message text (Telegram and Slack `text`, webhook `text`; a Telegram photo's
+    /// caption).
     pub fn text(&self) -> &str {
-        self.body["text"].as_str().unwrap_or("")
+        self.body["text"]
+            .as_str()
+            .or_else(|| self.body["caption"].as_str())
+            .unwrap_or("")
     }
 }
 
@@ -190,11 +203,16 @@ impl StandIn {
             .collect()
     }
 
-    /// Messages the Bot API took for `chat`.
+    /// Messages the Bot API took for `chat`: texts and photos, in order.
     pub fn sent_to(&self, chat: &str) -> Vec<Request> {
-        self.telegram_calls("sendMessage")
+        self.requests()
             .into_iter()
-            .filter(|r| r.accepted && chat_of(&r.body) == chat)
+            .filter(|r| {
+                r.api == Api::Telegram
+                    && (r.path.ends_with("/sendMessage") || r.path.ends_with("/sendPhoto"))
+                    && r.accepted
+                    && chat_of(&r.body) == chat
+            })
             .collect()
     }
 
