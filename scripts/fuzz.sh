@@ -53,7 +53,7 @@ run_one() {
 seed() {
     local d=fuzz/seeds kw=${KEYWATCH:-target/debug/keywatch}
     [ -x "$kw" ] || cargo build --bin keywatch
-    rm -rf "$d" && mkdir -p "$d"/{decode,fingerprint_leak,timestamps,lifecycle,config_main,config_registry,config_policy,config_routes,score_csv,templates,channel_answers}
+    rm -rf "$d" && mkdir -p "$d"/{decode,fingerprint_leak,timestamps,lifecycle,config_main,config_registry,config_policy,config_routes,score_csv,templates,channel_answers,telegram_slack_answers}
     # decode: the first byte picks the decoder (fuzz/src/lib.rs: presets in PRESETS order).
     local i=0
     for p in kong tyk traefik envoy nginx aws-apigw; do
@@ -80,7 +80,7 @@ seed() {
     cp rules/routes.toml "$d/config_routes/rules.toml"; cp deploy/routes.toml "$d/config_routes/deploy.toml"
     printf 'timestamp,value\n2014-04-10 07:15:00,1\n2014-04-10 07:20:00,2.5\n2014-04-10 07:25:00,100\n' >"$d/score_csv/small.csv"
     python3 -c 'import random; random.seed(1); print("timestamp,value"); [print(f"2014-04-{10+i//288:02d} {(i%288)*5//60:02d}:{(i%288)*5%60:02d}:00,{random.gauss(50,5) if i!=500 else 400:.2f}") for i in range(600)]' >"$d/score_csv/series.csv"
-    for f in templates channel_answers; do head -c 256 /dev/urandom >"$d/$f/random"; done
+    for f in templates channel_answers telegram_slack_answers; do head -c 256 /dev/urandom >"$d/$f/random"; done
     printf '\x02\x00\x00\x005000\x00\x00\x00<script>alert(1)</script>&amp;`x`' >"$d/templates/markup"
     echo "seeds: $(find "$d" -type f | wc -l) files in $d"
 }

@@ -5,6 +5,10 @@
 //! A long replay shows a progress bar on stderr (indicatif) when stderr is a terminal: bytes
 //! of the log read, or event time covered of the ClickHouse range. Not a terminal (a pipe, a
 //! file, CI): nothing but the closing summary, so scripts read stdout and stderr as before.
+//!
+//! A log line longer than `input.max_line_bytes` is never read whole, as in the daemon: it
+//! is skipped up to its newline, said on stderr with its offset and size, and counted with
+//! the lines that do not decode.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -37,12 +41,38 @@ pub fn backtest(
                 file.metadata().map_or(0, |m| m.len()),
                 "{bar:40} {bytes}/{total_bytes} of the log, {bytes_per_sec}, {eta} left",
             );
-            let lines = std::io::BufRead::split(std::io::BufReader::new(file), b'\n')
-                .map_while(Result::ok)
-                .inspect(|l| bar.inc(l.len() as u64 + 1));
-            let summary = crate::daemon::backtest::backtest(lines, decoder, pipeline);
+            // Lines as long as the daemon takes them (`input.max_line_bytes`): a longer one
+            // is skipped unread and counted with its size, like the daemon's dead letter.
+            let max = config.input.max_line_bytes;
+            let mut too_long = 0u64;
+            let summary = crate::daemon::backtest::backtest_reader(
+                std::io::BufReader::new(file),
+                max,
+                decoder,
+                pipeline,
+                |line, offset| {
+                    bar.inc(line.consumed);
+                    if let Some(n) = line.too_long {
+                        too_long += 1;
+                        bar.suspend(|| {
+                            eprintln!(
+                                "skipped the line at byte {offset} of {}: {n} bytes, longer \
+                                 than input.max_line_bytes ({max})",
+                                input.display()
+                            )
+                        });
+                    }
+                },
+            );
             bar.finish_and_clear();
-            summary?
+            let summary = summary?;
+            if summary.dead_letters > 0 {
+                eprintln!(
+                    "{} line(s) did not decode and were skipped ({too_long} too long)",
+                    summary.dead_letters
+                );
+            }
+            summary
         }
         (None, Some(from)) => {
             let to = to.unwrap_or(i64::MAX);

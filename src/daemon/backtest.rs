@@ -106,7 +106,47 @@ pub fn read_lifecycle(path: &Path, registry: &Registry) -> anyhow::Result<TimedL
 pub fn backtest(
     lines: impl Iterator<Item = Vec<u8>>,
     decoder: Decoder,
+    pipeline: Pipeline,
+) -> anyhow::Result<RunSummary> {
+    replay(
+        lines.map(|l| {
+            let consumed = l.len() as u64 + 1;
+            Ok(Line {
+                bytes: l,
+                consumed,
+                too_long: None,
+            })
+        }),
+        decoder,
+        pipeline,
+        |_, _| {},
+    )
+}
+
+/// [`backtest`] of a log read from `reader`, a line at most `max_line_bytes` long (the
+/// daemon's `input.max_line_bytes`): a longer one is never held whole, but skipped up to
+/// its newline and replaced by the marker the decoder dead-letters with its size
+/// ([`BoundedLines`]). `seen` is told of every line (with its offset) as it is read.
+pub fn backtest_reader(
+    reader: impl std::io::BufRead,
+    max_line_bytes: usize,
+    decoder: Decoder,
+    pipeline: Pipeline,
+    seen: impl FnMut(&Line, u64),
+) -> anyhow::Result<RunSummary> {
+    replay(
+        BoundedLines::new(reader, max_line_bytes),
+        decoder,
+        pipeline,
+        seen,
+    )
+}
+
+fn replay(
+    lines: impl Iterator<Item = std::io::Result<Line>>,
+    decoder: Decoder,
     mut pipeline: Pipeline,
+    mut seen: impl FnMut(&Line, u64),
 ) -> anyhow::Result<RunSummary> {
     let mut stage = LineStage {
         decoder,
@@ -116,8 +156,10 @@ pub fn backtest(
     let mut batch = Batch::default();
     let mut offset = 0u64;
     for line in lines {
-        batch.push_line(&line, offset);
-        offset += line.len() as u64 + 1;
+        let line = line.with_context(|| format!("cannot read the log at byte {offset}"))?;
+        seen(&line, offset);
+        batch.push_line(&line.bytes, offset);
+        offset += line.consumed;
         if batch.len() >= CHUNK {
             pipeline.process_batch(&mut stage, std::mem::take(&mut batch))?;
         }
@@ -134,6 +176,105 @@ pub fn backtest(
         );
     }
     Ok(summary)
+}
+
+/// A line of a log as [`BoundedLines`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// The line without its `\n`, or for an over-long line the marker
+    /// ([`crate::event::too_long_marker`]) that the decoder refuses as `line too long: N
+    /// bytes (limit M)`.
+    pub bytes: Vec<u8>,
+    /// Bytes of the log it took, its `\n` included.
+    pub consumed: u64,
+    /// An over-long line's length (without its `\n`).
+    pub too_long: Option<u64>,
+}
+
+/// The lines of `reader`, none held longer than `max` bytes: the same contract as the file
+/// source's `LineBatcher` (src/source/file.rs) for a reader that is read once, to its end.
+///
+/// Hand-written on `BufRead` (no crate does this): `read_until` under `take(max + 1)`
+/// reads a line that fits; past that the rest of the line is skipped a buffer at a time
+/// (`fill_buf`/`consume`), counted, never kept.
+pub struct BoundedLines<R> {
+    reader: R,
+    max: usize,
+}
+
+impl<R: std::io::BufRead> BoundedLines<R> {
+    pub fn new(reader: R, max: usize) -> Self {
+        BoundedLines {
+            reader,
+            max: max.max(1),
+        }
+    }
+}
+
+impl<R: std::io::BufRead> Iterator for BoundedLines<R> {
+    type Item = std::io::Result<Line>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::{BufRead, Read};
+        let mut bytes = Vec::new();
+        let n = match (&mut self.reader)
+            .take(self.max as u64 + 1)
+            .read_until(b'\n', &mut bytes)
+        {
+            Ok(n) => n as u64,
+            Err(e) => return Some(Err(e)),
+        };
+        if n == 0 {
+            return None;
+        }
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+            return Some(Ok(Line {
+                bytes,
+                consumed: n,
+                too_long: None,
+            }));
+        }
+        if bytes.len() <= self.max {
+            // The last line, without a newline.
+            return Some(Ok(Line {
+                bytes,
+                consumed: n,
+                too_long: None,
+            }));
+        }
+        drop(bytes);
+        let (mut len, mut consumed) = (n, n);
+        loop {
+            let buf = match self.reader.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Some(Err(e)),
+            };
+            if buf.is_empty() {
+                break;
+            }
+            match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    len += i as u64;
+                    consumed += i as u64 + 1;
+                    self.reader.consume(i + 1);
+                    break;
+                }
+                None => {
+                    let k = buf.len();
+                    len += k as u64;
+                    consumed += k as u64;
+                    self.reader.consume(k);
+                }
+            }
+        }
+        Some(Ok(Line {
+            bytes: crate::event::too_long_marker(len).into_bytes(),
+            consumed,
+            too_long: Some(len),
+        }))
+    }
 }
 
 /// Replays `events` (in event time order, for a meaningful replay) through `pipeline`. The
@@ -153,4 +294,49 @@ pub fn backtest_events<E: std::fmt::Display>(
         pipeline.process_events(chunk)?;
     }
     pipeline.finish()
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::*;
+
+    fn lines(input: &[u8], max: usize) -> Vec<Line> {
+        // A small buffer, so that lines straddle refills.
+        let r = std::io::BufReader::with_capacity(7, input);
+        BoundedLines::new(r, max).map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn lines_past_the_bound_are_replaced_by_their_size_and_offsets_hold() {
+        let mut input = b"short\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 100));
+        input.extend(b"\nexactly10\n0123456789\n01234567890\nlast");
+        let got = lines(&input, 10);
+        let text: Vec<String> = got
+            .iter()
+            .map(|l| String::from_utf8_lossy(&l.bytes).into_owned())
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "short",
+                &crate::event::too_long_marker(100),
+                "exactly10",
+                "0123456789",
+                &crate::event::too_long_marker(11),
+                "last"
+            ]
+        );
+        assert_eq!(got[1].too_long, Some(100));
+        assert_eq!(got[4].too_long, Some(11));
+        assert_eq!(
+            got.iter().map(|l| l.consumed).sum::<u64>(),
+            input.len() as u64
+        );
+        // An over-long last line without a newline.
+        let got = lines(&[b'y'; 50], 10);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].too_long, got[0].consumed), (Some(50), 50));
+        assert!(lines(b"", 10).is_empty());
+    }
 }

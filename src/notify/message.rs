@@ -4,7 +4,9 @@
 //!
 //! The context, as the templates see it:
 //! - `test`, `recipient` (`owner:acme`), `receiver`, `owner`, `tz` (the recipient's time
-//!   zone: every `*_local` time is in it), `severity` (the highest), `count`, `channel`;
+//!   zone: every `*_local` time is in it), `severity` (the highest), `count`, `channel`,
+//!   `photo` (Telegram: true when the adoption chart goes as a photo, the text's head as
+//!   its caption of at most 1024 characters);
 //! - `sections`: `kind` (of the most severe finding), `kinds`, `title`, `severity`, `key_id`,
 //!   `key_label`, `owner`, `rotation` (or none), `findings`. A section holds the findings of
 //!   one kind and key, except that a rotation's progress (lingering sources, reminder,
@@ -386,7 +388,8 @@ pub struct Rendered {
     /// Slack: the Block Kit blocks of each of `parts` (whose texts are then the fallback).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<Value>,
-    /// Pictures the HTML shows by `cid:` (the adoption charts).
+    /// Pictures the HTML shows by `cid:` (the adoption charts). Telegram: the photo sent
+    /// first, with `parts[0]` as its caption.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<InlineImage>,
 }
@@ -450,6 +453,11 @@ pub fn render(
         images: Vec::new(),
     };
     match channel_type {
+        // With a photo (`photo`: the adoption chart goes with the message), the first
+        // part is its caption.
+        "telegram" if ctx["photo"] == true => {
+            r.parts = telegram::split_caption(get(template::TELEGRAM).trim(), max_parts)
+        }
         "telegram" => {
             r.parts = telegram::split_html(
                 get(template::TELEGRAM).trim(),

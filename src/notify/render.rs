@@ -11,7 +11,9 @@
 //! An email about a rotation the notifier has a view of carries its adoption chart
 //! ([`crate::chart`], drawn from that same view so the picture and the numbers agree) as an
 //! inline image that the HTML names by `cid:`; a chart that cannot be drawn leaves the
-//! HTML without it, never the message unsent.
+//! HTML without it, never the message unsent. A Telegram message about a rotation carries
+//! the chart of its first rotation as a photo, its text's head as the caption and the rest
+//! in the messages after it; without a chart it is text alone.
 
 use std::collections::HashMap;
 
@@ -277,10 +279,10 @@ impl Renderer {
                 send,
             );
             let mut value = ctx.to_value(&t.channel, now_ms);
-            let images = if t.channel_type == "email" {
-                charts.attach(&mut value, rotations)
-            } else {
-                Vec::new()
+            let images = match t.channel_type {
+                "email" => charts.attach(&mut value, rotations),
+                "telegram" => charts.photo(&mut value, rotations).into_iter().collect(),
+                _ => Vec::new(),
             };
             let body = WebhookBody {
                 id: &id,
@@ -290,11 +292,15 @@ impl Renderer {
                 test: false,
             };
             let mut rendered = self.render(t.channel_type, &value, config.max_parts, &body);
-            // Only the pictures the HTML shows (an edited template may leave a chart out).
-            rendered.images = images
-                .into_iter()
-                .filter(|i| rendered.html.contains(&format!("cid:{}", i.cid)))
-                .collect();
+            rendered.images = if t.channel_type == "telegram" {
+                images
+            } else {
+                // Only the pictures the HTML shows (an edited template may leave a chart out).
+                images
+                    .into_iter()
+                    .filter(|i| rendered.html.contains(&format!("cid:{}", i.cid)))
+                    .collect()
+            };
             out.push(NewMessage {
                 id,
                 recipient: gid.recipient.clone(),
@@ -315,13 +321,51 @@ impl Renderer {
     }
 }
 
-/// The adoption charts of one flush, drawn once however many email targets show them.
+/// The adoption charts of one flush, drawn once however many targets show them.
 #[derive(Default)]
 struct Charts {
     drawn: HashMap<String, Option<Vec<u8>>>,
 }
 
 impl Charts {
+    /// The chart of `status`, drawn the first time it is asked for; `None` when it cannot
+    /// be drawn (the message goes without it).
+    fn png(&mut self, status: &RotationStatus) -> Option<&Vec<u8>> {
+        self.drawn
+            .entry(status.old_key.clone())
+            .or_insert_with(|| match crate::chart::adoption_png(status) {
+                Ok(png) => Some(png),
+                Err(e) => {
+                    tracing::warn!(key = %status.old_key, error = %e, "no adoption chart in the message");
+                    None
+                }
+            })
+            .as_ref()
+    }
+
+    /// A Telegram message's photo: the chart of its first rotation section (a message
+    /// carries one photo), and `photo = true` in the context so that the text is split as
+    /// its caption and what follows (`message::render`). `None`: no rotation in the
+    /// message, or no chart drawn; the message goes as text.
+    fn photo(
+        &mut self,
+        ctx: &mut serde_json::Value,
+        rotations: &HashMap<String, RotationStatus>,
+    ) -> Option<InlineImage> {
+        let status = ctx["sections"].as_array()?.iter().find_map(|s| {
+            s["rotation"]["old_key"]
+                .as_str()
+                .and_then(|k| rotations.get(k))
+        })?;
+        let data = self.png(status)?.clone();
+        ctx["photo"] = serde_json::json!(true);
+        Some(InlineImage {
+            cid: "adoption-1@keywatch".to_owned(),
+            content_type: "image/png".to_owned(),
+            data,
+        })
+    }
+
     /// Names the chart of each rotation section in the context (`rotation.chart_cid`) and
     /// returns the pictures to send with the HTML.
     fn attach(
@@ -338,17 +382,7 @@ impl Charts {
             let Some(status) = r["old_key"].as_str().and_then(|k| rotations.get(k)) else {
                 continue;
             };
-            let png = self
-                .drawn
-                .entry(status.old_key.clone())
-                .or_insert_with(|| match crate::chart::adoption_png(status) {
-                    Ok(png) => Some(png),
-                    Err(e) => {
-                        tracing::warn!(key = %status.old_key, error = %e, "no adoption chart in the email");
-                        None
-                    }
-                });
-            if let Some(png) = png {
+            if let Some(png) = self.png(status) {
                 let cid = format!("adoption-{}@keywatch", images.len() + 1);
                 r["chart_cid"] = serde_json::json!(cid);
                 images.push(InlineImage {

@@ -1,5 +1,5 @@
 //! Bounds on what others send (issue 18): an over-long log line is dead-lettered with its
-//! size without being read into memory, and the metrics server refuses an oversized or
+//! size without being read into memory (by the daemon, and counted by `keywatch backtest`), and the metrics server refuses an oversized or
 //! slow request head. Each test prints the memory it measured (peak RSS) rather than timing
 //! anything; the assertions are on behaviour, and on memory only with a wide margin.
 
@@ -96,6 +96,95 @@ fn an_over_long_line_is_dead_lettered_with_its_size_and_memory_stays_flat() {
     );
     assert_eq!(r["line"], format!("<line too long: {long_len} bytes>"));
     assert_eq!(r["offset"], KONG.len() as u64 + 1);
+}
+
+/// `keywatch backtest --input LOG` under GNU time: (peak RSS in KiB, stdout, stderr).
+fn backtest_measured(dir: &Path, log: &Path, max_line_bytes: usize) -> (u64, String, String) {
+    let config = dir.join("backtest.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[input]\nkind = \"file\"\npath = {log:?}\nfollow = false\n\
+             max_line_bytes = {max_line_bytes}\n[fingerprint]\nsecret_env = \"KW_TEST_SECRET\"\n\
+             [server]\nenabled = false\n",
+            dir.join("backtest-state")
+        ),
+    )
+    .unwrap();
+    let out = Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(env!("CARGO_BIN_EXE_keywatch"))
+        .args(["backtest", "--config"])
+        .arg(&config)
+        .arg("--input")
+        .arg(log)
+        .env("KW_TEST_SECRET", SECRET)
+        .env_remove("KEYWATCH_LOG")
+        .output()
+        .expect("GNU time (/usr/bin/time, Debian's `time` package) runs keywatch");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "keywatch backtest failed:\n{stderr}");
+    let kib = stderr
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Maximum resident set size (kbytes): ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in:\n{stderr}"));
+    (
+        kib,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+#[test]
+fn backtest_skips_an_over_long_line_unread_and_says_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let long_len: u64 = 256 << 20;
+    let log = dir.path().join("gateway.log");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&log).unwrap());
+        writeln!(f, "{KONG}").unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..(long_len >> 20) {
+            f.write_all(&chunk).unwrap();
+        }
+        writeln!(f).unwrap();
+        writeln!(f, "{KONG}").unwrap();
+    }
+    let short = dir.path().join("short.log");
+    std::fs::write(&short, format!("{KONG}\n{KONG}\n")).unwrap();
+
+    let (baseline_kib, base_out, base_err) = backtest_measured(dir.path(), &short, 64 * 1024);
+    let (peak_kib, out, err) = backtest_measured(dir.path(), &log, 64 * 1024);
+    println!(
+        "keywatch backtest peak RSS: {baseline_kib} KiB for two short lines, {peak_kib} KiB \
+         with a {} MiB line between them (input.max_line_bytes = 65536)",
+        long_len >> 20
+    );
+    assert!(
+        peak_kib < baseline_kib + 64 * 1024,
+        "peak RSS {peak_kib} KiB against {baseline_kib} KiB without the long line"
+    );
+    // The line is said with its offset and size, and counted; the lines around it replay
+    // as without it.
+    assert!(
+        err.contains(&format!(
+            "skipped the line at byte {} of {}: {long_len} bytes, longer than \
+             input.max_line_bytes (65536)",
+            KONG.len() + 1,
+            log.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 line(s) did not decode and were skipped (1 too long)"),
+        "{err}"
+    );
+    assert!(!base_err.contains("did not decode"), "{base_err}");
+    assert_eq!(out, base_out, "the same findings as without the long line");
 }
 
 /// VmHWM of this process, KiB.

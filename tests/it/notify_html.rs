@@ -5,7 +5,9 @@
 //! rotation view, the PNG decoded and its plotted data compared too; hostile owner, key and
 //! user-agent strings must come out escaped in every format, and no secret anywhere.
 //! Headless Chromium renders the HTML and the screenshot is kept under
-//! `target/tmp/notify-artifacts/` for a person to look at.
+//! `target/tmp/notify-artifacts/` for a person to look at. On Telegram the reminder is the
+//! same chart as a photo (`sendPhoto`, a multipart upload the stand-in checks as the Bot API
+//! does) with the head of the text as its caption and the rest in messages after it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -632,4 +634,270 @@ async fn slack_messages_past_fifty_blocks_go_in_several_within_the_limits() {
         assert!(all.contains(&format!("`198.51.100.{i}`")), "source {i}");
     }
     assert!(!all.contains("<script>") && all.contains("&lt;script&gt;"));
+}
+
+const TG_TOKEN: &str = "987654:tg-photo-secret-part";
+const TG_CHAT: &str = "4242";
+
+fn tg_registry(dir: &Path) -> Registry {
+    let text = format!(
+        r#"
+[owners."{EVIL_OWNER}"]
+timezone = "Europe/Berlin"
+telegram_chat_id = {TG_CHAT}
+
+[[keys]]
+id = "key-a"
+name = '{EVIL_KEY_NAME}'
+owner = "{EVIL_OWNER}"
+state = "rotating"
+successor = "key-b"
+rotation_started = "2026-11-10T09:00"
+deadline = "2026-11-24T18:00"
+
+[[keys]]
+id = "key-b"
+name = "billing B"
+owner = "{EVIL_OWNER}"
+version = 2
+
+[[keys]]
+id = "key-c"
+name = "old <c> & co"
+owner = "{EVIL_OWNER}"
+"#
+    );
+    let _ = dir;
+    Registry::parse("keys.toml", &text).unwrap()
+}
+
+fn tg_routes(api_url: &str, token_file: &Path) -> String {
+    format!(
+        r#"
+[defaults]
+group_wait = "0s"
+[retry]
+first = "1s"
+max = "30s"
+give_up_after = "1h"
+timeout = "5s"
+[channels.tg]
+type = "telegram"
+api_url = "{api_url}"
+bot_token_file = "{}"
+bot = "poll"
+[receivers.owner]
+owner = true
+channels = ["tg"]
+[[routes]]
+receivers = ["owner"]
+"#,
+        token_file.display()
+    )
+}
+
+/// The text of Telegram HTML as the app shows it (tags out, entities read).
+fn tg_text(html: &str) -> String {
+    let doc = Html::parse_fragment(html);
+    doc.root_element().text().collect()
+}
+
+#[tokio::test]
+async fn on_telegram_the_reminder_is_the_chart_as_a_photo_with_its_caption_then_the_rest() {
+    let api = StandIn::start(TG_TOKEN, &[TG_CHAT], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("tg-token");
+    std::fs::write(&token_file, format!("{TG_TOKEN}\n")).unwrap();
+    let registry = Arc::new(tg_registry(dir.path()));
+    let config = Config::parse("routes.toml", &tg_routes(&api.url(), &token_file)).unwrap();
+    let store = SqliteStore::open(&dir.path().join("state")).unwrap();
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let mut n =
+        Notifier::with_console(config, registry.clone(), store, Console::Capture(console)).unwrap();
+    let now = at("2026-11-21T10:00:00Z");
+    let (status, found) = rotation(&registry, now);
+    n.handle(found, std::slice::from_ref(&status), now)
+        .await
+        .unwrap();
+
+    // --- One photo, then the rest of the message as text, in that order.
+    let calls: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.api == Api::Telegram)
+        .collect();
+    let photos = api.telegram_calls("sendPhoto");
+    assert_eq!(photos.len(), 1, "{calls:?}");
+    let photo = &photos[0];
+    assert!(
+        photo.accepted,
+        "the Bot API refused the photo: {}",
+        photo.answer
+    );
+    assert!(
+        photo
+            .header("content-type")
+            .unwrap()
+            .starts_with("multipart/form-data; boundary="),
+        "{:?}",
+        photo.header("content-type")
+    );
+    let texts = api.telegram_calls("sendMessage");
+    assert!(texts.iter().all(|t| t.accepted), "{texts:?}");
+    assert!(
+        !texts.is_empty(),
+        "the rest of the message follows the photo"
+    );
+    assert_eq!(api.sent_to(TG_CHAT).len(), texts.len() + 1);
+    assert!(
+        calls[0].path.ends_with("/sendPhoto"),
+        "the photo comes first"
+    );
+    assert!(texts.iter().all(|t| t.at >= photo.at));
+
+    // --- The photo: the rotation's adoption chart, a PNG of the chart's size.
+    assert_eq!(photo.files.len(), 1);
+    let file = &photo.files[0];
+    assert_eq!(file.field, "photo");
+    assert_eq!(file.content_type.as_deref(), Some("image/png"));
+    let reader = png::Decoder::new(std::io::Cursor::new(&file.data))
+        .read_info()
+        .unwrap();
+    assert_eq!(
+        (reader.info().width, reader.info().height),
+        (chart::WIDTH, chart::HEIGHT)
+    );
+    let data = chart::png_data(&file.data).expect("the chart carries its data");
+    let want: serde_json::Value =
+        serde_json::from_str(&serde_json::to_string(&AdoptionChart::from_status(&status)).unwrap())
+            .unwrap();
+    assert!(data == want, "the photo is not this rotation's chart");
+
+    // --- The caption: HTML within 1024 characters after parsing; with the rest, the whole
+    // message, nothing lost at the cut.
+    assert_eq!(photo.body["chat_id"], TG_CHAT);
+    assert_eq!(photo.body["parse_mode"], "HTML");
+    let caption = photo.body["caption"].as_str().unwrap();
+    let parsed = crate::support::check_telegram_caption(caption).unwrap();
+    assert!((1..=1024).contains(&parsed), "{parsed}");
+    assert!(caption.encode_utf16().count() <= 1024);
+    assert!(
+        caption.contains(&format!("{:.0}", status.share_24h.unwrap() * 100.0)),
+        "the share in the caption: {caption}"
+    );
+    let rest: Vec<&str> = texts.iter().map(|t| t.text()).collect();
+    let whole = format!("{caption}\n{}", rest.join("\n"));
+    // For a person to look at: the photo, the caption and the messages after it.
+    let out = artifacts();
+    std::fs::write(out.join("telegram-photo.png"), &file.data).unwrap();
+    std::fs::write(
+        out.join("telegram-reminder.txt"),
+        format!(
+            "--- photo caption ({parsed} characters after parsing)\n{caption}\n--- {} message(s) after it\n{}\n",
+            rest.len(),
+            rest.join("\n---\n")
+        ),
+    )
+    .unwrap();
+    for t in &rest {
+        crate::support::check_telegram_html(t).unwrap();
+    }
+    let shown = tg_text(&whole);
+    for (i, src) in status.lingering.iter().enumerate() {
+        assert!(
+            shown.contains(&format!("{} requests", src.requests)),
+            "source {i} ({} requests) lost: {shown}",
+            src.requests
+        );
+    }
+    assert!(shown.contains("What to do:"), "{shown}");
+
+    // --- The buttons on the last message, which carries them; none on the photo.
+    assert!(photo.body.get("reply_markup").is_none(), "{:?}", photo.body);
+    let last = texts.last().unwrap();
+    let buttons = serde_json::to_string(&last.body["reply_markup"]).unwrap();
+    assert!(buttons.contains("kw:ack:key-a"), "{buttons}");
+    for t in &texts[..texts.len() - 1] {
+        assert!(t.body.get("reply_markup").is_none());
+    }
+
+    // --- Hostile strings are text, never markup, in the caption and the rest.
+    for bad in ["<script", "<img src=x", "</td></tr>", "<b>&co", "<A>"] {
+        assert!(!whole.contains(bad), "{bad} unescaped: {whole}");
+    }
+    assert!(
+        whole.contains("&lt;script&gt;alert('x')&lt;/script&gt;"),
+        "{whole}"
+    );
+    assert!(whole.contains("evil &lt;b&gt;&amp;co&lt;/b&gt;"), "{whole}");
+    assert!(
+        whole.contains(
+            "billing &lt;A&gt; &quot;v1&quot; &lt;/td&gt;&lt;script&gt;k()&lt;/script&gt;"
+        ),
+        "{whole}"
+    );
+    assert!(shown.contains(EVIL_OWNER) && shown.contains(EVIL_KEY_NAME));
+
+    // --- No secret in any request's content or headers (the token is only in the path,
+    // where the Bot API wants it), nor in the log.
+    let secret = TG_TOKEN.split_once(':').unwrap().1;
+    for r in api.requests() {
+        assert!(!r.body.to_string().contains(secret), "{:?}", r.body);
+        for (k, v) in &r.headers {
+            assert!(!v.contains(secret), "{k}: {v}");
+        }
+        for f in &r.files {
+            assert!(!f.data.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        }
+    }
+    let log = SqliteStore::open(&dir.path().join("state")).unwrap();
+    let rows = log.notify_messages(i64::MIN).unwrap();
+    assert!(!rows.is_empty());
+    for m in &rows {
+        assert!(!m.payload.contains(secret) && !m.address.contains(secret));
+        assert_eq!(m.state, "sent", "{}", m.payload);
+    }
+
+    // --- A finding without a rotation stays text: no photo, one message.
+    let later = now + HOUR;
+    let age = Finding {
+        kind: keywatch::detect::FindingKind::KeyAgeExceeded,
+        key_id: "key-c".into(),
+        owner: Some(EVIL_OWNER.into()),
+        at_ms: later,
+        severity: keywatch::detect::Severity::Warning,
+        summary: "key old <c> & co is 400 days old".into(),
+        evidence: serde_json::json!({}),
+        dedup_key: "key_age_exceeded:key-c".into(),
+    };
+    let before = api.sent_to(TG_CHAT).len();
+    n.handle(vec![age], std::slice::from_ref(&status), later)
+        .await
+        .unwrap();
+    assert_eq!(api.telegram_calls("sendPhoto").len(), 1, "no second photo");
+    let after = api.sent_to(TG_CHAT);
+    assert_eq!(after.len(), before + 1);
+    let age_text = after.last().unwrap().text();
+    assert!(age_text.contains("old &lt;c&gt; &amp; co"), "{age_text}");
+    assert!(after.last().unwrap().body.get("reply_markup").is_none());
+
+    // --- Without a rotation view (no chart can be drawn), the same reminder is text alone
+    // (a notifier of its own, so that nothing is held back as already sent).
+    let config = Config::parse("routes.toml", &tg_routes(&api.url(), &token_file)).unwrap();
+    let store = SqliteStore::open(&dir.path().join("state2")).unwrap();
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let mut n2 =
+        Notifier::with_console(config, registry.clone(), store, Console::Capture(console)).unwrap();
+    let before = api.sent_to(TG_CHAT).len();
+    let (_, found) = rotation(&registry, now);
+    n2.handle(found, &[], now).await.unwrap();
+    assert_eq!(
+        api.telegram_calls("sendPhoto").len(),
+        1,
+        "no photo without a chart"
+    );
+    let after = api.sent_to(TG_CHAT);
+    assert!(after.len() > before, "the reminder went as text");
+    let buttons = serde_json::to_string(&after.last().unwrap().body["reply_markup"]).unwrap();
+    assert!(buttons.contains("kw:ack:key-a"), "{buttons}");
 }

@@ -297,7 +297,8 @@ fn a_snoozed_reminder_holds_the_next_step_back_and_status_answers_from_the_store
     let sent = api.wait_sent_to(&chat, 2, Duration::from_secs(30));
     let reminder = &sent[1];
     assert!(reminder.text().contains(OLD), "{}", reminder.text());
-    let buttons: Vec<(&str, &str)> = reminder.body["reply_markup"]["inline_keyboard"]
+    let markup = reminder.reply_markup();
+    let buttons: Vec<(&str, &str)> = markup["inline_keyboard"]
         .as_array()
         .unwrap()
         .iter()
@@ -387,7 +388,7 @@ fn a_snoozed_reminder_holds_the_next_step_back_and_status_answers_from_the_store
     assert!(ok);
     let sent = api.wait_sent_to(&chat, before + 1, Duration::from_secs(20));
     assert!(
-        !sent[before].body["reply_markup"].is_null(),
+        !sent[before].reply_markup().is_null(),
         "the next step, with its buttons"
     );
     let stderr = stop(daemon);

@@ -499,7 +499,17 @@ impl Transports {
                     let buttons = reminder_key
                         .filter(|_| *bot && i == last)
                         .and_then(crate::notify::bot::reminder_buttons);
-                    if let Err(e) = self.guarded(t.send(chat_id, part, buttons)).await {
+                    // A message with a picture (the adoption chart) sends it first, with
+                    // the first part as its caption (`render`: `telegram::split_caption`).
+                    let photo = rendered.images.first().filter(|_| i == 0);
+                    let sent = match photo {
+                        Some(img) => {
+                            self.guarded(t.send_photo(chat_id, &img.data, part, buttons))
+                                .await
+                        }
+                        None => self.guarded(t.send(chat_id, part, buttons)).await,
+                    };
+                    if let Err(e) = sent {
                         return (done, Err(e));
                     }
                     done += 1;
@@ -575,6 +585,59 @@ pub mod fuzz {
         super::webhook::classify(status, super::retry_after(&headers), body, secrets)
     }
 
+    /// A Slack webhook's answer as the channel classifies it.
+    pub fn slack_answer(
+        status: u16,
+        retry_after: &[u8],
+        body: &str,
+        secrets: &[&str],
+    ) -> Result<(), DeliveryError> {
+        super::slack::classify(status, self::retry_after(retry_after), body, secrets)
+    }
+
+    /// A Bot API answer to `sendMessage` (whose result keywatch ignores) as the channel
+    /// classifies it; `body` is cut at the bound first, as the channel reads it. The
+    /// error's detail, with teloxide's typed error for the caller to check too.
+    pub fn telegram_send_answer(
+        status: u16,
+        body: &str,
+        secrets: &[&str],
+    ) -> Result<(), (DeliveryError, String)> {
+        let bound = super::telegram::answer_bound("SendMessage");
+        super::telegram::classify::<serde::de::IgnoredAny>(
+            "SendMessage",
+            status,
+            body,
+            bound,
+            secrets,
+        )
+        .map(|_| ())
+        .map_err(|e| (e.delivery(), format!("{e:?}")))
+    }
+
+    /// A Bot API answer to `getUpdates`, read into teloxide's updates; how many.
+    pub fn telegram_updates_answer(
+        status: u16,
+        body: &str,
+        secrets: &[&str],
+    ) -> Result<usize, (DeliveryError, String)> {
+        let bound = super::telegram::answer_bound("GetUpdates");
+        super::telegram::classify::<Vec<teloxide_core::types::Update>>(
+            "GetUpdates",
+            status,
+            body,
+            bound,
+            secrets,
+        )
+        .map(|u| u.len())
+        .map_err(|e| (e.delivery(), format!("{e:?}")))
+    }
+
+    /// A Telegram message with a photo: caption and the parts after it.
+    pub fn telegram_caption_split(text: &str, max_parts: usize) -> Vec<String> {
+        super::telegram::split_caption(text, max_parts)
+    }
+
     /// `Retry-After` as every channel reads it.
     pub fn retry_after(value: &[u8]) -> Option<Duration> {
         let mut headers = reqwest::header::HeaderMap::new();
@@ -608,6 +671,69 @@ pub mod fuzz {
 
     pub fn slack_escape(s: &str) -> String {
         super::slack::escape_mrkdwn(s)
+    }
+}
+
+/// A server that answers one request with an endless body, for the tests that the channels
+/// read their answers bounded.
+#[cfg(test)]
+pub(crate) mod endless {
+    use std::io::{Read, Write};
+    use std::net::SocketAddr;
+    use std::thread::JoinHandle;
+
+    /// The test process's peak resident set (VmHWM), in KiB.
+    pub(crate) fn peak_rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/self/status")
+    }
+
+    /// Answers the first request with `status` (`500 Internal Server Error`), `head` as the
+    /// body's first bytes, then `x` in 64 KiB chunks up to 1 GiB or until the client hangs
+    /// up; the thread returns how many bytes of body it wrote.
+    pub(crate) fn endless_answer(
+        status: &str,
+        content_type: &str,
+        head: &[u8],
+    ) -> (SocketAddr, JoinHandle<u64>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let head = head.to_vec();
+        let server = std::thread::spawn(move || -> u64 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early");
+                req.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(first.as_bytes()).unwrap();
+            let mut sent = 0u64;
+            if !head.is_empty() {
+                s.write_all(format!("{:x}\r\n", head.len()).as_bytes())
+                    .unwrap();
+                s.write_all(&head).unwrap();
+                s.write_all(b"\r\n").unwrap();
+                sent += head.len() as u64;
+            }
+            let chunk = [b"10000\r\n".as_slice(), &[b'x'; 0x10000], b"\r\n"].concat();
+            while sent < 1 << 30 {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += 0x10000;
+            }
+            sent
+        });
+        (addr, server)
     }
 }
 

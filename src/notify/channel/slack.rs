@@ -21,7 +21,9 @@
 
 use serde_json::{json, Value};
 
-use super::{excerpt, http_error, retry_after, url_secrets, DeliveryError};
+use super::{
+    answer_text, excerpt, http_error, retry_after, url_secrets, DeliveryError, MAX_ANSWER_BYTES,
+};
 use crate::registry::Secret;
 
 /// Posts one message: mrkdwn text, with its blocks when it has any.
@@ -45,16 +47,29 @@ pub async fn send(
         .map_err(|e| http_error(e, &secrets))?;
     let status = resp.status();
     let wait = retry_after(resp.headers());
-    let answer = resp.text().await.unwrap_or_default();
-    if status.is_success() {
+    // Bounded: what Slack says is a word (`ok`, `invalid_payload`); a broken proxy's
+    // endless answer is not read past the bound. An answer that fails midway is read as
+    // empty: its status is what counts.
+    let answer = answer_text(resp, MAX_ANSWER_BYTES)
+        .await
+        .unwrap_or_default();
+    classify(status.as_u16(), wait, &answer, &secrets)
+}
+
+/// Slack's answer (status, `Retry-After`, body) as keywatch reads it: 2xx delivered; 408,
+/// 429 and 5xx retried (after `wait`); anything else refused for good. The detail holds an
+/// excerpt of the body scrubbed of `secrets`.
+pub(crate) fn classify(
+    status: u16,
+    wait: Option<std::time::Duration>,
+    answer: &str,
+    secrets: &[&str],
+) -> Result<(), DeliveryError> {
+    if (200..300).contains(&status) {
         return Ok(());
     }
-    let detail = format!(
-        "slack answered {}: {}",
-        status.as_u16(),
-        excerpt(&answer, &secrets)
-    );
-    if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
+    let detail = format!("slack answered {status}: {}", excerpt(answer, secrets));
+    if status == 429 || status >= 500 || status == 408 {
         Err(DeliveryError::Transient {
             detail,
             retry_after: wait,
@@ -412,6 +427,72 @@ pub fn blocks(ctx: &Value, max_parts: usize) -> Vec<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_endless_answer_is_read_only_up_to_the_bound() {
+        use super::super::endless::{endless_answer, peak_rss_kib};
+        use super::super::MAX_ANSWER_BYTES;
+        // A broken proxy in front of Slack answering 503 with 1 GiB.
+        let (addr, server) = endless_answer("503 Service Unavailable", "text/plain", b"");
+        let dir = tempfile::tempdir().unwrap();
+        let path = "/services/T0/B0/slack-secret-part";
+        std::fs::write(dir.path().join("hook"), format!("http://{addr}{path}")).unwrap();
+        let url = crate::registry::SecretRef::File(dir.path().join("hook"))
+            .resolve()
+            .unwrap();
+        let before = peak_rss_kib();
+        let err = send(&reqwest::Client::new(), &url, "hi", None)
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(
+            err.detail().starts_with("slack answered 503: xxxx"),
+            "{err:?}"
+        );
+        let sent = tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+        println!(
+            "Slack wrote {} KiB of its answer before keywatch hung up (bound {} KiB); \
+             peak RSS {before} KiB -> {} KiB",
+            sent >> 10,
+            MAX_ANSWER_BYTES >> 10,
+            peak_rss_kib()
+        );
+        assert!(sent < 256 << 20, "{sent} bytes read");
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let secrets = ["/services/T0/B0/slack-secret-part"];
+        assert_eq!(classify(200, None, "ok", &secrets), Ok(()));
+        let e = classify(
+            429,
+            Some(std::time::Duration::from_secs(2)),
+            "rate_limited",
+            &secrets,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            DeliveryError::Transient {
+                detail: "slack answered 429: rate_limited".into(),
+                retry_after: Some(std::time::Duration::from_secs(2))
+            }
+        );
+        assert!(classify(503, None, "", &secrets)
+            .unwrap_err()
+            .is_transient());
+        let e = classify(
+            404,
+            None,
+            "no_service /services/T0/B0/slack-secret-part",
+            &secrets,
+        )
+        .unwrap_err();
+        assert!(!e.is_transient());
+        assert_eq!(e.detail(), "slack answered 404: no_service <redacted>");
+    }
 
     #[test]
     fn mrkdwn_splits_keep_code_blocks_closed() {

@@ -43,15 +43,18 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use teloxide_core::payloads::{GetMe, SendMessage, SendMessageSetters};
+use teloxide_core::payloads::{
+    GetMe, SendMessage, SendMessageSetters, SendPhoto, SendPhotoSetters,
+};
 use teloxide_core::requests::Payload;
 use teloxide_core::types::{
-    ChatId, InlineKeyboardMarkup, LinkPreviewOptions, ParseMode, Recipient, ReplyMarkup, Seconds,
+    ChatId, InlineKeyboardMarkup, InputFile, LinkPreviewOptions, ParseMode, Recipient, ReplyMarkup,
+    Seconds,
 };
 use teloxide_core::{ApiError, Bot, RequestError};
 use tokio::time::Instant;
 
-use super::{excerpt, http_error, DeliveryError};
+use super::{answer_text, excerpt, http_error, scrub, DeliveryError, MAX_ANSWER_BYTES};
 use crate::config::ConfigError;
 use crate::notify::config::ChannelTable;
 use crate::registry::{Secret, SecretRef};
@@ -340,19 +343,94 @@ impl Api {
         P: Payload + Serialize,
         T: DeserializeOwned,
     {
-        if chat.is_some() {
-            self.pacer.wait(chat).await;
-        }
-        tracing::debug!(method = P::NAME, "telegram call");
-        let secrets = self.secrets();
+        let req = self.bot.client().post(self.method_url::<P>()).json(payload);
+        self.exchange::<P, T>(req, chat, timeout).await
+    }
+
+    /// `{api_url}/bot{token}/{method}`: never logged (the token is in it).
+    fn method_url<P: Payload>(&self) -> String {
         // teloxide names payloads in Rust's case (`SendMessage`); the Bot API documents
         // (and matches case-insensitively) `sendMessage`.
         let mut method = P::NAME.to_owned();
         if let Some(first) = method.get_mut(..1) {
             first.make_ascii_lowercase();
         }
-        let url = format!("{}bot{}/{method}", self.bot.api_url(), self.bot.token());
-        let mut req = self.bot.client().post(url).json(payload);
+        format!("{}bot{}/{method}", self.bot.api_url(), self.bot.token())
+    }
+
+    /// Sends `payload` as `multipart/form-data` with `file` as its `field` part (a photo
+    /// upload), paced for `chat`; only asks whether it succeeded, as [`Api::call_ok`].
+    ///
+    /// teloxide's own multipart serializer is private to it (its `Requester` uses it, with
+    /// the drawbacks in the module doc), so the form is built here from the payload's
+    /// serialization: scalars as text parts, objects (`reply_markup`) as JSON text, as the
+    /// Bot API reads a form; the payload's own value for `field` (teloxide writes
+    /// `attach://<random id>` for an in-memory file) is replaced by the file part itself.
+    pub async fn call_multipart_ok<P>(
+        &self,
+        payload: &P,
+        field: &'static str,
+        file: UploadFile,
+        chat: Option<&str>,
+    ) -> Result<(), CallError>
+    where
+        P: Payload + Serialize,
+    {
+        let Value::Object(fields) = serde_json::to_value(payload).map_err(|e| {
+            CallError::Transport(DeliveryError::permanent(format!(
+                "cannot serialize {}: {e}",
+                P::NAME
+            )))
+        })?
+        else {
+            return Err(CallError::Transport(DeliveryError::permanent(format!(
+                "{} does not serialize to an object",
+                P::NAME
+            ))));
+        };
+        let mut form = reqwest::multipart::Form::new();
+        for (k, v) in fields {
+            if k == field || v.is_null() {
+                continue;
+            }
+            let text = match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            form = form.text(k, text);
+        }
+        let part = reqwest::multipart::Part::bytes(file.data)
+            .file_name(file.name)
+            .mime_str(file.content_type)
+            .map_err(|e| CallError::Transport(DeliveryError::permanent(format!("{field}: {e}"))))?;
+        form = form.part(field, part);
+        let req = self
+            .bot
+            .client()
+            .post(self.method_url::<P>())
+            .multipart(form);
+        self.exchange::<P, serde::de::IgnoredAny>(req, chat, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends one request and reads its answer: at most [`answer_bound`] bytes of it, then
+    /// [`classify`].
+    async fn exchange<P, T>(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        chat: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<T, CallError>
+    where
+        P: Payload,
+        T: DeserializeOwned,
+    {
+        if chat.is_some() {
+            self.pacer.wait(chat).await;
+        }
+        tracing::debug!(method = P::NAME, "telegram call");
+        let secrets = self.secrets();
         if let Some(t) = timeout {
             req = req.timeout(t);
         }
@@ -360,62 +438,108 @@ impl Api {
             .send()
             .await
             .map_err(|e| CallError::Transport(http_error(e, &secrets)))?;
-        let status = resp.status();
-        let text = resp
-            .text()
+        let status = resp.status().as_u16();
+        let bound = answer_bound(P::NAME);
+        let text = answer_text(resp, bound)
             .await
             .map_err(|e| CallError::Transport(http_error(e, &secrets)))?;
-        let Ok(answer) = serde_json::from_str::<Value>(&text) else {
-            let detail = format!(
-                "telegram answered {}: {}",
-                status.as_u16(),
-                excerpt(&text, &secrets)
-            );
-            return Err(CallError::Transport(if status.is_client_error() {
-                DeliveryError::permanent(detail)
-            } else {
-                DeliveryError::transient(detail)
-            }));
-        };
-        if answer["ok"] == true && status.is_success() {
-            // From the text, not from `answer`: teloxide's types (an `Update`'s kind) do not
-            // all read back from a `serde_json::Value`.
-            #[derive(serde::Deserialize)]
-            struct Answer<T> {
-                result: T,
-            }
-            return serde_json::from_str::<Answer<T>>(&text)
-                .map(|a| a.result)
-                .map_err(|e| {
-                    CallError::Transport(DeliveryError::transient(format!(
-                        "telegram's answer to {} cannot be read: {e}",
-                        P::NAME
-                    )))
-                });
-        }
-        let code = answer["error_code"]
-            .as_u64()
-            .and_then(|c| u16::try_from(c).ok())
-            .unwrap_or(status.as_u16());
-        let raw = answer["description"].as_str().unwrap_or("").to_owned();
-        let description = excerpt(&raw, &secrets);
-        let params = &answer["parameters"];
-        let error = if let Some(s) = params["retry_after"].as_u64() {
-            RequestError::RetryAfter(Seconds::from_seconds(u32::try_from(s).unwrap_or(u32::MAX)))
-        } else if let Some(to) = params["migrate_to_chat_id"].as_i64() {
-            RequestError::MigrateToChatId(ChatId(to))
-        } else {
-            RequestError::Api(
-                serde_json::from_value::<ApiError>(Value::String(raw.clone()))
-                    .unwrap_or(ApiError::Unknown(raw)),
-            )
-        };
-        Err(CallError::Api {
-            code,
-            error,
-            description,
-        })
+        classify(P::NAME, status, &text, bound, &secrets)
     }
+}
+
+/// The most of an answer to `method` that is read: [`MAX_ANSWER_BYTES`] holds any error
+/// and the echo of a sent message many times over, except in the worst case of a 4096
+/// character text whose every character is an entity (each about 40 bytes of JSON), hence
+/// 1 MiB; `getUpdates` hands out up to 100 such messages at once.
+pub(crate) fn answer_bound(method: &str) -> usize {
+    if method.eq_ignore_ascii_case("GetUpdates") {
+        MAX_UPDATES_ANSWER_BYTES
+    } else {
+        MAX_CALL_ANSWER_BYTES
+    }
+}
+
+/// See [`answer_bound`].
+pub(crate) const MAX_CALL_ANSWER_BYTES: usize = 16 * MAX_ANSWER_BYTES;
+pub(crate) const MAX_UPDATES_ANSWER_BYTES: usize = 32 << 20;
+
+/// A file sent in a multipart call.
+#[derive(Debug, Clone)]
+pub struct UploadFile {
+    pub name: String,
+    pub content_type: &'static str,
+    pub data: Vec<u8>,
+}
+
+/// Reads the Bot API's answer to `method` (HTTP `status`, body `text`, read up to `bound`
+/// bytes) into its typed result or a [`CallError`]; descriptions are scrubbed of
+/// `secrets`. An answer that is not the API's JSON (a proxy's error page, or one cut at
+/// `bound`) is a transport error: permanent for a 4xx, else transient.
+pub(crate) fn classify<T: DeserializeOwned>(
+    method: &str,
+    status: u16,
+    text: &str,
+    bound: usize,
+    secrets: &[&str],
+) -> Result<T, CallError> {
+    let success = (200..300).contains(&status);
+    let Ok(answer) = serde_json::from_str::<Value>(text) else {
+        let cut = if text.len() >= bound {
+            format!(" (an answer longer than {bound} bytes, not read further)")
+        } else {
+            String::new()
+        };
+        let detail = format!(
+            "telegram answered {status}: {}{cut}",
+            excerpt(text, secrets)
+        );
+        return Err(CallError::Transport(if (400..500).contains(&status) {
+            DeliveryError::permanent(detail)
+        } else {
+            DeliveryError::transient(detail)
+        }));
+    };
+    if answer["ok"] == true && success {
+        // From the text, not from `answer`: teloxide's types (an `Update`'s kind) do not
+        // all read back from a `serde_json::Value`.
+        #[derive(serde::Deserialize)]
+        struct Answer<T> {
+            result: T,
+        }
+        return serde_json::from_str::<Answer<T>>(text)
+            .map(|a| a.result)
+            .map_err(|e| {
+                CallError::Transport(DeliveryError::transient(format!(
+                    "telegram's answer to {method} cannot be read: {}",
+                    excerpt(&e.to_string(), secrets)
+                )))
+            });
+    }
+    let code = answer["error_code"]
+        .as_u64()
+        .and_then(|c| u16::try_from(c).ok())
+        .unwrap_or(status);
+    let raw = answer["description"].as_str().unwrap_or("").to_owned();
+    let description = excerpt(&raw, secrets);
+    let params = &answer["parameters"];
+    let error = if let Some(s) = params["retry_after"].as_u64() {
+        RequestError::RetryAfter(Seconds::from_seconds(u32::try_from(s).unwrap_or(u32::MAX)))
+    } else if let Some(to) = params["migrate_to_chat_id"].as_i64() {
+        RequestError::MigrateToChatId(ChatId(to))
+    } else {
+        // teloxide's reading, from the scrubbed description: an unknown one is kept as
+        // `ApiError::Unknown`, which must not carry the token either.
+        let d = scrub(&raw, secrets);
+        RequestError::Api(
+            serde_json::from_value::<ApiError>(Value::String(d.clone()))
+                .unwrap_or(ApiError::Unknown(d)),
+        )
+    };
+    Err(CallError::Api {
+        code,
+        error,
+        description,
+    })
 }
 
 /// A chat id as the Bot API takes it: a number, or `@channel`.
@@ -485,10 +609,72 @@ impl Telegram {
             .map(|_| ())
             .map_err(|e| e.delivery())
     }
+
+    /// Sends `png` as a photo to `chat_id` with `caption` (at most [`CAPTION_LIMIT`]
+    /// characters of HTML, [`split_caption`]) under it, and `buttons` when given.
+    pub async fn send_photo(
+        &self,
+        chat_id: &str,
+        png: &[u8],
+        caption: &str,
+        buttons: Option<InlineKeyboardMarkup>,
+    ) -> Result<(), DeliveryError> {
+        let mut p = SendPhoto::new(recipient(chat_id), InputFile::memory(png.to_vec()))
+            .caption(caption)
+            .parse_mode(ParseMode::Html);
+        if let Some(b) = buttons {
+            p = p.reply_markup(ReplyMarkup::InlineKeyboard(b));
+        }
+        let file = UploadFile {
+            name: "adoption.png".to_owned(),
+            content_type: "image/png",
+            data: png.to_vec(),
+        };
+        self.api
+            .call_multipart_ok(&p, "photo", file, Some(chat_id))
+            .await
+            .map_err(|e| e.delivery())
+    }
 }
 
 /// Telegram's limit per message.
 pub const TELEGRAM_LIMIT: usize = 4096;
+
+/// Telegram's limit per photo caption ("0-1024 characters after entities parsing").
+pub const CAPTION_LIMIT: usize = 1024;
+
+/// A message that goes with a photo: the caption (at most [`CAPTION_LIMIT`] UTF-16 units of
+/// HTML, tags and entities counted as written, so within Telegram's limit after parsing
+/// too; cut at a line end where possible, never inside a tag or an entity, the tags open at
+/// the cut closed), then the rest of `text` in messages of at most [`TELEGRAM_LIMIT`], the
+/// tags open at the cut opened again. At most `max_parts` parts in all, the caption one of
+/// them.
+pub fn split_caption(text: &str, max_parts: usize) -> Vec<String> {
+    let (caption, rest) = split_first(text, CAPTION_LIMIT);
+    let mut parts = vec![caption];
+    let rest = rest.trim_start_matches('\n');
+    if !rest.is_empty() {
+        // A rest of tags alone (a block closed right after the cut) is no message.
+        parts.extend(
+            split_html(rest, TELEGRAM_LIMIT, max_parts.saturating_sub(1).max(1))
+                .into_iter()
+                .filter(|p| !p.is_empty()),
+        );
+    }
+    parts
+}
+
+/// The first part of [`split_html`] at `limit`, and the text it leaves (valid HTML on its
+/// own: the tags open at the cut are opened again).
+fn split_first(text: &str, limit: usize) -> (String, String) {
+    let mut parts = split_html_raw(text, limit, Some(1));
+    let rest = if parts.len() > 1 {
+        parts.pop().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    (parts.pop().unwrap_or_default(), rest)
+}
 
 /// `&`, `<`, `>` and `"` as entities: all Telegram's HTML mode needs.
 pub fn escape_html(s: &str) -> String {
@@ -577,14 +763,16 @@ fn openers(stack: &[OpenTag<'_>]) -> String {
 /// More than `max_parts` parts: the first `max_parts` are kept and the last says so.
 pub fn split_html(text: &str, limit: usize, max_parts: usize) -> Vec<String> {
     super::at_most(
-        |limit| split_html_raw(text, limit),
+        |limit| split_html_raw(text, limit, None),
         limit,
         max_parts,
         |cut| format!("\n<i>{cut}</i>"),
     )
 }
 
-fn split_html_raw(text: &str, limit: usize) -> Vec<String> {
+/// The parts of `text`; with `stop_after = Some(n)`, the first n parts and then the rest
+/// of the text unsplit (its open tags opened again) as one more.
+fn split_html_raw(text: &str, limit: usize, stop_after: Option<usize>) -> Vec<String> {
     let toks = tokenize_html(text);
     let mut parts = Vec::new();
     let mut stack: Vec<OpenTag<'_>> = Vec::new();
@@ -638,6 +826,24 @@ fn split_html_raw(text: &str, limit: usize) -> Vec<String> {
             cur = openers(&stack);
             cur_len = utf16_len(&cur);
             content = false;
+            if stop_after == Some(parts.len()) {
+                for t in &toks[i..] {
+                    match *t {
+                        HtmlTok::Open { raw, .. } => cur.push_str(raw),
+                        HtmlTok::Close(name) => {
+                            cur.push_str("</");
+                            cur.push_str(name);
+                            cur.push('>');
+                        }
+                        HtmlTok::Text(s) => cur.push_str(s),
+                    }
+                }
+                parts.push(cur);
+                return parts
+                    .into_iter()
+                    .map(|p| p.trim_end_matches('\n').to_owned())
+                    .collect();
+            }
             continue;
         }
         cur.push_str(&written);
@@ -788,6 +994,153 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(typed, ApiError::BotBlocked);
+    }
+
+    /// The text a Telegram HTML shows (tags out, entities as one character each).
+    fn shown(html: &str) -> String {
+        let mut out = String::new();
+        for t in tokenize_html(html) {
+            if let HtmlTok::Text(s) = t {
+                out.push_str(s);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_caption_is_cut_within_its_limit_and_the_rest_follows_whole() {
+        let mut text = String::from("<b>header</b> <code>k&lt;1&gt;</code>\n<pre>");
+        for i in 0..60 {
+            text.push_str(&format!("row {i} <code>{}</code>\n", "é&amp;".repeat(8)));
+        }
+        text.push_str("</pre>\n<i>end</i>");
+        let parts = split_caption(&text, 10);
+        assert!(parts.len() >= 2, "{parts:?}");
+        assert!(
+            utf16_len(&parts[0]) <= CAPTION_LIMIT,
+            "{}",
+            utf16_len(&parts[0])
+        );
+        for p in &parts {
+            check_keywatch_html(p).unwrap_or_else(|e| panic!("{e}: {p}"));
+            assert!(utf16_len(p) <= TELEGRAM_LIMIT);
+        }
+        // Cut at a line end inside the <pre>, which the next part opens again.
+        assert!(parts[0].ends_with("</pre>"), "{}", parts[0]);
+        assert!(parts[1].starts_with("<pre>row "), "{}", &parts[1][..20]);
+        // Nothing lost, nothing twice.
+        let joined: String = parts
+            .iter()
+            .map(|p| shown(p))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(joined.replace('\n', ""), shown(&text).replace('\n', ""));
+        // A short message is its caption alone.
+        assert_eq!(split_caption("<b>hi</b>\nthere", 5), ["<b>hi</b>\nthere"]);
+        // At most max_parts parts in all (the caption and one more at least).
+        let long = "line of text\n".repeat(2000);
+        let limited = split_caption(&long, 3);
+        assert_eq!(limited.len(), 3);
+        assert!(limited[2].ends_with("more parts not sent</i>"));
+        assert_eq!(split_caption(&long, 1).len(), 2);
+    }
+
+    #[test]
+    fn answers_are_classified_without_the_token() {
+        let token = "123456:AAE-secret-token";
+        let secrets = [token];
+        let bound = answer_bound("SendMessage");
+        let send = |status: u16, body: &str| {
+            classify::<serde::de::IgnoredAny>("SendMessage", status, body, bound, &secrets)
+                .map(|_| ())
+        };
+        assert!(send(200, r#"{"ok":true,"result":{"message_id":1}}"#).is_ok());
+        let e = send(
+            400,
+            &format!(r#"{{"ok":false,"error_code":400,"description":"Bad Request: chat not found /bot{token}/x"}}"#),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e.api_error(), Some(ApiError::Unknown(d)) if !d.contains(token)),
+            "{e:?}"
+        );
+        assert!(!e.delivery().is_transient());
+        assert!(!format!("{e:?}").contains(token));
+        let e = send(
+            400,
+            r#"{"ok":false,"error_code":400,"description":"Bad Request: chat not found"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.api_error(), Some(&ApiError::ChatNotFound));
+        let e = send(
+            429,
+            r#"{"ok":false,"error_code":429,"description":"Too Many Requests","parameters":{"retry_after":3}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.delivery(),
+            DeliveryError::Transient {
+                detail: "telegram answered 429: Too Many Requests".into(),
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        // Not the API's JSON: a proxy's page is retried after a 5xx, not after a 4xx; an
+        // answer cut at the bound says so.
+        assert!(send(502, &format!("<html>bad gateway {token}</html>"))
+            .unwrap_err()
+            .delivery()
+            .is_transient());
+        let e = send(413, "<html>too large</html>").unwrap_err().delivery();
+        assert!(!e.is_transient());
+        let cut = format!(r#"{{"ok":true,"result":{{"text":"{}"#, "x".repeat(bound));
+        let e = send(200, &cut).unwrap_err().delivery();
+        assert!(e.is_transient());
+        assert!(
+            e.detail().ends_with(&format!(
+                "(an answer longer than {bound} bytes, not read further)"
+            )),
+            "{e}"
+        );
+        // `ok: true` with an error status is no success.
+        assert!(send(500, r#"{"ok":true,"result":true}"#).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_endless_answer_is_read_only_up_to_the_bound() {
+        use super::super::endless::{endless_answer, peak_rss_kib};
+        // A Bot API (or a proxy in front of it) answering 502 with 1 GiB.
+        let (addr, server) = endless_answer(
+            "502 Bad Gateway",
+            "application/json",
+            br#"{"ok":false,"description":"#,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "123456:AAE-secret-token").unwrap();
+        let token = SecretRef::File(dir.path().join("token")).resolve().unwrap();
+        let before = peak_rss_kib();
+        let tg = Telegram::new(&reqwest::Client::new(), &format!("http://{addr}"), token).unwrap();
+        let err = tg.send("42", "<b>hi</b>", None).await.unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(
+            err.detail()
+                .starts_with(r#"telegram answered 502: {"ok":false,"description":xxx"#),
+            "{err:?}"
+        );
+        assert!(
+            err.detail().contains("longer than 1048576 bytes"),
+            "{err:?}"
+        );
+        let sent = tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+        println!(
+            "the Bot API wrote {} KiB of its answer before keywatch hung up (bound {} KiB); \
+             peak RSS {before} KiB -> {} KiB",
+            sent >> 10,
+            MAX_CALL_ANSWER_BYTES >> 10,
+            peak_rss_kib()
+        );
+        assert!(sent < 256 << 20, "{sent} bytes read");
     }
 
     #[test]

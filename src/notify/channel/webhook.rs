@@ -257,44 +257,13 @@ pub(crate) fn classify(
 
 #[cfg(test)]
 mod tests {
+    use super::super::endless::{endless_answer, peak_rss_kib};
     use super::*;
-    use std::io::{Read, Write};
-
-    fn peak_rss_kib() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/self/status")
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_endless_answer_is_read_only_up_to_the_bound() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         // A webhook that answers 500 with a 1 GiB body (chunked), or until keywatch hangs up.
-        let server = std::thread::spawn(move || -> u64 {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).unwrap();
-                assert!(n > 0, "the request ended early");
-                head.extend_from_slice(&buf[..n]);
-            }
-            s.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n")
-                .unwrap();
-            let chunk = [b"10000\r\n".as_slice(), &[b'x'; 0x10000], b"\r\n"].concat();
-            let mut sent = 0u64;
-            while sent < 1 << 30 {
-                if s.write_all(&chunk).is_err() {
-                    break;
-                }
-                sent += 0x10000;
-            }
-            sent
-        });
+        let (addr, server) = endless_answer("500 Internal Server Error", "text/plain", b"");
         let before = peak_rss_kib();
         let hook = Webhook::new(Url::Plain(format!("http://{addr}/hook")), None);
         let err = hook

@@ -2,7 +2,8 @@
 //! latency benchmark.
 //!
 //! - [`StandIn`]: one local HTTP server that answers like the Telegram Bot API
-//!   (`POST /bot<TOKEN>/sendMessage`, and the methods of a bot that talks to its users:
+//!   (`POST /bot<TOKEN>/sendMessage`, `sendPhoto` uploads as `multipart/form-data` with a
+//!   PNG and a caption of at most 1024 characters after entities parsing, and the methods of a bot that talks to its users:
 //!   `getUpdates`, `answerCallbackQuery`, `editMessageReplyMarkup`, `setWebhook`,
 //!   `deleteWebhook`, checked as in [`telegram_bot`]), Slack incoming webhooks (`POST /services/…`) and a
 //!   generic JSON webhook (any other path), and checks requests as the real services do:
@@ -26,7 +27,7 @@ pub use telegram_bot::BotState;
 // The latency bench includes this tree too and never asks for the bot's name.
 #[allow(unused_imports)]
 pub use telegram_bot::BOT_USERNAME;
-pub use telegram_html::check_telegram_html;
+pub use telegram_html::{check_telegram_caption, check_telegram_html};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -75,6 +76,18 @@ pub struct Request {
     pub accepted: bool,
     pub answer: String,
     pub at: Instant,
+    /// The file parts of a `multipart/form-data` request (`sendPhoto`).
+    pub files: Vec<FilePart>,
+}
+
+/// A file part of a multipart request.
+#[derive(Debug, Clone)]
+pub struct FilePart {
+    /// The form field (`photo`).
+    pub field: String,
+    pub file_name: Option<String>,
+    pub content_type: Option<String>,
+    pub data: Vec<u8>,
 }
 
 impl Request {
@@ -85,9 +98,22 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The message text (Telegram and Slack `text`, webhook `text`).
+    /// A Telegram message's `reply_markup` (JSON text in a multipart form, an object in a
+    /// JSON body), Null without one.
+    pub fn reply_markup(&self) -> Value {
+        match &self.body["reply_markup"] {
+            Value::String(j) => serde_json::from_str(j).unwrap_or(Value::Null),
+            v => v.clone(),
+        }
+    }
+
+    /// The message text (Telegram and Slack `text`, webhook `text`; a Telegram photo's
+    /// caption).
     pub fn text(&self) -> &str {
-        self.body["text"].as_str().unwrap_or("")
+        self.body["text"]
+            .as_str()
+            .or_else(|| self.body["caption"].as_str())
+            .unwrap_or("")
     }
 }
 
@@ -177,11 +203,16 @@ impl StandIn {
             .collect()
     }
 
-    /// Messages the Bot API took for `chat`.
+    /// Messages the Bot API took for `chat`: texts and photos, in order.
     pub fn sent_to(&self, chat: &str) -> Vec<Request> {
-        self.telegram_calls("sendMessage")
+        self.requests()
             .into_iter()
-            .filter(|r| r.accepted && chat_of(&r.body) == chat)
+            .filter(|r| {
+                r.api == Api::Telegram
+                    && (r.path.ends_with("/sendMessage") || r.path.ends_with("/sendPhoto"))
+                    && r.accepted
+                    && chat_of(&r.body) == chat
+            })
             .collect()
     }
 
@@ -278,8 +309,18 @@ async fn handle(s: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Respon
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    let mut files = Vec::new();
     let json: Value = if content_type.starts_with("application/x-www-form-urlencoded") {
         form_decode(&text)
+    } else if content_type.starts_with("multipart/form-data") {
+        match multipart_decode(content_type, &body).await {
+            Ok((fields, f)) => {
+                files = f;
+                fields
+            }
+            // The real API answers an unreadable form as it does a body it cannot parse.
+            Err(_) => Value::Null,
+        }
     } else {
         serde_json::from_str(&text).unwrap_or(Value::Null)
     };
@@ -295,6 +336,7 @@ async fn handle(s: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Respon
                 0,
                 mode == Mode::AcceptThenHang,
                 "",
+                files,
             );
             std::future::pending::<()>().await;
             unreachable!()
@@ -337,12 +379,14 @@ async fn handle(s: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Respon
             _ => (429, "rate_limited".to_owned(), Some(after), false),
         },
         Mode::Ok => match api {
-            Api::Telegram => telegram(s, &path, &json).await,
+            Api::Telegram => telegram(s, &path, &json, &files).await,
             Api::Slack => slack(s, &path, &json),
             Api::Webhook => (200, "ok".to_owned(), None, true),
         },
     };
-    record(s, api, &path, &headers, &json, status, accepted, &answer);
+    record(
+        s, api, &path, &headers, &json, status, accepted, &answer, files,
+    );
     let mut resp = (StatusCode::from_u16(status).unwrap(), answer).into_response();
     if let Some(a) = retry_after {
         resp.headers_mut()
@@ -365,6 +409,7 @@ fn record(
     status: u16,
     accepted: bool,
     answer: &str,
+    files: Vec<FilePart>,
 ) {
     s.requests.lock().unwrap().push(Request {
         api,
@@ -378,6 +423,7 @@ fn record(
         accepted,
         answer: answer.to_owned(),
         at: Instant::now(),
+        files,
     });
 }
 
@@ -398,7 +444,12 @@ fn chat_of(body: &Value) -> String {
     }
 }
 
-async fn telegram(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<u64>, bool) {
+async fn telegram(
+    s: &Shared,
+    path: &str,
+    body: &Value,
+    files: &[FilePart],
+) -> (u16, String, Option<u64>, bool) {
     let (token, method) = path["/bot".len()..]
         .split_once('/')
         .unwrap_or((&path["/bot".len()..], ""));
@@ -417,6 +468,7 @@ async fn telegram(s: &Shared, path: &str, body: &Value) -> (u16, String, Option<
     // Method names are case-insensitive.
     match method.to_ascii_lowercase().as_str() {
         "sendmessage" => send_message(s, body),
+        "sendphoto" => send_photo(s, body, files),
         "getme" => s.bot.get_me(),
         "getupdates" => s.bot.get_updates(body).await,
         "answercallbackquery" => s.bot.answer_callback_query(body),
@@ -458,6 +510,122 @@ fn send_message(s: &Shared, body: &Value) -> (u16, String, Option<u64>, bool) {
         json!({"ok": true, "result": {"message_id": *id,
                "chat": {"id": chat.parse::<i64>().map_or(json!(chat), |n| json!(n)), "type": "private"},
                "date": 1_795_132_800, "text": "…"}})
+        .to_string(),
+        None,
+        true,
+    )
+}
+
+/// A `multipart/form-data` body as a server reads it (multer, as axum does): the text
+/// fields as a JSON object of strings, and the file parts.
+async fn multipart_decode(
+    content_type: &str,
+    body: &[u8],
+) -> Result<(Value, Vec<FilePart>), multer::Error> {
+    let boundary = multer::parse_boundary(content_type)?;
+    let mut form = multer::Multipart::with_reader(std::io::Cursor::new(body.to_vec()), boundary);
+    let mut fields = serde_json::Map::new();
+    let mut files = Vec::new();
+    while let Some(field) = form.next_field().await? {
+        let name = field.name().unwrap_or("").to_owned();
+        let file_name = field.file_name().map(str::to_owned);
+        let content_type = field.content_type().map(|m| m.to_string());
+        let data = field.bytes().await?.to_vec();
+        if file_name.is_some() {
+            files.push(FilePart {
+                field: name,
+                file_name,
+                content_type,
+                data,
+            });
+        } else {
+            fields.insert(
+                name,
+                Value::String(String::from_utf8_lossy(&data).into_owned()),
+            );
+        }
+    }
+    Ok((Value::Object(fields), files))
+}
+
+/// A PNG's size from its header, as the Bot API's image processing reads it first; the
+/// whole image is decoded too (a truncated or corrupt one is refused).
+fn png_size(data: &[u8]) -> Result<(u32, u32), String> {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(data))
+        .read_info()
+        .map_err(|e| e.to_string())?;
+    let (w, h) = (reader.info().width, reader.info().height);
+    let mut buf = vec![0; reader.output_buffer_size().ok_or("too large")?];
+    reader.next_frame(&mut buf).map_err(|e| e.to_string())?;
+    Ok((w, h))
+}
+
+/// `sendPhoto` as the Bot API checks it: an upload is `multipart/form-data` (a JSON body
+/// can only name a photo by file id or URL, which keywatch never does), `chat_id` a known
+/// chat, a `photo` file part that is an image Telegram can process (here: a PNG whose
+/// header and data decode, with both sides > 0 and at most 10,000 in sum, under 10 MB),
+/// a caption of at most 1024 characters after entities parsing, `parse_mode` HTML as in
+/// `sendMessage`, and `reply_markup` (JSON text in a form) an inline keyboard.
+fn send_photo(s: &Shared, body: &Value, files: &[FilePart]) -> (u16, String, Option<u64>, bool) {
+    let chat = match &body["chat_id"] {
+        Value::String(c) if !c.is_empty() => c.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => return tg_error(400, "Bad Request: chat_id is empty"),
+    };
+    let Some(photo) = files.iter().find(|f| f.field == "photo") else {
+        return tg_error(400, "Bad Request: there is no photo in the request");
+    };
+    if photo.data.len() > 10 << 20 {
+        return tg_error(400, "Bad Request: PHOTO_INVALID_DIMENSIONS");
+    }
+    match png_size(&photo.data) {
+        Ok((w, h)) if w > 0 && h > 0 && w + h <= 10_000 => {}
+        Ok(_) => return tg_error(400, "Bad Request: PHOTO_INVALID_DIMENSIONS"),
+        Err(_) => return tg_error(400, "Bad Request: IMAGE_PROCESS_FAILED"),
+    }
+    let caption = body["caption"].as_str().unwrap_or("");
+    let parsed_len = if body["parse_mode"] == "HTML" {
+        match check_telegram_caption(caption) {
+            Ok(n) => n,
+            Err(e) => return tg_error(400, &format!("Bad Request: {e}")),
+        }
+    } else if body["parse_mode"].is_null() {
+        caption.encode_utf16().count()
+    } else {
+        return tg_error(400, "Bad Request: unsupported parse_mode");
+    };
+    if parsed_len > 1024 {
+        return tg_error(400, "Bad Request: message caption is too long");
+    }
+    if !s.telegram_chats.contains(&chat) {
+        return tg_error(400, "Bad Request: chat not found");
+    }
+    let markup = match body.get("reply_markup") {
+        None => Value::Null,
+        Some(Value::String(j)) => match serde_json::from_str(j) {
+            Ok(v) => v,
+            Err(_) => {
+                return tg_error(
+                    400,
+                    "Bad Request: can't parse reply keyboard markup JSON object",
+                )
+            }
+        },
+        Some(v) => v.clone(),
+    };
+    if let Err(e) = telegram_bot::check_markup(&markup) {
+        return tg_error(400, &e);
+    }
+    let mut id = s.next_message_id.lock().unwrap();
+    *id += 1;
+    s.bot.sent_message(&chat, *id as i64, &markup);
+    (
+        200,
+        json!({"ok": true, "result": {"message_id": *id,
+               "chat": {"id": chat.parse::<i64>().map_or(json!(chat), |n| json!(n)), "type": "private"},
+               "date": 1_795_132_800,
+               "photo": [{"file_id": "AgAD-photo", "file_unique_id": "AQAD", "width": 320, "height": 160}],
+               "caption": "…"}})
         .to_string(),
         None,
         true,
