@@ -212,6 +212,7 @@ fn in_process(t: &[String], keys: usize, requests: usize) {
     drop(lines);
     let peak = PEAK.load(Relaxed);
     let n_models = models.key_count();
+    let model_estimate = models.bytes_per_key();
     let parts = [
         ("anomaly models", freed(models)),
         ("stream detectors", freed(engine)),
@@ -242,6 +243,10 @@ fn in_process(t: &[String], keys: usize, requests: usize) {
     println!(
         "{:<30} {:>14} {b:>12.1} {c:>12.1} {a:>12.2}",
         "total retained", sum.bytes
+    );
+    println!(
+        "anomaly models: {} bytes inline per key model, {model_estimate} bytes per key by AnomalyModels::bytes_per_key",
+        std::mem::size_of::<keywatch::anomaly::KeyModel>()
     );
     println!(
         "batch aggregate (transient, largest batch): {} bytes = {:.0} per line; peak live heap {} bytes = {:.1} per key (start {} bytes)",

@@ -186,7 +186,9 @@ impl Tail {
             s1: 0.0,
             s2: 0.0,
             n: 0,
-            init: Vec::with_capacity(init),
+            // Allocated at the first observation: most keys of a large fleet never feed
+            // some of their tails.
+            init: Vec::new(),
             init_n: init as u16,
             prior: prior as f32,
             top: [(f32::NEG_INFINITY, 0); TOP],
@@ -281,6 +283,9 @@ impl Tail {
             return;
         }
         if !self.ready() {
+            if self.init.capacity() == 0 {
+                self.init.reserve_exact(usize::from(self.init_n));
+            }
             self.init.push(z as f32);
             self.n += 1;
             if self.ready() {
