@@ -1,9 +1,14 @@
 //! Per-key anomaly models for the daemon: fed per-minute rollups, they raise
 //! [`AnomalyFinding`]s.
 //!
-//! Each key has one [`KeyModel`] of fixed size (about 1.2 KB with a few sources, at most
-//! about 2 KB with full source sets, see [`AnomalyModels::bytes_per_key`]); 1 M keys take
-//! 1.2 to 2 GB with the map. The models, and what each finding says it expected:
+//! Each key has one [`KeyModel`] of bounded size: 600 bytes inline (with up to two members
+//! per source set), plus the per-minute latency model and the hourly volume tail once they
+//! are first fed (about 400 bytes: a key with two requests never has them), plus source
+//! sets past two members (at most 3 × 32 × 8 bytes); [`AnomalyModels::bytes_per_key`]. The
+//! models live in one vector of slots with a table of `u32` slot numbers as the index, so
+//! a key costs its model, its id once and about 10 bytes of index: 1 M keys with two
+//! requests each take about 700 MB (`cargo bench --bench memory_per_key`). The models,
+//! and what each finding says it expected:
 //!
 //! | kind | model | expected | seen |
 //! | --- | --- | --- | --- |
@@ -306,9 +311,10 @@ impl KeyModel {
             + set(&self.nets)
             + set(&self.agents)
             + set(&self.endpoints)
-            + self.vol_tail.as_ref().map_or(0, |t| {
-                std::mem::size_of::<Tail>() + 4 * t.buffer_capacity()
-            })
+            + self
+                .vol_tail
+                .as_ref()
+                .map_or(0, |t| std::mem::size_of::<Tail>() + 4 * t.buffer_capacity())
             + self.lat.as_ref().map_or(0, |l| {
                 std::mem::size_of::<Latency>() + 4 * l.tail.buffer_capacity()
             })
@@ -990,12 +996,8 @@ impl AnomalyModels {
                 if lat.mean.is_nan() {
                     lat.mean = y;
                 } else {
-                    let mut v: Vec<f32> = lat
-                        .recent
-                        .iter()
-                        .copied()
-                        .filter(|v| !v.is_nan())
-                        .collect();
+                    let mut v: Vec<f32> =
+                        lat.recent.iter().copied().filter(|v| !v.is_nan()).collect();
                     let recent = if v.len() == 5 {
                         v.sort_by(|a, b| a.total_cmp(b));
                         Some(f64::from(v[2]))
@@ -1170,10 +1172,8 @@ impl AnomalyModels {
         let ids: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].model.hours >= MIN_HOURS)
             .collect();
-        let rows: Vec<[f32; FEATURES]> = ids
-            .iter()
-            .map(|&i| self.slots[i].model.feat_mean)
-            .collect();
+        let rows: Vec<[f32; FEATURES]> =
+            ids.iter().map(|&i| self.slots[i].model.feat_mean).collect();
         let Some((peers, labels)) = super::peers::fit(&rows, self.cfg.peer_groups) else {
             return &self.peers;
         };

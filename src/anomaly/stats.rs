@@ -140,8 +140,8 @@ impl Default for EwScale {
 /// treated as exponential). The probability that the statistic is at least `z` is then
 /// `P(S > u) · (1 + γ (z−u)/σ)^(−1/γ)`.
 ///
-/// Memory: 7 numbers after calibration (the `init` buffer is freed). Forgetting: about
-/// `1/alpha` observations.
+/// Memory: 144 bytes; the `init` buffer is allocated at the first observation and freed
+/// after calibration. Forgetting: about `1/alpha` observations.
 #[derive(Debug, Clone)]
 pub struct Tail {
     u: f64,
