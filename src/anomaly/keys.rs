@@ -1540,6 +1540,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn evicting_keeps_the_index_in_step_with_the_slots() {
+        let mut models = AnomalyModels::new(AnomalyConfig {
+            max_keys: 20,
+            ..AnomalyConfig::default()
+        });
+        let r = Rollup {
+            requests: 1,
+            ..Rollup::default()
+        };
+        for i in 0..50 {
+            models.observe_minute(&format!("k{i}"), i * MINUTE_MS, &r, &[]);
+        }
+        assert!(models.key_count() <= 20, "{}", models.key_count());
+        // The most recently seen keys stay; every slot is found by its key, once.
+        for i in 45..50 {
+            assert!(models.key(&format!("k{i}")).is_some(), "k{i}");
+        }
+        let found = (0..50)
+            .filter(|i| models.key(&format!("k{i}")).is_some())
+            .count();
+        assert_eq!(found, models.key_count());
+        let k = models.key("k49").unwrap();
+        assert_eq!((k.first_min, k.last_min), (49, 49));
+    }
+
+    #[test]
+    fn a_key_with_a_few_requests_pays_only_its_inline_model() {
+        let mut models = AnomalyModels::new(AnomalyConfig::default());
+        let r = Rollup {
+            requests: 1,
+            latency_count: 1,
+            latency_sum_ms: 12.0,
+            ..Rollup::default()
+        };
+        let src = [SourceSeen {
+            ip: "192.0.2.1",
+            user_agent: "ua/1",
+            endpoint: "/v1/things",
+        }];
+        // Two requests an hour apart: an hour closes, no minute has 3 latencies.
+        models.observe_minute("k", 0, &r, &src);
+        models.observe_minute("k", HOUR_MS, &r, &src);
+        let m = models.key("k").unwrap();
+        assert!(m.lat.is_none() && m.vol_tail.is_none());
+        assert_eq!(m.bytes(), std::mem::size_of::<KeyModel>());
+        assert!(std::mem::size_of::<KeyModel>() <= 640);
+    }
+
+    #[test]
     fn seasonal_slots_follow_the_owners_wall_clock() {
         let berlin: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
         let akl: chrono_tz::Tz = "Pacific/Auckland".parse().unwrap();
