@@ -3,7 +3,7 @@
 //!
 //! Each key has one [`KeyModel`] of bounded size: 600 bytes inline (with up to two members
 //! per source set), plus the per-minute latency model and the hourly volume tail once they
-//! are first fed (about 400 bytes: a key with two requests never has them), plus source
+//! are first fed (about 340 bytes: a key with two requests never has them), plus source
 //! sets past two members (at most 3 × 32 × 8 bytes); [`AnomalyModels::bytes_per_key`]. The
 //! models live in one vector of slots with a table of `u32` slot numbers as the index, so
 //! a key costs its model, its id once and about 10 bytes of index: 1 M keys with two
@@ -40,10 +40,9 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-
-use hashbrown::HashTable;
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use serde_json::{json, Value};
 use smallvec::SmallVec;
 
