@@ -18,8 +18,8 @@
 //!    asked for; "malloc" adds glibc's per-chunk header and 16-byte rounding (what RSS
 //!    pays).
 //! 2. Two `keywatch run` processes on the embedded store (SQLite) under GNU time: the
-//!    N × R corpus and 1,000 keys × 2,000 requests (the same number of lines when
-//!    N × R = 2 M), each reading its file once (`follow = false`). Bytes per key =
+//!    N × R corpus and 1,000 keys × 2,000 requests over the same R hours (the same number
+//!    of lines when N × R = 2 M), each reading its file once (`follow = false`). Bytes per key =
 //!    (peak RSS of N keys − peak RSS of 1,000 keys) / (N − 1,000): what the keys add
 //!    beyond the same traffic on few keys.
 
@@ -139,12 +139,12 @@ fn templates() -> Vec<String> {
         .collect()
 }
 
-/// Line `i` of the corpus of `keys` keys × `requests` requests: pass `i / keys` over the
-/// keys, one hour of event time per pass.
-fn line(t: &[String], keys: usize, requests: usize, i: usize, out: &mut Vec<u8>) {
+/// Line `i` of the corpus of `keys` keys × `requests` requests over `hours` of event
+/// time: pass `i / keys` over the keys, the lines evenly spaced.
+fn line(t: &[String], keys: usize, requests: usize, hours: i64, i: usize, out: &mut Vec<u8>) {
     let tmpl = &t[i % t.len()];
     let key = i % keys;
-    let ts = T0_MS + (i as i64 * requests as i64 * HOUR_MS) / (keys * requests) as i64;
+    let ts = T0_MS + (i as i64 * hours * HOUR_MS) / (keys * requests) as i64;
     const ID: &str = "\"authenticated_entity\":{\"id\":\"";
     const TS: &str = "\"started_at\":";
     let id_at = tmpl.find(ID).expect("id") + ID.len();
@@ -192,7 +192,7 @@ fn in_process(t: &[String], keys: usize, requests: usize) {
     for first in (0..total).step_by(BATCH) {
         let n = BATCH.min(total - first);
         for (j, l) in lines.iter_mut().enumerate().take(n) {
-            line(t, keys, requests, first + j, l);
+            line(t, keys, requests, requests as i64, first + j, l);
         }
         let before = heap().bytes;
         let mut agg = Aggregate::default();
@@ -258,11 +258,11 @@ fn in_process(t: &[String], keys: usize, requests: usize) {
     );
 }
 
-fn write_corpus(t: &[String], keys: usize, requests: usize, path: &Path) {
+fn write_corpus(t: &[String], keys: usize, requests: usize, hours: i64, path: &Path) {
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
     let mut l = Vec::new();
     for i in 0..keys * requests {
-        line(t, keys, requests, i, &mut l);
+        line(t, keys, requests, hours, i, &mut l);
         f.write_all(&l).unwrap();
         f.write_all(b"\n").unwrap();
     }
@@ -307,10 +307,11 @@ fn processes(t: &[String], keys: usize, requests: usize, dir: &Path) {
     let big = dir.join("many-keys.log");
     let small = dir.join("few-keys.log");
     // One corpus on disk at a time: each is about 1 KB a line.
-    write_corpus(t, keys, requests, &big);
+    write_corpus(t, keys, requests, requests as i64, &big);
     let (rss_big, wall_big) = run(dir, "many", &big);
     std::fs::remove_file(&big).ok();
-    write_corpus(t, SMALL_KEYS, SMALL_REQUESTS, &small);
+    // Over the same event time as the many keys: the same hourly work but for the keys.
+    write_corpus(t, SMALL_KEYS, SMALL_REQUESTS, requests as i64, &small);
     let (rss_small, wall_small) = run(dir, "few", &small);
     std::fs::remove_file(&small).ok();
     let mb = |kib: u64| kib as f64 / 1024.0;
