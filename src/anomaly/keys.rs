@@ -1,9 +1,14 @@
 //! Per-key anomaly models for the daemon: fed per-minute rollups, they raise
 //! [`AnomalyFinding`]s.
 //!
-//! Each key has one [`KeyModel`] of fixed size (about 1.2 KB with a few sources, at most
-//! about 2 KB with full source sets, see [`AnomalyModels::bytes_per_key`]); 1 M keys take
-//! 1.2 to 2 GB with the map. The models, and what each finding says it expected:
+//! Each key has one [`KeyModel`] of bounded size: 600 bytes inline (with up to two members
+//! per source set), plus the per-minute latency model and the hourly volume tail once they
+//! are first fed (about 340 bytes: a key with two requests never has them), plus source
+//! sets past two members (at most 3 × 32 × 8 bytes); [`AnomalyModels::bytes_per_key`]. The
+//! models live in one vector of slots with a table of `u32` slot numbers as the index, so
+//! a key costs its model, its id once and about 10 bytes of index: 1 M keys with two
+//! requests each take about 700 MB (`cargo bench --bench memory_per_key`). The models,
+//! and what each finding says it expected:
 //!
 //! | kind | model | expected | seen |
 //! | --- | --- | --- | --- |
@@ -37,7 +42,9 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use serde_json::{json, Value};
+use smallvec::SmallVec;
 
 use super::stats::{score_of_surprise, surprise, EwScale, Tail};
 use crate::aggregate::{Aggregate, Rollup, LATENCY_BUCKETS};
@@ -143,7 +150,8 @@ const MAX_FILL_HOURS: i64 = 24 * 7;
 /// A bounded set of source fingerprints with their last-seen minute.
 #[derive(Debug, Clone)]
 struct SourceSet {
-    members: Vec<(u32, u32)>,
+    /// (hash, last-seen minute); two inline: most keys have one or two of each.
+    members: SmallVec<[(u32, u32); 2]>,
     /// Minute the last member was added (or the set overflowed).
     changed_min: i32,
 }
@@ -151,7 +159,7 @@ struct SourceSet {
 impl Default for SourceSet {
     fn default() -> Self {
         SourceSet {
-            members: Vec::new(),
+            members: SmallVec::new(),
             changed_min: i32::MIN,
         }
     }
@@ -209,7 +217,8 @@ pub struct KeyModel {
     dow: [f32; 7],
     hod_scale: [f32; 24],
     hours: u32,
-    vol_tail: Tail,
+    /// Created when first fed (8 hours of baseline): before that it would be a fresh tail.
+    vol_tail: Option<Box<Tail>>,
     /// Dispersion of hourly counts around the baseline, over a Poisson's (≥ 1).
     vol_disp: f32,
     vol_high: f32,
@@ -226,12 +235,9 @@ pub struct KeyModel {
     min_disp: f32,
     /// The last minutes' (minute, requests, failures, forbidden), for the rate tests.
     recent: [(i32, u32, u32, u32); RATE_MINUTES],
-    // Latency: ln(median ms) per minute.
-    lat_mean: f32,
-    lat_scale: EwScale,
-    lat_recent: [f32; 5],
-    lat_head: u8,
-    lat_tail: Tail,
+    /// Created at the first minute with enough latencies: until then it would hold its
+    /// initial state, so a key that never has one pays a pointer.
+    lat: Option<Box<Latency>>,
     lat_alert_min: i32,
     // Sources.
     nets: SourceSet,
@@ -258,7 +264,7 @@ impl KeyModel {
             dow: [0.0; 7],
             hod_scale: [0.0; 24],
             hours: 0,
-            vol_tail: Tail::new(48, 1.0),
+            vol_tail: None,
             vol_disp: 1.0,
             vol_high: 0.0,
             vol_high_age: 0,
@@ -271,11 +277,7 @@ impl KeyModel {
             min_mean: f32::NAN,
             min_disp: OVERDISPERSION as f32,
             recent: [(i32::MIN, 0, 0, 0); RATE_MINUTES],
-            lat_mean: f32::NAN,
-            lat_scale: EwScale::new(),
-            lat_recent: [f32::NAN; 5],
-            lat_head: 0,
-            lat_tail: Tail::new(64, 0.5),
+            lat: None,
             lat_alert_min: i32::MIN,
             nets: SourceSet::default(),
             agents: SourceSet::default(),
@@ -297,11 +299,46 @@ impl KeyModel {
 
     /// Heap and inline bytes.
     pub fn bytes(&self) -> usize {
+        let set = |s: &SourceSet| {
+            if s.members.spilled() {
+                8 * s.members.capacity()
+            } else {
+                0
+            }
+        };
         std::mem::size_of::<KeyModel>()
-            + 8 * (self.nets.members.capacity()
-                + self.agents.members.capacity()
-                + self.endpoints.members.capacity())
-            + 4 * (self.vol_tail.buffer_capacity() + self.lat_tail.buffer_capacity())
+            + set(&self.nets)
+            + set(&self.agents)
+            + set(&self.endpoints)
+            + self
+                .vol_tail
+                .as_ref()
+                .map_or(0, |t| std::mem::size_of::<Tail>() + 4 * t.buffer_capacity())
+            + self.lat.as_ref().map_or(0, |l| {
+                std::mem::size_of::<Latency>() + 4 * l.tail.buffer_capacity()
+            })
+    }
+}
+
+/// The per-minute latency model: ln(mean ms) per minute with 3+ samples.
+#[derive(Debug, Clone)]
+struct Latency {
+    mean: f32,
+    scale: EwScale,
+    recent: [f32; 5],
+    head: u8,
+    tail: Tail,
+}
+
+impl Latency {
+    fn new() -> Latency {
+        Latency {
+            mean: f32::NAN,
+            scale: EwScale::new(),
+            recent: [f32::NAN; 5],
+            head: 0,
+            tail: Tail::new(64, 0.5),
+        }
     }
 }
 
@@ -315,13 +352,26 @@ pub struct Peers {
 }
 
 /// Every key's models. See the module docs.
+///
+/// The models sit in one vector of slots, each with its key; the index is a hash table of
+/// slot numbers (4 bytes a bucket) hashed by the slot's key, so a key is stored once and a
+/// table bucket is not the size of a model (a `HashMap<String, KeyModel>` at 1 M keys has
+/// 2 M buckets of 1 KB: twice the models, and three times during its last resize).
 #[derive(Debug)]
 pub struct AnomalyModels {
     cfg: AnomalyConfig,
-    keys: HashMap<String, KeyModel, foldhash::fast::RandomState>,
+    index: HashTable<u32>,
+    slots: Vec<Slot>,
+    build: foldhash::fast::RandomState,
     registry: Option<Arc<Registry>>,
     peers: Peers,
     hasher: foldhash::fast::FixedState,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    key: Box<str>,
+    model: KeyModel,
 }
 
 /// Minutes since the epoch, for compact times.
@@ -479,7 +529,9 @@ impl AnomalyModels {
     pub fn new(cfg: AnomalyConfig) -> AnomalyModels {
         AnomalyModels {
             cfg,
-            keys: HashMap::default(),
+            index: HashTable::new(),
+            slots: Vec::new(),
+            build: foldhash::fast::RandomState::default(),
             registry: None,
             peers: Peers::default(),
             hasher: foldhash::fast::FixedState::with_seed(0x6b77),
@@ -496,25 +548,59 @@ impl AnomalyModels {
     }
 
     pub fn key_count(&self) -> usize {
-        self.keys.len()
+        self.slots.len()
     }
 
     pub fn key(&self, key: &str) -> Option<&KeyModel> {
-        self.keys.get(key)
+        self.slot_of(key).map(|i| &self.slots[i].model)
     }
 
-    /// Mean bytes per key: the model, its key string and the hash map's share.
+    /// Mean bytes per key: the model, its key string, its slot and the index's share (as
+    /// requested from the allocator, without its per-allocation overhead).
     pub fn bytes_per_key(&self) -> usize {
-        if self.keys.is_empty() {
+        if self.slots.is_empty() {
             return 0;
         }
         let models: usize = self
-            .keys
+            .slots
             .iter()
-            .map(|(k, m)| m.bytes() + k.capacity())
+            .map(|s| s.model.bytes() + s.key.len())
             .sum();
-        let table = self.keys.capacity() * (std::mem::size_of::<(String, KeyModel)>() + 1);
-        (models + table - self.keys.len() * std::mem::size_of::<KeyModel>()) / self.keys.len()
+        let slot_extra = std::mem::size_of::<Slot>() - std::mem::size_of::<KeyModel>();
+        let unused = (self.slots.capacity() - self.slots.len()) * std::mem::size_of::<Slot>();
+        // A bucket holds a u32 and a control byte; the table keeps 1/8 free.
+        let index = self.index.capacity() * 8 / 7 * 5;
+        (models + self.slots.len() * slot_extra + unused + index) / self.slots.len()
+    }
+
+    fn slot_of(&self, key: &str) -> Option<usize> {
+        let h = self.build.hash_one(key);
+        self.index
+            .find(h, |&i| &*self.slots[i as usize].key == key)
+            .map(|&i| i as usize)
+    }
+
+    /// Adds a key that is not there yet; returns its slot.
+    fn insert(&mut self, key: &str, model: KeyModel) -> usize {
+        let i = self.slots.len();
+        let n = u32::try_from(i).expect("fewer than 2^32 keys (max_keys bounds them)");
+        self.slots.push(Slot {
+            key: key.into(),
+            model,
+        });
+        let (slots, build) = (&self.slots, &self.build);
+        self.index.insert_unique(build.hash_one(key), n, |&j| {
+            build.hash_one(&*slots[j as usize].key)
+        });
+        i
+    }
+
+    /// The slot of `key`, created with `new` when the key is not there.
+    fn slot_or_insert(&mut self, key: &str, new: impl FnOnce() -> KeyModel) -> usize {
+        match self.slot_of(key) {
+            Some(i) => i,
+            None => self.insert(key, new()),
+        }
     }
 
     pub fn peers(&self) -> &Peers {
@@ -546,10 +632,8 @@ impl AnomalyModels {
             }
             // The same hashes as `observe_inner`: a stored network must match a live one.
             let (hn, ha, he) = (network_hash(&self.hasher, ip), self.hash(ua), self.hash(ep));
-            let m = self
-                .keys
-                .entry(key.to_owned())
-                .or_insert_with(|| KeyModel::new(minute_index(first)));
+            let i = self.slot_or_insert(key, || KeyModel::new(minute_index(first)));
+            let m = &mut self.slots[i].model;
             m.first_min = m.first_min.min(minute_index(first));
             let (fm, lm) = (minute_index(first), minute_index(last));
             // A key whose rollups are older than the warm-up window was still in use until
@@ -678,7 +762,8 @@ impl AnomalyModels {
         }
         let retired = matches!(known, Some((_, Some(k)))
             if k.is_revoked_at(minute_ms) || k.is_expired_at(minute_ms));
-        if self.keys.len() >= self.cfg.max_keys && !self.keys.contains_key(key) {
+        let existing = self.slot_of(key);
+        if existing.is_none() && self.slots.len() >= self.cfg.max_keys {
             self.evict();
         }
         let minute = minute_index(minute_ms);
@@ -694,12 +779,13 @@ impl AnomalyModels {
         let tz = registry
             .as_deref()
             .map_or(chrono_tz::Tz::UTC, |reg| reg.timezone_of(key));
+        let is_new = existing.is_none();
+        let i = match existing {
+            Some(i) => i,
+            None => self.insert(key, KeyModel::new(minute)),
+        };
         let peers = &self.peers;
-        let is_new = !self.keys.contains_key(key);
-        let m = self
-            .keys
-            .entry(key.to_owned())
-            .or_insert_with(|| KeyModel::new(minute));
+        let m = &mut self.slots[i].model;
         let mut found = Vec::new();
         // A retired key raises no anomaly: every use of it is a finding of the stream
         // detectors already (per source and interval), and its failures are by design.
@@ -901,31 +987,28 @@ impl AnomalyModels {
         if r.latency_count >= cfg.min_latency_samples {
             // The minute's mean: continuous, where the histogram median takes a few values.
             {
+                let lat = m.lat.get_or_insert_with(|| Box::new(Latency::new()));
                 let mean = r.latency_sum_ms / r.latency_count as f64;
                 let y = (mean.max(0.1)).ln() as f32;
-                m.lat_recent[m.lat_head as usize] = y;
-                m.lat_head = (m.lat_head + 1) % 5;
-                if m.lat_mean.is_nan() {
-                    m.lat_mean = y;
+                lat.recent[lat.head as usize] = y;
+                lat.head = (lat.head + 1) % 5;
+                if lat.mean.is_nan() {
+                    lat.mean = y;
                 } else {
-                    let mut v: Vec<f32> = m
-                        .lat_recent
-                        .iter()
-                        .copied()
-                        .filter(|v| !v.is_nan())
-                        .collect();
+                    let mut v: Vec<f32> =
+                        lat.recent.iter().copied().filter(|v| !v.is_nan()).collect();
                     let recent = if v.len() == 5 {
                         v.sort_by(|a, b| a.total_cmp(b));
                         Some(f64::from(v[2]))
                     } else {
                         None
                     };
-                    let scale = m.lat_scale.value.max(0.02);
+                    let scale = lat.scale.value.max(0.02);
                     if let Some(recent) = recent {
-                        let z = (recent - f64::from(m.lat_mean)).abs() / scale;
-                        let p = m.lat_tail.p_value(z);
+                        let z = (recent - f64::from(lat.mean)).abs() / scale;
+                        let p = lat.tail.p_value(z);
                         let s = surprise(p);
-                        let ratio = (recent - f64::from(m.lat_mean)).exp();
+                        let ratio = (recent - f64::from(lat.mean)).exp();
                         if s >= cfg.min_surprise
                             && !(0.5..=1.5).contains(&ratio)
                             && raise_now
@@ -940,21 +1023,21 @@ impl AnomalyModels {
                                 format!(
                                     "latency of key {key} is {:.0} ms over the last 5 minutes (median of the minutes' means), against {:.0} ms usually",
                                     recent.exp(),
-                                    f64::from(m.lat_mean).exp()
+                                    f64::from(lat.mean).exp()
                                 ),
                                 "latency_5m",
-                                json!({"latency_ms": round1(f64::from(m.lat_mean).exp())}),
+                                json!({"latency_ms": round1(f64::from(lat.mean).exp())}),
                                 json!({"latency_ms": round1(recent.exp())}),
                                 s,
                                 json!({"ratio": round4(ratio)}),
                                 hour_label(hour),
                             ));
                         }
-                        m.lat_tail.update(z, 1.0 / 3000.0);
+                        lat.tail.update(z, 1.0 / 3000.0);
                     }
-                    let r1 = f64::from(y - m.lat_mean);
-                    m.lat_scale.update(r1, 1.0 / 500.0, 4.0);
-                    m.lat_mean += (1.0 / 500.0) * (y - m.lat_mean);
+                    let r1 = f64::from(y - lat.mean);
+                    lat.scale.update(r1, 1.0 / 500.0, 4.0);
+                    lat.mean += (1.0 / 500.0) * (y - lat.mean);
                 }
             }
         }
@@ -1055,40 +1138,46 @@ impl AnomalyModels {
 
     /// Drops the longest idle tenth of the keys.
     fn evict(&mut self) {
-        let mut last: Vec<i32> = self.keys.values().map(|m| m.last_min).collect();
+        if self.slots.is_empty() {
+            return;
+        }
+        let mut last: Vec<i32> = self.slots.iter().map(|s| s.model.last_min).collect();
         let k = (last.len() / 10).max(1);
         let (_, cut, _) = last.select_nth_unstable(k - 1);
         let cut = *cut;
         let mut dropped = 0;
-        self.keys.retain(|_, m| {
-            if dropped < k && m.last_min <= cut {
+        self.slots.retain(|s| {
+            if dropped < k && s.model.last_min <= cut {
                 dropped += 1;
                 false
             } else {
                 true
             }
         });
+        // Slots moved: number them again.
+        let (index, slots, build) = (&mut self.index, &self.slots, &self.build);
+        index.clear();
+        for (i, s) in slots.iter().enumerate() {
+            index.insert_unique(build.hash_one(&*s.key), i as u32, |&j| {
+                build.hash_one(&*slots[j as usize].key)
+            });
+        }
     }
 
     /// Refits the peer groups: k-means (linfa) over the keys' mean feature vectors (keys
     /// with at least 48 hours of baseline), and assigns each key its group. Run it hourly
     /// or daily; it costs O(keys · groups · iterations).
     pub fn refit_peers(&mut self) -> &Peers {
-        let ids: Vec<&String> = self
-            .keys
-            .iter()
-            .filter(|(_, m)| m.hours >= MIN_HOURS)
-            .map(|(k, _)| k)
+        let ids: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].model.hours >= MIN_HOURS)
             .collect();
-        let rows: Vec<[f32; FEATURES]> = ids.iter().map(|k| self.keys[*k].feat_mean).collect();
+        let rows: Vec<[f32; FEATURES]> =
+            ids.iter().map(|&i| self.slots[i].model.feat_mean).collect();
         let Some((peers, labels)) = super::peers::fit(&rows, self.cfg.peer_groups) else {
             return &self.peers;
         };
-        let ids: Vec<String> = ids.into_iter().cloned().collect();
-        for (k, l) in ids.iter().zip(labels) {
-            if let Some(m) = self.keys.get_mut(k) {
-                m.peer = l as u8;
-            }
+        for (i, l) in ids.into_iter().zip(labels) {
+            self.slots[i].model.peer = l as u8;
         }
         self.peers = peers;
         &self.peers
@@ -1227,7 +1316,8 @@ fn close_hour(
             // Two views, the larger surprise wins (each halved for the choice): the robust
             // log-scale residual against its SPOT tail, and a quasi-Poisson tail (Chernoff
             // bound over the dispersion) of the count against the expected one.
-            let p = m.vol_tail.p_value(z);
+            // A tail not yet created is a fresh one: not calibrated, p = 1.
+            let p = m.vol_tail.as_ref().map_or(1.0, |t| t.p_value(z));
             let mu = expected.max(0.5);
             let chernoff = if k > mu {
                 k * (k / mu).ln() - k + mu
@@ -1273,7 +1363,9 @@ fn close_hour(
             }
         }
         if m.hours >= 8 {
-            m.vol_tail.update(z, 1.0 / 2000.0);
+            m.vol_tail
+                .get_or_insert_with(|| Box::new(Tail::new(48, 1.0)))
+                .update(z, 1.0 / 2000.0);
             let mu = expected.max(1.0);
             let pearson = ((k - expected).powi(2) / mu) as f32;
             let d = m.vol_disp.max(1.0);
@@ -1445,6 +1537,55 @@ fn close_hour(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evicting_keeps_the_index_in_step_with_the_slots() {
+        let mut models = AnomalyModels::new(AnomalyConfig {
+            max_keys: 20,
+            ..AnomalyConfig::default()
+        });
+        let r = Rollup {
+            requests: 1,
+            ..Rollup::default()
+        };
+        for i in 0..50 {
+            models.observe_minute(&format!("k{i}"), i * MINUTE_MS, &r, &[]);
+        }
+        assert!(models.key_count() <= 20, "{}", models.key_count());
+        // The most recently seen keys stay; every slot is found by its key, once.
+        for i in 45..50 {
+            assert!(models.key(&format!("k{i}")).is_some(), "k{i}");
+        }
+        let found = (0..50)
+            .filter(|i| models.key(&format!("k{i}")).is_some())
+            .count();
+        assert_eq!(found, models.key_count());
+        let k = models.key("k49").unwrap();
+        assert_eq!((k.first_min, k.last_min), (49, 49));
+    }
+
+    #[test]
+    fn a_key_with_a_few_requests_pays_only_its_inline_model() {
+        let mut models = AnomalyModels::new(AnomalyConfig::default());
+        let r = Rollup {
+            requests: 1,
+            latency_count: 1,
+            latency_sum_ms: 12.0,
+            ..Rollup::default()
+        };
+        let src = [SourceSeen {
+            ip: "192.0.2.1",
+            user_agent: "ua/1",
+            endpoint: "/v1/things",
+        }];
+        // Two requests an hour apart: an hour closes, no minute has 3 latencies.
+        models.observe_minute("k", 0, &r, &src);
+        models.observe_minute("k", HOUR_MS, &r, &src);
+        let m = models.key("k").unwrap();
+        assert!(m.lat.is_none() && m.vol_tail.is_none());
+        assert_eq!(m.bytes(), std::mem::size_of::<KeyModel>());
+        assert!(std::mem::size_of::<KeyModel>() <= 640);
+    }
 
     #[test]
     fn seasonal_slots_follow_the_owners_wall_clock() {

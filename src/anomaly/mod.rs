@@ -25,7 +25,7 @@
 //! scales, surprise (−log10 p) and score scale, refractory periods. The per-key volume
 //! model is the small form of the series detector's seasonal model (one level per hour of
 //! day plus a weekday offset instead of 3 cycles per phase bucket), because a million keys
-//! must fit in a few GB: [`SeriesDetector`] holds up to ~250 KB, a [`KeyModel`] ~1.2 KB.
+//! must fit in a few GB: [`SeriesDetector`] holds up to ~250 KB, a [`KeyModel`] 0.6–1.8 KB.
 
 pub mod eval;
 pub mod keys;

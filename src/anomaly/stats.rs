@@ -140,8 +140,8 @@ impl Default for EwScale {
 /// treated as exponential). The probability that the statistic is at least `z` is then
 /// `P(S > u) · (1 + γ (z−u)/σ)^(−1/γ)`.
 ///
-/// Memory: 7 numbers after calibration (the `init` buffer is freed). Forgetting: about
-/// `1/alpha` observations.
+/// Memory: 144 bytes; the `init` buffer is allocated at the first observation and freed
+/// after calibration. Forgetting: about `1/alpha` observations.
 #[derive(Debug, Clone)]
 pub struct Tail {
     u: f64,
@@ -186,7 +186,9 @@ impl Tail {
             s1: 0.0,
             s2: 0.0,
             n: 0,
-            init: Vec::with_capacity(init),
+            // Allocated at the first observation: most keys of a large fleet never feed
+            // some of their tails.
+            init: Vec::new(),
             init_n: init as u16,
             prior: prior as f32,
             top: [(f32::NEG_INFINITY, 0); TOP],
@@ -281,6 +283,9 @@ impl Tail {
             return;
         }
         if !self.ready() {
+            if self.init.capacity() == 0 {
+                self.init.reserve_exact(usize::from(self.init_n));
+            }
             self.init.push(z as f32);
             self.n += 1;
             if self.ready() {
