@@ -305,7 +305,7 @@ impl ClickHouseStore {
         cfg.validate().map_err(|(field, reason)| {
             StoreError::Fatal(format!("clickhouse.{field}: {reason}"))
         })?;
-        let mut client = new_client(cfg.insert_timeout)
+        let mut client = new_client(cfg)?
             .with_url(cfg.url.trim())
             .with_user(cfg.user.clone())
             .with_validation(false)
@@ -1418,18 +1418,61 @@ impl<'s> EventTopics<'s> {
     }
 }
 
-fn new_client(connect_timeout: Duration) -> Client {
+fn new_client(cfg: &ClickHouseConfig) -> Result<Client, StoreError> {
     use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_keepalive(Some(Duration::from_secs(60)));
-    connector.set_connect_timeout(Some(connect_timeout));
-    Client::with_http_client(
-        HyperClient::builder(hyper_util::rt::TokioExecutor::new())
-            // Less than the server's keep-alive (3 s before 23.11, 10 s after).
-            .pool_idle_timeout(Duration::from_secs(2))
-            .build(connector),
-    )
+    connector.set_connect_timeout(Some(cfg.insert_timeout));
+    // Less than the server's keep-alive (3 s before 23.11, 10 s after).
+    let mut builder = HyperClient::builder(hyper_util::rt::TokioExecutor::new());
+    builder.pool_idle_timeout(Duration::from_secs(2));
+    if !cfg.is_https() {
+        return Ok(Client::with_http_client(builder.build(connector)));
+    }
+    connector.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(cfg)?)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::with_http_client(builder.build(https)))
+}
+
+/// The TLS client settings: the CAs of `ca_file`, or the public roots of webpki-roots
+/// (Mozilla's list, built in: the same on every machine, unlike the system's store).
+fn tls_config(cfg: &ClickHouseConfig) -> Result<rustls::ClientConfig, StoreError> {
+    use hyper_rustls::ConfigBuilderExt as _;
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Fatal(format!("clickhouse TLS: {e}")))?;
+    let Some(path) = &cfg.ca_file else {
+        return Ok(builder.with_webpki_roots().with_no_client_auth());
+    };
+    let bad = |reason: String| {
+        StoreError::Fatal(format!(
+            "store.clickhouse.ca_file: {}: {reason}",
+            path.display()
+        ))
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(format!("not a PEM file of certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| bad(format!("a certificate rustls cannot use: {e}")))?;
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 fn own_runtime() -> Result<Runtime, StoreError> {

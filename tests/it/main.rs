@@ -13,6 +13,7 @@ mod bounds;
 mod cli;
 mod clickhouse_backtest;
 mod clickhouse_detection;
+mod clickhouse_https;
 mod clickhouse_store;
 mod crash;
 mod daemon;
