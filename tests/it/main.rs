@@ -15,6 +15,7 @@ mod clickhouse_backtest;
 mod clickhouse_detection;
 mod clickhouse_https;
 mod clickhouse_store;
+mod cluster;
 mod crash;
 mod daemon;
 mod dashboards;

@@ -45,6 +45,8 @@ const TRANSIENT: &[u32] = &[
     243,  // NOT_ENOUGH_SPACE
     252,  // TOO_MANY_PARTS
     285,  // TOO_FEW_LIVE_REPLICAS
+    286,  // UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE (18.16: one quorum insert per table)
+    289,  // REPLICA_IS_NOT_IN_QUORUM (select_sequential_consistency, a lagging replica)
     290,  // LIMIT_EXCEEDED
     319,  // UNKNOWN_STATUS_OF_INSERT
     341,  // UNFINISHED
