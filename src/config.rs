@@ -337,6 +337,9 @@ pub struct Config {
     pub store: StoreConfig,
 }
 
+// Built once at start: the ClickHouse variant's size (its cluster and TLS settings) does
+// not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Sqlite,

@@ -126,7 +126,8 @@ impl Drop for Cluster {
 /// The cluster of this shape the running tests share (started once; one start at a time,
 /// since each looks for free ports).
 fn cluster(shards: u32, replicas: u32) -> Arc<Cluster> {
-    static CLUSTERS: Mutex<Vec<((u32, u32), Weak<Cluster>)>> = Mutex::new(Vec::new());
+    type Shape = (u32, u32);
+    static CLUSTERS: Mutex<Vec<(Shape, Weak<Cluster>)>> = Mutex::new(Vec::new());
     let mut all = CLUSTERS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(c) = all
         .iter()
