@@ -508,3 +508,151 @@ fn an_unknown_cluster_is_refused_by_name() {
         other => panic!("want a fatal error, got {:?}", other.map(|_| ())),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The real binary: two instances of one Kafka group, each through another server
+
+fn group_config(
+    dir: &Path,
+    name: &str,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    url: &str,
+    db: &str,
+) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = {state:?}\n\
+             [input]\nkind = \"kafka\"\nformat = \"nginx\"\n\
+             [input.kafka]\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\n\
+             [input.kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
+             [fingerprint]\nsecret_env = \"KW_TEST_SECRET\"\n\
+             [pipeline]\nbatch_max_events = 500\nbatch_max_wait = \"100ms\"\n\
+             [server]\nenabled = false\n\
+             [store]\nkind = \"clickhouse\"\n\
+             [store.clickhouse]\nurl = \"{url}\"\ndatabase = \"{db}\"\ninsert_timeout = \"5s\"\n\
+             [store.clickhouse.cluster]\nname = \"keywatch\"\n",
+            state = dir.join(format!("state-{name}")),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A daemon killed if the test fails before stopping it.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn stored(url: &str, db: &str) -> u64 {
+    http(
+        url,
+        &format!("SELECT sum(requests) FROM {db}.keywatch_rollup_minute"),
+    )
+    .ok()
+    .and_then(|t| t.trim().parse().ok())
+    .unwrap_or(0)
+}
+
+fn wait_stored(url: &str, db: &str, want: u64, timeout: Duration) -> u64 {
+    let start = Instant::now();
+    loop {
+        let got = stored(url, db);
+        if got >= want || start.elapsed() > timeout {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_kafka_group_of_two_through_two_servers_survives_kill9_exactly_once() {
+    use crate::support::kafka::{unique, Broker};
+    use crate::support::{keywatch, lines_of, run_config, run_ok, sample, spawn_quiet, SECRET};
+
+    let c = cluster(2, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 4);
+    let n = 20_000;
+    let log = sample(dir.path(), "nginx", n, 21);
+    // Produced in slices over about 8 s, so that the second instance joins and the first
+    // dies while events still arrive.
+    let slices: Vec<PathBuf> = lines_of(&log)
+        .chunks(n / 20)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let path = dir.path().join(format!("slice-{i}.log"));
+            std::fs::write(&path, chunk.join("\n") + "\n").unwrap();
+            path
+        })
+        .collect();
+    let producer = {
+        let brokers = broker.brokers();
+        let topic = topic.clone();
+        std::thread::spawn(move || {
+            for slice in slices {
+                run_ok(
+                    keywatch()
+                        .args([
+                            "produce",
+                            "--brokers",
+                            &brokers,
+                            "--topic",
+                            &topic,
+                            "--file",
+                        ])
+                        .arg(&slice)
+                        .env("KW_TEST_SECRET", SECRET),
+                );
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        })
+    };
+    let db = fresh_database("kwgroup");
+    let group = unique("g");
+    let (u1, u2) = (c.nodes[0].2.clone(), c.nodes[1].2.clone());
+    let cfg_a = group_config(dir.path(), "a", &broker.brokers(), &topic, &group, &u1, &db);
+    let cfg_b = group_config(dir.path(), "b", &broker.brokers(), &topic, &group, &u2, &db);
+    let mut a = Running(spawn_quiet(&mut run_config(&cfg_a)));
+    wait_stored(&u1, &db, 1, Duration::from_secs(60));
+    let b = Running(spawn_quiet(&mut run_config(&cfg_b)));
+    wait_stored(&u2, &db, stored(&u2, &db) + 1, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    a.0.kill().unwrap(); // SIGKILL
+    a.0.wait().unwrap();
+    let at_kill = stored(&u1, &db);
+    producer.join().unwrap();
+    let got = wait_stored(&u2, &db, n as u64, Duration::from_secs(180));
+    // Nothing more may arrive: give a duplicate the time to show up.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut b = b;
+    std::process::Command::new("kill")
+        .args(["-TERM", &b.0.id().to_string()])
+        .status()
+        .unwrap();
+    let status = crate::support::wait_with_timeout(&mut b.0, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    eprintln!("stored when the first instance was killed: {at_kill}; final {got}");
+    assert!(at_kill < n as u64, "the kill must land mid-stream");
+    for u in [&u1, &u2] {
+        let both = http(
+            u,
+            &format!(
+                "SELECT (SELECT sum(requests) FROM {db}.keywatch_rollup_minute), \
+                 (SELECT count() FROM {db}.keywatch_events)"
+            ),
+        )
+        .unwrap();
+        assert_eq!(both.trim(), format!("{n}\t{n}"), "{u}");
+    }
+}
