@@ -35,10 +35,10 @@ const EVENTS: i64 = 4_000;
 // ---------------------------------------------------------------------------------------
 // The cluster
 
-struct Cluster {
+pub(crate) struct Cluster {
     dir: tempfile::TempDir,
     /// `(shard, replica, url)`, shard by shard.
-    nodes: Vec<(u32, u32, String)>,
+    pub(crate) nodes: Vec<(u32, u32, String)>,
 }
 
 fn script() -> PathBuf {
@@ -125,7 +125,7 @@ impl Drop for Cluster {
 
 /// The cluster of this shape the running tests share (started once; one start at a time,
 /// since each looks for free ports).
-fn cluster(shards: u32, replicas: u32) -> Arc<Cluster> {
+pub(crate) fn cluster(shards: u32, replicas: u32) -> Arc<Cluster> {
     type Shape = (u32, u32);
     static CLUSTERS: Mutex<Vec<(Shape, Weak<Cluster>)>> = Mutex::new(Vec::new());
     let mut all = CLUSTERS.lock().unwrap_or_else(|e| e.into_inner());
