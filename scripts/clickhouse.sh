@@ -5,6 +5,17 @@
 #                                          # (PORT `auto`: a free pair in 18123-28122)
 #   scripts/clickhouse.sh stop DIR         # stops the server started in DIR
 #   scripts/clickhouse.sh url DIR          # prints the URL of the server running in DIR
+#   scripts/clickhouse.sh cluster-start DIR SHARDS REPLICAS
+#                                          # ZooKeeper and SHARDS x REPLICAS servers in DIR;
+#                                          # prints one line per server: `SHARD REPLICA URL`
+#   scripts/clickhouse.sh cluster-stop DIR # stops them all
+#
+# DIR/extra.xml, when present, is copied into the server's configuration (the cluster's
+# ZooKeeper, macros and remote_servers; a test's https_port and certificates), so that a
+# server stopped and started again keeps it. The cluster is named `keywatch` (every server
+# of it, SHARDS shards of REPLICAS replicas, internal_replication on) and its servers are
+# DIR/s{shard}r{replica}; ZooKeeper (Debian's package, installed with apt-get when missing)
+# runs in DIR/zookeeper.
 #
 # The server (Debian's clickhouse-server, 18.16 on Debian 12) listens on 127.0.0.1 only and
 # keeps its configuration, data, logs and pid file inside DIR, so that several can run at
@@ -80,6 +91,7 @@ write_config() {
     <max_session_timeout>3600</max_session_timeout>
     <default_session_timeout>60</default_session_timeout>
 $query_log_section
+$(cat "$dir/extra.xml" 2>/dev/null || true)
 </yandex>
 EOF
     # Two users: `default` without a password (what the tests use) and `keywatch` with the
@@ -198,6 +210,146 @@ stop() {
     rm -f "$dir/server.pid"
 }
 
+zookeeper_classpath() {
+    # Debian's zookeeper package: the server jar and what it links (netty, slf4j, ...).
+    ls /usr/share/java/*.jar | tr '\n' :
+}
+
+install_zookeeper() {
+    echo "clickhouse.sh: ZooKeeper not found, installing it with apt-get" >&2
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq zookeeper >&2
+}
+
+zk_ok() (
+    exec 2>/dev/null
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf 'ruok' >&3
+    reply=$(timeout 2 cat <&3 || true)
+    [ "$reply" = imok ]
+)
+
+free_port_from() {
+    local port=$1 width=$2 i ok
+    while [ "$port" -lt 29000 ]; do
+        ok=1
+        for i in $(seq 0 $((width - 1))); do
+            port_free $((port + i)) || { ok=0; break; }
+        done
+        [ "$ok" = 1 ] && { echo "$port"; return 0; }
+        port=$((port + width))
+    done
+    die "no $width free ports from $1"
+}
+
+zookeeper_start() {
+    local dir=$1 port=$2
+    mkdir -p "$dir/data"
+    echo "$port" >"$dir/port"
+    cat >"$dir/zoo.cfg" <<EOF
+tickTime=500
+initLimit=10
+syncLimit=5
+dataDir=$dir/data
+clientPort=$port
+clientPortAddress=127.0.0.1
+admin.enableServer=false
+4lw.commands.whitelist=ruok
+maxClientCnxns=200
+EOF
+    # A small heap: ZooKeeper holds a few thousand small nodes here.
+    setsid java -Xmx256m -Dzookeeper.log.dir="$dir" -cp "$(zookeeper_classpath)" \
+        org.apache.zookeeper.server.ZooKeeperServerMain "$dir/zoo.cfg" \
+        >"$dir/zookeeper.log" 2>&1 </dev/null &
+    echo $! >"$dir/pid"
+    for _ in $(seq 1 300); do
+        zk_ok "$port" && return 0
+        kill -0 "$(cat "$dir/pid")" 2>/dev/null || {
+            tail -n 20 "$dir/zookeeper.log" >&2
+            die "ZooKeeper exited during start (log: $dir/zookeeper.log)"
+        }
+        sleep 0.1
+    done
+    die "ZooKeeper did not answer on port $port within 30 s (log: $dir/zookeeper.log)"
+}
+
+cluster_start() {
+    local dir=$1 shards=$2 replicas=$3
+    [[ "$shards" =~ ^[1-9]$ && "$replicas" =~ ^[1-9]$ ]] || die "SHARDS and REPLICAS: 1 to 9"
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    local s r port zk
+    if [ -f "$dir/nodes" ]; then
+        # Set up before: start what is not running.
+        [ "$(cat "$dir/shape")" = "$shards $replicas" ] || die "$dir holds a cluster of another shape"
+        zk=$(cat "$dir/zookeeper/port")
+        zk_ok "$zk" || zookeeper_start "$dir/zookeeper" "$zk"
+        while read -r s r port; do
+            start "$dir/s${s}r${r}" "$port" >/dev/null
+            echo "$s $r http://127.0.0.1:$port"
+        done <"$dir/nodes"
+        return 0
+    fi
+    ls /usr/share/java/zookeeper*.jar >/dev/null 2>&1 || install_zookeeper
+    command -v java >/dev/null || die "ZooKeeper needs java (scripts/test.sh installs it)"
+    zk=$(free_port_from 19181 1)
+    zookeeper_start "$dir/zookeeper" "$zk"
+    # Three ports per server: HTTP, native TCP, interserver (replication) HTTP.
+    port=19200
+    local nodes=()
+    for s in $(seq 1 "$shards"); do
+        for r in $(seq 1 "$replicas"); do
+            port=$(free_port_from "$port" 3)
+            nodes+=("$s $r $port")
+            port=$((port + 3))
+        done
+    done
+    printf '%s\n' "${nodes[@]}" >"$dir/nodes"
+    echo "$shards $replicas" >"$dir/shape"
+    local remote="" shard_xml ns nr np
+    for s in $(seq 1 "$shards"); do
+        shard_xml="<shard><internal_replication>true</internal_replication>"
+        while read -r ns nr np; do
+            [ "$ns" = "$s" ] || continue
+            shard_xml+="<replica><host>127.0.0.1</host><port>$((np + 1))</port></replica>"
+        done <"$dir/nodes"
+        remote+="$shard_xml</shard>"
+    done
+    while read -r s r port; do
+        mkdir -p "$dir/s${s}r${r}"
+        cat >"$dir/s${s}r${r}/extra.xml" <<EOF
+    <interserver_http_port>$((port + 2))</interserver_http_port>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <zookeeper><node><host>127.0.0.1</host><port>$zk</port></node><session_timeout_ms>10000</session_timeout_ms></zookeeper>
+    <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
+    <macros><shard>s$s</shard><replica>r$r</replica></macros>
+    <remote_servers><keywatch>$remote</keywatch></remote_servers>
+EOF
+    done <"$dir/nodes"
+    while read -r s r port; do
+        start "$dir/s${s}r${r}" "$port" >/dev/null
+        echo "$s $r http://127.0.0.1:$port"
+    done <"$dir/nodes"
+}
+
+cluster_stop() {
+    local dir=$1 s r port pid
+    [ -f "$dir/nodes" ] || return 0
+    while read -r s r port; do
+        stop "$dir/s${s}r${r}" &
+    done <"$dir/nodes"
+    wait
+    if [ -f "$dir/zookeeper/pid" ]; then
+        pid=$(cat "$dir/zookeeper/pid")
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        rm -f "$dir/zookeeper/pid"
+    fi
+}
+
 case "${1:-}" in
     start) [ $# -eq 3 ] || die "usage: $0 start DIR PORT"; start "$2" "$3" ;;
     stop) [ $# -eq 2 ] || die "usage: $0 stop DIR"; stop "$2" ;;
@@ -206,5 +358,10 @@ case "${1:-}" in
         running_pid "$2" >/dev/null || die "no server running in $2"
         echo "http://127.0.0.1:$(cat "$2/port")"
         ;;
-    *) die "usage: $0 start DIR PORT | stop DIR | url DIR" ;;
+    cluster-start)
+        [ $# -eq 4 ] || die "usage: $0 cluster-start DIR SHARDS REPLICAS"
+        cluster_start "$2" "$3" "$4"
+        ;;
+    cluster-stop) [ $# -eq 2 ] || die "usage: $0 cluster-stop DIR"; cluster_stop "$2" ;;
+    *) die "usage: $0 start DIR PORT | stop DIR | url DIR | cluster-start DIR SHARDS REPLICAS | cluster-stop DIR" ;;
 esac

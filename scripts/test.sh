@@ -63,6 +63,11 @@ if ! command -v clickhouse-server >/dev/null; then
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq clickhouse-server clickhouse-client
 fi
+if ! ls /usr/share/java/zookeeper*.jar >/dev/null 2>&1; then
+    echo "installing ZooKeeper (the ClickHouse cluster tests: tests/it/cluster.rs) from Debian's packages"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq zookeeper
+fi
 if ! /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || ! command -v openssl >/dev/null; then
     echo "installing aiosmtpd (a real SMTP server for the email tests) and openssl"
     as_root apt-get update -qq

@@ -374,6 +374,9 @@ pub const DEAD_LETTER_MIN_BYTES: u64 = 4096;
 /// The most rotated dead-letter files kept: a budget beyond it wants a larger `max_bytes`.
 pub const DEAD_LETTER_MAX_FILES: u32 = 1000;
 
+// Built once at start: the ClickHouse variant's size (its cluster and TLS settings) does
+// not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Sqlite,

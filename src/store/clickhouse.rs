@@ -59,9 +59,9 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::runtime::{Handle, Runtime};
 
-pub use config::{ClickHouseConfig, InsertCompression, Password};
+pub use config::{ClickHouseConfig, ClusterConfig, InsertCompression, Password};
 pub use replay::{Replay, ReplayKey};
-pub use schema::{ServerFeatures, Sql, Table};
+pub use schema::{ClusterLayout, ServerFeatures, Sql, Table};
 
 use super::{BatchWrite, KeyUsage, SourceRow, Store, StoreError, StoredEvent};
 use crate::aggregate::{Rollup, SourceKey, SourceStats, LATENCY_BUCKETS};
@@ -143,6 +143,10 @@ struct Inner {
     cfg: ClickHouseConfig,
     password: Option<Password>,
     state: Mutex<State>,
+    /// On a cluster: the replicas that must hold an insert before it is acknowledged
+    /// (`insert_quorum`), for sharded tables and for the tables every server holds; 1 (no
+    /// quorum) on one server.
+    quorum: Quorum,
     opened: Instant,
     /// The commit started last and not yet waited for (see [`Store::commit_started`]).
     in_flight: Mutex<Option<InFlightCommit>>,
@@ -155,6 +159,18 @@ impl std::fmt::Debug for ClickHouseStore {
             .field("server", &self.inner.features.version)
             .finish_non_exhaustive()
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Quorum {
+    sharded: u32,
+    global: u32,
+}
+
+#[derive(Row, Deserialize)]
+struct ShardRow {
+    _shard: u32,
+    replicas: u64,
 }
 
 #[derive(Row, Deserialize)]
@@ -305,7 +321,7 @@ impl ClickHouseStore {
         cfg.validate().map_err(|(field, reason)| {
             StoreError::Fatal(format!("clickhouse.{field}: {reason}"))
         })?;
-        let mut client = new_client(cfg.insert_timeout)
+        let mut client = new_client(cfg)?
             .with_url(cfg.url.trim())
             .with_user(cfg.user.clone())
             .with_validation(false)
@@ -317,11 +333,38 @@ impl ClickHouseStore {
         if let Some(p) = &password {
             client = client.with_password(p.expose().to_owned());
         }
+        let mut sql = Sql::new(&cfg.database, &cfg.table_prefix);
+        if let Some(c) = &cfg.cluster {
+            sql = sql.on(ClusterLayout {
+                name: c.name.clone(),
+                shard_path: c.zookeeper_path.clone(),
+                replica: c.replica.clone(),
+                global_path: c.global_zookeeper_path.clone(),
+                global_replica: c.global_replica.clone(),
+            });
+            // Inserts into Distributed tables wait until every shard has its rows (the
+            // default queues them on this server and sends them later: the offsets row
+            // could land before the rows). DDL on the cluster waits no longer than any
+            // other statement (then it fails as transient and is retried; the deletions
+            // of recovery are idempotent). A JOIN or IN of two Distributed tables reads
+            // the right side once, on this server.
+            client = client
+                .with_setting("insert_distributed_sync", "1")
+                .with_setting(
+                    "distributed_ddl_task_timeout",
+                    cfg.insert_timeout.as_secs().max(1).to_string(),
+                )
+                .with_setting("distributed_product_mode", "global");
+        }
         let mut store = ClickHouseStore {
             inner: Arc::new(Inner {
                 client,
                 rt,
-                sql: Sql::new(&cfg.database, &cfg.table_prefix),
+                quorum: Quorum {
+                    sharded: 1,
+                    global: 1,
+                },
+                sql,
                 features: ServerFeatures::new("", &[]),
                 cfg: cfg.clone(),
                 password,
@@ -341,9 +384,16 @@ impl ClickHouseStore {
             let settings: Vec<String> = settings.into_iter().map(|t| t.s).collect();
             Ok::<_, StoreError>(ServerFeatures::new(&version, &settings))
         })?;
-        Arc::get_mut(&mut store.inner)
-            .expect("no clone of a store being connected")
-            .features = features;
+        let quorum = match &cfg.cluster {
+            Some(c) => store.block_on(store.cluster_quorum(c))?,
+            None => Quorum {
+                sharded: 1,
+                global: 1,
+            },
+        };
+        let inner = Arc::get_mut(&mut store.inner).expect("no clone of a store being connected");
+        inner.features = features;
+        inner.quorum = quorum;
         tracing::info!(
             url = %config::redact_url(&cfg.url),
             server = %store.inner.features.version,
@@ -351,6 +401,45 @@ impl ClickHouseStore {
             "connected to ClickHouse"
         );
         Ok(store)
+    }
+
+    /// The cluster's shape from `system.clusters`, and the quorums it gives (see
+    /// [`ClusterConfig::insert_quorum`]).
+    async fn cluster_quorum(&self, c: &ClusterConfig) -> Result<Quorum, StoreError> {
+        let shards: Vec<ShardRow> = self
+            .fetch(
+                &Sql::cluster_shards(&c.name),
+                "reading the cluster from system.clusters",
+            )
+            .await?;
+        if shards.is_empty() {
+            return Err(StoreError::Fatal(format!(
+                "store.clickhouse.cluster.name: the server at store.clickhouse.url knows no \
+                 cluster `{}` (its <remote_servers>, system.clusters)",
+                c.name
+            )));
+        }
+        let smallest = shards.iter().map(|s| s.replicas).min().unwrap_or(1) as u32;
+        let servers = shards.iter().map(|s| s.replicas).sum::<u64>() as u32;
+        let quorum = match c.insert_quorum {
+            0 => Quorum {
+                sharded: smallest / 2 + 1,
+                global: servers / 2 + 1,
+            },
+            n => Quorum {
+                sharded: n.min(smallest),
+                global: n.min(servers),
+            },
+        };
+        tracing::info!(
+            cluster = %c.name,
+            shards = shards.len(),
+            servers,
+            quorum_sharded = quorum.sharded,
+            quorum_global = quorum.global,
+            "ClickHouse cluster"
+        );
+        Ok(quorum)
     }
 
     /// The server's `version()` and what keywatch uses of it.
@@ -463,8 +552,14 @@ impl ClickHouseStore {
             rows.rows,
             self.inner.sql.name(table)
         );
-        self.insert_with(self.inner.sql.insert(table), &what, rows, phase)
-            .await
+        self.insert_with(
+            self.inner.sql.insert(table),
+            &what,
+            rows,
+            phase,
+            Some(table),
+        )
+        .await
     }
 
     /// [`Self::insert`] of batch rows, and how long it took.
@@ -477,12 +572,14 @@ impl ClickHouseStore {
         (r, t.elapsed())
     }
 
+    /// `table`: the table written, for the settings a cluster needs (`None`: none).
     async fn insert_with(
         &self,
         sql: String,
         what: &str,
         rows: &RowBinary,
         phase: Phase,
+        table: Option<Table>,
     ) -> Result<(), StoreError> {
         if rows.rows == 0 {
             return Ok(());
@@ -495,6 +592,27 @@ impl ClickHouseStore {
             .with_timeouts(Some(timeout), Some(timeout));
         for (name, value) in &self.inner.features.insert_settings {
             insert = insert.with_setting(*name, *value);
+        }
+        if let (Some(t), Some(_)) = (table, &self.inner.sql.cluster) {
+            let quorum = if t.is_sharded() {
+                self.inner.quorum.sharded
+            } else {
+                self.inner.quorum.global
+            };
+            if quorum > 1 {
+                insert = insert
+                    .with_setting("insert_quorum", quorum.to_string())
+                    .with_setting(
+                        "insert_quorum_timeout",
+                        self.inner.cfg.insert_timeout.as_millis().to_string(),
+                    );
+            }
+            if Table::BATCH_ROWS.contains(&t) {
+                // A batch retried after recovery deleted its first attempt's rows is the
+                // same bytes: replicated block deduplication would drop it as a repeat of
+                // rows that are gone. Batch rows are made exact by recovery instead.
+                insert = insert.with_setting("insert_deduplicate", "0");
+            }
         }
         let mut w = insert.buffered_with_capacity(256 * 1024);
         let send = async {
@@ -622,10 +740,24 @@ impl ClickHouseStore {
         Ok(())
     }
 
+    /// On a cluster with a quorum, with `select_sequential_consistency`: this server
+    /// answers only once it holds every offsets row acknowledged to any instance (a
+    /// partition that moved here from an instance writing through another server resumes
+    /// from its last commit, not an older one).
     async fn read_offsets(&self, src: &str) -> Result<Vec<OffsetRow>, StoreError> {
-        self.fetch(
-            &self.inner.sql.read_offsets(src),
-            "reading committed offsets",
+        let what = "reading committed offsets";
+        let mut q = self
+            .inner
+            .client
+            .query_raw(&self.inner.sql.read_offsets(src));
+        if self.inner.quorum.global > 1 {
+            q = q.with_setting("select_sequential_consistency", "1");
+        }
+        self.timed(
+            self.inner.cfg.insert_timeout,
+            Phase::Query,
+            what,
+            q.fetch_all::<OffsetRow>(),
         )
         .await
     }
@@ -674,7 +806,16 @@ impl ClickHouseStore {
     }
 
     /// Waits until no deletion keywatch may have started runs on its tables.
+    ///
+    /// Not on a cluster: 18.16 never mutates the last part written with a quorum in a
+    /// partition (`select_sequential_consistency` checks it by name) until another quorum
+    /// insert lands there, so waiting before the next commit could wait for ever. A
+    /// registered mutation is bound to the block numbers before it, so rows written
+    /// after it are never touched; running ALTERs are waited for by `drain_writes`.
     async fn wait_mutations(&self) -> Result<(), StoreError> {
+        if self.inner.sql.cluster.is_some() {
+            return Ok(());
+        }
         let deadline = Instant::now() + self.inner.cfg.mutation_timeout;
         let mut delay = Duration::from_millis(20);
         loop {
@@ -744,7 +885,10 @@ impl ClickHouseStore {
                         "looking for rows of uncommitted batches",
                     )
                     .await?;
-                if n > 0 {
+                // On a cluster the count reads one replica per shard: a replica may
+                // hold rows of an interrupted batch that the one read has not fetched
+                // yet. The deletion, replicated, reaches them all.
+                if n > 0 || self.inner.sql.cluster.is_some() {
                     self.exec(
                         &self.inner.sql.delete_where(t, &filter),
                         "deleting rows of uncommitted batches",
@@ -1128,6 +1272,7 @@ impl ClickHouseStore {
             "inserting",
             &rb,
             Phase::InsertRows,
+            None,
         ))
     }
 
@@ -1418,18 +1563,61 @@ impl<'s> EventTopics<'s> {
     }
 }
 
-fn new_client(connect_timeout: Duration) -> Client {
+fn new_client(cfg: &ClickHouseConfig) -> Result<Client, StoreError> {
     use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_keepalive(Some(Duration::from_secs(60)));
-    connector.set_connect_timeout(Some(connect_timeout));
-    Client::with_http_client(
-        HyperClient::builder(hyper_util::rt::TokioExecutor::new())
-            // Less than the server's keep-alive (3 s before 23.11, 10 s after).
-            .pool_idle_timeout(Duration::from_secs(2))
-            .build(connector),
-    )
+    connector.set_connect_timeout(Some(cfg.insert_timeout));
+    // Less than the server's keep-alive (3 s before 23.11, 10 s after).
+    let mut builder = HyperClient::builder(hyper_util::rt::TokioExecutor::new());
+    builder.pool_idle_timeout(Duration::from_secs(2));
+    if !cfg.is_https() {
+        return Ok(Client::with_http_client(builder.build(connector)));
+    }
+    connector.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(cfg)?)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::with_http_client(builder.build(https)))
+}
+
+/// The TLS client settings: the CAs of `ca_file`, or the public roots of webpki-roots
+/// (Mozilla's list, built in: the same on every machine, unlike the system's store).
+fn tls_config(cfg: &ClickHouseConfig) -> Result<rustls::ClientConfig, StoreError> {
+    use hyper_rustls::ConfigBuilderExt as _;
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Fatal(format!("clickhouse TLS: {e}")))?;
+    let Some(path) = &cfg.ca_file else {
+        return Ok(builder.with_webpki_roots().with_no_client_auth());
+    };
+    let bad = |reason: String| {
+        StoreError::Fatal(format!(
+            "store.clickhouse.ca_file: {}: {reason}",
+            path.display()
+        ))
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(format!("not a PEM file of certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| bad(format!("a certificate rustls cannot use: {e}")))?;
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 fn own_runtime() -> Result<Runtime, StoreError> {

@@ -450,7 +450,8 @@ fn num(s: &str) -> f64 {
 
 struct Fixture {
     _dir: tempfile::TempDir,
-    _server: ClickHouse,
+    /// The server or cluster, kept running while the fixture lives.
+    _server: Box<dyn std::any::Any>,
     http: Http,
     database: String,
     truth: Truth,
@@ -505,7 +506,19 @@ fn fixture() -> Fixture {
         .tempdir()
         .unwrap();
     let server = ClickHouse::shared_or_start(&dir.path().join("clickhouse"));
-    let http = Http::new(&server.url);
+    let url = server.url.clone();
+    fixture_on(dir, Box::new(server), &url, None)
+}
+
+/// The fixture on a server or, with `cluster` (a cluster's name in the servers'
+/// remote_servers), on a ClickHouse cluster through the server at `url`.
+fn fixture_on(
+    dir: tempfile::TempDir,
+    server: Box<dyn std::any::Any>,
+    url: &str,
+    cluster: Option<&str>,
+) -> Fixture {
+    let http = Http::new(url);
     let database = format!(
         "kw_dash_{}_{}",
         std::process::id(),
@@ -544,10 +557,13 @@ fn fixture() -> Fixture {
              [input]\nkind = \"file\"\npath = {log:?}\nformat = \"kong\"\nfollow = false\n\
              [store]\nkind = \"clickhouse\"\n\
              [store.clickhouse]\nurl = {url:?}\ndatabase = {database:?}\nretention_days = 0\n\
+             {cluster_section}\
              [server]\nenabled = false\n\
              [rules]\nkeys = {keys:?}\npolicy = {policy:?}\n",
             state = dir.path().join("state"),
-            url = server.url,
+            cluster_section = cluster
+                .map(|c| format!("[store.clickhouse.cluster]\nname = {c:?}\n"))
+                .unwrap_or_default(),
             keys = root().join("examples/registry.toml"),
             policy = root().join("rules/policy.toml"),
         ),
@@ -581,9 +597,10 @@ fn fixture() -> Fixture {
     let notifications = attempts(&findings);
     let store = ClickHouseStore::open_standalone(
         &ClickHouseConfig {
-            url: server.url.clone(),
+            url: url.to_owned(),
             database: database.clone(),
             retention_days: 0,
+            cluster: cluster.map(keywatch::store::clickhouse::ClusterConfig::named),
             ..ClickHouseConfig::default()
         },
         None,
@@ -779,6 +796,29 @@ fn sum(rows: &[Vec<String>], i: usize) -> f64 {
 #[test]
 fn every_clickhouse_query_answers_on_data_keywatch_wrote() {
     let fx = fixture();
+    let ran = check_every_query(&fx);
+    write_chdb_catalog(&fx, &ran);
+}
+
+/// The same queries on a cluster of two shards (`store.clickhouse.cluster`): the tables
+/// they name are Distributed tables and tables every server holds, so they read the
+/// whole cluster and answer the same.
+#[test]
+#[ignore = "not finished: `keywatch run` of the fixture (file input, detection on) did not \
+            end within 5 minutes on the two-shard cluster; not yet diagnosed"]
+fn every_clickhouse_query_answers_on_a_cluster() {
+    let cluster = crate::cluster::cluster(2, 1);
+    let dir = tempfile::Builder::new()
+        .prefix("keywatch-dash-cluster-")
+        .tempdir()
+        .unwrap();
+    let url = cluster.nodes[1].2.clone();
+    let fx = fixture_on(dir, Box::new(cluster), &url, Some("keywatch"));
+    check_every_query(&fx);
+}
+
+/// Runs and checks every query of every ClickHouse dashboard; returns what ran.
+fn check_every_query(fx: &Fixture) -> Vec<Ran> {
     let t = &fx.truth;
     let old = t.rotation.old_key.identity.clone();
     let new = t.rotation.new_key.identity.clone();
@@ -789,7 +829,7 @@ fn every_clickhouse_query_answers_on_data_keywatch_wrote() {
     };
     let in_range = |f: &Finding| f.at_ms >= range.from_ms && f.at_ms / 1000 <= range.to_ms / 1000;
     let mut r = Runner {
-        fx: &fx,
+        fx,
         range,
         ran: Vec::new(),
         checked: BTreeSet::new(),
@@ -1202,7 +1242,7 @@ fn every_clickhouse_query_answers_on_data_keywatch_wrote() {
         }
     }
 
-    write_chdb_catalog(&fx, &r.ran);
+    r.ran
 }
 
 /// The end (in seconds) of the bucket starting at `time` (`YYYY-MM-DD hh:mm:ss`, UTC).

@@ -11,9 +11,13 @@ use serde::{Deserialize, Deserializer};
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseConfig {
-    /// HTTP interface, `http://host:8123` (a path is allowed for proxies; no credentials).
+    /// HTTP interface, `http://host:8123` or `https://host:8443` (a path is allowed for
+    /// proxies; no credentials).
     #[serde(default = "default_url")]
     pub url: String,
+    /// HTTPS only: a PEM file of the CA certificates to trust instead of the built-in
+    /// public roots (Mozilla's, from webpki-roots), for servers with a private CA.
+    pub ca_file: Option<PathBuf>,
     /// Created at start when missing.
     #[serde(default = "default_database")]
     pub database: String,
@@ -42,8 +46,125 @@ pub struct ClickHouseConfig {
     /// network lz4 sends about a quarter of the bytes.
     #[serde(default)]
     pub compression: InsertCompression,
+    /// A ClickHouse cluster instead of one server (`[store.clickhouse.cluster]`); unset:
+    /// one server, as before.
+    pub cluster: Option<ClusterConfig>,
 }
 
+/// How keywatch lays its tables out on a cluster (see `ARCHITECTURE.md`, "ClickHouse
+/// cluster"). `{database}` and `{table}` in the paths are filled in by keywatch; other
+/// `{macros}` (`{shard}`, `{replica}`) by each server from its `<macros>`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// A cluster of the servers' `<remote_servers>`: `ON CLUSTER` DDL, Distributed tables.
+    pub name: String,
+    /// ZooKeeper path of the sharded tables (events, rollups, sources, keys): one replica
+    /// set per shard.
+    #[serde(default = "default_shard_path")]
+    pub zookeeper_path: String,
+    /// Replica name of the sharded tables, unique within a shard.
+    #[serde(default = "default_replica")]
+    pub replica: String,
+    /// ZooKeeper path of the small tables every server holds whole (offsets, findings,
+    /// notifications, schema versions): one replica set over the whole cluster.
+    #[serde(default = "default_global_path")]
+    pub global_zookeeper_path: String,
+    /// Replica name of those tables, unique over the whole cluster.
+    #[serde(default = "default_global_replica")]
+    pub global_replica: String,
+    /// Replicas that must hold a batch's rows and offsets before it counts as committed
+    /// (`insert_quorum`). 0: a majority of the replicas of each table (of the shard's
+    /// replicas for sharded tables, of every server for the others); 1: no quorum.
+    #[serde(default)]
+    pub insert_quorum: u32,
+}
+
+fn default_shard_path() -> String {
+    "/clickhouse/tables/{shard}/{database}/{table}".into()
+}
+fn default_replica() -> String {
+    "{replica}".into()
+}
+fn default_global_path() -> String {
+    "/clickhouse/tables/all/{database}/{table}".into()
+}
+fn default_global_replica() -> String {
+    "{shard}-{replica}".into()
+}
+
+impl ClusterConfig {
+    /// A cluster of this name with the default paths and quorum.
+    pub fn named(name: &str) -> Self {
+        ClusterConfig {
+            name: name.to_owned(),
+            zookeeper_path: default_shard_path(),
+            replica: default_replica(),
+            global_zookeeper_path: default_global_path(),
+            global_replica: default_global_replica(),
+            insert_quorum: 0,
+        }
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !is_identifier(&self.name) {
+            return Err((
+                "cluster.name",
+                "must be letters, digits and `_`, starting with a letter or `_`".into(),
+            ));
+        }
+        for (field, v) in [
+            ("cluster.zookeeper_path", &self.zookeeper_path),
+            ("cluster.replica", &self.replica),
+            ("cluster.global_zookeeper_path", &self.global_zookeeper_path),
+            ("cluster.global_replica", &self.global_replica),
+        ] {
+            if v.trim().is_empty() {
+                return Err((field, "must not be empty".into()));
+            }
+            // Sent inside a string literal of the DDL.
+            if v.contains(['\'', '\\', '\n', '\r', '\0']) {
+                return Err((
+                    field,
+                    "must not contain quotes, backslashes or line breaks".into(),
+                ));
+            }
+        }
+        for (field, v) in [
+            ("cluster.zookeeper_path", &self.zookeeper_path),
+            ("cluster.global_zookeeper_path", &self.global_zookeeper_path),
+        ] {
+            if !v.starts_with('/') {
+                return Err((field, format!("must start with `/`, found `{v}`")));
+            }
+            if !v.contains("{table}") {
+                return Err((
+                    field,
+                    "must contain `{table}` (every table needs a path of its own)".into(),
+                ));
+            }
+        }
+        if !self.zookeeper_path.contains("{shard}") {
+            return Err((
+                "cluster.zookeeper_path",
+                "must contain `{shard}` (each shard replicates its own rows)".into(),
+            ));
+        }
+        if self.zookeeper_path == self.global_zookeeper_path {
+            return Err((
+                "cluster.global_zookeeper_path",
+                "must differ from zookeeper_path".into(),
+            ));
+        }
+        if self.insert_quorum > 16 {
+            return Err((
+                "cluster.insert_quorum",
+                "must be at most 16 (0: a majority)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
 /// See [`ClickHouseConfig::compression`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,6 +209,7 @@ impl Default for ClickHouseConfig {
     fn default() -> Self {
         ClickHouseConfig {
             url: default_url(),
+            ca_file: None,
             database: default_database(),
             user: default_user(),
             password_env: None,
@@ -97,6 +219,7 @@ impl Default for ClickHouseConfig {
             insert_timeout: default_insert_timeout(),
             mutation_timeout: default_mutation_timeout(),
             compression: InsertCompression::default(),
+            cluster: None,
         }
     }
 }
@@ -105,6 +228,7 @@ impl fmt::Debug for ClickHouseConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClickHouseConfig")
             .field("url", &redact_url(&self.url))
+            .field("ca_file", &self.ca_file)
             .field("database", &self.database)
             .field("user", &self.user)
             .field("password_env", &self.password_env)
@@ -114,6 +238,7 @@ impl fmt::Debug for ClickHouseConfig {
             .field("insert_timeout", &self.insert_timeout)
             .field("mutation_timeout", &self.mutation_timeout)
             .field("compression", &self.compression)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -144,20 +269,30 @@ impl ClickHouseConfig {
     /// `[clickhouse]` section.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let url = self.url.trim();
-        let Some(rest) = url.strip_prefix("http://") else {
-            return Err(if url.starts_with("https://") {
-                (
-                    "url",
-                    "https is not supported yet; use http:// (e.g. through a local TLS proxy)"
-                        .into(),
-                )
-            } else {
-                (
-                    "url",
-                    format!("expected http://host:port, found `{}`", redact_url(url)),
-                )
-            });
+        let Some(rest) = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+        else {
+            return Err((
+                "url",
+                format!(
+                    "expected http://host:port or https://host:port, found `{}`",
+                    redact_url(url)
+                ),
+            ));
         };
+        match &self.ca_file {
+            Some(_) if !self.is_https() => {
+                return Err(("ca_file", "is only used with an https:// url".into()))
+            }
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(("ca_file", "must not be empty".into()))
+            }
+            _ => {}
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
         if authority.contains('@') {
             return Err((
@@ -228,6 +363,11 @@ impl ClickHouseConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether the URL asks for TLS.
+    pub fn is_https(&self) -> bool {
+        self.url.trim().starts_with("https://")
     }
 
     /// Reads the password named by `password_env` or `password_file` (none when neither is
@@ -302,13 +442,38 @@ mod tests {
         assert_eq!(c.insert_timeout, Duration::from_secs(5));
         assert_eq!(c.mutation_timeout, Duration::from_secs(600));
         assert_eq!(c.table_prefix, "");
+        let c = parse(
+            r#"url = "https://ch.internal:8443"
+               ca_file = "/etc/keywatch/ch-ca.pem"
+               [cluster]
+               name = "main""#,
+        )
+        .unwrap();
+        assert!(c.is_https());
+        assert_eq!(c.cluster, Some(ClusterConfig::named("main")));
     }
 
     #[test]
     fn rejects_bad_values_with_field_and_reason() {
         let cases = [
-            ("url = \"https://x:8443\"", "url: https is not supported"),
             ("url = \"x:8123\"", "url: expected http://host:port"),
+            (
+                "ca_file = \"/ca.pem\"",
+                "ca_file: is only used with an https:// url",
+            ),
+            ("[cluster]\nname = \"a-b\"", "cluster.name: must be letters"),
+            (
+                "[cluster]\nname = \"c\"\nzookeeper_path = \"/t/{table}\"",
+                "cluster.zookeeper_path: must contain `{shard}`",
+            ),
+            (
+                "[cluster]\nname = \"c\"\nglobal_zookeeper_path = \"/t/x\"",
+                "cluster.global_zookeeper_path: must contain `{table}`",
+            ),
+            (
+                "[cluster]\nname = \"c\"\nreplica = \"r'1\"",
+                "cluster.replica: must not contain quotes",
+            ),
             (
                 "url = \"http://u:secret@x:8123\"",
                 "url: must not contain credentials",

@@ -45,6 +45,8 @@ const TRANSIENT: &[u32] = &[
     243,  // NOT_ENOUGH_SPACE
     252,  // TOO_MANY_PARTS
     285,  // TOO_FEW_LIVE_REPLICAS
+    286,  // UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE (18.16: one quorum insert per table)
+    289,  // REPLICA_IS_NOT_IN_QUORUM (select_sequential_consistency, a lagging replica)
     290,  // LIMIT_EXCEEDED
     319,  // UNKNOWN_STATUS_OF_INSERT
     341,  // UNFINISHED
@@ -126,13 +128,69 @@ pub(crate) fn classify(
 ) -> StoreError {
     use clickhouse::error::Error as E;
     match e {
-        E::Network(_) | E::TimedOut => {
+        E::Network(_) => {
+            let detail = clean(&chain(e), password);
+            match tls_problem(&detail) {
+                Some(why) => StoreError::Fatal(format!("{what}: {why} ({detail})")),
+                None => StoreError::Transient(format!("{what}: {detail}")),
+            }
+        }
+        E::TimedOut => {
             StoreError::Transient(format!("{what}: {}", clean(&e.to_string(), password)))
         }
         E::BadResponse(body) => classify_text(body, phase, what, password),
         // Anything else is a mismatch between keywatch and the server's answer.
         other => StoreError::Fatal(format!("{what}: {}", clean(&other.to_string(), password))),
     }
+}
+
+/// An error and its sources, `: `-joined (hyper hides the cause of a failed connect in
+/// its sources; rustls' reason is at the bottom).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        src = s.source();
+    }
+    out
+}
+
+/// What a refused TLS connection means, in words, from rustls' error text (it comes
+/// inside hyper's connection error, so the text is all there is). `None`: not a TLS
+/// problem. Retrying cannot fix these: they are fatal, and say what to change.
+pub(crate) fn tls_problem(chain: &str) -> Option<String> {
+    let c = chain;
+    let why = if c.contains("UnknownIssuer") || c.contains("unknown issuer") {
+        "ClickHouse's TLS certificate is signed by a CA keywatch does not trust: set \
+         store.clickhouse.ca_file to that CA's certificate (PEM)"
+    } else if c.contains("NotValidForName") || c.contains("not valid for name") {
+        "ClickHouse's TLS certificate is not valid for the host name of store.clickhouse.url: \
+         use a name the certificate lists (subjectAltName), or a certificate that lists this one"
+    } else if c.contains("Expired") || c.contains("expired") {
+        "ClickHouse's TLS certificate has expired (or the clock here is wrong)"
+    } else if c.contains("NotValidYet") {
+        "ClickHouse's TLS certificate is not valid yet (or the clock here is wrong)"
+    } else if c.contains("Revoked") {
+        "ClickHouse's TLS certificate is revoked"
+    } else if c.contains("BadSignature") || c.contains("BadEncoding") {
+        "ClickHouse's TLS certificate is malformed or its signature is wrong"
+    } else if c.contains("CaUsedAsEndEntity") {
+        "ClickHouse presents a CA certificate as its own: it needs a server certificate \
+         signed by that CA"
+    } else if c.contains("InvalidContentType") || c.contains("corrupt message") {
+        "the server at store.clickhouse.url does not speak TLS on that port (an http port? \
+         use http://, or ClickHouse's https_port)"
+    } else if c.contains("invalid peer certificate") {
+        "ClickHouse's TLS certificate was refused"
+    } else {
+        return None;
+    };
+    Some(why.to_owned())
 }
 
 /// Sorts an error text from the server (or a proxy in front of it).
@@ -172,6 +230,18 @@ mod tests {
             StoreError::Rejected(_) => "rejected",
             StoreError::Fatal(_) => "fatal",
         }
+    }
+
+    #[test]
+    fn tls_problems_say_what_to_change() {
+        let unknown = "network error: client error (Connect): invalid peer certificate: \
+                       UnknownIssuer";
+        assert!(tls_problem(unknown).unwrap().contains("ca_file"));
+        let name = "client error (Connect): invalid peer certificate: NotValidForName";
+        assert!(tls_problem(name).unwrap().contains("host name"));
+        let plain = "received corrupt message of type InvalidContentType";
+        assert!(tls_problem(plain).unwrap().contains("does not speak TLS"));
+        assert_eq!(tls_problem("connection refused"), None);
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! `LowCardinality`, one `JOIN` per `SELECT` with explicit `ANY` strictness, every result
 //! column cast to the type keywatch reads. What differs by version (TTL, insert settings)
 //! is decided by [`ServerFeatures`].
+//!
+//! On a cluster ([`ClusterLayout`]) every DDL statement runs `ON CLUSTER`; the four tables
+//! of batch rows become a `Replicated*MergeTree` table `{name}_local` on every server
+//! (one replica set per shard) under a `Distributed` table of the old name, sharded by
+//! `cityHash64(key_id)`; the other tables (offsets, findings, notifications, versions)
+//! are replicated whole to every server. Readers and writers name the same tables as on
+//! one server; deletions, partitions and the TTL address the local tables.
 
 use std::fmt::Write as _;
 
@@ -52,6 +59,12 @@ impl Table {
         Table::KeySources,
         Table::KeysSeen,
     ];
+
+    /// Whether the table is split by key over a cluster's shards (the batch rows); the
+    /// others are small and every server holds all of them.
+    pub fn is_sharded(self) -> bool {
+        Self::BATCH_ROWS.contains(&self)
+    }
 
     /// Columns and types of the tables keywatch inserts into, in RowBinary order.
     pub fn columns(self) -> Vec<(String, &'static str)> {
@@ -324,6 +337,20 @@ pub fn lit(s: &str) -> String {
 pub struct Sql {
     pub database: String,
     pub prefix: String,
+    /// `None`: one server.
+    pub cluster: Option<ClusterLayout>,
+}
+
+/// Where the tables live on a cluster (from `store.clickhouse.cluster`, validated: no
+/// quotes in the paths). `{database}` and `{table}` in the paths are filled in here, the
+/// other macros by each server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterLayout {
+    pub name: String,
+    pub shard_path: String,
+    pub replica: String,
+    pub global_path: String,
+    pub global_replica: String,
 }
 
 /// One migration: statements that are all idempotent (`IF NOT EXISTS`), so that two
@@ -337,7 +364,95 @@ impl Sql {
         Sql {
             database: database.to_owned(),
             prefix: prefix.to_owned(),
+            cluster: None,
         }
+    }
+
+    /// The statements for a cluster.
+    pub fn on(mut self, cluster: ClusterLayout) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// ` ON CLUSTER name`, or nothing on one server.
+    fn on_cluster(&self) -> String {
+        self.cluster
+            .as_ref()
+            .map(|c| format!(" ON CLUSTER {}", c.name))
+            .unwrap_or_default()
+    }
+
+    /// Bare name of the table that holds the rows on each server: `{name}_local` for
+    /// sharded tables on a cluster, else the table itself.
+    pub fn local_name(&self, t: Table) -> String {
+        if self.cluster.is_some() && t.is_sharded() {
+            format!("{}_local", self.name(t))
+        } else {
+            self.name(t)
+        }
+    }
+
+    /// Qualified [`Self::local_name`].
+    pub fn local(&self, t: Table) -> String {
+        format!("{}.{}", self.database, self.local_name(t))
+    }
+
+    /// A system table on one server, or on one replica of every shard of the cluster.
+    fn system(&self, table: &str) -> String {
+        match &self.cluster {
+            Some(c) => format!("cluster({}, system, {table})", lit(&c.name)),
+            None => format!("system.{table}"),
+        }
+    }
+
+    /// The engine clause: `base(args)` on one server, `Replicated{base}(path, replica,
+    /// args)` on a cluster.
+    fn engine(&self, t: Table, base: &str, args: &str) -> String {
+        let Some(c) = &self.cluster else {
+            return if args.is_empty() {
+                base.to_owned()
+            } else {
+                format!("{base}({args})")
+            };
+        };
+        let (path, replica) = if t.is_sharded() {
+            (&c.shard_path, &c.replica)
+        } else {
+            (&c.global_path, &c.global_replica)
+        };
+        let path = path
+            .replace("{database}", &self.database)
+            .replace("{table}", &self.local_name(t));
+        let args = if args.is_empty() {
+            String::new()
+        } else {
+            format!(", {args}")
+        };
+        format!("Replicated{base}({}, {}{args})", lit(&path), lit(replica))
+    }
+
+    /// `CREATE TABLE` of one table (`rest`: partitioning, ordering, TTL): on a cluster,
+    /// the local table and, for sharded tables, the Distributed table over it.
+    fn create_table(&self, t: Table, base: &str, args: &str, rest: &str) -> Vec<String> {
+        let on = self.on_cluster();
+        let mut out = vec![format!(
+            "CREATE TABLE IF NOT EXISTS {}{on} ({}) ENGINE = {} {rest}",
+            self.local(t),
+            column_defs(t),
+            self.engine(t, base, args)
+        )];
+        if let (Some(c), true) = (&self.cluster, t.is_sharded()) {
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {}{on} ({}) ENGINE = Distributed({}, {}, {}, \
+                 cityHash64(key_id))",
+                self.table(t),
+                column_defs(t),
+                c.name,
+                self.database,
+                self.local_name(t)
+            ));
+        }
+        out
     }
 
     /// Bare table name (`keywatch_events`).
@@ -366,6 +481,15 @@ impl Sql {
         )
     }
 
+    /// `shard, replicas` of a cluster of the server's `remote_servers`.
+    pub fn cluster_shards(name: &str) -> String {
+        format!(
+            "SELECT toUInt32(shard_num) AS shard, toUInt64(count()) AS replicas FROM \
+             system.clusters WHERE cluster = {} GROUP BY shard_num ORDER BY shard_num",
+            lit(name)
+        )
+    }
+
     pub fn database_exists(&self) -> String {
         format!(
             "SELECT toUInt64(count()) FROM system.databases WHERE name = {}",
@@ -374,15 +498,21 @@ impl Sql {
     }
 
     pub fn create_database(&self) -> String {
-        format!("CREATE DATABASE IF NOT EXISTS {}", self.database)
+        format!(
+            "CREATE DATABASE IF NOT EXISTS {}{}",
+            self.database,
+            self.on_cluster()
+        )
     }
 
     pub fn create_migrations_table(&self) -> String {
-        format!(
-            "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = ReplacingMergeTree ORDER BY version",
-            self.table(Table::SchemaMigrations),
-            column_defs(Table::SchemaMigrations)
+        self.create_table(
+            Table::SchemaMigrations,
+            "ReplacingMergeTree",
+            "",
+            "ORDER BY version",
         )
+        .remove(0)
     }
 
     pub fn schema_version(&self) -> String {
@@ -409,60 +539,59 @@ impl Sql {
             String::new()
         };
         let t = |t: Table| self.table(t);
-        let v1 = vec![
+        let on = self.on_cluster();
+        let mut v1 = Vec::new();
+        v1.extend(self.create_table(
+            Table::Events,
+            "MergeTree",
+            "",
+            &format!("PARTITION BY toYYYYMMDD(ts) ORDER BY (key_id, ts){ttl}"),
+        ));
+        v1.extend(self.create_table(
+            Table::RollupMinute,
+            "MergeTree",
+            "",
+            "PARTITION BY toYYYYMM(minute) ORDER BY (key_id, minute)",
+        ));
+        v1.extend(self.create_table(
+            Table::KeySources,
+            "MergeTree",
+            "",
+            "ORDER BY (key_id, ip, user_agent, endpoint, gateway)",
+        ));
+        v1.extend(self.create_table(Table::KeysSeen, "MergeTree", "", "ORDER BY key_id"));
+        // ReplacingMergeTree keeps the table small; readers take the highest
+        // next_offset per partition, so unmerged rows never matter.
+        v1.extend(self.create_table(
+            Table::Offsets,
+            "ReplacingMergeTree",
+            "next_offset",
+            "ORDER BY (src, topic, part)",
+        ));
+        v1.extend(self.create_table(
+            Table::Findings,
+            "ReplacingMergeTree",
+            "at",
+            "ORDER BY dedup_key",
+        ));
+        v1.extend(self.create_table(
+            Table::Notifications,
+            "MergeTree",
+            "",
+            "PARTITION BY toYYYYMM(at) ORDER BY (finding_key, at)",
+        ));
+        // Views for dashboards: the per-batch rows summed at query time (on a cluster,
+        // over the Distributed tables: the whole cluster).
+        v1.extend([
             format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = MergeTree \
-                 PARTITION BY toYYYYMMDD(ts) ORDER BY (key_id, ts){ttl}",
-                t(Table::Events),
-                column_defs(Table::Events)
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = MergeTree \
-                 PARTITION BY toYYYYMM(minute) ORDER BY (key_id, minute)",
-                t(Table::RollupMinute),
-                column_defs(Table::RollupMinute)
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = MergeTree \
-                 ORDER BY (key_id, ip, user_agent, endpoint, gateway)",
-                t(Table::KeySources),
-                column_defs(Table::KeySources)
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = MergeTree ORDER BY key_id",
-                t(Table::KeysSeen),
-                column_defs(Table::KeysSeen)
-            ),
-            // ReplacingMergeTree keeps the table small; readers take the highest
-            // next_offset per partition, so unmerged rows never matter.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = ReplacingMergeTree(next_offset) \
-                 ORDER BY (src, topic, part)",
-                t(Table::Offsets),
-                column_defs(Table::Offsets)
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = ReplacingMergeTree(at) \
-                 ORDER BY dedup_key",
-                t(Table::Findings),
-                column_defs(Table::Findings)
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = MergeTree \
-                 PARTITION BY toYYYYMM(at) ORDER BY (finding_key, at)",
-                t(Table::Notifications),
-                column_defs(Table::Notifications)
-            ),
-            // Views for dashboards: the per-batch rows summed at query time.
-            format!(
-                "CREATE VIEW IF NOT EXISTS {} AS SELECT key_id, minute, {} FROM {} \
+                "CREATE VIEW IF NOT EXISTS {}{on} AS SELECT key_id, minute, {} FROM {} \
                  GROUP BY key_id, minute",
                 self.view("rollup_minute_v"),
                 rollup_sums(""),
                 t(Table::RollupMinute)
             ),
             format!(
-                "CREATE VIEW IF NOT EXISTS {} AS SELECT key_id, ip, user_agent, endpoint, \
+                "CREATE VIEW IF NOT EXISTS {}{on} AS SELECT key_id, ip, user_agent, endpoint, \
                  gateway, min(first_seen_ms) AS first_seen_ms, max(last_seen_ms) AS \
                  last_seen_ms, sum(requests) AS requests, sum(failures) AS failures FROM {} \
                  GROUP BY key_id, ip, user_agent, endpoint, gateway",
@@ -470,31 +599,29 @@ impl Sql {
                 t(Table::KeySources)
             ),
             format!(
-                "CREATE VIEW IF NOT EXISTS {} AS SELECT key_id, {} FROM {} GROUP BY key_id",
+                "CREATE VIEW IF NOT EXISTS {}{on} AS SELECT key_id, {} FROM {} GROUP BY key_id",
                 self.view("keys_v"),
                 key_fields("key_"),
                 t(Table::KeysSeen)
             ),
-        ];
+        ]);
         // Version 2: findings with first/last time in ms and a count, and the attempts of
         // the notifier with every field. The version 1 `findings` (each fact's latest
         // raise) and `notifications` (one row per finding told) tables are still written,
         // for the dashboards.
-        let v2 = vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = ReplacingMergeTree(raised) \
-                 ORDER BY dedup_key",
-                t(Table::FindingState),
-                column_defs(Table::FindingState)
-            ),
-            // A retried insert whose first answer was lost lands twice; merges fold it.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE = ReplacingMergeTree \
-                 PARTITION BY toYYYYMM(at) ORDER BY (message_id, attempt, started_ms, outcome)",
-                t(Table::NotifyAttempts),
-                column_defs(Table::NotifyAttempts)
-            ),
-        ];
+        let mut v2 = self.create_table(
+            Table::FindingState,
+            "ReplacingMergeTree",
+            "raised",
+            "ORDER BY dedup_key",
+        );
+        // A retried insert whose first answer was lost lands twice; merges fold it.
+        v2.extend(self.create_table(
+            Table::NotifyAttempts,
+            "ReplacingMergeTree",
+            "",
+            "PARTITION BY toYYYYMM(at) ORDER BY (message_id, attempt, started_ms, outcome)",
+        ));
         vec![v1, v2]
     }
 
@@ -542,7 +669,11 @@ impl Sql {
 
     /// A mutation (18.16 and later); [`Self::pending_mutations`] says when it is done.
     pub fn delete_where(&self, t: Table, filter: &str) -> String {
-        format!("ALTER TABLE {} DELETE WHERE {filter}", self.table(t))
+        format!(
+            "ALTER TABLE {}{} DELETE WHERE {filter}",
+            self.local(t),
+            self.on_cluster()
+        )
     }
 
     /// Statements that write to this database and are running now (inserts, deletions),
@@ -573,11 +704,12 @@ impl Sql {
     pub fn pending_mutations(&self) -> String {
         let names: Vec<String> = Table::BATCH_ROWS
             .iter()
-            .map(|t| lit(&self.name(*t)))
+            .map(|t| lit(&self.local_name(*t)))
             .collect();
         format!(
-            "SELECT toUInt64(count()) FROM system.mutations WHERE database = {} AND table IN ({}) \
+            "SELECT toUInt64(count()) FROM {} WHERE database = {} AND table IN ({}) \
              AND is_done = 0",
+            self.system("mutations"),
             lit(&self.database),
             names.join(", ")
         )
@@ -673,14 +805,15 @@ impl Sql {
         format!(
             "SELECT engine_full FROM system.tables WHERE database = {} AND name = {}",
             lit(&self.database),
-            lit(&self.name(Table::Events))
+            lit(&self.local_name(Table::Events))
         )
     }
 
     pub fn modify_ttl(&self, retention_days: u32) -> String {
         format!(
-            "ALTER TABLE {} MODIFY TTL {}",
-            self.table(Table::Events),
+            "ALTER TABLE {}{} MODIFY TTL {}",
+            self.local(Table::Events),
+            self.on_cluster(),
             ttl_expr(retention_days)
         )
     }
@@ -688,17 +821,19 @@ impl Sql {
     /// Day partitions (`YYYYMMDD`) of the events table, for servers without TTL.
     pub fn event_partitions(&self) -> String {
         format!(
-            "SELECT DISTINCT partition FROM system.parts WHERE database = {} AND table = {} \
+            "SELECT DISTINCT partition FROM {} WHERE database = {} AND table = {} \
              AND active ORDER BY partition",
+            self.system("parts"),
             lit(&self.database),
-            lit(&self.name(Table::Events))
+            lit(&self.local_name(Table::Events))
         )
     }
 
     pub fn drop_event_partition(&self, yyyymmdd: u32) -> String {
         format!(
-            "ALTER TABLE {} DROP PARTITION {yyyymmdd}",
-            self.table(Table::Events)
+            "ALTER TABLE {}{} DROP PARTITION {yyyymmdd}",
+            self.local(Table::Events),
+            self.on_cluster()
         )
     }
 }
@@ -784,6 +919,50 @@ mod tests {
         );
         let never = sql.migrations(&ServerFeatures::current(), 0);
         assert!(!never[0][0].contains("TTL"));
+    }
+
+    #[test]
+    fn one_server_statements_are_unchanged_and_a_cluster_replicates() {
+        let one = Sql::new("kw", "p_");
+        let m = one.migrations(&ServerFeatures::new("18.16.1", &[]), 30);
+        assert!(
+            m[0][0].starts_with("CREATE TABLE IF NOT EXISTS kw.p_events (ts DateTime, ts_ms Int64")
+        );
+        assert!(m[0][0]
+            .ends_with("ENGINE = MergeTree PARTITION BY toYYYYMMDD(ts) ORDER BY (key_id, ts)"));
+        assert_eq!(m[0].len() + m[1].len(), 12);
+        let c = Sql::new("kw", "p_").on(ClusterLayout {
+            name: "main".into(),
+            shard_path: "/ch/{shard}/{database}/{table}".into(),
+            replica: "{replica}".into(),
+            global_path: "/ch/all/{database}/{table}".into(),
+            global_replica: "{shard}-{replica}".into(),
+        });
+        let m = c.migrations(&ServerFeatures::new("18.16.1", &[]), 30);
+        assert!(
+            m[0][0].contains("kw.p_events_local ON CLUSTER main (")
+                && m[0][0].contains(
+                    "ENGINE = ReplicatedMergeTree('/ch/{shard}/kw/p_events_local', '{replica}')"
+                ),
+            "{}",
+            m[0][0]
+        );
+        assert!(m[0][1].contains("kw.p_events ON CLUSTER main (ts DateTime"));
+        assert!(
+            m[0][1].ends_with("ENGINE = Distributed(main, kw, p_events_local, cityHash64(key_id))")
+        );
+        let offsets = m[0].iter().find(|s| s.contains("p_offsets")).unwrap();
+        assert!(offsets.contains(
+            "ReplicatedReplacingMergeTree('/ch/all/kw/p_offsets', '{shard}-{replica}', next_offset)"
+        ), "{offsets}");
+        assert_eq!(
+            c.delete_where(Table::KeysSeen, "src = 'a'"),
+            "ALTER TABLE kw.p_keys_seen_local ON CLUSTER main DELETE WHERE src = 'a'"
+        );
+        assert!(c
+            .pending_mutations()
+            .contains("FROM cluster('main', system, mutations)"));
+        assert_eq!(c.insert(Table::Events), one.insert(Table::Events));
     }
 
     #[test]
