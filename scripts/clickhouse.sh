@@ -2,7 +2,8 @@
 # Starts and stops a private ClickHouse server for keywatch's tests.
 #
 #   scripts/clickhouse.sh start DIR PORT   # HTTP on PORT, native TCP on PORT+1; prints the URL
-#                                          # (PORT `auto`: a free pair in 18123-28122)
+#                                          # (PORT `auto`: a free pair in 20123-29922, clear of
+#                                          # the cluster's ports from 19181)
 #   scripts/clickhouse.sh stop DIR         # stops the server started in DIR
 #   scripts/clickhouse.sh url DIR          # prints the URL of the server running in DIR
 #   scripts/clickhouse.sh cluster-start DIR SHARDS REPLICAS
@@ -155,13 +156,13 @@ start() {
         # From a random pair, not the first free one: a test that stops its server and
         # starts it again on the same port must not find it taken meanwhile by another
         # test's new server, and servers started at the same moment must not pick the same.
-        local first=$((18123 + 2 * (RANDOM % 5000))) tries=0
+        local first=$((20123 + 2 * (RANDOM % 4900))) tries=0
         port=$first
         until port_free "$port" && port_free $((port + 1)); do
             port=$((port + 2))
-            [ "$port" -lt 28123 ] || port=18123
+            [ "$port" -lt 29923 ] || port=20123
             tries=$((tries + 1))
-            [ "$tries" -lt 5000 ] || die "no free port pair in 18123-28122"
+            [ "$tries" -lt 4900 ] || die "no free port pair in 20123-29922"
         done
     fi
     [ "$port" = auto ] && port=$(cat "$dir/port")
