@@ -555,45 +555,110 @@ fn kafka_to_clickhouse_exactly_once_across_kill_9() {
     assert_eq!(ch.totals(&db), Some((n as u64, n as u64)));
 }
 
+/// What the store-outage tests share: a private ClickHouse (they stop and restart it), a
+/// broker with a topic of `partitions`, and a config writing into database `db` with
+/// `max.poll.interval.ms` at 6 s, so that a member not polling is put out of the group
+/// within the test, and one rotation evaluation an hour: evaluation is not what these tests
+/// are about, and a periodic evaluation that cannot store its findings stops the daemon
+/// (see the report of issue 12).
+struct OutageRig {
+    // Declared before `dir`, so that they stop before their directories go.
+    ch: crate::support::clickhouse::ClickHouse,
+    broker: Broker,
+    topic: String,
+    db: &'static str,
+    cfg: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl OutageRig {
+    fn new(partitions: i32, db: &'static str) -> OutageRig {
+        let dir = tempfile::tempdir().unwrap();
+        let ch = crate::support::clickhouse::ClickHouse::start(&dir.path().join("ch"));
+        let broker = Broker::start(dir.path());
+        let topic = unique("events");
+        broker.create_topic(&topic, partitions);
+        let cfg = clickhouse_config(
+            dir.path(),
+            &broker.brokers(),
+            &topic,
+            &unique("g"),
+            &ch.url,
+            db,
+        );
+        let rig = OutageRig {
+            ch,
+            broker,
+            topic,
+            db,
+            cfg,
+            dir,
+        };
+        rig.edit_config(&[
+            (
+                "[input.kafka.properties]\n",
+                "[input.kafka.properties]\n\"max.poll.interval.ms\" = \"6000\"\n",
+            ),
+            (
+                "[fingerprint]",
+                "[rules]\nevaluate_every = \"1h\"\n[fingerprint]",
+            ),
+        ]);
+        rig
+    }
+
+    fn edit_config(&self, replacements: &[(&str, &str)]) {
+        let mut text = std::fs::read_to_string(&self.cfg).unwrap();
+        for (from, to) in replacements {
+            assert!(text.contains(from), "{from:?} not in the config:\n{text}");
+            text = text.replace(from, to);
+        }
+        std::fs::write(&self.cfg, text).unwrap();
+    }
+
+    /// Produces `n` sample lines (seed `seed`).
+    fn produce(&self, n: usize, seed: u64) {
+        let log = sample(self.dir.path(), "nginx", n, seed);
+        produce(&self.broker.brokers(), &self.topic, &log);
+    }
+
+    fn stored(&self, want: u64, timeout: Duration) -> u64 {
+        wait_for_clickhouse(&self.ch, self.db, want, timeout)
+    }
+
+    /// A keywatch run on the config, its stderr in `log`.
+    fn spawn(&self, log: &Path) -> Running {
+        Running(
+            run_config(&self.cfg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
 #[test]
 fn clickhouse_down_for_a_while_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let ch = crate::support::clickhouse::ClickHouse::start(&dir.path().join("ch"));
-    let broker = Broker::start(dir.path());
-    let topic = unique("events");
-    broker.create_topic(&topic, 2);
-    let first = sample(dir.path(), "nginx", 5000, 41);
-    produce(&broker.brokers(), &topic, &first);
-    let db = "kw_outage";
-    let cfg = clickhouse_config(
-        dir.path(),
-        &broker.brokers(),
-        &topic,
-        &unique("g"),
-        &ch.url,
-        db,
-    );
-    let mut child = spawn_quiet(&mut run_config(&cfg));
-    assert_eq!(
-        wait_for_clickhouse(&ch, db, 5000, Duration::from_secs(60)),
-        5000
-    );
+    let rig = OutageRig::new(2, "kw_outage");
+    rig.produce(5000, 41);
+    let mut child = spawn_quiet(&mut run_config(&rig.cfg));
+    assert_eq!(rig.stored(5000, Duration::from_secs(60)), 5000);
 
     // The store goes away while more traffic arrives; keywatch retries and waits.
-    ch.stop();
-    let second = sample(dir.path(), "nginx", 5000, 42);
-    produce(&broker.brokers(), &topic, &second);
+    rig.ch.stop();
+    rig.produce(5000, 42);
     std::thread::sleep(Duration::from_secs(8));
     assert!(
         child.try_wait().unwrap().is_none(),
         "keywatch must survive the outage"
     );
-    ch.restart_after_stop();
-    let got = wait_for_clickhouse(&ch, db, 10_000, Duration::from_secs(120));
+    rig.ch.restart_after_stop();
+    let got = rig.stored(10_000, Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(1));
     sigterm(&mut child);
     assert_eq!(got, 10_000);
-    assert_eq!(ch.totals(db), Some((10_000, 10_000)));
+    assert_eq!(rig.ch.totals(rig.db), Some((10_000, 10_000)));
 }
 
 /// The store is down when a rebalance asks it where partitions start: the rebalance
@@ -602,63 +667,24 @@ fn clickhouse_down_for_a_while_loses_nothing() {
 /// outlives two poll intervals meanwhile, and nothing is lost or counted twice.
 #[test]
 fn store_down_during_a_rebalance_defers_the_start_past_max_poll_interval() {
-    let dir = tempfile::tempdir().unwrap();
-    let ch = crate::support::clickhouse::ClickHouse::start(&dir.path().join("ch"));
-    let broker = Broker::start(dir.path());
-    let topic = unique("events");
-    broker.create_topic(&topic, 4);
-    let first = sample(dir.path(), "nginx", 4000, 43);
-    produce(&broker.brokers(), &topic, &first);
-    let db = "kw_deferred";
-    let cfg = clickhouse_config(
-        dir.path(),
-        &broker.brokers(),
-        &topic,
-        &unique("g"),
-        &ch.url,
-        db,
-    );
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(
-            "[input.kafka.properties]\n",
-            "[input.kafka.properties]\n\"max.poll.interval.ms\" = \"6000\"\n",
-        )
-        // Rotation evaluation is not what this test is about, and a periodic evaluation that
-        // cannot store its findings stops the daemon (see the report of issue 12).
-        .replace(
-            "[fingerprint]",
-            "[rules]\nevaluate_every = \"1h\"\n[fingerprint]",
-        );
-    std::fs::write(&cfg, text).unwrap();
+    let rig = OutageRig::new(4, "kw_deferred");
+    rig.produce(4000, 43);
     let logs: Vec<std::path::PathBuf> = ["a", "b"]
         .iter()
-        .map(|n| dir.path().join(format!("{n}.log")))
+        .map(|n| rig.dir.path().join(format!("{n}.log")))
         .collect();
-    let start = |log: &Path| {
-        Running(
-            run_config(&cfg)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(log).unwrap())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let start = |log: &Path| rig.spawn(log);
     let mut a = start(&logs[0]);
     let mut b = start(&logs[1]);
-    assert_eq!(
-        wait_for_clickhouse(&ch, db, 4000, Duration::from_secs(60)),
-        4000
-    );
+    assert_eq!(rig.stored(4000, Duration::from_secs(60)), 4000);
     std::thread::sleep(Duration::from_secs(2));
 
     // The store goes away (keywatch does not start without it, so both members were up
     // before); one member leaves (a rebalance: the other is assigned every partition) and
     // more traffic arrives.
-    ch.stop();
+    rig.ch.stop();
     sigterm(&mut b.0);
-    let second = sample(dir.path(), "nginx", 4000, 44);
-    produce(&broker.brokers(), &topic, &second);
+    rig.produce(4000, 44);
     std::thread::sleep(Duration::from_secs(12));
     if let Some(status) = a.0.try_wait().unwrap() {
         panic!(
@@ -666,8 +692,8 @@ fn store_down_during_a_rebalance_defers_the_start_past_max_poll_interval() {
             std::fs::read_to_string(&logs[0]).unwrap()
         );
     }
-    ch.restart_after_stop();
-    let got = wait_for_clickhouse(&ch, db, 8000, Duration::from_secs(120));
+    rig.ch.restart_after_stop();
+    let got = rig.stored(8000, Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(2));
     sigterm(&mut a.0);
     let log: String = logs
@@ -684,7 +710,7 @@ fn store_down_during_a_rebalance_defers_the_start_past_max_poll_interval() {
             .join("\n")
     );
     assert_eq!(got, 8000);
-    assert_eq!(ch.totals(db), Some((8000, 8000)));
+    assert_eq!(rig.ch.totals(rig.db), Some((8000, 8000)));
 }
 
 /// The store is down for more than two poll intervals while traffic keeps coming: the
@@ -693,60 +719,30 @@ fn store_down_during_a_rebalance_defers_the_start_past_max_poll_interval() {
 /// expiry, no rebalance); once the store is back everything is stored, once.
 #[test]
 fn a_full_pipeline_pauses_the_partitions_and_the_member_stays_in_the_group() {
-    let dir = tempfile::tempdir().unwrap();
-    let ch = crate::support::clickhouse::ClickHouse::start(&dir.path().join("ch"));
-    let broker = Broker::start(dir.path());
-    let topic = unique("events");
-    broker.create_topic(&topic, 2);
-    let db = "kw_backpressure";
-    let cfg = clickhouse_config(
-        dir.path(),
-        &broker.brokers(),
-        &topic,
-        &unique("g"),
-        &ch.url,
-        db,
-    );
+    let rig = OutageRig::new(2, "kw_backpressure");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(
-            "[input.kafka.properties]\n",
-            "[input.kafka.properties]\n\"max.poll.interval.ms\" = \"6000\"\n",
-        )
-        .replace(
+    rig.edit_config(&[
+        (
             "[pipeline]\nbatch_max_events = 500\n",
             "[pipeline]\nbatch_max_events = 100\nchannel_capacity = 1\n",
-        )
-        .replace(
+        ),
+        (
             "[server]\nenabled = false\n",
             &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
-        )
-        .replace(
-            "[fingerprint]",
-            "[rules]\nevaluate_every = \"1h\"\n[fingerprint]",
-        );
-    std::fs::write(&cfg, text).unwrap();
-    let log = dir.path().join("keywatch.log");
-    let mut member = Running(
-        run_config(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let first = sample(dir.path(), "nginx", 1000, 45);
-    produce(&broker.brokers(), &topic, &first);
-    let got = wait_for_clickhouse(&ch, db, 1000, Duration::from_secs(60));
+        ),
+    ]);
+    let log = rig.dir.path().join("keywatch.log");
+    let mut member = rig.spawn(&log);
+    rig.produce(1000, 45);
+    let got = rig.stored(1000, Duration::from_secs(60));
     assert_eq!(got, 1000, "{}", std::fs::read_to_string(&log).unwrap());
 
-    ch.stop();
-    let second = sample(dir.path(), "nginx", 5000, 46);
-    produce(&broker.brokers(), &topic, &second);
+    rig.ch.stop();
+    rig.produce(5000, 46);
     std::thread::sleep(Duration::from_secs(15));
     if let Some(status) = member.0.try_wait().unwrap() {
         panic!(
@@ -756,8 +752,8 @@ fn a_full_pipeline_pauses_the_partitions_and_the_member_stays_in_the_group() {
     }
     let pauses = metric(port, "keywatch_kafka_backpressure_pauses_total");
     let rebalances = metric(port, "keywatch_kafka_rebalances_total");
-    ch.restart_after_stop();
-    let got = wait_for_clickhouse(&ch, db, 6000, Duration::from_secs(120));
+    rig.ch.restart_after_stop();
+    let got = rig.stored(6000, Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(1));
     sigterm(&mut member.0);
     let text = std::fs::read_to_string(&log).unwrap();
@@ -772,7 +768,7 @@ fn a_full_pipeline_pauses_the_partitions_and_the_member_stays_in_the_group() {
     // The first assignment is the only rebalance.
     assert_eq!(rebalances, Some(1.0), "{text}");
     assert_eq!(got, 6000);
-    assert_eq!(ch.totals(db), Some((6000, 6000)));
+    assert_eq!(rig.ch.totals(rig.db), Some((6000, 6000)));
 }
 
 #[test]
