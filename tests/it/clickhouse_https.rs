@@ -5,7 +5,6 @@
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use keywatch::aggregate::Aggregate;
@@ -15,19 +14,7 @@ use keywatch::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
 use keywatch::store::{BatchWrite, Checkpoint, Origin, Store, StoreError, StoredEvent};
 
 use crate::support::clickhouse::{fresh_database, ClickHouse};
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("running openssl (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use crate::support::openssl;
 
 /// `ca.pem` (trusted by the good configs), `other-ca.pem`, and the server's `server.pem`,
 /// `server.key` (subjectAltName `DNS:localhost` only) and `dh.pem`.

@@ -745,21 +745,25 @@ impl Drop for Smtp {
     }
 }
 
+/// Runs `openssl ARGS` in `dir` (scripts/test.sh installs it), failing the test with its
+/// stderr when it fails: the tests make their own CAs and certificates.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("running openssl (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A CA and a server certificate for `localhost` and 127.0.0.1 signed by it (openssl):
 /// returns (ca.pem, server.pem, server.key).
 pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     std::fs::write(
         dir.join("ext.cnf"),
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
