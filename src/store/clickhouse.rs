@@ -257,6 +257,29 @@ pub struct Counts {
     pub keys: u64,
 }
 
+/// Whether the host and port of an `https://` URL answer plain HTTP (`GET /ping`, two
+/// seconds at most): then TLS was sent to an http port.
+async fn answers_plain_http(url: &str) -> bool {
+    let Ok(mut u) = reqwest::Url::parse(url.trim()) else {
+        return false;
+    };
+    let port = u.port_or_known_default();
+    if u.scheme() != "https" || u.set_scheme("http").is_err() || u.set_port(port).is_err() {
+        return false;
+    }
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_path("/ping");
+    u.set_query(None);
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+    else {
+        return false;
+    };
+    client.get(u).send().await.is_ok()
+}
+
 impl ClickHouseStore {
     /// Connects, creates the database and tables or migrates them, and applies the
     /// retention. `runtime` runs the HTTP client; the methods block on it.
@@ -383,7 +406,19 @@ impl ClickHouseStore {
             let version = version.into_iter().next().map(|t| t.s).unwrap_or_default();
             let settings: Vec<String> = settings.into_iter().map(|t| t.s).collect();
             Ok::<_, StoreError>(ServerFeatures::new(&version, &settings))
-        })?;
+        });
+        let features = match features {
+            // A TLS hello sent to ClickHouse's plain HTTP port is sometimes answered with a
+            // 400 (rustls: "corrupt message") and sometimes read as the start of a request
+            // line, and then nothing comes back: ask the port in plain HTTP to tell the two.
+            Err(StoreError::Transient(m)) if store.block_on(answers_plain_http(&cfg.url)) => {
+                return Err(StoreError::Fatal(format!(
+                    "{m}: {}",
+                    error::tls_problem("InvalidContentType").expect("a known TLS problem")
+                )))
+            }
+            other => other?,
+        };
         let quorum = match &cfg.cluster {
             Some(c) => store.block_on(store.cluster_quorum(c))?,
             None => Quorum {
