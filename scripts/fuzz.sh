@@ -18,6 +18,10 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # The fuzz build (keywatch and its dependencies in release, with coverage) is kept outside
 # the checkout, so that a fresh checkout on the same machine (CI) does not build it again.
 export CARGO_TARGET_DIR="${KEYWATCH_FUZZ_TARGET:-$HOME/.cache/keywatch/fuzz-target}"
+# Incremental: after a change to keywatch only its changed parts are compiled again (the
+# dependencies are not incremental either way); a full release build of keywatch with the
+# coverage instrumentation is minutes on a 2-core machine, and CI does one after every change.
+export CARGO_PROFILE_RELEASE_INCREMENTAL=true
 
 tools() {
     if ! rustup toolchain list | grep -q '^nightly'; then

@@ -40,6 +40,11 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
 export PATH="$HOME/.cargo/bin:$PATH"
+# The build (and the chdb venv under it) is kept between runs, outside the checkout, like the
+# fuzz build (scripts/fuzz.sh): a fresh checkout on a machine that ran the tests before (CI)
+# builds only what changed, not every dependency again. CARGO_TARGET_DIR=target for the
+# checkout's own directory.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keywatch/target}"
 
 step "services"
 if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then

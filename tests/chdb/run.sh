@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks every statement keywatch sends to ClickHouse on a current ClickHouse engine:
 # chdb-core (ClickHouse 26.9 in-process; a ~180 MB wheel, installed once into a venv under
-# target/), against the answers of the real 18.16 server.
+# the target directory), against the answers of the real 18.16 server.
 #
 #   tests/chdb/run.sh
 #
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-venv=${KEYWATCH_CHDB_VENV:-target/chdb-venv}
+venv=${KEYWATCH_CHDB_VENV:-${CARGO_TARGET_DIR:-target}/chdb-venv}
 catalog=${CARGO_TARGET_DIR:-target}/tmp/clickhouse-sql-catalog.json
 
 if ! "$venv/bin/python" -c 'import chdb' 2>/dev/null; then
