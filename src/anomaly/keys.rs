@@ -372,6 +372,9 @@ pub struct AnomalyModels {
 struct Slot {
     key: Box<str>,
     model: KeyModel,
+    /// The Kafka topic partitions the key was fed from, as bits the caller chose
+    /// ([`AnomalyModels::mark_partitions`]); 0: none (files, stdin), never dropped.
+    parts: u64,
 }
 
 /// Minutes since the epoch, for compact times.
@@ -587,6 +590,7 @@ impl AnomalyModels {
         self.slots.push(Slot {
             key: key.into(),
             model,
+            parts: 0,
         });
         let (slots, build) = (&self.slots, &self.build);
         self.index.insert_unique(build.hash_one(key), n, |&j| {
@@ -605,6 +609,52 @@ impl AnomalyModels {
 
     pub fn peers(&self) -> &Peers {
         &self.peers
+    }
+
+    /// Records that `key` (or the registry key it is an alias of) was fed from the
+    /// partitions of `bits` (the caller's numbering); a key not held is left alone.
+    pub fn mark_partitions(&mut self, key: &str, bits: u64) {
+        let key = match self.registry.as_deref() {
+            Some(r) => r.canonical(key),
+            None => key,
+        };
+        if let Some(i) = self.slot_of(key) {
+            self.slots[i].parts |= bits;
+        }
+    }
+
+    /// Gives the keys not marked yet the partitions of `bits`.
+    pub fn mark_unmarked(&mut self, bits: u64) {
+        for s in self.slots.iter_mut().filter(|s| s.parts == 0) {
+            s.parts = bits;
+        }
+    }
+
+    /// The partition bits `key` was fed from (see [`Self::mark_partitions`]).
+    pub fn partitions_of(&self, key: &str) -> Option<u64> {
+        self.slot_of(key).map(|i| self.slots[i].parts)
+    }
+
+    /// Drops the keys fed only from partitions outside `held` (bits, as marked); keys
+    /// never marked stay. Returns how many were dropped. The slot vector is compacted and
+    /// the index rebuilt: linear in the keys, done once per revocation.
+    pub fn drop_unless_in(&mut self, held: u64) -> usize {
+        let before = self.slots.len();
+        self.slots.retain(|s| s.parts == 0 || s.parts & held != 0);
+        let dropped = before - self.slots.len();
+        if dropped > 0 {
+            self.slots.shrink_to_fit();
+            self.index.clear();
+            self.index.shrink_to(self.slots.len(), |_| 0);
+            let (slots, build) = (&self.slots, &self.build);
+            for (i, s) in slots.iter().enumerate() {
+                self.index
+                    .insert_unique(build.hash_one(&*s.key), i as u32, |&j| {
+                        build.hash_one(&*slots[j as usize].key)
+                    });
+            }
+        }
+        dropped
     }
 
     fn hash(&self, s: &str) -> u32 {

@@ -70,7 +70,39 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX findings_by_time ON findings (last_at_ms);",
     // 3: the notification log and silences (store::notify_log).
     super::notify_log::MIGRATION,
+    // 4: which Kafka topic partitions each key's traffic came from, and until when (the
+    // anomaly models' warm-up per assigned partition, `HistoryStore::key_partitions`).
+    "CREATE TABLE key_partitions (
+        topic TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        last_minute INTEGER NOT NULL, -- the key's last minute from this partition, Unix s
+        PRIMARY KEY (topic, part, key_id)
+     ) WITHOUT ROWID;",
 ];
+
+/// `key_id IN` the keys stored from `n` topic partitions (parameters `?{first}`, topic and
+/// partition in turn) whose last minute is at or after `?1`; false for none.
+fn keys_of_partitions(first: usize, n: usize) -> String {
+    if n == 0 {
+        return "0".to_owned();
+    }
+    let conds: Vec<String> = (0..n)
+        .map(|i| format!("(topic = ?{} AND part = ?{})", first + 2 * i, first + 2 * i + 1))
+        .collect();
+    format!(
+        "key_id IN (SELECT key_id FROM key_partitions WHERE last_minute >= ?1 AND ({}))",
+        conds.join(" OR ")
+    )
+}
+
+/// The parameters of [`keys_of_partitions`].
+fn partition_params(partitions: &[crate::source::kafka::TopicPartition]) -> Vec<rusqlite::types::Value> {
+    partitions
+        .iter()
+        .flat_map(|(t, p)| [t.clone().into(), i64::from(*p).into()])
+        .collect()
+}
 
 const OUTCOME_COLUMNS: [&str; 7] = [
     "ok",
@@ -300,6 +332,7 @@ impl super::HistoryStore for SqliteStore {
         &mut self,
         window_ms: i64,
         max_rows: u64,
+        partitions: Option<&[crate::source::kafka::TopicPartition]>,
         f: &mut dyn FnMut(&str, i64, &Rollup),
     ) -> Result<super::HistoryRead, StoreError> {
         let latest: Option<i64> = self
@@ -314,16 +347,24 @@ impl super::HistoryStore for SqliteStore {
             });
         };
         let since_ms = latest_ms.saturating_sub(window_ms);
+        // The keys of the partitions asked for: those seen there since the window's start.
+        let (keys, part_params) = match partitions {
+            Some(p) => (keys_of_partitions(3, p.len()), partition_params(p)),
+            None => ("1".to_owned(), Vec::new()),
+        };
         // Keep the newest minutes that fit in `max_rows` (the minute index answers this).
         let mut per_minute = self
             .conn
-            .prepare(
-                "SELECT minute, COUNT(*) FROM rollup_minute WHERE minute >= ?1
-                 GROUP BY minute ORDER BY minute DESC",
-            )
+            .prepare(&format!(
+                "SELECT minute, COUNT(*) FROM rollup_minute WHERE minute >= ?1 AND ?2 = ?2
+                 AND {keys} GROUP BY minute ORDER BY minute DESC"
+            ))
             .map_err(classify)?;
+        let mut count_params: Vec<rusqlite::types::Value> =
+            vec![since_ms.div_euclid(1000).into(), 0i64.into()];
+        count_params.extend(part_params.iter().cloned());
         let counts = per_minute
-            .query_map([since_ms.div_euclid(1000)], |r| {
+            .query_map(rusqlite::params_from_iter(count_params), |r| {
                 Ok((r.get::<_, i64>(0)? * 1000, r.get::<_, i64>(1)? as u64))
             })
             .map_err(classify)?
@@ -338,15 +379,18 @@ impl super::HistoryStore for SqliteStore {
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "SELECT {} FROM rollup_minute WHERE minute >= ?1 ORDER BY key_id, minute LIMIT ?2",
+                "SELECT {} FROM rollup_minute WHERE minute >= ?1 AND {keys}
+                 ORDER BY key_id, minute LIMIT ?2",
                 cols.join(", ")
             ))
             .map_err(classify)?;
+        let mut row_params: Vec<rusqlite::types::Value> = vec![
+            since_ms.div_euclid(1000).into(),
+            i64::try_from(max_rows).unwrap_or(i64::MAX).into(),
+        ];
+        row_params.extend(part_params);
         let mut rows = stmt
-            .query(params![
-                since_ms.div_euclid(1000),
-                i64::try_from(max_rows).unwrap_or(i64::MAX)
-            ])
+            .query(rusqlite::params_from_iter(row_params))
             .map_err(classify)?;
         let mut n = 0;
         let mut r = Rollup::default();
@@ -378,18 +422,29 @@ impl super::HistoryStore for SqliteStore {
     fn source_history(
         &mut self,
         max_rows: u64,
+        partitions: Option<&[crate::source::kafka::TopicPartition]>,
         f: &mut dyn FnMut(super::SourceHistoryRow<'_>),
     ) -> Result<u64, StoreError> {
+        // Sources have no window: the keys ever seen in the partitions (`?1` = 0).
+        let (keys, part_params) = match partitions {
+            Some(p) => (keys_of_partitions(3, p.len()), partition_params(p)),
+            None => ("?1 = ?1".to_owned(), Vec::new()),
+        };
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT key_id, ip, user_agent, endpoint, MIN(first_seen_ms), MAX(last_seen_ms)
-                 FROM key_sources GROUP BY key_id, ip, user_agent, endpoint
-                 ORDER BY MAX(last_seen_ms) DESC LIMIT ?1",
-            )
+                 FROM key_sources WHERE {keys} GROUP BY key_id, ip, user_agent, endpoint
+                 ORDER BY MAX(last_seen_ms) DESC LIMIT ?2"
+            ))
             .map_err(classify)?;
+        let mut params: Vec<rusqlite::types::Value> = vec![
+            i64::MIN.into(),
+            i64::try_from(max_rows).unwrap_or(i64::MAX).into(),
+        ];
+        params.extend(part_params);
         let mut rows = stmt
-            .query([i64::try_from(max_rows).unwrap_or(i64::MAX)])
+            .query(rusqlite::params_from_iter(params))
             .map_err(classify)?;
         let mut n = 0;
         while let Some(row) = rows.next().map_err(classify)? {
@@ -406,6 +461,44 @@ impl super::HistoryStore for SqliteStore {
                 row.get(4).map_err(classify)?,
                 row.get(5).map_err(classify)?,
             ));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn key_partitions(
+        &mut self,
+        since_ms: i64,
+        partitions: &[crate::source::kafka::TopicPartition],
+        f: &mut dyn FnMut(&str, &str, i32),
+    ) -> Result<u64, StoreError> {
+        if partitions.is_empty() {
+            return Ok(0);
+        }
+        let conds: Vec<String> = (0..partitions.len())
+            .map(|i| format!("(topic = ?{} AND part = ?{})", 2 + 2 * i, 3 + 2 * i))
+            .collect();
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT key_id, topic, part FROM key_partitions
+                 WHERE last_minute >= ?1 AND ({})",
+                conds.join(" OR ")
+            ))
+            .map_err(classify)?;
+        let mut params: Vec<rusqlite::types::Value> = vec![since_ms.div_euclid(1000).into()];
+        params.extend(partition_params(partitions));
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(params))
+            .map_err(classify)?;
+        let mut n = 0;
+        while let Some(row) = rows.next().map_err(classify)? {
+            let text = |i: usize| {
+                row.get_ref(i)
+                    .and_then(|v| Ok(v.as_str()?))
+                    .map_err(classify)
+            };
+            f(text(0)?, text(1)?, row.get(2).map_err(classify)?);
             n += 1;
         }
         Ok(n)
@@ -501,6 +594,24 @@ impl Store for SqliteStore {
                         s.failures as i64
                     ])
                     .map_err(classify)?;
+            }
+
+            let mut part = tx
+                .prepare_cached(
+                    "INSERT INTO key_partitions (topic, part, key_id, last_minute)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (topic, part, key_id) DO UPDATE SET
+                        last_minute = MAX(key_partitions.last_minute, excluded.last_minute)",
+                )
+                .map_err(classify)?;
+            for (key_id, topic, p, last_ms) in agg.key_partitions() {
+                part.execute(params![
+                    topic,
+                    p,
+                    key_id,
+                    crate::aggregate::minute_of(last_ms).div_euclid(1000)
+                ])
+                .map_err(classify)?;
             }
 
             if let Some(cp) = batch.checkpoint {
