@@ -815,7 +815,7 @@ mod tests {
         let mut store = SqliteStore::open(dir.path()).unwrap();
         let mut empty = 0;
         let r = store
-            .rollup_history(86_400_000, 100, &mut |_, _, _| empty += 1)
+            .rollup_history(86_400_000, 100, None, &mut |_, _, _| empty += 1)
             .unwrap();
         assert_eq!((r.rows, r.latest_ms, empty), (0, None, 0));
         let mut agg = Aggregate::default();
@@ -841,7 +841,7 @@ mod tests {
             .unwrap();
         let mut rows = Vec::new();
         let r = store
-            .rollup_history(3_600_000, 100, &mut |k, m, r| {
+            .rollup_history(3_600_000, 100, None, &mut |k, m, r| {
                 rows.push((k.to_owned(), (m - t) / 60_000, r.requests, r.latency_count))
             })
             .unwrap();
@@ -862,7 +862,7 @@ mod tests {
         // Four rows allowed: minute 0 (one row) would make five, so it is left out whole.
         let mut rows = Vec::new();
         let r = store
-            .rollup_history(3_600_000, 4, &mut |k, m, _| {
+            .rollup_history(3_600_000, 4, None, &mut |k, m, _| {
                 rows.push((k.to_owned(), (m - t) / 60_000))
             })
             .unwrap();
@@ -871,7 +871,7 @@ mod tests {
         assert!(rows.iter().all(|(_, m)| *m >= 1), "{rows:?}");
         let mut sources = Vec::new();
         let n = store
-            .source_history(10, &mut |(k, ip, _, _, first, last)| {
+            .source_history(10, None, &mut |(k, ip, _, _, first, last)| {
                 sources.push((k.to_owned(), ip.to_owned(), first, last))
             })
             .unwrap();
@@ -915,5 +915,150 @@ mod tests {
                 .contains("schema version 99, newer than this keywatch knows"),
             "{err}"
         );
+    }
+
+    /// Keys `a` (partition 0), `b` (1), `c` (both), and `d` (1, a day before the rest).
+    fn partitioned() -> SqliteStore {
+        let mut store = SqliteStore::open_file(Path::new(":memory:")).unwrap();
+        let topic: std::sync::Arc<str> = "logs".into();
+        let t0 = 10 * 86_400_000;
+        let mut agg = Aggregate::default();
+        agg.add_from(&event(t0 - 86_400_000, "d", "10.0.0.4"), &topic, 1);
+        for (ts, key, part) in [
+            (t0, "a", 0),
+            (t0 + 60_000, "a", 0),
+            (t0, "b", 1),
+            (t0, "c", 0),
+            (t0 + 120_000, "c", 1),
+        ] {
+            agg.add_from(&event(ts, key, "10.0.0.1"), &topic, part);
+        }
+        store
+            .commit(&BatchWrite {
+                aggregate: &agg,
+                events: &[],
+                checkpoint: None,
+            })
+            .unwrap();
+        store
+    }
+
+    fn rollups_of(
+        store: &mut SqliteStore,
+        window_ms: i64,
+        parts: Option<&[(String, i32)]>,
+    ) -> Vec<(String, i64, u64)> {
+        use crate::store::HistoryStore;
+        let mut got = Vec::new();
+        store
+            .rollup_history(window_ms, 1000, parts, &mut |k, m, r| {
+                got.push((k.to_owned(), m, r.requests))
+            })
+            .unwrap();
+        got
+    }
+
+    #[test]
+    fn history_reads_narrow_to_the_keys_of_partitions() {
+        use crate::store::HistoryStore;
+        let mut store = partitioned();
+        let t0 = 10 * 86_400_000;
+        let p = |n: i32| ("logs".to_owned(), n);
+        let hour = 3_600_000;
+        // A key's whole rows, every partition's (SQLite sums a minute over partitions).
+        assert_eq!(
+            rollups_of(&mut store, hour, Some(&[p(0)])),
+            [
+                ("a".into(), t0, 1),
+                ("a".into(), t0 + 60_000, 1),
+                ("c".into(), t0, 1),
+                ("c".into(), t0 + 120_000, 1)
+            ]
+        );
+        // `d` last came from partition 1 before the window.
+        let keys = |v: Vec<(String, i64, u64)>| {
+            let mut k: Vec<String> = v.into_iter().map(|r| r.0).collect();
+            k.dedup();
+            k
+        };
+        assert_eq!(keys(rollups_of(&mut store, hour, Some(&[p(1)]))), ["b", "c"]);
+        assert_eq!(
+            keys(rollups_of(&mut store, 2 * 86_400_000, Some(&[p(1)]))),
+            ["b", "c", "d"]
+        );
+        assert_eq!(
+            keys(rollups_of(&mut store, hour, None)),
+            ["a", "b", "c"],
+            "everything"
+        );
+        assert!(rollups_of(&mut store, hour, Some(&[])).is_empty());
+        assert!(rollups_of(&mut store, hour, Some(&[("other".into(), 0)])).is_empty());
+
+        // The row cut counts the partitions' rows only: 2 rows keep the newest minutes of
+        // `a` and `c` (t0 + 1 and + 2 minutes).
+        let mut got = Vec::new();
+        let read = store
+            .rollup_history(hour, 2, Some(&[p(0)]), &mut |k, m, _| {
+                got.push((k.to_owned(), m))
+            })
+            .unwrap();
+        assert_eq!(read.since_ms, t0 + 60_000);
+        assert_eq!(got, [("a".into(), t0 + 60_000), ("c".into(), t0 + 120_000)]);
+
+        // Sources have no window.
+        let mut sources = Vec::new();
+        store
+            .source_history(1000, Some(&[p(1)]), &mut |(k, ip, ..)| {
+                sources.push((k.to_owned(), ip.to_owned()))
+            })
+            .unwrap();
+        sources.sort();
+        assert_eq!(
+            sources,
+            [
+                ("b".into(), "10.0.0.1".into()),
+                ("c".into(), "10.0.0.1".into()),
+                ("d".into(), "10.0.0.4".into())
+            ]
+        );
+
+        let mut seen = Vec::new();
+        let n = store
+            .key_partitions(t0 - hour, &[p(0), p(1)], &mut |k, t, part| {
+                seen.push((k.to_owned(), t.to_owned(), part))
+            })
+            .unwrap();
+        seen.sort();
+        assert_eq!(n, 4);
+        assert_eq!(
+            seen,
+            [
+                ("a".into(), "logs".into(), 0),
+                ("b".into(), "logs".into(), 1),
+                ("c".into(), "logs".into(), 0),
+                ("c".into(), "logs".into(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn files_record_no_partitions() {
+        use crate::store::HistoryStore;
+        let mut store = SqliteStore::open_file(Path::new(":memory:")).unwrap();
+        let mut agg = Aggregate::default();
+        agg.add(&event(60_000, "k", "ip"));
+        store
+            .commit(&BatchWrite {
+                aggregate: &agg,
+                events: &[],
+                checkpoint: None,
+            })
+            .unwrap();
+        let mut n = 0;
+        store
+            .key_partitions(0, &[("".into(), 0)], &mut |_, _, _| n += 1)
+            .unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(rollups_of(&mut store, 3_600_000, None).len(), 1);
     }
 }
