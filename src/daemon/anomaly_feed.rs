@@ -326,3 +326,105 @@ impl AnomalyFeed {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::event::{AuthEvent, Outcome};
+    use crate::store::{BatchWrite, SqliteStore};
+
+    fn tp(p: i32) -> TopicPartition {
+        ("logs".to_owned(), p)
+    }
+
+    /// Keys `a` (partition 0), `b` (1) and `c` (both: messages not keyed by key id).
+    fn store() -> SqliteStore {
+        let mut store = SqliteStore::open_file(std::path::Path::new(":memory:")).unwrap();
+        let topic: Arc<str> = "logs".into();
+        let mut agg = Aggregate::default();
+        for (key, part) in [("a", 0), ("b", 1), ("c", 0), ("c", 1)] {
+            for m in 0..3 {
+                let e = AuthEvent::new(600_000 + m * 60_000, Cow::Borrowed(key), 200, Outcome::Ok);
+                agg.add_from(&e, &topic, part);
+            }
+        }
+        store
+            .commit(&BatchWrite {
+                aggregate: &agg,
+                events: &[],
+                checkpoint: None,
+            })
+            .unwrap();
+        store
+    }
+
+    fn feed() -> AnomalyFeed {
+        AnomalyFeed::new(
+            &crate::detect::Policy::default().anomaly,
+            Arc::new(Registry::empty()),
+        )
+        .unwrap()
+    }
+
+    fn held_keys(f: &AnomalyFeed) -> Vec<&str> {
+        let mut k: Vec<&str> = ["a", "b", "c", "e"]
+            .into_iter()
+            .filter(|k| f.models().key(k).is_some())
+            .collect();
+        k.sort_unstable();
+        k
+    }
+
+    #[test]
+    fn members_hold_the_keys_of_their_partitions() {
+        let mut store = store();
+        let mut f = feed();
+        let w = f.warm_up_partitions(&mut store, &[tp(0)]).unwrap();
+        assert_eq!(held_keys(&f), ["a", "c"]);
+        // `c`'s whole minutes (SQLite sums partitions): 3 rows each.
+        assert_eq!(w.rollups.rows, 6);
+
+        // Partition 1 later: `c` is held already, so its rows are not replayed (they hold
+        // what the models saw), but it now counts partition 1 too.
+        let w = f.warm_up_partitions(&mut store, &[tp(1)]).unwrap();
+        assert_eq!(held_keys(&f), ["a", "b", "c"]);
+        assert_eq!(w.keys, 3);
+        assert_eq!(w.rollups.rows, 6, "b's and c's rows read");
+        let bit = |p: i32| 1u64 << p;
+        assert_eq!(f.models().partitions_of("c"), Some(bit(0) | bit(1)));
+        assert_eq!(f.models().partitions_of("b"), Some(bit(1)));
+
+        // Live traffic marks its key's partition.
+        let topic: Arc<str> = "logs".into();
+        let mut agg = Aggregate::default();
+        agg.add_from(
+            &AuthEvent::new(900_000, Cow::Borrowed("e"), 200, Outcome::Ok),
+            &topic,
+            0,
+        );
+        f.observe(&agg, &Arc::new(Registry::empty()));
+        assert_eq!(f.models().partitions_of("e"), Some(bit(0)));
+
+        // Partition 0 revoked: `c` stays while partition 1 is held.
+        assert_eq!(f.drop_revoked(&[tp(0)]), 2);
+        assert_eq!(held_keys(&f), ["b", "c"]);
+        assert_eq!(f.held(), [tp(1)]);
+        assert_eq!(f.drop_revoked(&[tp(1)]), 2);
+        assert!(held_keys(&f).is_empty());
+        assert_eq!(f.models().key_count(), 0);
+    }
+
+    #[test]
+    fn without_partitions_every_key_warms_up_and_stays() {
+        let mut store = store();
+        let mut f = feed();
+        let w = f.warm_up(&mut store).unwrap();
+        assert_eq!(w.keys, 3);
+        // Keys warmed up at start know no partition: a revocation (none comes without
+        // Kafka) would not drop them.
+        assert_eq!(f.drop_revoked(&[tp(0)]), 0);
+        assert_eq!(held_keys(&f), ["a", "b", "c"]);
+    }
+}
