@@ -955,7 +955,6 @@ fn each_member_holds_the_anomaly_models_of_its_partitions_keys() {
     broker.create_topic(&topic, 2);
     let n = 3000;
     let log = sample(dir.path(), "nginx", n, 41);
-    produce(&broker.brokers(), &topic, &log);
     let db = unique("kw").replace('-', "_");
     let group = unique("g");
     let free = || {
@@ -989,7 +988,18 @@ fn each_member_holds_the_anomaly_models_of_its_partitions_keys() {
     };
 
     let (pa, pb) = (free(), free());
-    let mut a = Running(spawn_quiet(&mut run_config(&config_on("a", pa))));
+    let config_a = config_on("a", pa);
+    // Decoded with the members' format and secret, so that each message is keyed by its key
+    // id (without a config, `produce` decodes Kong and sends nginx lines unkeyed).
+    run_ok(
+        keywatch()
+            .args(["produce", "--brokers", &broker.brokers(), "--topic", &topic, "--file"])
+            .arg(&log)
+            .arg("--config")
+            .arg(&config_a)
+            .env("KW_TEST_SECRET", SECRET),
+    );
+    let mut a = Running(spawn_quiet(&mut run_config(&config_a)));
     assert_eq!(
         wait_for_clickhouse(&ch, &db, n as u64, Duration::from_secs(120)),
         n as u64
