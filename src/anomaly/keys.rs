@@ -643,16 +643,13 @@ impl AnomalyModels {
         self.slots.retain(|s| s.parts == 0 || s.parts & held != 0);
         let dropped = before - self.slots.len();
         if dropped > 0 {
-            self.slots.shrink_to_fit();
-            self.index.clear();
-            self.index.shrink_to(self.slots.len(), |_| 0);
-            let (slots, build) = (&self.slots, &self.build);
-            for (i, s) in slots.iter().enumerate() {
-                self.index
-                    .insert_unique(build.hash_one(&*s.key), i as u32, |&j| {
-                        build.hash_one(&*slots[j as usize].key)
-                    });
+            // Memory goes back once most of it is unused (a shrink copies what is left).
+            if self.slots.len() < self.slots.capacity() / 2 {
+                self.slots.shrink_to_fit();
+                self.index.clear();
+                self.index.shrink_to(self.slots.len(), |_| 0);
             }
+            self.reindex();
         }
         dropped
     }
@@ -1204,7 +1201,11 @@ impl AnomalyModels {
                 true
             }
         });
-        // Slots moved: number them again.
+        self.reindex();
+    }
+
+    /// Numbers the slots again in the index, after slots were removed (they moved).
+    fn reindex(&mut self) {
         let (index, slots, build) = (&mut self.index, &self.slots, &self.build);
         index.clear();
         for (i, s) in slots.iter().enumerate() {
