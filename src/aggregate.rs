@@ -194,17 +194,17 @@ impl Aggregate {
     /// group keeps only the keys of its partitions).
     pub fn add_from(&mut self, ev: &AuthEvent<'_>, topic: &std::sync::Arc<str>, partition: i32) {
         // The events of a batch come in runs of one partition: the last entry first.
-        let i = match self
-            .partitions
-            .iter()
-            .rposition(|(t, p)| *p == partition && (std::sync::Arc::ptr_eq(t, topic) || t == topic))
-        {
-            Some(i) => i,
-            None => {
-                self.partitions.push((std::sync::Arc::clone(topic), partition));
-                self.partitions.len() - 1
-            }
-        };
+        let i =
+            match self.partitions.iter().rposition(|(t, p)| {
+                *p == partition && (std::sync::Arc::ptr_eq(t, topic) || t == topic)
+            }) {
+                Some(i) => i,
+                None => {
+                    self.partitions
+                        .push((std::sync::Arc::clone(topic), partition));
+                    self.partitions.len() - 1
+                }
+            };
         self.add_in(ev, 1u64 << (i % 64));
     }
 

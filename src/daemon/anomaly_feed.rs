@@ -206,7 +206,10 @@ impl AnomalyFeed {
         if rollups.latest_ms.is_some() {
             self.models.refit_peers();
             if self.next_refit_ms == i64::MIN {
-                self.next_refit_ms = rollups.latest_ms.unwrap_or(0).saturating_add(self.refit_every_ms);
+                self.next_refit_ms = rollups
+                    .latest_ms
+                    .unwrap_or(0)
+                    .saturating_add(self.refit_every_ms);
             }
         }
         let w = WarmUp {
@@ -244,10 +247,12 @@ impl AnomalyFeed {
         let history = store.history()?;
         let started = Instant::now();
         let models = &mut self.models;
-        let rollups =
-            history.rollup_history(self.warm_up_ms, self.warm_up_max_rows, None, &mut |k, m, r| {
-                models.warm_up(std::iter::once((k, m, r)))
-            });
+        let rollups = history.rollup_history(
+            self.warm_up_ms,
+            self.warm_up_max_rows,
+            None,
+            &mut |k, m, r| models.warm_up(std::iter::once((k, m, r))),
+        );
         let rollups = match rollups {
             Ok(r) => r,
             Err(e) => {

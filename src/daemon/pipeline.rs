@@ -441,10 +441,16 @@ impl Pipeline {
                 PartitionChange::Revoked(ps) => held.retain(|h| !ps.contains(h)),
             }
         }
-        let gone: Vec<TopicPartition> =
-            before.iter().filter(|p| !held.contains(p)).cloned().collect();
-        let new: Vec<TopicPartition> =
-            held.iter().filter(|p| !before.contains(p)).cloned().collect();
+        let gone: Vec<TopicPartition> = before
+            .iter()
+            .filter(|p| !held.contains(p))
+            .cloned()
+            .collect();
+        let new: Vec<TopicPartition> = held
+            .iter()
+            .filter(|p| !before.contains(p))
+            .cloned()
+            .collect();
         if !new.is_empty() {
             // The history read is what is committed.
             self.settle_commit()?;

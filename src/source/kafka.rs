@@ -29,6 +29,11 @@
 //! stored, no partition's start is read from the store until those batches are finished
 //! with, since their commit is about to move it.
 //!
+//! Partition changes: every assignment and revocation is also recorded in
+//! [`PartitionChanges`] for the pipeline, which warms up the anomaly models of the keys of
+//! assigned partitions and drops those of revoked ones on its own thread: nothing of it runs
+//! in the callback. An assignment is recorded before any of its messages is read.
+//!
 //! Backpressure: the consume loop never blocks on a full pipeline (a slow or unreachable
 //! store), because a member that stops polling for `max.poll.interval.ms` is put out of the
 //! group, and the rebalance callbacks only run while it polls. It pauses its partitions

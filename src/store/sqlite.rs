@@ -88,7 +88,13 @@ fn keys_of_partitions(first: usize, n: usize) -> String {
         return "0".to_owned();
     }
     let conds: Vec<String> = (0..n)
-        .map(|i| format!("(topic = ?{} AND part = ?{})", first + 2 * i, first + 2 * i + 1))
+        .map(|i| {
+            format!(
+                "(topic = ?{} AND part = ?{})",
+                first + 2 * i,
+                first + 2 * i + 1
+            )
+        })
         .collect();
     format!(
         "key_id IN (SELECT key_id FROM key_partitions WHERE last_minute >= ?1 AND ({}))",
@@ -97,7 +103,9 @@ fn keys_of_partitions(first: usize, n: usize) -> String {
 }
 
 /// The parameters of [`keys_of_partitions`].
-fn partition_params(partitions: &[crate::source::kafka::TopicPartition]) -> Vec<rusqlite::types::Value> {
+fn partition_params(
+    partitions: &[crate::source::kafka::TopicPartition],
+) -> Vec<rusqlite::types::Value> {
     partitions
         .iter()
         .flat_map(|(t, p)| [t.clone().into(), i64::from(*p).into()])
@@ -981,7 +989,10 @@ mod tests {
             k.dedup();
             k
         };
-        assert_eq!(keys(rollups_of(&mut store, hour, Some(&[p(1)]))), ["b", "c"]);
+        assert_eq!(
+            keys(rollups_of(&mut store, hour, Some(&[p(1)]))),
+            ["b", "c"]
+        );
         assert_eq!(
             keys(rollups_of(&mut store, 2 * 86_400_000, Some(&[p(1)]))),
             ["b", "c", "d"]

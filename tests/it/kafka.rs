@@ -993,7 +993,14 @@ fn each_member_holds_the_anomaly_models_of_its_partitions_keys() {
     // id (without a config, `produce` decodes Kong and sends nginx lines unkeyed).
     run_ok(
         keywatch()
-            .args(["produce", "--brokers", &broker.brokers(), "--topic", &topic, "--file"])
+            .args([
+                "produce",
+                "--brokers",
+                &broker.brokers(),
+                "--topic",
+                &topic,
+                "--file",
+            ])
             .arg(&log)
             .arg("--config")
             .arg(&config_a)
