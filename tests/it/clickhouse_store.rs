@@ -1194,7 +1194,7 @@ fn warm_up_history_reads_like_the_embedded_store() {
     let p0: Vec<_> = b1[..300].iter().chain(&b2).cloned().collect();
     // One partition's history: what partition 0 stored, like a store that only had it.
     {
-        let (_dir, mut sqlite) = reference(&[p0.clone()]);
+        let (_dir, mut sqlite) = reference(std::slice::from_ref(&p0));
         let (ch_rollups, ch_sources, ch_read) =
             history_of(&mut store, 86_400_000, 1_000_000, Some(&[tp(0)]));
         let (sq_rollups, sq_sources, _) = history(&mut sqlite, 86_400_000, 1_000_000);
