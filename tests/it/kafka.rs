@@ -948,6 +948,19 @@ impl Drop for Running {
 /// member stored everything, so what the second holds came from the warm-ups.
 #[test]
 fn each_member_holds_the_anomaly_models_of_its_partitions_keys() {
+    members_hold_their_partitions_keys("");
+}
+
+/// The same under the cooperative protocol: a revocation is not followed by an assignment
+/// to the member that loses the partition.
+#[test]
+fn each_member_holds_its_partitions_keys_cooperative_sticky() {
+    members_hold_their_partitions_keys(
+        "\"partition.assignment.strategy\" = \"cooperative-sticky\"\n",
+    );
+}
+
+fn members_hold_their_partitions_keys(properties: &str) {
     let dir = tempfile::tempdir().unwrap();
     let ch = crate::support::clickhouse::ClickHouse::shared_or_start(&dir.path().join("ch"));
     let broker = Broker::start(dir.path());
@@ -968,10 +981,16 @@ fn each_member_holds_the_anomaly_models_of_its_partitions_keys() {
         let sub = dir.path().join(name);
         std::fs::create_dir_all(&sub).unwrap();
         let cfg = clickhouse_config(&sub, &broker.brokers(), &topic, &group, &ch.url, &db);
-        let text = std::fs::read_to_string(&cfg).unwrap().replace(
-            "[server]\nenabled = false\n",
-            &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
-        );
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(
+                "[server]\nenabled = false\n",
+                &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+            )
+            .replace(
+                "[input.kafka.properties]\n",
+                &format!("[input.kafka.properties]\n{properties}"),
+            );
         std::fs::write(&cfg, text).unwrap();
         cfg
     };
