@@ -6,7 +6,8 @@
 //! are first fed (about 340 bytes: a key with two requests never has them), plus source
 //! sets past two members (at most 3 × 32 × 8 bytes); [`AnomalyModels::bytes_per_key`]. The
 //! models live in one vector of slots with a table of `u32` slot numbers as the index, so
-//! a key costs its model, its id once and about 10 bytes of index: 1 M keys with two
+//! a key costs its model, its id once, about 10 bytes of index and 8 of partition set (the
+//! Kafka partitions it was fed from, so that a consumer-group member drops it with them): 1 M keys with two
 //! requests each take about 700 MB (`cargo bench --bench memory_per_key`). The models,
 //! and what each finding says it expected:
 //!
