@@ -335,6 +335,27 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// `partitions`, or `None` (everything) while `key_partitions` is empty: a database
+    /// from before it (schema version 3) knows no key's partition, and its first warm-ups
+    /// read every key, as keywatch did then.
+    fn partitions_known<'p>(
+        &self,
+        partitions: Option<&'p [crate::source::kafka::TopicPartition]>,
+    ) -> Result<Option<&'p [crate::source::kafka::TopicPartition]>, StoreError> {
+        if partitions.is_none() {
+            return Ok(None);
+        }
+        let any: bool = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM key_partitions)", [], |r| {
+                r.get(0)
+            })
+            .map_err(classify)?;
+        Ok(partitions.filter(|_| any))
+    }
+}
+
 impl super::HistoryStore for SqliteStore {
     fn rollup_history(
         &mut self,
@@ -356,6 +377,7 @@ impl super::HistoryStore for SqliteStore {
         };
         let since_ms = latest_ms.saturating_sub(window_ms);
         // The keys of the partitions asked for: those seen there since the window's start.
+        let partitions = self.partitions_known(partitions)?;
         let (keys, part_params) = match partitions {
             Some(p) => (keys_of_partitions(3, p.len()), partition_params(p)),
             None => ("1".to_owned(), Vec::new()),
@@ -434,6 +456,7 @@ impl super::HistoryStore for SqliteStore {
         f: &mut dyn FnMut(super::SourceHistoryRow<'_>),
     ) -> Result<u64, StoreError> {
         // Sources have no window: the keys ever seen in the partitions (`?1` = 0).
+        let partitions = self.partitions_known(partitions)?;
         let (keys, part_params) = match partitions {
             Some(p) => (keys_of_partitions(3, p.len()), partition_params(p)),
             None => ("?1 = ?1".to_owned(), Vec::new()),
@@ -1050,6 +1073,24 @@ mod tests {
                 ("c".into(), "logs".into(), 1)
             ]
         );
+    }
+
+    #[test]
+    fn a_database_that_knows_no_partition_reads_every_key() {
+        let mut store = SqliteStore::open_file(Path::new(":memory:")).unwrap();
+        let mut agg = Aggregate::default();
+        agg.add(&event(60_000, "k", "ip"));
+        store
+            .commit(&BatchWrite {
+                aggregate: &agg,
+                events: &[],
+                checkpoint: None,
+            })
+            .unwrap();
+        let p0 = [("logs".to_owned(), 0)];
+        assert_eq!(rollups_of(&mut store, 3_600_000, Some(&p0)).len(), 1);
+        // Once it knows some, only theirs.
+        assert!(rollups_of(&mut partitioned(), 3_600_000, Some(&[("x".into(), 0)])).is_empty());
     }
 
     #[test]
