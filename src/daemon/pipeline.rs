@@ -29,7 +29,9 @@
 //! before any evaluation, at the end, and at once when no batch waits in the channel.
 //!
 //! Between batches ([`Pipeline::tick`]): the registry file and the lifecycle topic are
-//! followed, and with the wall clock rotations are evaluated on their schedule. When the
+//! followed, and with the wall clock rotations are evaluated on their schedule. In a Kafka
+//! consumer group, before each batch, the partitions assigned and revoked since the last
+//! one warm up and drop the anomaly models of their keys ([`Pipeline::hold_keys_of`]). When the
 //! input ends ([`Pipeline::finish`]) a last evaluation runs.
 //!
 //! Architecture invariant: a batch's position is stored only by [`Store::commit`] (or
