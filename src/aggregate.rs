@@ -341,6 +341,33 @@ mod tests {
     }
 
     #[test]
+    fn keys_remember_their_topic_partitions() {
+        let (logs, other): (std::sync::Arc<str>, std::sync::Arc<str>) =
+            ("logs".into(), "other".into());
+        let mut agg = Aggregate::default();
+        agg.add_from(&ev(1_000, "a", "ip", Outcome::Ok), &logs, 0);
+        agg.add_from(&ev(2_000, "b", "ip", Outcome::Ok), &logs, 1);
+        agg.add_from(&ev(3_000, "a", "ip", Outcome::Ok), &logs, 1);
+        // The same partition number of another topic, its name in another allocation.
+        agg.add_from(&ev(4_000, "c", "ip", Outcome::Ok), &other, 0);
+        agg.add_from(&ev(5_000, "c", "ip", Outcome::Ok), &"other".into(), 0);
+        agg.add(&ev(6_000, "d", "ip", Outcome::Ok));
+        let mut got: Vec<_> = agg.key_partitions().collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("a", "logs", 0, 3_000),
+                ("a", "logs", 1, 3_000),
+                ("b", "logs", 1, 2_000),
+                ("c", "other", 0, 5_000)
+            ]
+        );
+        assert_eq!(agg.events, 6);
+        assert_eq!(agg.key_count(), 4);
+    }
+
+    #[test]
     fn folds_by_key_minute_and_source() {
         let mut agg = Aggregate::default();
         agg.add(&ev(60_000, "a", "10.0.0.1", Outcome::Ok));

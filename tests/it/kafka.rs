@@ -1,8 +1,10 @@
 //! Kafka in, against Apache Kafka (tests/it/support/kafka.rs): exactly once across kill -9, dead
 //! letters on a topic, a broker restart and crash, two and three instances in one group with
 //! scale-in by kill -9 under each rebalance protocol (eager, cooperative-sticky, KIP-848),
-//! a three-node cluster losing a partition leader under load, and topics compressed with
-//! each codec.
+//! a three-node cluster losing a partition leader under load, topics compressed with each
+//! codec, and each member of a group holding the anomaly models of its partitions' keys
+//! only (warmed up from ClickHouse at assignment, dropped at revocation; eager and
+//! cooperative).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
