@@ -21,7 +21,9 @@
 //!   already hold (a key seen on several partitions, when messages are not keyed by key
 //!   id): its stored rows may include batches the models saw, which would count twice.
 //!   Each key remembers the partitions it was fed from (a 64-bit set, bit `i % 64` for the
-//!   `i`-th partition this process has met) and is kept while any of them is held.
+//!   `i`-th partition this process has met) and is kept while any of them is held. A batch
+//!   still being stored when its partition was revoked (the revocation's wait for it
+//!   expired) is fed after the drop: its keys stay until the next revocation.
 //! - Time is event time throughout (peer groups are refitted every `refit_peers_every` of
 //!   event time), so a one-shot replay of old logs raises what a live daemon would have.
 
