@@ -353,7 +353,11 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
         super::history::rollup_history(sql, since, 1000, ""),
         true,
     ));
-    let parts = super::history::partition_filter(Some(&[("t".to_owned(), 0), ("t".to_owned(), 1)]));
+    // Partition 0 of the sample topic (rows to compare) and one of another topic.
+    let parts = super::history::partition_filter(Some(&[
+        (TOPIC.to_owned(), 0),
+        ("other-topic".to_owned(), 1),
+    ]));
     steps.push(query(
         "history_rollups_of_partitions",
         super::history::rollup_history(sql, since, 1000, &parts),

@@ -114,7 +114,7 @@ pub fn source_history(sql: &Sql, limit: u64, filter: &str) -> String {
 pub fn key_partitions(sql: &Sql, since_s: u32, filter: &str) -> String {
     format!(
         "SELECT key_id, topic, part FROM {} WHERE minute >= toDateTime({since_s}){filter} \
-         GROUP BY key_id, topic, part",
+         GROUP BY key_id, topic, part ORDER BY key_id, topic, part",
         sql.table(Table::RollupMinute)
     )
 }
