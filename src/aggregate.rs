@@ -152,6 +152,9 @@ pub struct Aggregate {
     pub events: u64,
     keys: HashMap<String, KeyAgg, Fast>,
     hasher: Fast,
+    /// The Kafka topic partitions the events came from ([`Aggregate::add_from`]); a key's
+    /// `parts` bit `i` stands for entry `i % 64` (a batch rarely covers more).
+    partitions: Vec<(std::sync::Arc<str>, i32)>,
 }
 
 #[derive(Debug, Default)]
@@ -164,6 +167,8 @@ struct KeyAgg {
     /// Sources by a hash of their fields; collisions are rare and kept in the vector, so a
     /// lookup never needs to build the owned key.
     sources: HashMap<u64, Vec<(SourceKey, SourceStats)>, Fast>,
+    /// Bits of `Aggregate::partitions` the key's events came from.
+    parts: u64,
 }
 
 fn field<'e>(f: &'e Option<std::borrow::Cow<'_, str>>) -> &'e str {
@@ -181,6 +186,29 @@ impl Aggregate {
     }
 
     pub fn add(&mut self, ev: &AuthEvent<'_>) {
+        self.add_in(ev, 0);
+    }
+
+    /// Adds an event read from a Kafka topic partition: the stores and the anomaly models
+    /// learn which partitions each key's traffic came from (so that a member of a consumer
+    /// group keeps only the keys of its partitions).
+    pub fn add_from(&mut self, ev: &AuthEvent<'_>, topic: &std::sync::Arc<str>, partition: i32) {
+        // The events of a batch come in runs of one partition: the last entry first.
+        let i =
+            match self.partitions.iter().rposition(|(t, p)| {
+                *p == partition && (std::sync::Arc::ptr_eq(t, topic) || t == topic)
+            }) {
+                Some(i) => i,
+                None => {
+                    self.partitions
+                        .push((std::sync::Arc::clone(topic), partition));
+                    self.partitions.len() - 1
+                }
+            };
+        self.add_in(ev, 1u64 << (i % 64));
+    }
+
+    fn add_in(&mut self, ev: &AuthEvent<'_>, part_bit: u64) {
         self.events += 1;
         let key = match self.keys.get_mut(ev.key_id.as_ref()) {
             Some(k) => k,
@@ -196,6 +224,7 @@ impl Aggregate {
                     ..KeyAgg::default()
                 }),
         };
+        key.parts |= part_bit;
         let seen = &mut key.seen;
         seen.first_seen_ms = seen.first_seen_ms.min(ev.ts_ms);
         seen.last_seen_ms = seen.last_seen_ms.max(ev.ts_ms);
@@ -283,6 +312,19 @@ impl Aggregate {
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }
+
+    /// The Kafka topic partitions each key's events came from (events added with
+    /// [`Aggregate::add_from`]; none for files and stdin): `(key, topic, partition, the
+    /// key's last event in the batch)`.
+    pub fn key_partitions(&self) -> impl Iterator<Item = (&str, &str, i32, i64)> {
+        self.keys.iter().flat_map(move |(k, agg)| {
+            self.partitions
+                .iter()
+                .enumerate()
+                .filter(move |(i, _)| agg.parts & (1u64 << (i % 64)) != 0)
+                .map(move |(_, (t, p))| (k.as_str(), t.as_ref(), *p, agg.seen.last_seen_ms))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -296,6 +338,33 @@ mod tests {
         e.source_ip = Some(Cow::Borrowed(ip));
         e.latency_ms = Some(42.0);
         e
+    }
+
+    #[test]
+    fn keys_remember_their_topic_partitions() {
+        let (logs, other): (std::sync::Arc<str>, std::sync::Arc<str>) =
+            ("logs".into(), "other".into());
+        let mut agg = Aggregate::default();
+        agg.add_from(&ev(1_000, "a", "ip", Outcome::Ok), &logs, 0);
+        agg.add_from(&ev(2_000, "b", "ip", Outcome::Ok), &logs, 1);
+        agg.add_from(&ev(3_000, "a", "ip", Outcome::Ok), &logs, 1);
+        // The same partition number of another topic, its name in another allocation.
+        agg.add_from(&ev(4_000, "c", "ip", Outcome::Ok), &other, 0);
+        agg.add_from(&ev(5_000, "c", "ip", Outcome::Ok), &"other".into(), 0);
+        agg.add(&ev(6_000, "d", "ip", Outcome::Ok));
+        let mut got: Vec<_> = agg.key_partitions().collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("a", "logs", 0, 3_000),
+                ("a", "logs", 1, 3_000),
+                ("b", "logs", 1, 2_000),
+                ("c", "other", 0, 5_000)
+            ]
+        );
+        assert_eq!(agg.events, 6);
+        assert_eq!(agg.key_count(), 4);
     }
 
     #[test]

@@ -168,7 +168,7 @@ pub const CATALOGUE: &[Metric] = &[
         "keywatch_anomaly_keys",
         Gauge,
         &[],
-        "keys the anomaly models hold",
+        "keys the anomaly models hold (in a consumer group: the keys of this instance's partitions)",
     ),
     m(
         "keywatch_anomaly_batch_seconds",
@@ -186,7 +186,7 @@ pub const CATALOGUE: &[Metric] = &[
         "keywatch_anomaly_warm_up_seconds",
         Gauge,
         &[],
-        "how long the warm-up from stored history took at start",
+        "how long the warm-up from stored history took at start (in a consumer group: the last warm-up of assigned partitions)",
     ),
     m(
         "keywatch_lifecycle_events_total",

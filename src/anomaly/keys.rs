@@ -6,7 +6,8 @@
 //! are first fed (about 340 bytes: a key with two requests never has them), plus source
 //! sets past two members (at most 3 × 32 × 8 bytes); [`AnomalyModels::bytes_per_key`]. The
 //! models live in one vector of slots with a table of `u32` slot numbers as the index, so
-//! a key costs its model, its id once and about 10 bytes of index: 1 M keys with two
+//! a key costs its model, its id once, about 10 bytes of index and 8 of partition set (the
+//! Kafka partitions it was fed from, so that a consumer-group member drops it with them): 1 M keys with two
 //! requests each take about 700 MB (`cargo bench --bench memory_per_key`). The models,
 //! and what each finding says it expected:
 //!
@@ -372,6 +373,9 @@ pub struct AnomalyModels {
 struct Slot {
     key: Box<str>,
     model: KeyModel,
+    /// The Kafka topic partitions the key was fed from, as bits the caller chose
+    /// ([`AnomalyModels::mark_partitions`]); 0: none (files, stdin), never dropped.
+    parts: u64,
 }
 
 /// Minutes since the epoch, for compact times.
@@ -587,6 +591,7 @@ impl AnomalyModels {
         self.slots.push(Slot {
             key: key.into(),
             model,
+            parts: 0,
         });
         let (slots, build) = (&self.slots, &self.build);
         self.index.insert_unique(build.hash_one(key), n, |&j| {
@@ -605,6 +610,49 @@ impl AnomalyModels {
 
     pub fn peers(&self) -> &Peers {
         &self.peers
+    }
+
+    /// Records that `key` (or the registry key it is an alias of) was fed from the
+    /// partitions of `bits` (the caller's numbering); a key not held is left alone.
+    pub fn mark_partitions(&mut self, key: &str, bits: u64) {
+        let key = match self.registry.as_deref() {
+            Some(r) => r.canonical(key),
+            None => key,
+        };
+        if let Some(i) = self.slot_of(key) {
+            self.slots[i].parts |= bits;
+        }
+    }
+
+    /// Gives the keys not marked yet the partitions of `bits`.
+    pub fn mark_unmarked(&mut self, bits: u64) {
+        for s in self.slots.iter_mut().filter(|s| s.parts == 0) {
+            s.parts = bits;
+        }
+    }
+
+    /// The partition bits `key` was fed from (see [`Self::mark_partitions`]).
+    pub fn partitions_of(&self, key: &str) -> Option<u64> {
+        self.slot_of(key).map(|i| self.slots[i].parts)
+    }
+
+    /// Drops the keys fed only from partitions outside `held` (bits, as marked); keys
+    /// never marked stay. Returns how many were dropped. The slot vector is compacted and
+    /// the index rebuilt: linear in the keys, done once per revocation.
+    pub fn drop_unless_in(&mut self, held: u64) -> usize {
+        let before = self.slots.len();
+        self.slots.retain(|s| s.parts == 0 || s.parts & held != 0);
+        let dropped = before - self.slots.len();
+        if dropped > 0 {
+            // Memory goes back once most of it is unused (a shrink copies what is left).
+            if self.slots.len() < self.slots.capacity() / 2 {
+                self.slots.shrink_to_fit();
+                self.index.clear();
+                self.index.shrink_to(self.slots.len(), |_| 0);
+            }
+            self.reindex();
+        }
+        dropped
     }
 
     fn hash(&self, s: &str) -> u32 {
@@ -1154,7 +1202,11 @@ impl AnomalyModels {
                 true
             }
         });
-        // Slots moved: number them again.
+        self.reindex();
+    }
+
+    /// Numbers the slots again in the index, after slots were removed (they moved).
+    fn reindex(&mut self) {
         let (index, slots, build) = (&mut self.index, &self.slots, &self.build);
         index.clear();
         for (i, s) in slots.iter().enumerate() {

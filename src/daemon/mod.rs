@@ -312,6 +312,7 @@ pub async fn run_with_gate(
             // Members of a group share the store (ClickHouse, or one SQLite state directory
             // on one host): one of them evaluates rotations.
             pipeline.evaluate_only_when(source.leader());
+            pipeline.hold_keys_of(source.partition_changes());
             health.wait_for_assignment(source.assigned());
             if let Some(gate) = evaluator.take() {
                 spawn_gate_mirror(source.leader(), gate, cancel.clone());

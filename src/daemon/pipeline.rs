@@ -29,7 +29,9 @@
 //! before any evaluation, at the end, and at once when no batch waits in the channel.
 //!
 //! Between batches ([`Pipeline::tick`]): the registry file and the lifecycle topic are
-//! followed, and with the wall clock rotations are evaluated on their schedule. When the
+//! followed, and with the wall clock rotations are evaluated on their schedule. In a Kafka
+//! consumer group, before each batch, the partitions assigned and revoked since the last
+//! one warm up and drop the anomaly models of their keys ([`Pipeline::hold_keys_of`]). When the
 //! input ends ([`Pipeline::finish`]) a last evaluation runs.
 //!
 //! Architecture invariant: a batch's position is stored only by [`Store::commit`] (or
@@ -54,8 +56,13 @@ use crate::aggregate::Aggregate;
 use crate::detect::{Engine, Finding, Policy};
 use crate::event::{AuthEvent, Decoder};
 use crate::registry::Registry;
+use crate::source::kafka::{PartitionChange, PartitionChanges, TopicPartition};
 use crate::source::{Batch, PartitionOffset, Position};
 use crate::store::{BatchWrite, Checkpoint, Origin, Store, StoreError, StoredEvent};
+
+/// How long the keys of revoked partitions are kept waiting for the assignment that may
+/// give the partitions back (an eager rebalance revokes and reassigns all of them).
+const REVOCATION_GRACE: Duration = Duration::from_secs(10);
 
 /// What a run did, for the final log line, the one-shot report and tests.
 #[derive(Debug, Default, Clone)]
@@ -102,6 +109,18 @@ pub trait Lines {
     fn dead_letter(&mut self, line: usize, reason: &str) -> anyhow::Result<()>;
     /// Makes the dead letters written so far durable (before the commit that passes them).
     fn flush_dead_letters(&mut self) -> anyhow::Result<()>;
+    /// The Kafka topic and partition of line `line` (`None`: files, stdin).
+    fn topic_partition(&self, _line: usize) -> Option<(&Arc<str>, i32)> {
+        None
+    }
+}
+
+/// Folds an event into `agg`, with its Kafka topic partition when it has one.
+fn fold(agg: &mut Aggregate, src: &dyn Lines, d: &Decoded<'_>) {
+    match src.topic_partition(d.line) {
+        Some((topic, partition)) => agg.add_from(&d.event, topic, partition),
+        None => agg.add(&d.event),
+    }
 }
 
 /// How lines become events: the decoder, and where undecodable lines go.
@@ -193,6 +212,11 @@ impl Lines for BatchLines<'_> {
 
     fn flush_dead_letters(&mut self) -> anyhow::Result<()> {
         self.stage.flush()
+    }
+
+    fn topic_partition(&self, line: usize) -> Option<(&Arc<str>, i32)> {
+        let topic = self.batch.topics.get(line)?;
+        Some((topic, self.batch.partition(line)))
     }
 }
 
@@ -288,6 +312,14 @@ pub struct Pipeline {
     /// With several instances in a consumer group, one evaluates rotations (see
     /// [`Pipeline::evaluate_only_when`]).
     gate: Option<Arc<AtomicBool>>,
+    /// In a consumer group: the partitions assigned and revoked, taken before each batch
+    /// (see [`Pipeline::hold_keys_of`]).
+    partition_changes: Option<Arc<PartitionChanges>>,
+    /// Changes taken but not applied: a revocation waits for the assignment that follows it
+    /// (an eager rebalance revokes every partition and assigns them again), at most
+    /// [`REVOCATION_GRACE`] from the first.
+    changes_pending: Vec<PartitionChange>,
+    revoked_at: Option<Instant>,
     sink: FindingSink,
     source_id: String,
     /// Stops commit retries at shutdown (the batch is read again at the next start).
@@ -336,6 +368,9 @@ impl Pipeline {
             timed: TimedLifecycle::default(),
             schedule: Schedule::new(parts.clock).map_err(anyhow::Error::msg)?,
             gate: None,
+            partition_changes: None,
+            changes_pending: Vec::new(),
+            revoked_at: None,
             sink: parts.findings,
             source_id: parts.source_id,
             cancel: CancellationToken::new(),
@@ -357,6 +392,83 @@ impl Pipeline {
     /// from each instance's own partitions, are not gated.
     pub fn evaluate_only_when(&mut self, gate: Arc<AtomicBool>) {
         self.gate = Some(gate);
+    }
+
+    /// In a consumer group: the anomaly models warm up and keep only the keys of the
+    /// partitions this member holds, as `changes` reports them (instead of every key at
+    /// start).
+    pub fn hold_keys_of(&mut self, changes: Arc<PartitionChanges>) {
+        self.partition_changes = Some(changes);
+    }
+
+    /// Applies the partition changes reported since the last call: the keys of revoked
+    /// partitions are dropped, assigned partitions warmed up. Called before each batch, so
+    /// that a batch of a newly assigned partition is fed after its history (the source
+    /// records an assignment before reading any of its messages). Revocations wait for the
+    /// next assignment (at most [`REVOCATION_GRACE`]): a partition revoked and assigned
+    /// again in between (an eager rebalance) is held throughout, its keys kept. No batch
+    /// of a revoked partition comes meanwhile (the source discards them).
+    fn follow_partitions(&mut self) -> anyhow::Result<()> {
+        let Some(changes) = &self.partition_changes else {
+            return Ok(());
+        };
+        self.changes_pending.extend(changes.take());
+        match self.changes_pending.last() {
+            None => return Ok(()),
+            Some(PartitionChange::Revoked(_)) => {
+                let since = *self.revoked_at.get_or_insert_with(Instant::now);
+                if since.elapsed() < REVOCATION_GRACE {
+                    return Ok(());
+                }
+            }
+            Some(PartitionChange::Assigned(_)) => {}
+        }
+        self.revoked_at = None;
+        let changes = std::mem::take(&mut self.changes_pending);
+        let before: Vec<TopicPartition> = self
+            .anomaly
+            .as_ref()
+            .map(|a| a.held().to_vec())
+            .unwrap_or_default();
+        let mut held = before.clone();
+        for c in changes {
+            match c {
+                PartitionChange::Assigned(ps) => {
+                    for p in ps {
+                        if !held.contains(&p) {
+                            held.push(p);
+                        }
+                    }
+                }
+                PartitionChange::Revoked(ps) => held.retain(|h| !ps.contains(h)),
+            }
+        }
+        let gone: Vec<TopicPartition> = before
+            .iter()
+            .filter(|p| !held.contains(p))
+            .cloned()
+            .collect();
+        let new: Vec<TopicPartition> = held
+            .iter()
+            .filter(|p| !before.contains(p))
+            .cloned()
+            .collect();
+        if !new.is_empty() {
+            // The history read is what is committed.
+            self.settle_commit()?;
+        }
+        if let Some(a) = &mut self.anomaly {
+            if !gone.is_empty() {
+                a.drop_revoked(&gone);
+            }
+            if !new.is_empty() {
+                a.warm_up_partitions(self.store.as_mut(), &new);
+            }
+        }
+        if let Some(h) = &self.health {
+            h.done(super::server::WAIT_WARM_UP);
+        }
+        Ok(())
     }
 
     /// Commit retries stop when `cancel` fires.
@@ -435,8 +547,12 @@ impl Pipeline {
         &mut self.registry
     }
 
-    /// At start: warms the anomaly models up from the store's history.
+    /// At start: warms the anomaly models up from the store's history (in a consumer group,
+    /// the partitions' histories are read as they are assigned instead).
     pub fn warm_up(&mut self) {
+        if self.partition_changes.is_some() {
+            return;
+        }
         if let Some(a) = &mut self.anomaly {
             a.warm_up(self.store.as_mut());
         }
@@ -459,9 +575,16 @@ impl Pipeline {
         self.warm_up();
         self.pipelined = true;
         loop {
-            // Wake up for the schedule and the registry even when no input comes.
-            let wait = self.schedule.wall_wait().min(self.registry.wait());
-            match rt.block_on(tokio::time::timeout(wait, rx.recv())) {
+            // Wake up for the schedule and the registry even when no input comes (and, in a
+            // consumer group, for the partitions assigned: their warm-up need not wait for
+            // their first batch).
+            let mut wait = self.schedule.wall_wait().min(self.registry.wait());
+            if self.partition_changes.is_some() {
+                wait = wait.min(Duration::from_millis(500));
+            }
+            let received = rt.block_on(tokio::time::timeout(wait, rx.recv()));
+            self.follow_partitions()?;
+            match received {
                 Ok(Some(batch)) => {
                     // A full batch, or more waiting: the source is behind (a backlog after
                     // an outage or at start).
@@ -775,7 +898,7 @@ impl Pipeline {
         for d in events {
             self.schedule.saw(d.event.ts_ms);
             self.engine.observe(&d.event);
-            agg.add(&d.event);
+            fold(&mut agg, &*src, d);
             if keep_raw {
                 raw.push(StoredEvent {
                     origin: src.origin(d.line, d.index),
@@ -900,7 +1023,7 @@ impl Pipeline {
             let mut agg = Aggregate::default();
             let mut raw = Vec::new();
             for d in mine {
-                agg.add(&d.event);
+                fold(&mut agg, &*src, d);
                 if keep_raw {
                     raw.push(StoredEvent {
                         origin: src.origin(d.line, d.index),

@@ -29,6 +29,11 @@
 //! stored, no partition's start is read from the store until those batches are finished
 //! with, since their commit is about to move it.
 //!
+//! Partition changes: every assignment and revocation is also recorded in
+//! [`PartitionChanges`] for the pipeline, which warms up the anomaly models of the keys of
+//! assigned partitions and drops those of revoked ones on its own thread: nothing of it runs
+//! in the callback. An assignment is recorded before any of its messages is read.
+//!
 //! Backpressure: the consume loop never blocks on a full pipeline (a slow or unreachable
 //! store), because a member that stops polling for `max.poll.interval.ms` is put out of the
 //! group, and the rebalance callbacks only run while it polls. It pauses its partitions
@@ -55,6 +60,34 @@ use crate::store::StoreError;
 
 /// `(topic, partition)`.
 pub type TopicPartition = (String, i32);
+
+/// A change of the partitions this member holds, as the rebalance callback saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionChange {
+    Assigned(Vec<TopicPartition>),
+    Revoked(Vec<TopicPartition>),
+}
+
+/// The partition changes not yet taken, in order: the pipeline keeps the anomaly models of
+/// this member's keys only ([`KafkaSource::partition_changes`]). An assignment is recorded
+/// before any message of it is read, so a batch holding its messages reaches the pipeline
+/// after it; a revocation after the batches in flight were stored.
+#[derive(Debug, Default)]
+pub struct PartitionChanges(std::sync::Mutex<Vec<PartitionChange>>);
+
+impl PartitionChanges {
+    pub fn push(&self, change: PartitionChange) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(change);
+    }
+
+    /// The changes since the last call, oldest first.
+    pub fn take(&self) -> Vec<PartitionChange> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
 
 /// How long a revocation waits for batches in flight before giving the partitions away
 /// (at most; see [`CallbackBudget`]).
@@ -156,6 +189,7 @@ struct Context {
     leader: Arc<AtomicBool>,
     /// Set at the first assignment the group hands this member (even an empty one).
     assigned: Arc<AtomicBool>,
+    changes: Arc<PartitionChanges>,
     budget: CallbackBudget,
 }
 
@@ -230,6 +264,8 @@ impl ConsumerContext for Context {
                     self.leader.store(true, Ordering::SeqCst);
                 }
                 self.assigned.store(true, Ordering::SeqCst);
+                self.changes
+                    .push(PartitionChange::Assigned(partitions.clone()));
                 tracing::info!(
                     partitions = ?partitions,
                     resumed = recovered.as_ref().map_or(0, HashMap::len),
@@ -263,6 +299,8 @@ impl ConsumerContext for Context {
                     );
                 }
                 self.forget(&partitions);
+                self.changes
+                    .push(PartitionChange::Revoked(partitions.clone()));
                 tracing::info!(partitions = ?partitions, cooperative, "partitions revoked");
                 let unassigned = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -276,6 +314,8 @@ impl ConsumerContext for Context {
             other => {
                 tracing::error!(error = ?other, "rebalance error");
                 self.forget(&partitions);
+                self.changes
+                    .push(PartitionChange::Revoked(partitions.clone()));
                 self.leader.store(false, Ordering::SeqCst);
                 let _ = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -369,6 +409,7 @@ pub struct KafkaSource {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     leader: Arc<AtomicBool>,
     assigned: Arc<AtomicBool>,
+    changes: Arc<PartitionChanges>,
 }
 
 impl KafkaSource {
@@ -382,7 +423,9 @@ impl KafkaSource {
         let in_flight = Arc::new(InFlight::default());
         let leader = Arc::new(AtomicBool::new(false));
         let assigned = Arc::new(AtomicBool::new(false));
+        let changes = Arc::new(PartitionChanges::default());
         let context = Context {
+            changes: changes.clone(),
             leader_partition: (settings.topics.first().cloned().unwrap_or_default(), 0),
             leader: leader.clone(),
             assigned: assigned.clone(),
@@ -422,6 +465,7 @@ impl KafkaSource {
             task,
             leader,
             assigned,
+            changes,
         })
     }
 
@@ -437,6 +481,11 @@ impl KafkaSource {
     /// rotations over the shared store, and the reminders that follow), is done by it.
     pub fn leader(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.leader)
+    }
+
+    /// The partitions assigned to and revoked from this member, for the pipeline.
+    pub fn partition_changes(&self) -> Arc<PartitionChanges> {
+        Arc::clone(&self.changes)
     }
 
     pub async fn join(self) -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ pub mod views;
 use crate::aggregate::{Aggregate, Rollup, SourceKey, SourceStats};
 use crate::detect::{Finding, RotationSource};
 use crate::event::AuthEvent;
+use crate::source::kafka::TopicPartition;
 use crate::source::Position;
 
 pub use sqlite::SqliteStore;
@@ -131,9 +132,16 @@ pub trait DetectionStore: RotationSource {
 /// `(key, ip, user agent, endpoint, first_seen_ms, last_seen_ms)`.
 pub type SourceHistoryRow<'a> = (&'a str, &'a str, &'a str, &'a str, i64, i64);
 
-/// Stored usage read back at start, so that the anomaly models keep their baselines across
-/// a restart. Rows are handed to a callback one at a time: nothing of the size of the
-/// history is held in memory.
+/// Stored usage read back at start (and, in a consumer group, when partitions are
+/// assigned), so that the anomaly models keep their baselines across a restart. Rows are
+/// handed to a callback one at a time: nothing of the size of the history is held in
+/// memory.
+///
+/// `partitions` narrows a read to what came from those Kafka topic partitions (`None`:
+/// everything). ClickHouse keeps each batch's rows per partition, so it reads the rows those
+/// partitions stored; SQLite sums a key's minute over partitions, so it reads the whole
+/// rows of the keys it saw in those partitions since the window's start (table
+/// `key_partitions`). Both are the same when messages are keyed by key id.
 pub trait HistoryStore {
     /// Per-minute rollups `(key, minute start ms, rollup)` of the last `window_ms` before
     /// the latest stored minute (event time, so that a replay of old logs warms up like a
@@ -144,6 +152,7 @@ pub trait HistoryStore {
         &mut self,
         window_ms: i64,
         max_rows: u64,
+        partitions: Option<&[TopicPartition]>,
         f: &mut dyn FnMut(&str, i64, &Rollup),
     ) -> Result<HistoryRead, StoreError>;
 
@@ -152,7 +161,17 @@ pub trait HistoryStore {
     fn source_history(
         &mut self,
         max_rows: u64,
+        partitions: Option<&[TopicPartition]>,
         f: &mut dyn FnMut(SourceHistoryRow<'_>),
+    ) -> Result<u64, StoreError>;
+
+    /// The keys stored from each of `partitions` since `since_ms` (event time):
+    /// `(key, topic, partition)`, at most one row per triple. Returns the rows read.
+    fn key_partitions(
+        &mut self,
+        since_ms: i64,
+        partitions: &[TopicPartition],
+        f: &mut dyn FnMut(&str, &str, i32),
     ) -> Result<u64, StoreError>;
 }
 

@@ -70,7 +70,47 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX findings_by_time ON findings (last_at_ms);",
     // 3: the notification log and silences (store::notify_log).
     super::notify_log::MIGRATION,
+    // 4: which Kafka topic partitions each key's traffic came from, and until when (the
+    // anomaly models' warm-up per assigned partition, `HistoryStore::key_partitions`).
+    "CREATE TABLE key_partitions (
+        topic TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        last_minute INTEGER NOT NULL, -- the key's last minute from this partition, Unix s
+        PRIMARY KEY (topic, part, key_id)
+     ) WITHOUT ROWID;",
 ];
+
+/// `key_id IN` the keys stored from `n` topic partitions (parameters `?{first}`, topic and
+/// partition in turn) whose last minute is at or after `?1`; false for none.
+fn keys_of_partitions(first: usize, n: usize) -> String {
+    if n == 0 {
+        return "0".to_owned();
+    }
+    let conds: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "(topic = ?{} AND part = ?{})",
+                first + 2 * i,
+                first + 2 * i + 1
+            )
+        })
+        .collect();
+    format!(
+        "key_id IN (SELECT key_id FROM key_partitions WHERE last_minute >= ?1 AND ({}))",
+        conds.join(" OR ")
+    )
+}
+
+/// The parameters of [`keys_of_partitions`].
+fn partition_params(
+    partitions: &[crate::source::kafka::TopicPartition],
+) -> Vec<rusqlite::types::Value> {
+    partitions
+        .iter()
+        .flat_map(|(t, p)| [t.clone().into(), i64::from(*p).into()])
+        .collect()
+}
 
 const OUTCOME_COLUMNS: [&str; 7] = [
     "ok",
@@ -295,11 +335,33 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// `partitions`, or `None` (everything) while `key_partitions` is empty: a database
+    /// from before it (schema version 3) knows no key's partition, and its first warm-ups
+    /// read every key, as keywatch did then.
+    fn partitions_known<'p>(
+        &self,
+        partitions: Option<&'p [crate::source::kafka::TopicPartition]>,
+    ) -> Result<Option<&'p [crate::source::kafka::TopicPartition]>, StoreError> {
+        if partitions.is_none() {
+            return Ok(None);
+        }
+        let any: bool = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM key_partitions)", [], |r| {
+                r.get(0)
+            })
+            .map_err(classify)?;
+        Ok(partitions.filter(|_| any))
+    }
+}
+
 impl super::HistoryStore for SqliteStore {
     fn rollup_history(
         &mut self,
         window_ms: i64,
         max_rows: u64,
+        partitions: Option<&[crate::source::kafka::TopicPartition]>,
         f: &mut dyn FnMut(&str, i64, &Rollup),
     ) -> Result<super::HistoryRead, StoreError> {
         let latest: Option<i64> = self
@@ -314,16 +376,25 @@ impl super::HistoryStore for SqliteStore {
             });
         };
         let since_ms = latest_ms.saturating_sub(window_ms);
+        // The keys of the partitions asked for: those seen there since the window's start.
+        let partitions = self.partitions_known(partitions)?;
+        let (keys, part_params) = match partitions {
+            Some(p) => (keys_of_partitions(3, p.len()), partition_params(p)),
+            None => ("1".to_owned(), Vec::new()),
+        };
         // Keep the newest minutes that fit in `max_rows` (the minute index answers this).
         let mut per_minute = self
             .conn
-            .prepare(
-                "SELECT minute, COUNT(*) FROM rollup_minute WHERE minute >= ?1
-                 GROUP BY minute ORDER BY minute DESC",
-            )
+            .prepare(&format!(
+                "SELECT minute, COUNT(*) FROM rollup_minute WHERE minute >= ?1 AND ?2 = ?2
+                 AND {keys} GROUP BY minute ORDER BY minute DESC"
+            ))
             .map_err(classify)?;
+        let mut count_params: Vec<rusqlite::types::Value> =
+            vec![since_ms.div_euclid(1000).into(), 0i64.into()];
+        count_params.extend(part_params.iter().cloned());
         let counts = per_minute
-            .query_map([since_ms.div_euclid(1000)], |r| {
+            .query_map(rusqlite::params_from_iter(count_params), |r| {
                 Ok((r.get::<_, i64>(0)? * 1000, r.get::<_, i64>(1)? as u64))
             })
             .map_err(classify)?
@@ -338,15 +409,18 @@ impl super::HistoryStore for SqliteStore {
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "SELECT {} FROM rollup_minute WHERE minute >= ?1 ORDER BY key_id, minute LIMIT ?2",
+                "SELECT {} FROM rollup_minute WHERE minute >= ?1 AND {keys}
+                 ORDER BY key_id, minute LIMIT ?2",
                 cols.join(", ")
             ))
             .map_err(classify)?;
+        let mut row_params: Vec<rusqlite::types::Value> = vec![
+            since_ms.div_euclid(1000).into(),
+            i64::try_from(max_rows).unwrap_or(i64::MAX).into(),
+        ];
+        row_params.extend(part_params);
         let mut rows = stmt
-            .query(params![
-                since_ms.div_euclid(1000),
-                i64::try_from(max_rows).unwrap_or(i64::MAX)
-            ])
+            .query(rusqlite::params_from_iter(row_params))
             .map_err(classify)?;
         let mut n = 0;
         let mut r = Rollup::default();
@@ -378,18 +452,30 @@ impl super::HistoryStore for SqliteStore {
     fn source_history(
         &mut self,
         max_rows: u64,
+        partitions: Option<&[crate::source::kafka::TopicPartition]>,
         f: &mut dyn FnMut(super::SourceHistoryRow<'_>),
     ) -> Result<u64, StoreError> {
+        // Sources have no window: the keys ever seen in the partitions (`?1` = 0).
+        let partitions = self.partitions_known(partitions)?;
+        let (keys, part_params) = match partitions {
+            Some(p) => (keys_of_partitions(3, p.len()), partition_params(p)),
+            None => ("?1 = ?1".to_owned(), Vec::new()),
+        };
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT key_id, ip, user_agent, endpoint, MIN(first_seen_ms), MAX(last_seen_ms)
-                 FROM key_sources GROUP BY key_id, ip, user_agent, endpoint
-                 ORDER BY MAX(last_seen_ms) DESC LIMIT ?1",
-            )
+                 FROM key_sources WHERE {keys} GROUP BY key_id, ip, user_agent, endpoint
+                 ORDER BY MAX(last_seen_ms) DESC LIMIT ?2"
+            ))
             .map_err(classify)?;
+        let mut params: Vec<rusqlite::types::Value> = vec![
+            i64::MIN.into(),
+            i64::try_from(max_rows).unwrap_or(i64::MAX).into(),
+        ];
+        params.extend(part_params);
         let mut rows = stmt
-            .query([i64::try_from(max_rows).unwrap_or(i64::MAX)])
+            .query(rusqlite::params_from_iter(params))
             .map_err(classify)?;
         let mut n = 0;
         while let Some(row) = rows.next().map_err(classify)? {
@@ -406,6 +492,44 @@ impl super::HistoryStore for SqliteStore {
                 row.get(4).map_err(classify)?,
                 row.get(5).map_err(classify)?,
             ));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn key_partitions(
+        &mut self,
+        since_ms: i64,
+        partitions: &[crate::source::kafka::TopicPartition],
+        f: &mut dyn FnMut(&str, &str, i32),
+    ) -> Result<u64, StoreError> {
+        if partitions.is_empty() {
+            return Ok(0);
+        }
+        let conds: Vec<String> = (0..partitions.len())
+            .map(|i| format!("(topic = ?{} AND part = ?{})", 2 + 2 * i, 3 + 2 * i))
+            .collect();
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT key_id, topic, part FROM key_partitions
+                 WHERE last_minute >= ?1 AND ({})",
+                conds.join(" OR ")
+            ))
+            .map_err(classify)?;
+        let mut params: Vec<rusqlite::types::Value> = vec![since_ms.div_euclid(1000).into()];
+        params.extend(partition_params(partitions));
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(params))
+            .map_err(classify)?;
+        let mut n = 0;
+        while let Some(row) = rows.next().map_err(classify)? {
+            let text = |i: usize| {
+                row.get_ref(i)
+                    .and_then(|v| Ok(v.as_str()?))
+                    .map_err(classify)
+            };
+            f(text(0)?, text(1)?, row.get(2).map_err(classify)?);
             n += 1;
         }
         Ok(n)
@@ -501,6 +625,24 @@ impl Store for SqliteStore {
                         s.failures as i64
                     ])
                     .map_err(classify)?;
+            }
+
+            let mut part = tx
+                .prepare_cached(
+                    "INSERT INTO key_partitions (topic, part, key_id, last_minute)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (topic, part, key_id) DO UPDATE SET
+                        last_minute = MAX(key_partitions.last_minute, excluded.last_minute)",
+                )
+                .map_err(classify)?;
+            for (key_id, topic, p, last_ms) in agg.key_partitions() {
+                part.execute(params![
+                    topic,
+                    p,
+                    key_id,
+                    crate::aggregate::minute_of(last_ms).div_euclid(1000)
+                ])
+                .map_err(classify)?;
             }
 
             if let Some(cp) = batch.checkpoint {
@@ -704,7 +846,7 @@ mod tests {
         let mut store = SqliteStore::open(dir.path()).unwrap();
         let mut empty = 0;
         let r = store
-            .rollup_history(86_400_000, 100, &mut |_, _, _| empty += 1)
+            .rollup_history(86_400_000, 100, None, &mut |_, _, _| empty += 1)
             .unwrap();
         assert_eq!((r.rows, r.latest_ms, empty), (0, None, 0));
         let mut agg = Aggregate::default();
@@ -730,7 +872,7 @@ mod tests {
             .unwrap();
         let mut rows = Vec::new();
         let r = store
-            .rollup_history(3_600_000, 100, &mut |k, m, r| {
+            .rollup_history(3_600_000, 100, None, &mut |k, m, r| {
                 rows.push((k.to_owned(), (m - t) / 60_000, r.requests, r.latency_count))
             })
             .unwrap();
@@ -751,7 +893,7 @@ mod tests {
         // Four rows allowed: minute 0 (one row) would make five, so it is left out whole.
         let mut rows = Vec::new();
         let r = store
-            .rollup_history(3_600_000, 4, &mut |k, m, _| {
+            .rollup_history(3_600_000, 4, None, &mut |k, m, _| {
                 rows.push((k.to_owned(), (m - t) / 60_000))
             })
             .unwrap();
@@ -760,7 +902,7 @@ mod tests {
         assert!(rows.iter().all(|(_, m)| *m >= 1), "{rows:?}");
         let mut sources = Vec::new();
         let n = store
-            .source_history(10, &mut |(k, ip, _, _, first, last)| {
+            .source_history(10, None, &mut |(k, ip, _, _, first, last)| {
                 sources.push((k.to_owned(), ip.to_owned(), first, last))
             })
             .unwrap();
@@ -804,5 +946,171 @@ mod tests {
                 .contains("schema version 99, newer than this keywatch knows"),
             "{err}"
         );
+    }
+
+    /// Keys `a` (partition 0), `b` (1), `c` (both), and `d` (1, a day before the rest).
+    fn partitioned() -> SqliteStore {
+        let mut store = SqliteStore::open_file(Path::new(":memory:")).unwrap();
+        let topic: std::sync::Arc<str> = "logs".into();
+        let t0 = 10 * 86_400_000;
+        let mut agg = Aggregate::default();
+        agg.add_from(&event(t0 - 86_400_000, "d", "10.0.0.4"), &topic, 1);
+        for (ts, key, part) in [
+            (t0, "a", 0),
+            (t0 + 60_000, "a", 0),
+            (t0, "b", 1),
+            (t0, "c", 0),
+            (t0 + 120_000, "c", 1),
+        ] {
+            agg.add_from(&event(ts, key, "10.0.0.1"), &topic, part);
+        }
+        store
+            .commit(&BatchWrite {
+                aggregate: &agg,
+                events: &[],
+                checkpoint: None,
+            })
+            .unwrap();
+        store
+    }
+
+    fn rollups_of(
+        store: &mut SqliteStore,
+        window_ms: i64,
+        parts: Option<&[(String, i32)]>,
+    ) -> Vec<(String, i64, u64)> {
+        use crate::store::HistoryStore;
+        let mut got = Vec::new();
+        store
+            .rollup_history(window_ms, 1000, parts, &mut |k, m, r| {
+                got.push((k.to_owned(), m, r.requests))
+            })
+            .unwrap();
+        got
+    }
+
+    #[test]
+    fn history_reads_narrow_to_the_keys_of_partitions() {
+        use crate::store::HistoryStore;
+        let mut store = partitioned();
+        let t0 = 10 * 86_400_000;
+        let p = |n: i32| ("logs".to_owned(), n);
+        let hour = 3_600_000;
+        // A key's whole rows, every partition's (SQLite sums a minute over partitions).
+        assert_eq!(
+            rollups_of(&mut store, hour, Some(&[p(0)])),
+            [
+                ("a".into(), t0, 1),
+                ("a".into(), t0 + 60_000, 1),
+                ("c".into(), t0, 1),
+                ("c".into(), t0 + 120_000, 1)
+            ]
+        );
+        // `d` last came from partition 1 before the window.
+        let keys = |v: Vec<(String, i64, u64)>| {
+            let mut k: Vec<String> = v.into_iter().map(|r| r.0).collect();
+            k.dedup();
+            k
+        };
+        assert_eq!(
+            keys(rollups_of(&mut store, hour, Some(&[p(1)]))),
+            ["b", "c"]
+        );
+        assert_eq!(
+            keys(rollups_of(&mut store, 2 * 86_400_000, Some(&[p(1)]))),
+            ["b", "c", "d"]
+        );
+        assert_eq!(
+            keys(rollups_of(&mut store, hour, None)),
+            ["a", "b", "c"],
+            "everything"
+        );
+        assert!(rollups_of(&mut store, hour, Some(&[])).is_empty());
+        assert!(rollups_of(&mut store, hour, Some(&[("other".into(), 0)])).is_empty());
+
+        // The row cut counts the partitions' rows only: 2 rows keep the newest minutes of
+        // `a` and `c` (t0 + 1 and + 2 minutes).
+        let mut got = Vec::new();
+        let read = store
+            .rollup_history(hour, 2, Some(&[p(0)]), &mut |k, m, _| {
+                got.push((k.to_owned(), m))
+            })
+            .unwrap();
+        assert_eq!(read.since_ms, t0 + 60_000);
+        assert_eq!(got, [("a".into(), t0 + 60_000), ("c".into(), t0 + 120_000)]);
+
+        // Sources have no window.
+        let mut sources = Vec::new();
+        store
+            .source_history(1000, Some(&[p(1)]), &mut |(k, ip, ..)| {
+                sources.push((k.to_owned(), ip.to_owned()))
+            })
+            .unwrap();
+        sources.sort();
+        assert_eq!(
+            sources,
+            [
+                ("b".into(), "10.0.0.1".into()),
+                ("c".into(), "10.0.0.1".into()),
+                ("d".into(), "10.0.0.4".into())
+            ]
+        );
+
+        let mut seen = Vec::new();
+        let n = store
+            .key_partitions(t0 - hour, &[p(0), p(1)], &mut |k, t, part| {
+                seen.push((k.to_owned(), t.to_owned(), part))
+            })
+            .unwrap();
+        seen.sort();
+        assert_eq!(n, 4);
+        assert_eq!(
+            seen,
+            [
+                ("a".into(), "logs".into(), 0),
+                ("b".into(), "logs".into(), 1),
+                ("c".into(), "logs".into(), 0),
+                ("c".into(), "logs".into(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_database_that_knows_no_partition_reads_every_key() {
+        let mut store = SqliteStore::open_file(Path::new(":memory:")).unwrap();
+        let mut agg = Aggregate::default();
+        agg.add(&event(60_000, "k", "ip"));
+        store
+            .commit(&BatchWrite {
+                aggregate: &agg,
+                events: &[],
+                checkpoint: None,
+            })
+            .unwrap();
+        let p0 = [("logs".to_owned(), 0)];
+        assert_eq!(rollups_of(&mut store, 3_600_000, Some(&p0)).len(), 1);
+        // Once it knows some, only theirs.
+        assert!(rollups_of(&mut partitioned(), 3_600_000, Some(&[("x".into(), 0)])).is_empty());
+    }
+
+    #[test]
+    fn files_record_no_partitions() {
+        use crate::store::HistoryStore;
+        let mut store = SqliteStore::open_file(Path::new(":memory:")).unwrap();
+        let mut agg = Aggregate::default();
+        agg.add(&event(60_000, "k", "ip"));
+        store
+            .commit(&BatchWrite {
+                aggregate: &agg,
+                events: &[],
+                checkpoint: None,
+            })
+            .unwrap();
+        let mut n = 0;
+        store
+            .key_partitions(0, &[("".into(), 0)], &mut |_, _, _| n += 1)
+            .unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(rollups_of(&mut store, 3_600_000, None).len(), 1);
     }
 }

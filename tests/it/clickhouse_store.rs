@@ -1148,15 +1148,24 @@ type History = (
 );
 
 fn history(store: &mut dyn Store, window_ms: i64, max_rows: u64) -> History {
+    history_of(store, window_ms, max_rows, None)
+}
+
+fn history_of(
+    store: &mut dyn Store,
+    window_ms: i64,
+    max_rows: u64,
+    partitions: Option<&[TopicPartition]>,
+) -> History {
     let h = store.history().expect("a history store");
     let mut rollups = Vec::new();
     let read = h
-        .rollup_history(window_ms, max_rows, &mut |k, m, r| {
+        .rollup_history(window_ms, max_rows, partitions, &mut |k, m, r| {
             rollups.push((k.to_owned(), m, r.clone()))
         })
         .unwrap();
     let mut sources = Vec::new();
-    h.source_history(max_rows, &mut |(k, ip, ua, ep, f, l)| {
+    h.source_history(max_rows, partitions, &mut |(k, ip, ua, ep, f, l)| {
         sources.push((k.into(), ip.into(), ua.into(), ep.into(), f, l))
     })
     .unwrap();
@@ -1182,6 +1191,48 @@ fn warm_up_history_reads_like_the_embedded_store() {
     )
     .unwrap();
     commit(&mut store, KAFKA_SRC, &b2, &kafka_position(&[(0, 550)])).unwrap();
+    let p0: Vec<_> = b1[..300].iter().chain(&b2).cloned().collect();
+    // One partition's history: what partition 0 stored, like a store that only had it.
+    {
+        let (_dir, mut sqlite) = reference(std::slice::from_ref(&p0));
+        let (ch_rollups, ch_sources, ch_read) =
+            history_of(&mut store, 86_400_000, 1_000_000, Some(&[tp(0)]));
+        let (sq_rollups, sq_sources, _) = history(&mut sqlite, 86_400_000, 1_000_000);
+        let sum = |v: &[(String, i64, keywatch::aggregate::Rollup)]| -> u64 {
+            v.iter().map(|(_, _, r)| r.requests).sum()
+        };
+        assert_eq!(sum(&ch_rollups), 550);
+        assert_eq!(sum(&ch_rollups), sum(&sq_rollups));
+        assert_eq!(ch_rollups.len(), sq_rollups.len());
+        assert_eq!(ch_sources, sq_sources);
+        // The window and its cut are the whole store's (the latest minute of any partition).
+        assert!(ch_read.latest_ms.is_some());
+        let (none, _, _) = history_of(&mut store, 86_400_000, 1_000_000, Some(&[tp(7)]));
+        assert!(none.is_empty());
+        let mut seen = Vec::new();
+        store
+            .history()
+            .unwrap()
+            .key_partitions(0, &[tp(0), tp(1)], &mut |k, t, p| {
+                seen.push((k.to_owned(), t.to_owned(), p))
+            })
+            .unwrap();
+        seen.sort();
+        let mut expected: Vec<(String, String, i32)> = b1
+            .iter()
+            .chain(&b2)
+            .map(|e| {
+                (
+                    e.event.key_id.to_string(),
+                    "gateway-logs".to_owned(),
+                    e.origin.partition,
+                )
+            })
+            .collect();
+        expected.sort();
+        expected.dedup();
+        assert_eq!(seen, expected);
+    }
     let (_dir, mut sqlite) = reference(&[b1, b2]);
     // Everything; the newest minutes within 40 rows; the last minute only.
     for (window, max_rows) in [(86_400_000, 1_000_000), (86_400_000, 40), (60_000, 1_000)] {

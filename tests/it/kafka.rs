@@ -1,8 +1,10 @@
 //! Kafka in, against Apache Kafka (tests/it/support/kafka.rs): exactly once across kill -9, dead
 //! letters on a topic, a broker restart and crash, two and three instances in one group with
 //! scale-in by kill -9 under each rebalance protocol (eager, cooperative-sticky, KIP-848),
-//! a three-node cluster losing a partition leader under load, and topics compressed with
-//! each codec.
+//! a three-node cluster losing a partition leader under load, topics compressed with each
+//! codec, and each member of a group holding the anomaly models of its partitions' keys
+//! only (warmed up from ClickHouse at assignment, dropped at revocation; eager and
+//! cooperative).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -938,4 +940,118 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Issue 13 item 4: each member of a group holds the anomaly models of its partitions' keys
+/// only. Messages are keyed by key id (`keywatch produce`), so each key's events are on
+/// one partition. A member alone holds every key; a second member joining warms up, from
+/// ClickHouse, only the keys of the partition it is given, while the first drops them; when
+/// the first leaves, the second warms up the rest. No traffic arrives after the first
+/// member stored everything, so what the second holds came from the warm-ups.
+#[test]
+fn each_member_holds_the_anomaly_models_of_its_partitions_keys() {
+    members_hold_their_partitions_keys("");
+}
+
+/// The same under the cooperative protocol: a revocation is not followed by an assignment
+/// to the member that loses the partition.
+#[test]
+fn each_member_holds_its_partitions_keys_cooperative_sticky() {
+    members_hold_their_partitions_keys(
+        "\"partition.assignment.strategy\" = \"cooperative-sticky\"\n",
+    );
+}
+
+fn members_hold_their_partitions_keys(properties: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = crate::support::clickhouse::ClickHouse::shared_or_start(&dir.path().join("ch"));
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 2);
+    let n = 3000;
+    let log = sample(dir.path(), "nginx", n, 41);
+    let db = unique("kw").replace('-', "_");
+    let group = unique("g");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let config_on = |name: &str, port: u16| {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let cfg = clickhouse_config(&sub, &broker.brokers(), &topic, &group, &ch.url, &db);
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(
+                "[server]\nenabled = false\n",
+                &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+            )
+            .replace(
+                "[input.kafka.properties]\n",
+                &format!("[input.kafka.properties]\n{properties}"),
+            );
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    let keys = |port| metric(port, "keywatch_anomaly_keys");
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !f() {
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "timed out: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    let (pa, pb) = (free(), free());
+    let config_a = config_on("a", pa);
+    // Decoded with the members' format and secret, so that each message is keyed by its key
+    // id (without a config, `produce` decodes Kong and sends nginx lines unkeyed).
+    run_ok(
+        keywatch()
+            .args([
+                "produce",
+                "--brokers",
+                &broker.brokers(),
+                "--topic",
+                &topic,
+                "--file",
+            ])
+            .arg(&log)
+            .arg("--config")
+            .arg(&config_a)
+            .env("KW_TEST_SECRET", SECRET),
+    );
+    let mut a = Running(spawn_quiet(&mut run_config(&config_a)));
+    assert_eq!(
+        wait_for_clickhouse(&ch, &db, n as u64, Duration::from_secs(120)),
+        n as u64
+    );
+    wait("a holds keys", &|| keys(pa).is_some_and(|k| k > 0.0));
+    let all = keys(pa).unwrap();
+
+    let mut b = Running(spawn_quiet(&mut run_config(&config_on("b", pb))));
+    // Settled: both hold some keys, and together every key once (the two members hold one
+    // partition each).
+    let split = || match (keys(pa), keys(pb)) {
+        (Some(x), Some(y)) => x > 0.0 && y > 0.0 && x + y == all,
+        _ => false,
+    };
+    wait("the keys split between the members", &split);
+    let (ka, kb) = (keys(pa).unwrap(), keys(pb).unwrap());
+    assert!(ka < all && kb < all, "a={ka} b={kb} of {all}");
+    // Nothing new was consumed: the store still holds exactly the log.
+    assert_eq!(ch.totals(&db), Some((n as u64, n as u64)));
+
+    // A leaves: B is given A's partition and warms up its keys.
+    sigterm(&mut a.0);
+    wait("b holds every key", &|| keys(pb) == Some(all));
+    sigterm(&mut b.0);
+    assert_eq!(ch.totals(&db), Some((n as u64, n as u64)));
+    eprintln!("keys: {all} alone; {ka} + {kb} when split");
 }

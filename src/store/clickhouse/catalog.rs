@@ -345,22 +345,42 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
     ));
     steps.push(query(
         "history_rollup_minutes",
-        super::history::rollup_minutes(sql, since),
+        super::history::rollup_minutes(sql, since, ""),
         true,
     ));
     steps.push(query(
         "history_rollups",
-        super::history::rollup_history(sql, since, 1000),
+        super::history::rollup_history(sql, since, 1000, ""),
+        true,
+    ));
+    // Partition 0 of the sample topic (rows to compare) and one of another topic.
+    let parts = super::history::partition_filter(Some(&[
+        (TOPIC.to_owned(), 0),
+        ("other-topic".to_owned(), 1),
+    ]));
+    steps.push(query(
+        "history_rollups_of_partitions",
+        super::history::rollup_history(sql, since, 1000, &parts),
+        true,
+    ));
+    steps.push(query(
+        "history_key_partitions",
+        super::history::key_partitions(sql, since, &parts),
         true,
     ));
     steps.push(query(
         "history_rollups_limited",
-        super::history::rollup_history(sql, since, 1),
+        super::history::rollup_history(sql, since, 1, ""),
         true,
     ));
     steps.push(query(
         "history_sources",
-        super::history::source_history(sql, 1000),
+        super::history::source_history(sql, 1000, ""),
+        true,
+    ));
+    steps.push(query(
+        "history_sources_of_partitions",
+        super::history::source_history(sql, 1000, &parts),
         true,
     ));
     // The views dashboards read, and the raw rows as the server decoded them.

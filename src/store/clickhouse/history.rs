@@ -7,6 +7,11 @@
 //! (RowBinary cursor) to the caller one at a time. SQL for 18.16 and current servers; every
 //! statement is in the catalog (`catalog.rs`) that `tests/chdb` runs on both.
 //!
+//! In a consumer group, a read may be narrowed to Kafka topic partitions: every row carries
+//! its batch's `topic` and `part`, so the filter is on the rows themselves (no subquery,
+//! so on a cluster it reads the Distributed tables like the other reads: the whole
+//! cluster).
+//!
 //! Rows of a batch that was written but never committed (a crash between the rows and the
 //! `offsets` row) are only removed when its partition is recovered; a warm-up that runs
 //! before may count them once. The baselines are statistics over weeks, so that is harmless.
@@ -18,10 +23,39 @@ use serde::Deserialize;
 
 use super::error::Phase;
 use super::rowbinary::seconds;
-use super::schema::{Sql, Table, OUTCOME_COLUMNS};
+use super::schema::{lit, Sql, Table, OUTCOME_COLUMNS};
 use super::{ClickHouseStore, REPORT_TIMEOUT};
 use crate::aggregate::{Rollup, LATENCY_BUCKETS};
+use crate::source::kafka::TopicPartition;
 use crate::store::{history_cut, HistoryRead, HistoryStore, SourceHistoryRow, StoreError};
+
+/// ` AND (rows of these topic partitions)`; nothing for `None` (every row), a false
+/// condition for none.
+pub fn partition_filter(partitions: Option<&[TopicPartition]>) -> String {
+    let Some(partitions) = partitions else {
+        return String::new();
+    };
+    if partitions.is_empty() {
+        return " AND 0".to_owned();
+    }
+    let mut topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+    topics.sort_unstable();
+    topics.dedup();
+    let conds: Vec<String> = topics
+        .iter()
+        .map(|t| {
+            let mut parts: Vec<i32> = partitions
+                .iter()
+                .filter(|(pt, _)| pt == t)
+                .map(|(_, p)| *p)
+                .collect();
+            parts.sort_unstable();
+            let parts: Vec<String> = parts.iter().map(i32::to_string).collect();
+            format!("(topic = {} AND part IN ({}))", lit(t), parts.join(", "))
+        })
+        .collect();
+    format!(" AND ({})", conds.join(" OR "))
+}
 
 /// The latest stored minute (Unix s; 0 when nothing is stored).
 pub fn latest_minute(sql: &Sql) -> String {
@@ -31,17 +65,19 @@ pub fn latest_minute(sql: &Sql) -> String {
     )
 }
 
-/// Rows per minute from `since_s` on, newest first: `minute (Unix s), rows`.
-pub fn rollup_minutes(sql: &Sql, since_s: u32) -> String {
+/// Rows per minute from `since_s` on, newest first: `minute (Unix s), rows`; `filter` from
+/// [`partition_filter`].
+pub fn rollup_minutes(sql: &Sql, since_s: u32, filter: &str) -> String {
     format!(
         "SELECT toInt64(toUInt32(minute)) AS m, toUInt64(uniqExact(key_id)) AS n FROM {} \
-         WHERE minute >= toDateTime({since_s}) GROUP BY minute ORDER BY minute DESC",
+         WHERE minute >= toDateTime({since_s}){filter} GROUP BY minute ORDER BY minute DESC",
         sql.table(Table::RollupMinute)
     )
 }
 
-/// Per-minute rollups from `since_s` on, by key then minute, at most `limit`.
-pub fn rollup_history(sql: &Sql, since_s: u32, limit: u64) -> String {
+/// Per-minute rollups from `since_s` on, by key then minute, at most `limit`; `filter` from
+/// [`partition_filter`].
+pub fn rollup_history(sql: &Sql, since_s: u32, limit: u64, filter: &str) -> String {
     let mut sums = String::from("toUInt64(sum(requests))");
     for c in OUTCOME_COLUMNS {
         let _ = write!(sums, ", toUInt64(sum({c}))");
@@ -55,20 +91,39 @@ pub fn rollup_history(sql: &Sql, since_s: u32, limit: u64) -> String {
     }
     format!(
         "SELECT key_id, toInt64(toUInt32(minute)) AS m, {sums} FROM {} \
-         WHERE minute >= toDateTime({since_s}) GROUP BY key_id, minute \
+         WHERE minute >= toDateTime({since_s}){filter} GROUP BY key_id, minute \
          ORDER BY key_id, minute LIMIT {limit}",
         sql.table(Table::RollupMinute)
     )
 }
 
-/// Every key's sources (gateways merged), the most recently seen first, at most `limit`.
-pub fn source_history(sql: &Sql, limit: u64) -> String {
+/// Every key's sources (gateways merged), the most recently seen first, at most `limit`;
+/// `filter` from [`partition_filter`].
+pub fn source_history(sql: &Sql, limit: u64, filter: &str) -> String {
     format!(
         "SELECT key_id, ip, user_agent, endpoint, toInt64(min(first_seen_ms)) AS f, \
-         toInt64(max(last_seen_ms)) AS l FROM {} GROUP BY key_id, ip, user_agent, endpoint \
+         toInt64(max(last_seen_ms)) AS l FROM {} WHERE 1{filter} \
+         GROUP BY key_id, ip, user_agent, endpoint \
          ORDER BY l DESC, key_id, ip, user_agent, endpoint LIMIT {limit}",
         sql.table(Table::KeySources)
     )
+}
+
+/// The keys of the rollups from `since_s` on, with the topic partition that stored them:
+/// `key_id, topic, part`; `filter` from [`partition_filter`].
+pub fn key_partitions(sql: &Sql, since_s: u32, filter: &str) -> String {
+    format!(
+        "SELECT key_id, topic, part FROM {} WHERE minute >= toDateTime({since_s}){filter} \
+         GROUP BY key_id, topic, part ORDER BY key_id, topic, part",
+        sql.table(Table::RollupMinute)
+    )
+}
+
+#[derive(Row, Deserialize)]
+struct KeyPartitionRow {
+    key_id: String,
+    topic: String,
+    part: i32,
 }
 
 #[derive(Row, Deserialize)]
@@ -104,9 +159,11 @@ impl ClickHouseStore {
         &self,
         window_ms: i64,
         max_rows: u64,
+        partitions: Option<&[TopicPartition]>,
         f: &mut dyn FnMut(&str, i64, &Rollup),
     ) -> Result<HistoryRead, StoreError> {
         let sql = &self.inner.sql;
+        let filter = partition_filter(partitions);
         let latest: Vec<MinuteCount> = self
             .fetch_within(
                 REPORT_TIMEOUT,
@@ -129,7 +186,7 @@ impl ClickHouseStore {
         let counts: Vec<MinuteCount> = self
             .fetch_within(
                 REPORT_TIMEOUT,
-                &rollup_minutes(sql, seconds(since_ms)),
+                &rollup_minutes(sql, seconds(since_ms), &filter),
                 "counting stored rollups",
             )
             .await?;
@@ -142,7 +199,7 @@ impl ClickHouseStore {
                 .collect(),
         );
         let what = "reading stored rollups";
-        let query = rollup_history(sql, seconds(since_ms), max_rows);
+        let query = rollup_history(sql, seconds(since_ms), max_rows, &filter);
         let read = async {
             let mut cursor = self.inner.client.query_raw(&query).fetch::<RollupRow>()?;
             let mut n = 0;
@@ -171,9 +228,10 @@ impl ClickHouseStore {
     async fn source_history_async(
         &self,
         max_rows: u64,
+        partitions: Option<&[TopicPartition]>,
         f: &mut dyn FnMut(SourceHistoryRow<'_>),
     ) -> Result<u64, StoreError> {
-        let query = source_history(&self.inner.sql, max_rows);
+        let query = source_history(&self.inner.sql, max_rows, &partition_filter(partitions));
         let read = async {
             let mut cursor = self.inner.client.query_raw(&query).fetch::<SourceRow>()?;
             let mut n = 0;
@@ -193,6 +251,39 @@ impl ClickHouseStore {
         self.timed(REPORT_TIMEOUT, Phase::Query, "reading stored sources", read)
             .await
     }
+
+    async fn key_partitions_async(
+        &self,
+        since_ms: i64,
+        partitions: &[TopicPartition],
+        f: &mut dyn FnMut(&str, &str, i32),
+    ) -> Result<u64, StoreError> {
+        let query = key_partitions(
+            &self.inner.sql,
+            seconds(since_ms.max(0)),
+            &partition_filter(Some(partitions)),
+        );
+        let read = async {
+            let mut cursor = self
+                .inner
+                .client
+                .query_raw(&query)
+                .fetch::<KeyPartitionRow>()?;
+            let mut n = 0;
+            while let Some(r) = cursor.next().await? {
+                f(&r.key_id, &r.topic, r.part);
+                n += 1;
+            }
+            Ok::<u64, ::clickhouse::error::Error>(n)
+        };
+        self.timed(
+            REPORT_TIMEOUT,
+            Phase::Query,
+            "reading the keys of partitions",
+            read,
+        )
+        .await
+    }
 }
 
 impl HistoryStore for ClickHouseStore {
@@ -200,16 +291,27 @@ impl HistoryStore for ClickHouseStore {
         &mut self,
         window_ms: i64,
         max_rows: u64,
+        partitions: Option<&[TopicPartition]>,
         f: &mut dyn FnMut(&str, i64, &Rollup),
     ) -> Result<HistoryRead, StoreError> {
-        self.block_on(self.rollup_history_async(window_ms, max_rows, f))
+        self.block_on(self.rollup_history_async(window_ms, max_rows, partitions, f))
     }
 
     fn source_history(
         &mut self,
         max_rows: u64,
+        partitions: Option<&[TopicPartition]>,
         f: &mut dyn FnMut(SourceHistoryRow<'_>),
     ) -> Result<u64, StoreError> {
-        self.block_on(self.source_history_async(max_rows, f))
+        self.block_on(self.source_history_async(max_rows, partitions, f))
+    }
+
+    fn key_partitions(
+        &mut self,
+        since_ms: i64,
+        partitions: &[TopicPartition],
+        f: &mut dyn FnMut(&str, &str, i32),
+    ) -> Result<u64, StoreError> {
+        self.block_on(self.key_partitions_async(since_ms, partitions, f))
     }
 }
