@@ -128,7 +128,8 @@ export KEYWATCH_TEST_CLICKHOUSE_URL
 echo "ClickHouse for the tests: $KEYWATCH_TEST_CLICKHOUSE_URL"
 # The chdb step below checks the SQL catalogues this run writes: none from an earlier run.
 rm -f "${CARGO_TARGET_DIR:-target}/tmp/clickhouse-sql-catalog.json" \
-    "${CARGO_TARGET_DIR:-target}/tmp/dashboard-sql-catalog.json"
+    "${CARGO_TARGET_DIR:-target}/tmp/dashboard-sql-catalog.json" \
+    "${CARGO_TARGET_DIR:-target}/tmp/dashboard-cluster-sql-catalog.json"
 KEYWATCH_TEST_KAFKA_LIBS=$kafka_libs cargo test --locked
 
 step "Kafka over SASL_SSL with SCRAM-SHA-512 (the kafka-tls feature)"

@@ -12,6 +12,7 @@
 # 3. The same for every Grafana dashboard query: `cargo test --test it dashboards::
 #    every_clickhouse_query` writes the expanded queries, the rows keywatch wrote and 18.16's
 #    answers to target/tmp/dashboard-sql-catalog.json.
+# 4. The dashboard queries as they ran on a two-shard cluster (see below).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -37,4 +38,15 @@ fi
 if [ -z "$reuse" ] || [ ! -s "$dashboards" ]; then
     cargo test --locked --quiet --test it dashboards::every_clickhouse_query_answers_on_data_keywatch_wrote
 fi
-exec "$venv/bin/python" tests/chdb/check_schema.py "$dashboards"
+"$venv/bin/python" tests/chdb/check_schema.py "$dashboards"
+
+# 4. The same dashboard queries as they ran on a two-shard ClickHouse cluster
+#    (`dashboards::every_clickhouse_query_answers_on_a_cluster`): in chdb on plain tables
+#    holding what the cluster's Distributed tables read, compared with the cluster's
+#    answers. The cluster's own statements (ON CLUSTER DDL, Replicated and Distributed
+#    engines) are not run in chdb: they need ZooKeeper and remote servers.
+cluster_dashboards=${CARGO_TARGET_DIR:-target}/tmp/dashboard-cluster-sql-catalog.json
+if [ -z "$reuse" ] || [ ! -s "$cluster_dashboards" ]; then
+    cargo test --locked --quiet --test it dashboards::every_clickhouse_query_answers_on_a_cluster
+fi
+exec "$venv/bin/python" tests/chdb/check_schema.py "$cluster_dashboards"

@@ -249,22 +249,24 @@ impl RotationSource for ClickHouseStore {
             (since_ms.div_euclid(HOUR_S * 1000) * HOUR_S).clamp(0, i64::from(u32::MAX)) as u32;
         let sql = self.sql();
         let (hours, sources) = self
+            // Both reads at once: a replay evaluates every `rules.evaluate_every` of event
+            // time (5,760 times over four days), and on a cluster each read of the
+            // Distributed tables is a round trip to every shard.
             .block_on(async {
-                let hours: Vec<HourRowCh> = self
-                    .fetch_within(
+                let hours_sql = sql.rotation_hours(old, new, since_s);
+                let sources_sql = sql.rotation_sources(old, new);
+                tokio::try_join!(
+                    self.fetch_within::<HourRowCh>(
                         REPORT_TIMEOUT,
-                        &sql.rotation_hours(old, new, since_s),
+                        &hours_sql,
                         "reading a rotation's hourly counts",
-                    )
-                    .await?;
-                let sources: Vec<SourceRowCh> = self
-                    .fetch_within(
+                    ),
+                    self.fetch_within::<SourceRowCh>(
                         REPORT_TIMEOUT,
-                        &sql.rotation_sources(old, new),
+                        &sources_sql,
                         "reading a rotation's sources",
-                    )
-                    .await?;
-                Ok::<_, StoreError>((hours, sources))
+                    ),
+                )
             })
             .map_err(|e| e.to_string())?;
         let mut hourly: Vec<HourRow> = Vec::new();
@@ -407,9 +409,13 @@ impl ClickHouseStore {
             finding_row(&mut rows, &state[*key], latest[key])?;
             finding_row_v1(&mut mirror, &state[*key], latest[key])?;
         }
-        self.insert(Table::FindingState, &rows, Phase::Query)
-            .await?;
-        self.insert(Table::Findings, &mirror, Phase::Query).await?;
+        // Both at once: on a cluster each is a quorum insert into a table replicated on
+        // every server, and an evaluation with an open rotation raises its findings again
+        // at every tick.
+        tokio::try_join!(
+            self.insert(Table::FindingState, &rows, Phase::Query),
+            self.insert(Table::Findings, &mirror, Phase::Query),
+        )?;
 
         if unknown.is_empty() {
             return Ok(Vec::new());
