@@ -36,7 +36,10 @@
 //! lost or counted twice. The read-back costs one query, only when a fact is new.
 //!
 //! Each state is also written, as its latest raise, to the version 1 `findings` table
-//! (second times, no count), which the dashboards read.
+//! (second times, no count), which the dashboards read; the two inserts run at once, as do
+//! the rotation view's two reads: a replay evaluates once per `rules.evaluate_every` of
+//! event time, and on a cluster each of them is a round trip through ZooKeeper or to
+//! every shard. A retried pair is harmless: `findings` keeps one row per fact.
 //!
 //! # Notification attempts
 //!
