@@ -120,20 +120,6 @@ impl Drop for Cluster {
             .arg("cluster-stop")
             .arg(self.dir.path())
             .status();
-        // The servers leave tens of thousands of files (a directory per part and column
-        // files in each, old parts kept for minutes): removing them took minutes on a busy
-        // disk, with the test waiting. A detached `rm` removes them after the rename; the
-        // TempDir then finds nothing to remove.
-        let doomed = self.dir.path().with_extension("removing");
-        if std::fs::rename(self.dir.path(), &doomed).is_ok() {
-            let _ = Command::new("rm")
-                .arg("-rf")
-                .arg(&doomed)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-        }
     }
 }
 
