@@ -512,6 +512,10 @@ pub struct PipelineConfig {
 /// said.) Memory bound: `channel_capacity` + 1 batches of this size, plus their events.
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 16 << 20;
 
+/// `pipeline.batch_max_bytes` with ClickHouse when not set: 64 MiB, room for the default
+/// 65,536 events of lines up to 1 KiB (a Kong record is about 1 KiB).
+pub const CLICKHOUSE_BATCH_MAX_BYTES: usize = 64 << 20;
+
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
@@ -689,20 +693,34 @@ impl RawConfig {
             batch_max_events: nonzero(
                 "pipeline.batch_max_events",
                 p.batch_max_events,
-                // ClickHouse wants large inserts: each costs a new part per table (10-20 ms
-                // on 18.16 whatever its size), so fewer, larger batches when behind.
+                // ClickHouse wants large inserts: each batch is a new part in five tables,
+                // and the server's CPU per part, not per row, is what a backlog costs
+                // (BENCHMARKS.md, issue 19: 62 batches of 16,384 events cost 18.16 about
+                // 12 CPU s per million events, 16 batches of 65,536 about 4.5). Live traffic
+                // is cut by `batch_max_wait` long before this.
                 match self.store.kind {
-                    StoreKind::Clickhouse => 16_384,
+                    StoreKind::Clickhouse => 65_536,
                     StoreKind::Sqlite => 4096,
                 },
             )?,
             batch_max_bytes: nonzero(
                 "pipeline.batch_max_bytes",
                 p.batch_max_bytes,
-                DEFAULT_BATCH_MAX_BYTES,
+                match self.store.kind {
+                    StoreKind::Clickhouse => CLICKHOUSE_BATCH_MAX_BYTES,
+                    StoreKind::Sqlite => DEFAULT_BATCH_MAX_BYTES,
+                },
             )?,
             batch_max_wait: p.batch_max_wait.unwrap_or(Duration::from_millis(200)),
-            channel_capacity: nonzero("pipeline.channel_capacity", p.channel_capacity, 4)?,
+            // Two batches of 64 MiB read ahead are as much as four of 16 MiB were.
+            channel_capacity: nonzero(
+                "pipeline.channel_capacity",
+                p.channel_capacity,
+                match self.store.kind {
+                    StoreKind::Clickhouse => 2,
+                    StoreKind::Sqlite => 4,
+                },
+            )?,
         };
         if pipeline.batch_max_wait.is_zero() {
             return Err(err("pipeline.batch_max_wait", "must be more than 0".into()));
