@@ -465,9 +465,6 @@ impl Pipeline {
                 a.warm_up_partitions(self.store.as_mut(), &new);
             }
         }
-        if let Some(h) = &self.health {
-            h.done(super::server::WAIT_WARM_UP);
-        }
         Ok(())
     }
 
@@ -550,11 +547,13 @@ impl Pipeline {
     /// At start: warms the anomaly models up from the store's history (in a consumer group,
     /// the partitions' histories are read as they are assigned instead).
     pub fn warm_up(&mut self) {
-        if self.partition_changes.is_some() {
-            return;
-        }
-        if let Some(a) = &mut self.anomaly {
-            a.warm_up(self.store.as_mut());
+        // In a group nothing is warmed up before an assignment: until one comes, what the
+        // instance waits for is the assignment (a readiness step of its own), and each
+        // assignment's warm-up runs before its batches.
+        if self.partition_changes.is_none() {
+            if let Some(a) = &mut self.anomaly {
+                a.warm_up(self.store.as_mut());
+            }
         }
         if let Some(h) = &self.health {
             h.done(super::server::WAIT_WARM_UP);
