@@ -948,6 +948,17 @@ mod tests {
         );
     }
 
+    /// Commits `agg` alone (no raw events, no position), as a batch of rollups.
+    fn commit_rollups(store: &mut SqliteStore, agg: &Aggregate) {
+        store
+            .commit(&BatchWrite {
+                aggregate: agg,
+                events: &[],
+                checkpoint: None,
+            })
+            .unwrap();
+    }
+
     /// Keys `a` (partition 0), `b` (1), `c` (both), and `d` (1, a day before the rest).
     fn partitioned() -> SqliteStore {
         let mut store = SqliteStore::open_file(Path::new(":memory:")).unwrap();
@@ -964,13 +975,7 @@ mod tests {
         ] {
             agg.add_from(&event(ts, key, "10.0.0.1"), &topic, part);
         }
-        store
-            .commit(&BatchWrite {
-                aggregate: &agg,
-                events: &[],
-                checkpoint: None,
-            })
-            .unwrap();
+        commit_rollups(&mut store, &agg);
         store
     }
 
@@ -1080,13 +1085,7 @@ mod tests {
         let mut store = SqliteStore::open_file(Path::new(":memory:")).unwrap();
         let mut agg = Aggregate::default();
         agg.add(&event(60_000, "k", "ip"));
-        store
-            .commit(&BatchWrite {
-                aggregate: &agg,
-                events: &[],
-                checkpoint: None,
-            })
-            .unwrap();
+        commit_rollups(&mut store, &agg);
         let p0 = [("logs".to_owned(), 0)];
         assert_eq!(rollups_of(&mut store, 3_600_000, Some(&p0)).len(), 1);
         // Once it knows some, only theirs.
@@ -1099,13 +1098,7 @@ mod tests {
         let mut store = SqliteStore::open_file(Path::new(":memory:")).unwrap();
         let mut agg = Aggregate::default();
         agg.add(&event(60_000, "k", "ip"));
-        store
-            .commit(&BatchWrite {
-                aggregate: &agg,
-                events: &[],
-                checkpoint: None,
-            })
-            .unwrap();
+        commit_rollups(&mut store, &agg);
         let mut n = 0;
         store
             .key_partitions(0, &[("".into(), 0)], &mut |_, _, _| n += 1)
