@@ -869,13 +869,6 @@ fn one_member_of_a_group_evaluates_rotations_and_another_takes_over() {
     produce(&broker.brokers(), &topic, &log);
     let state = dir.path().join("state");
     let group = unique("g");
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let config_on = |name: &str, port: u16| {
         let cfg = kafka_config(dir.path(), &state, &broker.brokers(), &topic, &group, "");
         let text = std::fs::read_to_string(&cfg)
@@ -892,7 +885,7 @@ fn one_member_of_a_group_evaluates_rotations_and_another_takes_over() {
         std::fs::write(&path, text).unwrap();
         path
     };
-    let (pa, pb) = (free(), free());
+    let (pa, pb) = (free_port(), free_port());
     let evaluator = |port| metric(port, "keywatch_rotation_evaluator");
     let wait = |what: &str, f: &dyn Fn() -> bool| {
         let start = Instant::now();
@@ -972,13 +965,6 @@ fn members_hold_their_partitions_keys(properties: &str) {
     let log = sample(dir.path(), "nginx", n, 41);
     let db = unique("kw").replace('-', "_");
     let group = unique("g");
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let config_on = |name: &str, port: u16| {
         let sub = dir.path().join(name);
         std::fs::create_dir_all(&sub).unwrap();
@@ -1008,7 +994,7 @@ fn members_hold_their_partitions_keys(properties: &str) {
         }
     };
 
-    let (pa, pb) = (free(), free());
+    let (pa, pb) = (free_port(), free_port());
     let config_a = config_on("a", pa);
     // Decoded with the members' format and secret, so that each message is keyed by its key
     // id (without a config, `produce` decodes Kong and sends nginx lines unkeyed).
