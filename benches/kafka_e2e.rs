@@ -17,6 +17,16 @@
 //! `--path bare|copy`), so that each path's CPU seconds (user+system, from /proc) and peak
 //! RSS (VmHWM) are its own; the broker's and ClickHouse's CPU seconds over each path are
 //! reported too, since on two cores they share the machine with the path measured.
+//!
+//! Before the Kafka half, the file half compares `keywatch run` on the same records as a
+//! file (`follow = false`) with a plain copy (`clickhouse-client ... FORMAT TabSeparated`
+//! into one String column), `pairs=N` times in turn (default 1) after a warm-up pair, each
+//! into a fresh table and database, and prints each pair's ratio and their median. `file-only` and
+//! `kafka-only` run one half; `events=N`, `bytes=N` and `compression=none|lz4` set
+//! keywatch's batch limits and insert compression; `days=D` the records' span of event
+//! time (default 4, as `keywatch sample --lines N` writes them); `query-log` turns the
+//! server's query log on and prints where its time went per statement (it slows the server
+//! down, keywatch's many statements more than a copy's few: take ratios without it).
 
 use std::io::Cursor;
 use std::path::Path;
@@ -74,6 +84,17 @@ fn ch_query(client: &reqwest::blocking::Client, url: &str, sql: &str) -> String 
     let text = r.text().unwrap();
     assert!(status.is_success(), "{sql}: {text}");
     text
+}
+
+/// Waits (at most a minute) until the server merges no parts, so that a timed run is not
+/// charged for the background merges of the run before it.
+fn ch_quiet(client: &reqwest::blocking::Client, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ch_query(client, url, "SELECT count() FROM system.merges").trim() != "0"
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn proc_stats(pid: u32) -> (f64, u64) {
@@ -271,7 +292,16 @@ impl BatchTimings {
 
 /// ClickHouse's own view (`system.query_log`, on with `KEYWATCH_CH_QUERY_LOG=1`): per kind
 /// of statement since `since`, queries, summed duration, rows and bytes written.
+/// Whether the server logs its queries (`query-log`). Off by default: on ClickHouse 18.16
+/// the query log doubled the server's CPU over keywatch's run (2.0-2.5 s to 4.0-4.6 s for
+/// 1,000,000 events, and 1 s more wall), and much less over the copy's single insert, so
+/// the comparisons are taken without it.
+static QUERY_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn query_log(http: &reqwest::blocking::Client, churl: &str, since: &str) -> String {
+    if !QUERY_LOG.load(std::sync::atomic::Ordering::Relaxed) {
+        return String::new();
+    }
     ch_query(http, churl, "SYSTEM FLUSH LOGS");
     ch_query(
         http,
@@ -293,6 +323,10 @@ fn ch_now(http: &reqwest::blocking::Client, churl: &str) -> String {
 }
 
 fn print_query_log(text: &str) {
+    if !QUERY_LOG.load(std::sync::atomic::Ordering::Relaxed) {
+        println!("    (no ClickHouse query log: run with `query-log`, which slows the server)");
+        return;
+    }
     println!(
         "    {:<44} {:>7} {:>9} {:>10} {:>12}",
         "ClickHouse query_log: statement", "queries", "sum ms", "rows", "bytes"
@@ -310,7 +344,11 @@ fn print_query_log(text: &str) {
 
 /// File → ClickHouse: the plain copy (`clickhouse-client ... FORMAT TabSeparated < log`
 /// into one String column) against `keywatch run` on the same file, each into a fresh
-/// database of the same server.
+/// table or database of the same server (no merge running when each starts; every run's
+/// rows kept until the end), after one warm-up pair, `pairs` times in turn (copy,
+/// keywatch, copy, ...):
+/// the ratio is taken pair by pair and its median printed, since the machine's speed
+/// drifts between runs.
 #[allow(clippy::too_many_arguments)]
 fn file_half(
     dir: &Path,
@@ -320,74 +358,22 @@ fn file_half(
     ch_pid: Option<u32>,
     log: &Path,
     n: usize,
+    pairs: usize,
     extra_pipeline: &str,
     store_extra: &str,
     secret: &str,
 ) {
     println!();
     println!(
-        "File -> ClickHouse ({n} Kong records, {} MB)",
+        "File -> ClickHouse ({n} Kong records, {} MB; {pairs} pairs, fresh table and database each)",
         std::fs::metadata(log).unwrap().len() / 1_000_000
     );
-    ch_query(http, churl, "DROP TABLE IF EXISTS default.file_copy");
-    ch_query(
-        http,
-        churl,
-        "CREATE TABLE default.file_copy (line String) ENGINE = MergeTree ORDER BY tuple()",
-    );
     let ch_cpu = || ch_pid.map_or(0.0, |p| proc_stats(p).0);
-    let since = ch_now(http, churl);
-    let before = ch_cpu();
-    let mut copy = Command::new("clickhouse-client");
-    copy.args([
-        "--port",
-        &(chport + 1).to_string(),
-        "--query",
-        "INSERT INTO default.file_copy FORMAT TabSeparated",
-    ]);
-    let c = run_timed(copy, Some(log), &dir.join("copy.log"));
-    let copy_ch = ch_cpu() - before;
-    let copy_log = query_log(http, churl, &since);
-    let copied = ch_query(http, churl, "SELECT count() FROM default.file_copy");
-
-    ch_query(http, churl, "DROP DATABASE IF EXISTS keywatch_file");
-    let state = dir.join("state-file");
-    let cfg = dir.join("keywatch-file.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = {state:?}\n[input]\nkind = \"file\"\npath = {log:?}\nfollow = false\nformat = \"kong\"\n\
-             [fingerprint]\nsecret_env = \"KW_BENCH_SECRET\"\n[server]\nenabled = false\n\
-             [log]\nformat = \"json\"\nlevel = \"warn,keywatch::store::clickhouse=debug,keywatch::daemon::pipeline=debug\"\n\
-             [pipeline]\n{extra_pipeline}\n\
-             [store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = \"{churl}\"\ndatabase = \"keywatch_file\"\n{store_extra}"
-        ),
-    )
-    .unwrap();
-    let since = ch_now(http, churl);
-    let before = ch_cpu();
-    let mut kw = Command::new(env!("CARGO_BIN_EXE_keywatch"));
-    kw.arg("run")
-        .arg("--config")
-        .arg(&cfg)
-        .env("KW_BENCH_SECRET", secret);
-    let kwlog = dir.join("keywatch-file.log");
-    let k = run_timed(kw, None, &kwlog);
-    let kw_ch = ch_cpu() - before;
-    let kw_log = query_log(http, churl, &since);
-    let stored = ch_query(
-        http,
-        churl,
-        "SELECT count() FROM keywatch_file.keywatch_events",
-    );
     println!(
         "{:<44} {:>10} {:>8} {:>8} {:>9} {:>10}",
         "path", "events/s", "wall s", "CPU s", "peak RSS", "CH CPU"
     );
-    for (name, t, chc) in [
-        ("(f1) plain copy: clickhouse-client, TSV", &c, copy_ch),
-        ("(f2) keywatch run (file, follow = false)", &k, kw_ch),
-    ] {
+    let row = |name: &str, t: &Timed, chc: f64| {
         println!(
             "{:<44} {:>10.0} {:>8.2} {:>8.2} {:>6.0} MB {:>10.1}",
             name,
@@ -397,18 +383,120 @@ fn file_half(
             t.rss_mb,
             chc
         );
+    };
+    let mut ratios = Vec::new();
+    let (mut copy_log, mut kw_log, mut kwlog) = (String::new(), String::new(), dir.to_path_buf());
+    let (mut copied, mut stored) = (String::new(), String::new());
+    let mut cpu_per_event = Vec::new();
+    for pair in 0..=pairs {
+        let table = format!("default.file_copy_{pair}");
+        ch_query(http, churl, &format!("DROP TABLE IF EXISTS {table}"));
+        ch_query(
+            http,
+            churl,
+            &format!("CREATE TABLE {table} (line String) ENGINE = MergeTree ORDER BY tuple()"),
+        );
+        ch_quiet(http, churl);
+        let since = ch_now(http, churl);
+        let before = ch_cpu();
+        let mut copy = Command::new("clickhouse-client");
+        copy.args([
+            "--port",
+            &(chport + 1).to_string(),
+            "--query",
+            &format!("INSERT INTO {table} FORMAT TabSeparated"),
+        ]);
+        let c = run_timed(copy, Some(log), &dir.join("copy.log"));
+        let copy_ch = ch_cpu() - before;
+        copy_log = query_log(http, churl, &since);
+        copied = ch_query(http, churl, &format!("SELECT count() FROM {table}"));
+
+        let database = format!("keywatch_file_{pair}");
+        ch_query(http, churl, &format!("DROP DATABASE IF EXISTS {database}"));
+        let state = dir.join(format!("state-file-{pair}"));
+        let cfg = dir.join("keywatch-file.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "state_dir = {state:?}\n[input]\nkind = \"file\"\npath = {log:?}\nfollow = false\nformat = \"kong\"\n\
+                 [fingerprint]\nsecret_env = \"KW_BENCH_SECRET\"\n[server]\nenabled = false\n\
+                 [log]\nformat = \"json\"\nlevel = \"warn,keywatch::store::clickhouse=debug,keywatch::daemon::pipeline=debug\"\n\
+                 [pipeline]\n{extra_pipeline}\n\
+                 [store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = \"{churl}\"\ndatabase = \"{database}\"\n{store_extra}"
+            ),
+        )
+        .unwrap();
+        ch_quiet(http, churl);
+        let since = ch_now(http, churl);
+        let before = ch_cpu();
+        let mut kw = Command::new(env!("CARGO_BIN_EXE_keywatch"));
+        kw.arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("KW_BENCH_SECRET", secret);
+        kwlog = dir.join("keywatch-file.log");
+        let k = run_timed(kw, None, &kwlog);
+        let kw_ch = ch_cpu() - before;
+        kw_log = query_log(http, churl, &since);
+        stored = ch_query(
+            http,
+            churl,
+            &format!("SELECT count() FROM {database}.keywatch_events"),
+        );
+        if pair == 0 {
+            // A warm-up pair: the first inserts into a freshly started 18.16 cost it up to
+            // twice the CPU of later ones.
+            println!(
+                "(warm-up pair: copy {:.2} s, keywatch {:.2} s; not counted)",
+                c.wall, k.wall
+            );
+            continue;
+        }
+        row(
+            &format!("(f1) plain copy: clickhouse-client, TSV #{pair}"),
+            &c,
+            copy_ch,
+        );
+        row(
+            &format!("(f2) keywatch run (follow = false) #{pair}"),
+            &k,
+            kw_ch,
+        );
+        ratios.push(c.wall / k.wall);
+        cpu_per_event.push(k.cpu / n as f64 * 1e6);
     }
+    // Dropped only now: on 18.16 every database dropped made each later insert dearer (the
+    // server's CPU over keywatch's 80 inserts went 2.5, 3.1, 3.8 s after one, two, three
+    // dropped databases), which taxes keywatch's many inserts against the copy's one.
+    for pair in 0..=pairs {
+        ch_query(
+            http,
+            churl,
+            &format!("DROP TABLE IF EXISTS default.file_copy_{pair}"),
+        );
+        ch_query(
+            http,
+            churl,
+            &format!("DROP DATABASE IF EXISTS keywatch_file_{pair}"),
+        );
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let pair_ratios: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
     println!(
-        "keywatch: {:.2}x plain copy (wall, whole processes); {:.2} us CPU per event; \
-         rows: copy {}, keywatch events {}",
-        c.wall / k.wall,
-        k.cpu / n as f64 * 1e6,
+        "keywatch: {:.2}x plain copy (wall, whole processes; median of {pairs} pairs: {}); \
+         {:.2} us CPU per event (median); rows: copy {}, keywatch events {}",
+        median(&mut ratios),
+        pair_ratios.join(" "),
+        median(&mut cpu_per_event),
         copied.trim(),
         stored.trim()
     );
-    println!("  (f1) plain copy:");
+    println!("  (f1) plain copy (last pair):");
     print_query_log(&copy_log);
-    println!("  (f2) keywatch:");
+    println!("  (f2) keywatch (last pair):");
     print_query_log(&kw_log);
     BatchTimings::read(&kwlog).print("    ");
 }
@@ -443,6 +531,19 @@ fn main() {
             extra_pipeline.push_str(&format!("batch_max_bytes = {v}\n"));
         }
     }
+    // `days=D`: the records' span of event time (default 4, as `keywatch sample`; until
+    // issue 19's last figures the benchmark used 30: a batch of a backlog then spans
+    // about two days, i.e. two or three parts per insert in the daily partitions).
+    let days: f64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("days="))
+        .map_or(4.0, |v| v.parse().expect("days=D"));
+    // `pairs=N`: file -> ClickHouse runs N alternating pairs (default 1).
+    let pairs: usize = args
+        .iter()
+        .find_map(|a| a.strip_prefix("pairs="))
+        .map_or(1, |v| v.parse().expect("pairs=N"))
+        .max(1);
     let compression = args
         .iter()
         .find_map(|a| a.strip_prefix("compression="))
@@ -454,10 +555,11 @@ fn main() {
     let lines = keywatch::sample::generate(&keywatch::sample::SampleOptions {
         preset: "kong".into(),
         lines: n,
-        days: 30.0,
+        days,
         ..Default::default()
     })
     .unwrap();
+    println!("{n} Kong records over {days} days of event time");
     let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
     let text = lines.join("\n") + "\n";
     drop(lines);
@@ -468,7 +570,15 @@ fn main() {
     let out = Command::new("bash")
         .arg(root.join("scripts/clickhouse.sh"))
         .args(["start", chdir.to_str().unwrap(), &chport.to_string()])
-        .env("KEYWATCH_CH_QUERY_LOG", "1")
+        .env(
+            "KEYWATCH_CH_QUERY_LOG",
+            if args.iter().any(|a| a == "query-log") {
+                QUERY_LOG.store(true, std::sync::atomic::Ordering::Relaxed);
+                "1"
+            } else {
+                "0"
+            },
+        )
         .output()
         .unwrap();
     assert!(
@@ -493,6 +603,7 @@ fn main() {
             ch_pid,
             &log,
             n,
+            pairs,
             &extra_pipeline,
             &store_extra,
             secret,

@@ -249,6 +249,8 @@ zookeeper_start() {
     local dir=$1 port=$2
     mkdir -p "$dir/data"
     echo "$port" >"$dir/port"
+    # forceSync=no: a test cluster's coordination need not survive a power cut, and an
+    # fsync per transaction stalled behind other tests' disk writes expires sessions.
     cat >"$dir/zoo.cfg" <<EOF
 tickTime=500
 initLimit=10
@@ -259,6 +261,7 @@ clientPortAddress=127.0.0.1
 admin.enableServer=false
 4lw.commands.whitelist=ruok
 maxClientCnxns=200
+forceSync=no
 EOF
     # A small heap: ZooKeeper holds a few thousand small nodes here.
     setsid java -Xmx256m -Dzookeeper.log.dir="$dir" -cp "$(zookeeper_classpath)" \

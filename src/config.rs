@@ -279,6 +279,8 @@ pub struct RawPipeline {
     pub batch_max_wait: Option<Duration>,
     /// Batches read ahead of the store; bounds memory.
     pub channel_capacity: Option<usize>,
+    /// Threads that decode a large batch (a backlog) at once.
+    pub decode_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -504,6 +506,7 @@ pub struct PipelineConfig {
     pub batch_max_bytes: NonZeroUsize,
     pub batch_max_wait: Duration,
     pub channel_capacity: NonZeroUsize,
+    pub decode_threads: NonZeroUsize,
 }
 
 /// `pipeline.batch_max_bytes` when not set: 16 MiB, so that the default 4,096 events is
@@ -515,6 +518,18 @@ pub const DEFAULT_BATCH_MAX_BYTES: usize = 16 << 20;
 /// `pipeline.batch_max_bytes` with ClickHouse when not set: 64 MiB, room for the default
 /// 65,536 events of lines up to 1 KiB (a Kong record is about 1 KiB).
 pub const CLICKHOUSE_BATCH_MAX_BYTES: usize = 64 << 20;
+
+/// `pipeline.decode_threads` at most: more threads than this only contend for the
+/// decoder's fingerprint cache.
+pub const MAX_DECODE_THREADS: usize = 64;
+
+/// `pipeline.decode_threads` when not set: the CPUs keywatch may use, at most 4 (the
+/// pipeline thread's other work and the store's inserts run beside them).
+pub fn default_decode_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+}
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -721,7 +736,18 @@ impl RawConfig {
                     StoreKind::Sqlite => 4,
                 },
             )?,
+            decode_threads: nonzero(
+                "pipeline.decode_threads",
+                p.decode_threads,
+                default_decode_threads(),
+            )?,
         };
+        if pipeline.decode_threads.get() > MAX_DECODE_THREADS {
+            return Err(err(
+                "pipeline.decode_threads",
+                format!("must be at most {MAX_DECODE_THREADS}"),
+            ));
+        }
         if pipeline.batch_max_wait.is_zero() {
             return Err(err("pipeline.batch_max_wait", "must be more than 0".into()));
         }
@@ -1180,6 +1206,14 @@ keep_files = 10
             (
                 "[pipeline]\nbatch_max_events = 0\n",
                 "kw.toml: pipeline.batch_max_events: must be at least 1",
+            ),
+            (
+                "[pipeline]\ndecode_threads = 0\n",
+                "kw.toml: pipeline.decode_threads: must be at least 1",
+            ),
+            (
+                "[pipeline]\ndecode_threads = 65\n",
+                "kw.toml: pipeline.decode_threads: must be at most 64",
             ),
             (
                 "[pipeline]\nbatch_max_wait = \"soon\"\n",

@@ -148,11 +148,12 @@ fn replay(
     mut pipeline: Pipeline,
     mut seen: impl FnMut(&Line, u64),
 ) -> anyhow::Result<RunSummary> {
-    let mut stage = LineStage {
+    let mut stage = LineStage::new(
         decoder,
-        dead_letters: None,
-        source_id: "backtest".into(),
-    };
+        None,
+        "backtest".into(),
+        crate::config::default_decode_threads(),
+    );
     let mut batch = Batch::default();
     let mut offset = 0u64;
     for line in lines {

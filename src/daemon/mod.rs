@@ -12,11 +12,14 @@
 //!   consumer, the ClickHouse attempt sink and the HTTP server are tokio tasks. The pipeline
 //!   meets async code only in [`findings::FindingSink`] (bounded sends to the notifier) and
 //!   in the ClickHouse store (which blocks on its own runtime handle).
+//! - Start: a store that does not answer (transient errors) is waited for, with `/readyz`
+//!   saying why and SIGTERM still heard ([`wait_for_store`]); other errors end the start.
 //! - Shutdown on SIGINT/SIGTERM (the `cancel` token): the source stops reading and drops
-//!   its end of the channel; the pipeline finishes the batches read so far, commits them
-//!   with their positions, evaluates once more and ends; the notifier drains what is due;
-//!   then the metrics server stops. Anything not yet committed is read again at the next
-//!   start, from the stored position.
+//!   its end of the channel; the pipeline finishes the batch in hand (with an event-time
+//!   clock, up to its next evaluation cut: the segments before are committed with their
+//!   positions), starts none of those waiting in the channel, evaluates once more and
+//!   ends; the notifier drains what is due; then the metrics server stops. Anything not
+//!   committed is read again at the next start, from the stored position.
 //!
 //! Architecture invariant: a batch's position is stored in the same transaction as its
 //! effect ([`crate::store::Store::commit`]); nothing else moves a position.
@@ -203,7 +206,8 @@ pub async fn run_with_gate(
     // The state directory holds the fingerprint secret and dead letters in every mode.
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir: cannot create {}", config.state_dir.display()))?;
-    let (store, offsets) = crate::store::open::open(&config)?;
+    let (store, offsets) =
+        wait_for_store(&health, &cancel, || crate::store::open::open(&config)).await?;
     let source_id = config.input.source.id();
     let saved = store
         .position(&source_id)
@@ -321,11 +325,12 @@ pub async fn run_with_gate(
         }
     };
 
-    let stage = LineStage {
+    let stage = LineStage::new(
         decoder,
-        dead_letters: Some(dead_letters),
+        Some(dead_letters),
         source_id,
-    };
+        config.pipeline.decode_threads.get(),
+    );
     let batch_max = config.pipeline.batch_max_events.get();
     let result = tokio::task::spawn_blocking(move || pipeline.run(rx, stage, batch_max))
         .await
@@ -350,6 +355,43 @@ pub async fn run_with_gate(
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             Err(e)
         }
+    }
+}
+
+/// Runs `open` (a store opening) until the store answers: transient errors (ClickHouse
+/// still starting, a network outage) are retried with capped backoff until it answers or
+/// `cancel` fires, and `/readyz` says why the instance is not ready meanwhile. Anything
+/// else (a refused password, a bad schema) ends the start at once.
+async fn wait_for_store<T>(
+    health: &Health,
+    cancel: &CancellationToken,
+    mut open: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let e = match open() {
+            Ok(opened) => {
+                health.store_answers();
+                return Ok(opened);
+            }
+            Err(e) => e,
+        };
+        let transient = e
+            .downcast_ref::<crate::store::StoreError>()
+            .is_some_and(|s| s.is_transient());
+        if !transient {
+            return Err(e);
+        }
+        metrics::counter!("keywatch_store_errors_total", "kind" => "transient").increment(1);
+        tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "the store does not answer yet, retrying");
+        health.store_failing(&format!("{e:#}"));
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                return Err(e.context("asked to stop while waiting for the store"));
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 
@@ -460,7 +502,7 @@ pub async fn serve(config: Config, options: ServeOptions) -> anyhow::Result<RunS
     let signals = cancel.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
-        tracing::info!("shutting down: finishing the batches read so far");
+        tracing::info!("shutting down: finishing the batch in hand");
         signals.cancel();
     });
 
@@ -490,7 +532,8 @@ pub async fn serve(config: Config, options: ServeOptions) -> anyhow::Result<RunS
         )?;
         if let StoreConfig::ClickHouse(c) = &config.store {
             // Read only: what the group's other instances delivered counts as told.
-            let store = crate::store::open::open_clickhouse(c)?;
+            let store =
+                wait_for_store(&health, &cancel, || crate::store::open::open_clickhouse(c)).await?;
             notifier = notifier.with_shared_log(Arc::new(store));
         }
         (RunNotifier::DryRun(notifier), None)
@@ -499,7 +542,9 @@ pub async fn serve(config: Config, options: ServeOptions) -> anyhow::Result<RunS
         // In full mode every attempt is also written to ClickHouse (dashboards), in batches.
         let attempt_sink = match &config.store {
             StoreConfig::ClickHouse(c) => {
-                let store = crate::store::open::open_clickhouse(c)?;
+                let store =
+                    wait_for_store(&health, &cancel, || crate::store::open::open_clickhouse(c))
+                        .await?;
                 let (tx, rx) = mpsc::channel(1024);
                 // What the group's other instances delivered counts as told here too.
                 notifier = notifier

@@ -28,6 +28,12 @@
 //! [`Store::wait_committed`] says its position is stored: before the next batch's commit,
 //! before any evaluation, at the end, and at once when no batch waits in the channel.
 //!
+//! Asked to stop (the `cancel` token), the daemon's loop starts no batch waiting in the
+//! channel, and a batch in hand ends at its next cut: the segments before it are committed
+//! with their positions, the batch is not acknowledged, and the rest is read again at the
+//! next start. Not for standard input, which cannot be read again: what was read from it
+//! is stored first.
+//!
 //! Between batches ([`Pipeline::tick`]): the registry file and the lifecycle topic are
 //! followed, and with the wall clock rotations are evaluated on their schedule. In a Kafka
 //! consumer group, before each batch, the partitions assigned and revoked since the last
@@ -38,6 +44,7 @@
 //! [`Store::commit_started`]), with the batch's effect; nothing acknowledges a batch before
 //! that is done.
 
+use std::ops::Range;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,6 +80,25 @@ pub struct RunSummary {
     pub batches: u64,
     /// Findings raised for the first time during the run, in the order raised.
     pub findings: Vec<Finding>,
+}
+
+/// Whether a batch's source can give it again at the next start (a file, Kafka), so that
+/// keywatch asked to stop may leave it, or its rest, unstored. Standard input cannot: what
+/// was read from it is stored before keywatch stops.
+fn read_again(batch: &Batch) -> bool {
+    matches!(
+        batch.position,
+        Some(Position::File(_) | Position::Kafka { .. })
+    )
+}
+
+/// What [`Pipeline::ingest`] did with a batch.
+struct Ingested {
+    /// Events stored.
+    stored: u64,
+    /// Lines committed, from the first: all of them unless keywatch was asked to stop
+    /// between two segments.
+    lines: usize,
 }
 
 /// One decoded event and where it came from.
@@ -113,6 +139,11 @@ pub trait Lines {
     fn topic_partition(&self, _line: usize) -> Option<(&Arc<str>, i32)> {
         None
     }
+    /// The line stage the lines came through, which stores a refused earlier batch again
+    /// line by line (`None`: events without lines, never committed in the background).
+    fn stage(&mut self) -> Option<&mut LineStage> {
+        None
+    }
 }
 
 /// Folds an event into `agg`, with its Kafka topic partition when it has one.
@@ -130,29 +161,130 @@ pub struct LineStage {
     pub dead_letters: Option<Box<dyn DeadLetterSink>>,
     /// The source's name in dead letters and logs.
     pub source_id: String,
+    /// Threads that decode a large batch (`pipeline.decode_threads`); 1: the pipeline
+    /// thread alone.
+    decode_threads: usize,
+    /// Copies of `decoder` for the other decoding threads, made at their first use: each
+    /// with a fingerprint memo of its own, so that the threads never wait on one another.
+    helpers: Vec<Decoder>,
 }
 
-impl LineStage {
-    /// Decodes every line of `batch`; undecodable lines are dead-lettered. Returns the events
-    /// and the number of lines rejected.
-    fn decode<'b>(&mut self, batch: &'b Batch) -> anyhow::Result<(Vec<Decoded<'b>>, u64)> {
-        let mut out = Vec::with_capacity(batch.len());
-        let mut events: Vec<AuthEvent<'b>> = Vec::new();
-        let mut rejected = 0u64;
-        for i in 0..batch.len() {
-            match self.decoder.decode(batch.line(i), &mut events) {
-                Ok(_) => out.extend(events.drain(..).enumerate().map(|(index, event)| Decoded {
+/// Lines each decoding thread gets at least: a batch shorter than twice this (light live
+/// traffic, cut by `batch_max_wait`) is decoded on the pipeline thread alone. 1,024 Kong
+/// lines take about 2 ms to decode, a thread's start tens of microseconds.
+const DECODE_LINES_PER_THREAD: usize = 1024;
+
+/// The events of some lines of a batch, and the lines that did not decode.
+struct DecodedLines<'b> {
+    events: Vec<Decoded<'b>>,
+    errors: Vec<(usize, crate::event::DecodeError)>,
+}
+
+/// Decodes lines `which` of a batch (its bytes `buf`, its line ranges `lines`: a `Batch`
+/// itself is not `Sync`, for its acknowledgement).
+fn decode_lines<'b>(
+    decoder: &Decoder,
+    buf: &'b [u8],
+    lines: &[Range<usize>],
+    which: Range<usize>,
+) -> DecodedLines<'b> {
+    let mut out = DecodedLines {
+        events: Vec::with_capacity(which.len()),
+        errors: Vec::new(),
+    };
+    let mut events: Vec<AuthEvent<'b>> = Vec::new();
+    for i in which {
+        match decoder.decode(&buf[lines[i].clone()], &mut events) {
+            Ok(_) => out
+                .events
+                .extend(events.drain(..).enumerate().map(|(index, event)| Decoded {
                     line: i,
                     index: index as u32,
                     event,
                 })),
-                Err(e) => {
-                    rejected += 1;
-                    events.clear();
-                    metrics::counter!("keywatch_events_rejected_total", "reason" => e.kind())
-                        .increment(1);
-                    self.write_dead_letter(batch, i, &e.to_string())?;
+            Err(e) => {
+                events.clear();
+                out.errors.push((i, e));
+            }
+        }
+    }
+    out
+}
+
+impl LineStage {
+    /// `decode_threads`: threads that decode a large batch (at least 1).
+    pub fn new(
+        decoder: Decoder,
+        dead_letters: Option<Box<dyn DeadLetterSink>>,
+        source_id: String,
+        decode_threads: usize,
+    ) -> Self {
+        LineStage {
+            decoder,
+            dead_letters,
+            source_id,
+            decode_threads: decode_threads.max(1),
+            helpers: Vec::new(),
+        }
+    }
+
+    /// Decodes every line of `batch`; undecodable lines are dead-lettered. Returns the events
+    /// and the number of lines rejected.
+    ///
+    /// A large batch (a backlog) is cut into consecutive runs of lines, decoded on up to
+    /// `decode_threads` threads at once (scoped threads started per batch, each with at
+    /// least [`DECODE_LINES_PER_THREAD`] lines), and put back together in line order, so
+    /// nothing downstream sees the difference. The decode is the largest part of the
+    /// pipeline thread's work (BENCHMARKS.md, issue 19).
+    fn decode<'b>(&mut self, batch: &'b Batch) -> anyhow::Result<(Vec<Decoded<'b>>, u64)> {
+        let n = batch.len();
+        let threads = self.decode_threads.min(n / DECODE_LINES_PER_THREAD).max(1);
+        let mut parts = if threads == 1 {
+            vec![decode_lines(&self.decoder, &batch.buf, &batch.lines, 0..n)]
+        } else {
+            let per = n.div_ceil(threads);
+            while self.helpers.len() < threads - 1 {
+                self.helpers.push(self.decoder.clone());
+            }
+            let (decoder, buf, lines) = (&self.decoder, &batch.buf[..], &batch.lines[..]);
+            let helpers = &self.helpers;
+            std::thread::scope(|s| {
+                let others: Vec<_> = (1..threads)
+                    .map(|t| {
+                        let decoder = &helpers[t - 1];
+                        let which = t * per..((t + 1) * per).min(n);
+                        let thread = std::thread::Builder::new()
+                            .name("keywatch-decode".into())
+                            .spawn_scoped(s, {
+                                let which = which.clone();
+                                move || decode_lines(decoder, buf, lines, which)
+                            });
+                        (which, thread)
+                    })
+                    .collect();
+                let mut parts = vec![decode_lines(decoder, buf, lines, 0..per)];
+                for (which, thread) in others {
+                    parts.push(match thread {
+                        Ok(h) => h
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                        // A thread that could not be started leaves its lines to this one.
+                        Err(_) => decode_lines(decoder, buf, lines, which),
+                    });
                 }
+                parts
+            })
+        };
+        let mut out = std::mem::take(&mut parts[0].events);
+        out.reserve(parts.iter().map(|p| p.events.len()).sum());
+        let mut rejected = 0u64;
+        for part in &mut parts {
+            out.append(&mut part.events);
+            for (i, e) in part.errors.drain(..) {
+                rejected += 1;
+                metrics::counter!("keywatch_events_rejected_total", "reason" => e.kind())
+                    .increment(1);
+                self.write_dead_letter(batch, i, &e.to_string())?;
             }
         }
         if rejected > 0 {
@@ -194,6 +326,10 @@ struct BatchLines<'a> {
 }
 
 impl Lines for BatchLines<'_> {
+    fn stage(&mut self) -> Option<&mut LineStage> {
+        Some(self.stage)
+    }
+
     fn origin(&self, line: usize, index: u32) -> Origin {
         Origin {
             partition: self.batch.partition(line),
@@ -343,6 +479,9 @@ pub struct Pipeline {
     last_segment: usize,
     /// The batch whose commit was started and not yet waited for.
     unacked: Option<Unacked>,
+    /// The batch in hand can be read again (a file, Kafka): asked to stop, it may end at
+    /// its next cut.
+    may_stop_within: bool,
 }
 
 /// A batch whose last segment's commit was started ([`Store::commit_started`]) and not
@@ -383,6 +522,7 @@ impl Pipeline {
             start_only: false,
             last_segment: 0,
             unacked: None,
+            may_stop_within: false,
         })
     }
 
@@ -584,6 +724,9 @@ impl Pipeline {
             let received = rt.block_on(tokio::time::timeout(wait, rx.recv()));
             self.follow_partitions()?;
             match received {
+                // Asked to stop: a batch waiting in the channel is not started (it is read
+                // again at the next start, from the stored position).
+                Ok(Some(batch)) if self.cancel.is_cancelled() && read_again(&batch) => break,
                 Ok(Some(batch)) => {
                     // A full batch, or more waiting: the source is behind (a backlog after
                     // an outage or at start).
@@ -643,6 +786,21 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Settles the previous batch's commit before the current batch's lines `src` are
+    /// committed or evaluated: the commits stay in order, an evaluation reads what is
+    /// committed, and a refused batch is stored line by line before anything after it.
+    /// Until then the previous batch's inserts run while this batch is decoded and
+    /// prepared (the detectors, the aggregate, the anomaly models, its findings stored).
+    fn settle_before_store(&mut self, src: &mut dyn Lines) -> anyhow::Result<()> {
+        if self.unacked.is_none() {
+            return Ok(());
+        }
+        match src.stage() {
+            Some(stage) => self.settle(stage),
+            None => self.settle_commit(),
+        }
+    }
+
     /// Waits for the started commit of the previous batch and acknowledges it when it
     /// worked; a rejection is kept for [`Self::settle`] (which has the line stage).
     fn settle_commit(&mut self) -> anyhow::Result<()> {
@@ -683,11 +841,12 @@ impl Pipeline {
         let started = Instant::now();
         let (mut decoded, rejected) = stage.decode(&batch)?;
         let decode_ms = started.elapsed().as_secs_f64() * 1e3;
-        // The previous batch's commit ran while this one was read and decoded.
-        self.settle(stage)?;
+        // The previous batch's commit runs on while this one is decoded and prepared; it is
+        // settled before this one reads or writes the store (`settle_before_store`).
         let n = batch.len();
         self.start_only = self.pipelined;
-        let stored = self.ingest(
+        self.may_stop_within = read_again(&batch);
+        let Ingested { stored, lines } = self.ingest(
             &mut decoded,
             &mut BatchLines {
                 batch: &batch,
@@ -697,9 +856,20 @@ impl Pipeline {
         )?;
         self.start_only = false;
         drop(decoded);
-        self.summary.lines += n as u64;
+        self.summary.lines += lines as u64;
         self.summary.events += stored;
         self.summary.dead_letters += rejected;
+        if lines < n {
+            // Asked to stop between two segments: the segments before are committed with
+            // their positions; the batch is not acknowledged, and its rest is read again at
+            // the next start.
+            tracing::info!(
+                lines_stored = lines,
+                lines_left = n - lines,
+                "stopping within a batch: its rest is read again at the next start"
+            );
+            return Ok(());
+        }
         self.summary.batches += 1;
         tracing::debug!(
             lines = n,
@@ -735,8 +905,9 @@ impl Pipeline {
             })
             .collect();
         let n = decoded.len();
-        let stored = self.ingest(&mut decoded, &mut NoLines, n)?;
-        self.summary.lines += n as u64;
+        self.may_stop_within = false;
+        let Ingested { stored, lines } = self.ingest(&mut decoded, &mut NoLines, n)?;
+        self.summary.lines += lines as u64;
         self.summary.events += stored;
         self.summary.batches += 1;
         Ok(())
@@ -805,13 +976,14 @@ impl Pipeline {
     /// Steps 2-6: cuts `decoded` at the ticks and changes it reaches, commits each segment
     /// with the position after it, and applies the ticks and changes in time order. The
     /// last segment (possibly without events) carries the position after all `n_lines`.
-    /// Returns the events stored.
+    /// Once keywatch is asked to stop, no segment starts after a cut: a batch spanning
+    /// days of event time would otherwise run every evaluation of those days first.
     fn ingest(
         &mut self,
         decoded: &mut [Decoded<'_>],
         lines: &mut dyn Lines,
         n_lines: usize,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<Ingested> {
         let mut stored = 0;
         let (mut start, mut first_line) = (0, 0);
         // Only the last segment's commit may be left running (an evaluation follows the
@@ -838,7 +1010,14 @@ impl Pipeline {
                 stored += self.commit_segment(&mut decoded[start..end], lines, first_line..line)?;
                 (start, first_line) = (end, line);
             }
+            self.settle_before_store(lines)?;
             self.advance_to(decoded[reach].event.ts_ms)?;
+            if self.may_stop_within && self.cancel.is_cancelled() {
+                return Ok(Ingested {
+                    stored,
+                    lines: first_line,
+                });
+            }
         }
         self.last_segment = first_line;
         self.start_only = start_last;
@@ -846,12 +1025,16 @@ impl Pipeline {
         self.start_only = false;
         // Ticks that did not cut (their evaluation reads nothing of the store) and that the
         // batch reached are evaluated now, in time order.
+        self.settle_before_store(lines)?;
         if let Some(latest) = decoded[start..].iter().map(|d| d.event.ts_ms).max() {
             if !self.ticks_read_the_store() {
                 self.advance_to(latest)?;
             }
         }
-        Ok(stored)
+        Ok(Ingested {
+            stored,
+            lines: n_lines,
+        })
     }
 
     /// Applies the lifecycle changes and evaluates the ticks up to `ts_ms`, in time order (a
@@ -929,6 +1112,7 @@ impl Pipeline {
         }
 
         let handed_over = prepare_started.elapsed() - prepared;
+        self.settle_before_store(src)?;
         let position = src.position_before(lines.end);
         let source_id = self.source_id.clone();
         let checkpoint = position.as_ref().map(|position| Checkpoint {
@@ -1179,6 +1363,100 @@ mod tests {
         AuthEvent::new(ts_ms, Cow::Borrowed("k1"), 200, Outcome::Ok)
     }
 
+    /// Dead letters kept in memory: (offset, reason, redacted line).
+    struct Kept(Arc<Mutex<Vec<(u64, String, String)>>>);
+
+    impl DeadLetterSink for Kept {
+        fn write(&mut self, r: &DeadLetter<'_>) -> std::io::Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((r.offset, r.reason.clone(), r.line.clone()));
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    #[test]
+    fn a_batch_decoded_on_several_threads_is_the_same_as_on_one() {
+        // 20,001 lines (three runs of 6,667 on three threads), with undecodable lines and a
+        // Kong batch array of two records among them, and raw keys to fingerprint.
+        let mut batch = Batch::default();
+        let mut offset = 0;
+        for i in 0..20_001u64 {
+            let line = match i % 997 {
+                13 => "{not json".to_owned(),
+                500 => "[1, 2]".to_owned(),
+                700 => format!(
+                    r#"[{{"started_at":{t},"response":{{"status":200}},"request":{{"headers":{{"apikey":"sk_live_a{k}"}}}}}},{{"started_at":{t},"response":{{"status":401}}}}]"#,
+                    t = 1_700_000_000_000 + i,
+                    k = i % 7
+                ),
+                _ => format!(
+                    r#"{{"started_at":{},"client_ip":"10.0.0.{}","response":{{"status":200}},"request":{{"method":"GET","uri":"/v1/x","headers":{{"apikey":"sk_live_key{}"}}}}}}"#,
+                    1_700_000_000_000 + i,
+                    i % 250,
+                    i % 101
+                ),
+            };
+            batch.push_line(line.as_bytes(), offset);
+            offset += line.len() as u64 + 1;
+        }
+        let decode = |threads: usize| {
+            let kept = Arc::new(Mutex::new(Vec::new()));
+            let decoder = Decoder::new(
+                crate::event::Format::Kong,
+                crate::event::Fingerprinter::new(b"secret", 4),
+                None,
+            );
+            let mut stage = LineStage::new(
+                decoder,
+                Some(Box::new(Kept(Arc::clone(&kept)))),
+                "test".into(),
+                threads,
+            );
+            let (events, rejected) = stage.decode(&batch).unwrap();
+            let events: Vec<(usize, u32, String, i64, u16, Option<String>)> = events
+                .iter()
+                .map(|d| {
+                    (
+                        d.line,
+                        d.index,
+                        d.event.key_id.to_string(),
+                        d.event.ts_ms,
+                        d.event.status,
+                        d.event.source_ip.as_deref().map(str::to_owned),
+                    )
+                })
+                .collect();
+            let kept = kept.lock().unwrap().clone();
+            (events, rejected, kept)
+        };
+        let one = decode(1);
+        let kind = |k: u64| (0..20_001u64).filter(|i| i % 997 == k).count();
+        let (bad, arrays) = (kind(13) + kind(500), kind(700));
+        assert_eq!((bad, arrays), (41, 20));
+        assert_eq!(one.1, bad as u64);
+        assert_eq!(
+            one.0.len(),
+            20_001 - bad + arrays,
+            "a batch array gives two events"
+        );
+        assert_eq!(one.2.len(), bad);
+        assert!(
+            one.2.windows(2).all(|w| w[0].0 < w[1].0),
+            "dead letters in line order"
+        );
+        for threads in [2, 3, 4] {
+            assert_eq!(decode(threads), one, "{threads} threads");
+        }
+    }
+
     #[test]
     fn each_tick_sees_exactly_the_events_before_it_whatever_the_batches() {
         // Events every 10 minutes over 5 hours; ticks at each hour. The count stored when a
@@ -1212,6 +1490,103 @@ mod tests {
             // The last evaluation: at the last event, with everything.
             assert_eq!(seen[4], (*times.last().unwrap(), 30), "chunks of {chunk}");
         }
+    }
+
+    /// 30 lines, one every 10 minutes from 10:00, in one batch from `position`; ticks every
+    /// hour, each cutting the batch (the hook reads the store). Keywatch is asked to stop
+    /// during the 11:00 tick. Returns the ticks evaluated, whether the batch was
+    /// acknowledged, the stored position's offset, the summary's (lines, events, batches),
+    /// and the offset of the seventh line.
+    fn stopped_during_a_batch(position: Position) -> (Vec<i64>, bool, u64, (u64, u64, u64), u64) {
+        let mut batch = Batch::default();
+        let mut offset = 0;
+        for i in 0..30i64 {
+            let line = format!(
+                r#"{{"started_at":{},"response":{{"status":200}},"request":{{"headers":{{"apikey":"sk_live_a"}}}}}}"#,
+                10 * H + i * 600_000
+            );
+            batch.push_line(line.as_bytes(), offset);
+            offset += line.len() as u64 + 1;
+        }
+        batch.position = Some(match position {
+            Position::File(f) => Position::File(FilePosition { offset, ..f }),
+            Position::Stdin { .. } => Position::Stdin { offset },
+            other => other,
+        });
+        let seventh = match position_before(&batch, 6) {
+            Some(Position::File(f)) => f.offset,
+            Some(Position::Stdin { offset }) => offset,
+            other => panic!("{other:?}"),
+        };
+        let acked = Arc::new(AtomicBool::new(false));
+        let a = Arc::clone(&acked);
+        batch.on_commit = Some(Box::new(move || {
+            a.store(true, std::sync::atomic::Ordering::SeqCst)
+        }));
+        let mut p = scratch(Clock::Event(crate::daemon::schedule::Ticks::Every(H)));
+        let cancel = CancellationToken::new();
+        p.stop_retrying_on(cancel.clone());
+        let ticks = Arc::new(Mutex::new(Vec::new()));
+        let t = Arc::clone(&ticks);
+        p.on_tick(move |tick| {
+            t.lock().unwrap().push(tick.now_ms);
+            cancel.cancel();
+        });
+        let mut stage = LineStage::new(
+            Decoder::new(
+                crate::event::Format::Kong,
+                crate::event::Fingerprinter::new(b"secret", 4),
+                None,
+            ),
+            None,
+            "test".into(),
+            1,
+        );
+        p.process_batch(&mut stage, batch).unwrap();
+        let (_, store) = p.parts_mut();
+        let stored = match store.position("test").unwrap() {
+            Some(Position::File(f)) => f.offset,
+            Some(Position::Stdin { offset }) => offset,
+            other => panic!("{other:?}"),
+        };
+        let summary = p.finish().unwrap();
+        let ticks = ticks.lock().unwrap().clone();
+        (
+            ticks,
+            acked.load(std::sync::atomic::Ordering::SeqCst),
+            stored,
+            (summary.lines, summary.events, summary.batches),
+            seventh,
+        )
+    }
+
+    #[test]
+    fn asked_to_stop_a_batch_ends_at_its_next_cut_unacknowledged() {
+        let file = Position::File(FilePosition {
+            path: "/x".into(),
+            dev: 1,
+            inode: 2,
+            offset: 0,
+        });
+        let (ticks, acked, stored, summary, seventh) = stopped_during_a_batch(file);
+        assert_eq!(ticks, [11 * H]);
+        assert!(!acked);
+        // The six lines before 11:00 are stored, with the position of the seventh.
+        assert_eq!(stored, seventh);
+        assert_eq!(summary, (6, 6, 0));
+    }
+
+    #[test]
+    fn asked_to_stop_a_batch_from_stdin_is_stored_whole() {
+        // Standard input cannot be read again: the whole batch, each of its ticks, then
+        // the last evaluation at the last event.
+        let (ticks, acked, _, summary, _) = stopped_during_a_batch(Position::Stdin { offset: 0 });
+        assert_eq!(
+            ticks,
+            [11 * H, 12 * H, 13 * H, 14 * H, 10 * H + 29 * 600_000]
+        );
+        assert!(acked);
+        assert_eq!(summary, (30, 30, 1));
     }
 
     #[test]

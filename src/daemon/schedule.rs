@@ -193,17 +193,24 @@ impl Schedule {
 
     /// The input has ended: the times of the last evaluations. Event time: the ticks left
     /// up to the last event (explicit ticks: all of them), then the last event's time (none
-    /// without events). Wall clock: now.
+    /// without events, or when a tick after it was evaluated). Wall clock: now.
     pub fn finish(&mut self) -> Vec<i64> {
         match &mut self.state {
             State::Wall { last, .. } => {
                 *last = Instant::now();
                 vec![chrono::Utc::now().timestamp_millis()]
             }
-            State::Every { .. } => {
+            State::Every { every_ms, next } => {
                 let Some(latest) = self.latest_ms else {
                     return Vec::new();
                 };
+                // A tick after the last event was evaluated already (a stop within a
+                // batch, right after the tick that cut it): it saw every event; one more
+                // evaluation would go back in time.
+                let (every_ms, next) = (*every_ms, *next);
+                if next.is_some_and(|n| n - every_ms > latest) {
+                    return Vec::new();
+                }
                 let mut out = self.ticks_until(latest);
                 if out.last() != Some(&latest) {
                     out.push(latest);
@@ -230,6 +237,22 @@ mod tests {
         assert_eq!(s.next_cut(0), Some(14 * H));
         s.saw(14 * H + 7);
         assert_eq!(s.finish(), vec![14 * H, 14 * H + 7]);
+    }
+
+    #[test]
+    fn a_stop_right_after_a_tick_evaluates_nothing_before_it() {
+        // The 11:00 tick ran (an event reached it, and keywatch stopped before storing
+        // it): the last stored event, at 10:50, was seen by that evaluation already.
+        let mut s = Schedule::new(Clock::Event(Ticks::Every(H))).unwrap();
+        assert_eq!(s.next_cut(10 * H), Some(11 * H));
+        s.saw(10 * H + 50 * 60_000);
+        assert_eq!(s.ticks_until(11 * H), vec![11 * H]);
+        assert!(s.finish().is_empty());
+        // An event exactly on a multiple of the interval, alone: evaluated at its time.
+        let mut s = Schedule::new(Clock::Event(Ticks::Every(H))).unwrap();
+        s.next_cut(10 * H);
+        s.saw(10 * H);
+        assert_eq!(s.finish(), vec![10 * H]);
     }
 
     #[test]

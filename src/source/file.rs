@@ -65,7 +65,7 @@ use tokio::sync::mpsc::Sender;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Batch, Position};
+use super::{Batch, BufferPool, Position};
 
 /// Bytes read from the file per `read` call.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
@@ -717,6 +717,8 @@ pub(crate) struct LineBatcher {
     partial: Vec<u8>,
     skip: Skip,
     batch: Batch,
+    /// Where the line buffers of sent batches come back to.
+    pool: BufferPool,
     /// Just after the last line in `batch`.
     batch_end: u64,
     batch_since: Option<Instant>,
@@ -731,6 +733,7 @@ impl LineBatcher {
         tx: Sender<Batch>,
         cancel: CancellationToken,
     ) -> LineBatcher {
+        let pool = BufferPool::default();
         LineBatcher {
             max_lines: opts.max_lines.max(1),
             max_bytes: opts.max_bytes.max(1),
@@ -743,7 +746,8 @@ impl LineBatcher {
             line_start: offset,
             partial: Vec::new(),
             skip: Skip::No,
-            batch: Batch::default(),
+            batch: pool.batch(),
+            pool,
             batch_end: offset,
             batch_since: None,
             lines_total: metrics::counter!("keywatch_source_lines_total"),
@@ -810,7 +814,7 @@ impl LineBatcher {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let mut batch = mem::take(&mut self.batch);
+        let mut batch = mem::replace(&mut self.batch, self.pool.batch());
         self.batch_since = None;
         batch.position = Some(with_offset(&self.source, self.batch_end));
         let lines = batch.len() as u64;
@@ -971,7 +975,7 @@ mod tests {
                 let line = String::from_utf8(b.line(i).to_vec()).unwrap();
                 lines.push((line, b.line_offsets[i]));
             }
-            match b.position {
+            match b.position.clone() {
                 Some(Position::Stdin { offset }) => ends.push(offset),
                 other => panic!("unexpected position {other:?}"),
             }

@@ -55,7 +55,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::Sender;
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, InFlight, PartitionOffset, Position};
+use super::{Batch, BufferPool, InFlight, PartitionOffset, Position};
 use crate::store::StoreError;
 
 /// `(topic, partition)`.
@@ -500,9 +500,10 @@ struct Pending {
 }
 
 impl Pending {
-    fn new() -> Self {
+    /// `pool`: where the batch's line buffer comes from and goes back to.
+    fn new(pool: &BufferPool) -> Self {
         Pending {
-            batch: Batch::default(),
+            batch: pool.batch(),
             next: HashMap::new(),
             started: None,
         }
@@ -626,7 +627,8 @@ async fn consume(
         .iter()
         .map(|t| Arc::from(t.as_str()))
         .collect();
-    let mut pending = Pending::new();
+    let pool = BufferPool::default();
+    let mut pending = Pending::new(&pool);
     let mut backpressure = Backpressure::default();
     let mut generation = consumer.context().generation.load(Ordering::SeqCst);
     let mut retry_recovery = tokio::time::interval(Duration::from_secs(1));
@@ -666,7 +668,7 @@ async fn consume(
                 );
                 rewind_kept(&consumer, pending.next.keys());
             }
-            pending = Pending::new();
+            pending = Pending::new(&pool);
             backpressure.held.clear();
             backpressure.resume(&consumer);
         }
@@ -674,7 +676,7 @@ async fn consume(
             Woke::Nothing => {}
             Woke::Room(permit) => {
                 if !pending.batch.is_empty() {
-                    permit.send(cut(&mut pending, &consumer, &in_flight));
+                    permit.send(cut(&mut pending, &pool, &consumer, &in_flight));
                 }
                 backpressure.resume(&consumer);
                 continue;
@@ -724,7 +726,7 @@ async fn consume(
         if pending.ready(&settings) {
             match tx.try_reserve() {
                 Ok(permit) => {
-                    permit.send(cut(&mut pending, &consumer, &in_flight));
+                    permit.send(cut(&mut pending, &pool, &consumer, &in_flight));
                     backpressure.resume(&consumer);
                 }
                 Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
@@ -755,12 +757,13 @@ async fn consume(
 /// from now on expected no more.
 fn cut(
     pending: &mut Pending,
+    pool: &BufferPool,
     consumer: &Arc<StreamConsumer<Context>>,
     in_flight: &Arc<InFlight>,
 ) -> Batch {
     let Pending {
         mut batch, next, ..
-    } = std::mem::replace(pending, Pending::new());
+    } = std::mem::replace(pending, Pending::new(pool));
     let offsets: Vec<PartitionOffset> = next
         .iter()
         .map(|((topic, partition), offset)| PartitionOffset {

@@ -63,6 +63,68 @@ pub struct Batch {
     /// which is how a Kafka rebalance knows that nothing it gives away is still being
     /// written.
     pub in_flight: Option<InFlightGuard>,
+    /// Where `buf` goes back when the batch is dropped (a batch from [`BufferPool::batch`]).
+    pub pool: Option<BufferPool>,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.put(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// Line buffers of the batches finished with, handed back to the reader that fills new
+/// ones.
+///
+/// A backlog is read in batches of up to `batch_max_bytes` (64 MiB with ClickHouse); a
+/// fresh buffer for each is a fresh mapping from the allocator whose every page faults on
+/// first write: 1 GB of lines made 280,000 page faults, most of the reader thread's system
+/// time (BENCHMARKS.md, issue 19). Reused buffers are already mapped. The pool keeps at
+/// most [`BufferPool::KEEP`] buffers, and not one that its last batch filled to less than a
+/// quarter (live traffic, cut by `batch_max_wait`), so that the memory a backlog took goes
+/// back once live batches have passed through. Memory stays within the documented bound:
+/// a pooled buffer stands for a batch that no longer exists.
+#[derive(Debug, Clone, Default)]
+pub struct BufferPool(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl BufferPool {
+    /// Buffers kept at most: enough for the batches in flight with the default channel
+    /// (up to `channel_capacity` + 2 of them). The pool never holds more buffers than
+    /// there were batches at once: a new batch takes a kept buffer before it would
+    /// allocate one.
+    pub const KEEP: usize = 8;
+
+    /// An empty batch whose line buffer comes from (and goes back to) the pool.
+    pub fn batch(&self) -> Batch {
+        let buf = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
+        let mut batch = Batch::default();
+        batch.buf = buf;
+        batch.pool = Some(self.clone());
+        batch
+    }
+
+    fn put(&self, mut buf: Vec<u8>) {
+        if buf.len() < buf.capacity() / 4 {
+            return;
+        }
+        buf.clear();
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < Self::KEEP {
+            kept.push(buf);
+        }
+    }
+
+    /// Buffers kept now.
+    pub fn kept(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 impl std::fmt::Debug for Batch {
@@ -178,6 +240,40 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Duration;
+
+    #[test]
+    fn a_finished_batch_gives_its_buffer_back_to_the_next_one() {
+        let pool = BufferPool::default();
+        let mut first = pool.batch();
+        first.push_line(&[b'x'; 1000], 0);
+        let (ptr, cap) = (first.buf.as_ptr(), first.buf.capacity());
+        drop(first);
+        assert_eq!(pool.kept(), 1);
+        let second = pool.batch();
+        assert!(second.is_empty() && second.buf.is_empty());
+        assert_eq!((second.buf.as_ptr(), second.buf.capacity()), (ptr, cap));
+        assert_eq!(pool.kept(), 0);
+
+        // A buffer its batch filled to less than a quarter (live traffic) is let go, so the
+        // memory of a backlog is returned; the pool never keeps more than KEEP.
+        let mut small = pool.batch();
+        small.buf.reserve(4096);
+        small.push_line(b"short", 0);
+        drop(small);
+        assert_eq!(pool.kept(), 0);
+        let full: Vec<Batch> = (0..BufferPool::KEEP + 3)
+            .map(|_| {
+                let mut b = pool.batch();
+                b.push_line(b"line", 0);
+                b
+            })
+            .collect();
+        drop(full);
+        assert_eq!(pool.kept(), BufferPool::KEEP);
+        // A batch made without the pool keeps its buffer to itself.
+        drop(Batch::default());
+        assert_eq!(pool.kept(), BufferPool::KEEP);
+    }
 
     #[test]
     fn a_revocation_waits_for_the_batches_handed_out_before_it_not_after() {

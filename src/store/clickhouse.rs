@@ -70,7 +70,7 @@ use crate::source::kafka::OffsetStore;
 pub use crate::source::kafka::TopicPartition;
 use crate::source::{PartitionOffset, Position};
 use error::{classify, code_of, Phase, ALREADY_EXISTS};
-use rowbinary::{encode, RowBinary};
+use rowbinary::{encode_batch, RowBinary};
 
 /// The schema version this keywatch creates (the number of migrations).
 pub const SCHEMA_VERSION: u32 = 2;
@@ -82,6 +82,23 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// first recovery after start waits this long after the store was opened before it
 /// looks at what is still running.
 const SETTLE: Duration = Duration::from_secs(1);
+
+/// Databases this process created, by server URL and name. Nobody can have written into
+/// one before: a writer sends rows only after its own `CREATE DATABASE` was answered, and
+/// the database did not exist when this process looked. So the first recovery into it
+/// does not wait [`SETTLE`] for a predecessor's late requests; a restart on an existing
+/// database still does. Process-wide, because the daemon opens the store more than once
+/// (the first opening creates the schema). Not used on a cluster, where the database is
+/// looked for on one server only.
+static CREATED_HERE: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+fn created_here(url: &str, database: &str) -> bool {
+    CREATED_HERE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|(u, d)| u == url && d == database)
+}
 
 /// Report queries may scan a lot; they get longer than bookkeeping queries.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -165,6 +182,8 @@ impl std::fmt::Debug for ClickHouseStore {
 struct Quorum {
     sharded: u32,
     global: u32,
+    /// The cluster's shards (1 on one server).
+    shards: u32,
 }
 
 #[derive(Row, Deserialize)]
@@ -386,6 +405,7 @@ impl ClickHouseStore {
                 quorum: Quorum {
                     sharded: 1,
                     global: 1,
+                    shards: 1,
                 },
                 sql,
                 features: ServerFeatures::new("", &[]),
@@ -424,6 +444,7 @@ impl ClickHouseStore {
             None => Quorum {
                 sharded: 1,
                 global: 1,
+                shards: 1,
             },
         };
         let inner = Arc::get_mut(&mut store.inner).expect("no clone of a store being connected");
@@ -456,14 +477,17 @@ impl ClickHouseStore {
         }
         let smallest = shards.iter().map(|s| s.replicas).min().unwrap_or(1) as u32;
         let servers = shards.iter().map(|s| s.replicas).sum::<u64>() as u32;
+        let n_shards = shards.len() as u32;
         let quorum = match c.insert_quorum {
             0 => Quorum {
                 sharded: smallest / 2 + 1,
                 global: servers / 2 + 1,
+                shards: n_shards,
             },
             n => Quorum {
                 sharded: n.min(smallest),
                 global: n.min(servers),
+                shards: n_shards,
             },
         };
         tracing::info!(
@@ -676,24 +700,44 @@ impl ClickHouseStore {
     }
 
     /// Creates the database and applies the migrations this keywatch knows. Every
-    /// statement is idempotent, so two instances starting at once both succeed.
+    /// statement is idempotent, so two instances starting at once both succeed. A schema
+    /// that is up to date sends no DDL: on a cluster, DDL runs `ON CLUSTER` and waits for
+    /// every server, so a restart while one is down (or while its distributed DDL worker
+    /// has stopped, see `recover_async`) would wait for it.
     async fn migrate(&self) -> Result<(), StoreError> {
-        if self
+        let database_exists = self
             .count(
                 &self.inner.sql.database_exists(),
                 "looking for the database",
             )
             .await?
-            == 0
-        {
+            > 0;
+        if !database_exists {
             self.exec_ddl(&self.inner.sql.create_database(), "creating the database")
                 .await?;
+            if self.inner.sql.cluster.is_none() {
+                let cfg = &self.inner.cfg;
+                CREATED_HERE
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((cfg.url.clone(), cfg.database.clone()));
+            }
         }
-        self.exec_ddl(
-            &self.inner.sql.create_migrations_table(),
-            "creating the migrations table",
-        )
-        .await?;
+        let table_exists = database_exists
+            && self
+                .count(
+                    &self.inner.sql.migrations_table_exists(),
+                    "looking for the migrations table",
+                )
+                .await?
+                > 0;
+        if !table_exists {
+            self.exec_ddl(
+                &self.inner.sql.create_migrations_table(),
+                "creating the migrations table",
+            )
+            .await?;
+        }
         let current = self.schema_version_async().await?;
         let migrations = self
             .inner
@@ -803,7 +847,7 @@ impl ClickHouseStore {
     /// batch (an insert) or remove committed ones (a deletion computed from older offsets).
     async fn drain_writes(&self) -> Result<(), StoreError> {
         let settle = (self.inner.opened + SETTLE).saturating_duration_since(Instant::now());
-        if !settle.is_zero() {
+        if !settle.is_zero() && !created_here(&self.inner.cfg.url, &self.inner.cfg.database) {
             tokio::time::sleep(settle).await;
         }
         let running: Vec<Text> = self
@@ -924,11 +968,19 @@ impl ClickHouseStore {
                 // hold rows of an interrupted batch that the one read has not fetched
                 // yet. The deletion, replicated, reaches them all.
                 if n > 0 || self.inner.sql.cluster.is_some() {
-                    self.exec(
-                        &self.inner.sql.delete_where(t, &filter),
-                        "deleting rows of uncommitted batches",
-                    )
-                    .await?;
+                    // One shard: its replicas share the mutation (see `delete_where_here`),
+                    // and no server's distributed DDL worker is needed. ClickHouse 18.16's
+                    // stops for good when its server was stopped while executing an ALTER
+                    // ON CLUSTER ("DDLWorker: Unexpected ZooKeeper error ... Node exists
+                    // ... Terminating"; later versions restart it, ClickHouse PR 18285):
+                    // every ON CLUSTER statement then waits for that server until restarted.
+                    let sql = if self.inner.quorum.shards == 1 {
+                        self.inner.sql.delete_where_here(t, &filter)
+                    } else {
+                        self.inner.sql.delete_where(t, &filter)
+                    };
+                    self.exec(&sql, "deleting rows of uncommitted batches")
+                        .await?;
                     deleted += n;
                 }
             }
@@ -1151,7 +1203,7 @@ impl ClickHouseStore {
             && batch.aggregate.events == selected_events as u64)
             .then_some(batch.aggregate);
         let ids: Vec<rowbinary::BatchId<'_>> = ids.into_iter().map(|(id, _)| id).collect();
-        let encoded = encode(selected, &ids, whole);
+        let encoded = encode_batch(&selected, &ids, whole);
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut offsets = RowBinary::default();
         for (id, n) in ids.iter().zip(next.values()) {

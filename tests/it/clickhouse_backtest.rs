@@ -141,7 +141,7 @@ fn a_range_replayed_from_clickhouse_raises_what_the_log_raises() {
         &log,
         "full",
         &format!(
-            "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = {:?}\ndatabase = {db:?}\n",
+            "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = {:?}\ndatabase = {db:?}\nretention_days = 0\n",
             ch.url
         ),
     );
@@ -156,6 +156,7 @@ fn a_range_replayed_from_clickhouse_raises_what_the_log_raises() {
     let ch_cfg = ClickHouseConfig {
         url: ch.url.clone(),
         database: db.clone(),
+        retention_days: 0,
         ..ClickHouseConfig::default()
     };
     let mut store = ClickHouseStore::open_standalone(&ch_cfg, None).unwrap();

@@ -53,6 +53,8 @@ fn config(ch: &ClickHouse) -> ClickHouseConfig {
         database: database(),
         insert_timeout: Duration::from_secs(10),
         mutation_timeout: Duration::from_secs(60),
+        // The samples are of fixed dates (November 2026): kept whatever today is.
+        retention_days: 0,
         ..ClickHouseConfig::default()
     }
 }
@@ -524,7 +526,7 @@ fn full_mode_shows_the_same_rotations_and_findings_as_embedded_mode() {
         &log,
         "full",
         &format!(
-            "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = {:?}\ndatabase = {db:?}\n",
+            "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = {:?}\ndatabase = {db:?}\nretention_days = 0\n",
             ch.url
         ),
     );
@@ -640,7 +642,7 @@ fn full_mode_shows_the_same_rotations_and_findings_as_embedded_mode() {
         &log,
         "empty",
         &format!(
-            "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = {:?}\ndatabase = {:?}\n",
+            "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = {:?}\ndatabase = {:?}\nretention_days = 0\n",
             ch.url,
             database()
         ),

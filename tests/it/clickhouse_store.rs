@@ -140,6 +140,8 @@ fn config(server: &Server) -> ClickHouseConfig {
         database: fresh_database(),
         insert_timeout: Duration::from_secs(5),
         mutation_timeout: Duration::from_secs(60),
+        // The test events are of fixed dates (November 2026): kept whatever today is.
+        retention_days: 0,
         ..ClickHouseConfig::default()
     }
 }
@@ -764,12 +766,14 @@ fn kill_events_per_partition() -> i64 {
 fn kill9_writer() {
     let (Ok(url), Ok(database)) = (std::env::var("KW_KILL9_URL"), std::env::var("KW_KILL9_DB"))
     else {
-        return;
+        panic!("run by kill_dash_nine_at_any_moment_counts_exactly_once, with KW_KILL9_URL and KW_KILL9_DB");
     };
     let cfg = ClickHouseConfig {
         url,
         database,
         insert_timeout: Duration::from_secs(5),
+        // The test events are of fixed dates (November 2026): kept whatever today is.
+        retention_days: 0,
         ..ClickHouseConfig::default()
     };
     let mut store = open(&cfg);

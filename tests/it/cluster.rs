@@ -149,6 +149,8 @@ fn config(url: &str, database: &str) -> ClickHouseConfig {
         insert_timeout: Duration::from_secs(5),
         mutation_timeout: Duration::from_secs(60),
         cluster: Some(ClusterConfig::named("keywatch")),
+        // The test events are of fixed dates (November 2026): kept whatever today is.
+        retention_days: 0,
         ..ClickHouseConfig::default()
     }
 }
@@ -230,6 +232,23 @@ fn tp(p: i32) -> TopicPartition {
     (TOPIC.to_owned(), p)
 }
 
+/// Opens the store (creating the schema on the first call), retrying transient errors
+/// as the daemon does: a replica busy or down makes the statements `ON CLUSTER` wait.
+fn open(url: &str, database: &str) -> ClickHouseStore {
+    let cfg = config(url, database);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match ClickHouseStore::open_standalone(&cfg, None) {
+            Ok(s) => return s,
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                eprintln!("open, transient: {e}");
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// The process the tests kill: resumes from the stored offsets and commits batches of
 /// random sizes until every event is stored, retrying transient failures as the pipeline
 /// does (a stopped replica: the quorum is not met until it is back).
@@ -242,22 +261,19 @@ fn writer() {
     ) else {
         panic!("run by the cluster tests, with KW_CLUSTER_URL and KW_CLUSTER_DB");
     };
-    let cfg = config(&url, &database);
-    let mut store = loop {
-        match ClickHouseStore::open_standalone(&cfg, None) {
-            Ok(s) => break s,
-            Err(e) if e.is_transient() => std::thread::sleep(Duration::from_millis(200)),
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let mut store = open(&url, &database);
     let parts: Vec<TopicPartition> = PARTITIONS.iter().map(|p| tp(*p)).collect();
     let mut next: HashMap<i32, i64> = loop {
         match store.recover(SRC, &parts) {
             Ok(m) => break m.into_iter().map(|((_, p), o)| (p, o)).collect(),
-            Err(e) if e.is_transient() => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) if e.is_transient() => {
+                eprintln!("recover, transient: {e}");
+                std::thread::sleep(Duration::from_millis(200))
+            }
             Err(e) => panic!("{e}"),
         }
     };
+    eprintln!("writer {} resumed at {next:?}", std::process::id());
     let mut x = std::process::id() as u64 | 1;
     loop {
         let mut batch = Vec::new();
@@ -285,7 +301,7 @@ fn writer() {
             match commit(&mut store, SRC, &batch, &pos) {
                 Ok(()) => break,
                 Err(e) if e.is_transient() => {
-                    eprintln!("transient: {e}");
+                    eprintln!("commit, transient: {e}");
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(e) => panic!("{e}"),
@@ -295,26 +311,55 @@ fn writer() {
     }
 }
 
-/// Runs the writer against `url`, killing it `kills` times at random moments; `between`
-/// runs after the first kill (while no writer runs).
-fn write_with_kills(url: &str, database: &str, kills: u32, between: impl FnOnce()) -> u32 {
-    let mut x: u64 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+/// Runs the writer against `url` (a server of `c`), killing it `kills` times at random
+/// moments; `between` runs after the first kill (while no writer runs). A writer that
+/// fails or never finishes is shown with its last lines and the servers' error logs.
+fn write_with_kills(
+    c: &Cluster,
+    url: &str,
+    database: &str,
+    kills: u32,
+    between: impl FnOnce(),
+) -> u32 {
+    // KW_CLUSTER_SEED replays the kill moments of a seed printed by an earlier run.
+    let mut x: u64 = std::env::var("KW_CLUSTER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
         | 1;
-    eprintln!("cluster kill -9 seed {x}");
+    eprintln!("cluster kill -9 seed {x} (KW_CLUSTER_SEED replays it)");
     let started = Instant::now();
     let mut between = Some(between);
     let mut killed = 0;
+    // Each writer's stderr (its retries) goes to one file, shown if the writer fails.
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("writers.log");
+    let tail = || {
+        let mut out = last_lines(&log, 40);
+        for (s, r, _) in &c.nodes {
+            let err = c.node_dir(*s, *r).join("log/clickhouse-server.err.log");
+            out += &format!("\n-- s{s}r{r}: {}\n{}", err.display(), last_lines(&err, 15));
+        }
+        out
+    };
     loop {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "cluster::writer", "--ignored", "--quiet"])
             .args(["--test-threads=1", "--nocapture"])
             .env("KW_CLUSTER_URL", url)
             .env("KW_CLUSTER_DB", database)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         x ^= x << 13;
@@ -323,7 +368,11 @@ fn write_with_kills(url: &str, database: &str, kills: u32, between: impl FnOnce(
         let deadline = Instant::now() + Duration::from_millis(800 + (x >> 1) % 2500);
         let finished = loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "the writer failed: {status}");
+                assert!(
+                    status.success(),
+                    "the writer failed: {status}; its last lines:\n{}",
+                    tail()
+                );
                 break true;
             }
             if killed < kills && Instant::now() >= deadline {
@@ -334,7 +383,8 @@ fn write_with_kills(url: &str, database: &str, kills: u32, between: impl FnOnce(
             }
             assert!(
                 started.elapsed() < Duration::from_secs(300),
-                "the writer never finished ({killed} kills)"
+                "the writer never finished ({killed} kills); its last lines:\n{}",
+                tail()
             );
             std::thread::sleep(Duration::from_millis(5));
         };
@@ -347,6 +397,12 @@ fn write_with_kills(url: &str, database: &str, kills: u32, between: impl FnOnce(
     }
 }
 
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Reads the store once every replica applied everything: nothing lost, nothing twice,
 /// on the Distributed tables, on each replica and in the dashboards' views.
 fn check_exactly_once(c: &Cluster, database: &str) {
@@ -355,22 +411,29 @@ fn check_exactly_once(c: &Cluster, database: &str) {
     let mut keys: Vec<&str> = all.iter().map(|e| e.event.key_id.as_ref()).collect();
     keys.sort_unstable();
     keys.dedup();
+    // Every replica caught up with its shard's log (fetches and deletions), and with the
+    // offsets: a commit whose offsets insert timed out waiting for its quorum under load
+    // and was retried is answered by deduplication, and the other server may fetch the
+    // part a little later. Reading the offsets there before would recover from the
+    // previous commit (and delete that last batch's rows, which no writer stores again
+    // here).
+    let tables = [
+        "events_local",
+        "rollup_minute_local",
+        "key_sources_local",
+        "keys_seen_local",
+        "offsets",
+    ];
+    for (_, _, u) in &c.nodes {
+        for t in tables {
+            http(u, &format!("SYSTEM SYNC REPLICA {database}.keywatch_{t}")).unwrap();
+        }
+    }
     let url = &c.nodes[0].2;
-    let store = ClickHouseStore::open_standalone(&config(url, database), None).unwrap();
+    let store = open(url, database);
     let parts: Vec<TopicPartition> = PARTITIONS.iter().map(|p| tp(*p)).collect();
     let resumed = store.recover(SRC, &parts).unwrap();
     assert_eq!(resumed, parts.iter().map(|p| (p.clone(), EVENTS)).collect());
-    // Every replica caught up with its shard's log (fetches and deletions).
-    let tables = ["events", "rollup_minute", "key_sources", "keys_seen"];
-    for (_, _, u) in &c.nodes {
-        for t in tables {
-            http(
-                u,
-                &format!("SYSTEM SYNC REPLICA {database}.keywatch_{t}_local"),
-            )
-            .unwrap();
-        }
-    }
     // A deletion of recovery applies to the last part written with a quorum only once
     // the next quorum insert lands in its partition (18.16), and then in the background:
     // the counts converge, they are not exact at every instant.
@@ -461,7 +524,7 @@ fn one_shard_two_replicas_kill9_and_a_stopped_replica_count_once() {
     let c = cluster(1, 2);
     let database = fresh_database("kwcluster");
     let url = c.nodes[0].2.clone();
-    drop(ClickHouseStore::open_standalone(&config(&url, &database), None).unwrap());
+    drop(open(&url, &database));
     // The second replica stops after the first kill and is back 4 s later, while the
     // writer runs (its commits wait: both replicas make the quorum).
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -476,10 +539,25 @@ fn one_shard_two_replicas_kill9_and_a_stopped_replica_count_once() {
             });
         }
     };
-    let kills = write_with_kills(&url, &database, 3, restarter);
+    let kills = write_with_kills(&c, &url, &database, 3, restarter);
     done_rx.recv_timeout(Duration::from_secs(60)).unwrap();
     eprintln!("{kills} kills, one replica stopped and started");
     check_exactly_once(&c, &database);
+
+    // A restart while a replica is down: the schema is up to date, so opening sends no DDL
+    // (DDL ON CLUSTER would wait for the stopped server), and recovery's deletions are
+    // replicated mutations of this shard, not DDL either.
+    c.stop_node(1, 2);
+    let opened = ClickHouseStore::open_standalone(&config(&url, &database), None);
+    let parts: Vec<TopicPartition> = PARTITIONS.iter().map(|p| tp(*p)).collect();
+    let recovered = match &opened {
+        Ok(s) => Some(s.recover(SRC, &parts)),
+        Err(_) => None,
+    };
+    c.start_node(1, 2);
+    drop(opened.expect("opening with a replica down"));
+    let resumed = recovered.unwrap().expect("recovering with a replica down");
+    assert_eq!(resumed, parts.iter().map(|p| (p.clone(), EVENTS)).collect());
 }
 
 #[test]
@@ -487,8 +565,8 @@ fn two_shards_kill9_count_once() {
     let c = cluster(2, 1);
     let database = fresh_database("kwshards");
     let url = c.nodes[1].2.clone();
-    drop(ClickHouseStore::open_standalone(&config(&url, &database), None).unwrap());
-    let kills = write_with_kills(&url, &database, 3, || {});
+    drop(open(&url, &database));
+    let kills = write_with_kills(&c, &url, &database, 3, || {});
     eprintln!("{kills} kills");
     check_exactly_once(&c, &database);
 }
@@ -533,7 +611,7 @@ fn group_config(
              [pipeline]\nbatch_max_events = 500\nbatch_max_wait = \"100ms\"\n\
              [server]\nenabled = false\n\
              [store]\nkind = \"clickhouse\"\n\
-             [store.clickhouse]\nurl = \"{url}\"\ndatabase = \"{db}\"\ninsert_timeout = \"5s\"\n\
+             [store.clickhouse]\nurl = \"{url}\"\ndatabase = \"{db}\"\ninsert_timeout = \"5s\"\nretention_days = 0\n\
              [store.clickhouse.cluster]\nname = \"keywatch\"\n",
             state = dir.join(format!("state-{name}")),
         ),

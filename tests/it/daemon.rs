@@ -1,5 +1,6 @@
 //! The daemon in follow mode: picks up appended lines, serves /metrics and /healthz, and
-//! shuts down cleanly on SIGTERM with its position saved.
+//! shuts down cleanly on SIGTERM with its position saved. A one-shot replay stopped by
+//! SIGTERM stops at its next evaluation, and the next start finishes it.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -104,12 +105,7 @@ fn follows_appends_serves_metrics_and_stops_on_sigterm() {
     assert!(health["last_commit_ms"].as_i64().unwrap() > 0);
 
     // SIGTERM: a clean exit with the position at the end of the file.
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = wait_with_timeout(&mut child, Duration::from_secs(10));
+    let status = sigterm(&mut child, Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
 
     let state = dir.path().join("state");
@@ -130,4 +126,82 @@ fn follows_appends_serves_metrics_and_stops_on_sigterm() {
         }
         other => panic!("unexpected position {other:?}"),
     }
+}
+
+/// The findings `keywatch findings --json` lists for `config`, each without its `count`
+/// (how many evaluations saw it: a stop adds one at the point it stopped).
+fn findings_of(config: &std::path::Path) -> Vec<serde_json::Value> {
+    let out = run_ok(
+        keywatch()
+            .args(["findings", "--since", "3650d", "--json", "--config"])
+            .arg(config)
+            .env("KW_TEST_SECRET", SECRET),
+    );
+    let mut all: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut f: serde_json::Value = serde_json::from_str(l).unwrap();
+            f.as_object_mut().unwrap().remove("count");
+            f
+        })
+        .collect();
+    all.sort_by_key(|f| f.to_string());
+    all
+}
+
+#[test]
+fn sigterm_during_a_replay_stops_at_its_next_evaluation_and_the_rerun_counts_once() {
+    // Four days of a Kong log read once, evaluated every minute of event time while the
+    // sample's rotation is open: thousands of evaluations, each cutting the batch.
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = sample(log_dir.path(), "kong", 20_000, 5);
+    let lines = lines_of(&log).len() as u64;
+    let extra = format!(
+        "[pipeline]\nbatch_max_events = 100000\n\
+         [rules]\nkeys = {:?}\nevaluate_every = \"1m\"\n",
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/registry.toml")
+    );
+    let whole = tempfile::tempdir().unwrap();
+    let whole_cfg = config(whole.path(), &log, "kong", &extra);
+    run_ok(&mut run_config(&whole_cfg));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &log, "kong", &extra);
+    let state = dir.path().join("state");
+    let mut child = spawn_quiet(&mut run_config(&cfg));
+    let started = Instant::now();
+    while try_totals(&state).map_or(0, |(r, _)| r) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing stored within 60 s"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "keywatch exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = sigterm(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    // It stopped within the log (at an evaluation of the batch in hand), not after the
+    // batches it had read.
+    let (stored, _) = totals(&state);
+    assert!(
+        stored < lines,
+        "stored {stored} of {lines} lines: SIGTERM came after the end"
+    );
+    let source = format!("file:{}", log.display());
+    let store = SqliteStore::open(&state).unwrap();
+    match store.position(&source).unwrap() {
+        Some(Position::File(p)) => {
+            assert!(p.offset < std::fs::metadata(&log).unwrap().len(), "{p:?}")
+        }
+        other => panic!("unexpected position {other:?}"),
+    }
+    drop(store);
+
+    // The next start reads the rest: every line once, and the findings of the whole run.
+    run_ok(&mut run_config(&cfg));
+    assert_eq!(totals(&state), (lines, lines));
+    let whole_findings = findings_of(&whole_cfg);
+    assert!(whole_findings.len() >= 5, "{whole_findings:?}");
+    assert_eq!(findings_of(&cfg), whole_findings);
 }

@@ -489,7 +489,7 @@ fn clickhouse_config(
     let path = kafka_config(dir, &dir.join("state"), brokers, topic, group, "");
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(&format!(
-        "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = \"{ch_url}\"\ndatabase = \"{db}\"\ninsert_timeout = \"5s\"\n"
+        "[store]\nkind = \"clickhouse\"\n[store.clickhouse]\nurl = \"{ch_url}\"\ndatabase = \"{db}\"\ninsert_timeout = \"5s\"\nretention_days = 0\n"
     ));
     std::fs::write(&path, text).unwrap();
     path
@@ -955,6 +955,16 @@ fn each_member_holds_its_partitions_keys_cooperative_sticky() {
     );
 }
 
+/// The same under the consumer protocol of KIP-848: the broker assigns, one partition at a
+/// time, with no group-wide rebalance.
+#[test]
+fn each_member_holds_its_partitions_keys_kip848_consumer_protocol() {
+    members_hold_their_partitions_keys("\"group.protocol\" = \"consumer\"\n");
+}
+
+/// `properties` go into `[input.kafka.properties]`; with `group.protocol = consumer` in
+/// place of the classic session settings, which that protocol refuses (the broker owns
+/// them).
 fn members_hold_their_partitions_keys(properties: &str) {
     let dir = tempfile::tempdir().unwrap();
     let ch = crate::support::clickhouse::ClickHouse::shared_or_start(&dir.path().join("ch"));
@@ -979,6 +989,11 @@ fn members_hold_their_partitions_keys(properties: &str) {
                 "[input.kafka.properties]\n",
                 &format!("[input.kafka.properties]\n{properties}"),
             );
+        let text = if properties.contains("\"group.protocol\" = \"consumer\"") {
+            text.replace(CLASSIC, "")
+        } else {
+            text
+        };
         std::fs::write(&cfg, text).unwrap();
         cfg
     };

@@ -4,7 +4,8 @@
 //! loaded, and the Helm chart (`helm lint`, `helm template`; helm is built from the Go module
 //! proxy by scripts/test.sh) rendered and read back: the StatefulSet's volume, probes,
 //! secrets and security, and the config it mounts accepted by `keywatch check-config`.
-//! scripts/test.sh installs the tools; a missing one fails these tests.
+//! scripts/test.sh installs the tools; a missing one fails these tests. Also what the probes
+//! say: an instance whose store does not answer at start waits for it, alive and not ready.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -456,6 +457,113 @@ fn backtest_shows_progress_on_a_terminal_and_nothing_in_a_pipe() {
         "no progress bar on a terminal: {seen:?}"
     );
     assert!(seen.contains("finding(s)"), "{seen}");
+}
+
+#[test]
+fn a_store_down_at_start_is_waited_for_and_readyz_says_why() {
+    use crate::support::clickhouse::{fresh_database, ClickHouse};
+    let dir = tempfile::tempdir().unwrap();
+    let log = support::sample(dir.path(), "kong", 2_000, 11);
+    let lines = support::lines_of(&log).len() as u64;
+    // A private server, stopped: its port answers nothing until it starts again.
+    let ch = ClickHouse::start(&dir.path().join("clickhouse"));
+    ch.stop();
+    let database = fresh_database("kwwait");
+    let port = free_port();
+    let daemon_config = |name: &str, server: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = {state:?}\n\
+                 [input]\nkind = \"file\"\npath = {log:?}\nformat = \"kong\"\nfollow = false\n\
+                 [fingerprint]\nsecret_env = \"KW_TEST_SECRET\"\n\
+                 [store]\nkind = \"clickhouse\"\n\
+                 [store.clickhouse]\nurl = \"{url}\"\ndatabase = \"{database}\"\n\
+                 insert_timeout = \"2s\"\nretention_days = 0\n{server}",
+                state = dir.path().join(format!("state-{name}")),
+                url = ch.url,
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // Its log in `{name}.log`, read by the assertions.
+    let spawn = |config: &Path, name: &str| {
+        let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+        Killed(
+            support::run_config(config)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+
+    // The first instance waits, alive but not ready, and says why; SIGTERM stops it.
+    let first = daemon_config(
+        "first",
+        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let mut a = spawn(&first, "first");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (health, reasons) = loop {
+        if let (Some(h), Some(r)) = (http_get(port, "/healthz"), http_get(port, "/readyz")) {
+            let r: Value = serde_json::from_str(&r).unwrap();
+            let reasons: Vec<String> = r["reasons"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect();
+            if reasons
+                .iter()
+                .any(|r| r.starts_with("the store does not answer"))
+            {
+                break (h, reasons);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never said the store does not answer"
+        );
+        if let Some(status) = a.0.try_wait().unwrap() {
+            panic!(
+                "keywatch exited ({status}): {}",
+                std::fs::read_to_string(dir.path().join("first.log")).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    assert!(
+        reasons.iter().any(|r| r.contains("the store: opening it")),
+        "{reasons:?}"
+    );
+    let status = support::sigterm(&mut a.0, Duration::from_secs(20));
+    assert!(!status.success(), "stopped before it could start: {status}");
+    let text = std::fs::read_to_string(dir.path().join("first.log")).unwrap();
+    assert!(
+        text.contains("the store does not answer yet, retrying")
+            && text.contains("asked to stop while waiting for the store"),
+        "{text}"
+    );
+
+    // The second instance starts while the server is down and stores everything once it
+    // is back.
+    let second = daemon_config("second", "[server]\nenabled = false\n");
+    let mut b = spawn(&second, "second");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(b.0.try_wait().unwrap().is_none(), "keywatch exited");
+    ch.restart_after_stop();
+    let status = support::wait_with_timeout(&mut b.0, Duration::from_secs(120));
+    let text = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    assert!(status.success(), "{status}: {text}");
+    assert!(
+        text.contains("the store does not answer yet, retrying"),
+        "{text}"
+    );
+    assert_eq!(ch.totals(&database), Some((lines, lines)));
 }
 
 #[test]

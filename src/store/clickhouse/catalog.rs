@@ -179,9 +179,19 @@ pub fn build(sql: &Sql, features: &ServerFeatures) -> Vec<Step> {
     steps.push(query("known_settings", Sql::known_settings(), false));
     steps.push(query("database_exists", sql.database_exists(), true));
     steps.push(exec("create_database", sql.create_database()));
+    steps.push(query(
+        "migrations_table_exists_before",
+        sql.migrations_table_exists(),
+        true,
+    ));
     steps.push(exec(
         "create_migrations_table",
         sql.create_migrations_table(),
+    ));
+    steps.push(query(
+        "migrations_table_exists",
+        sql.migrations_table_exists(),
+        true,
     ));
     steps.push(query("schema_version_empty", sql.schema_version(), true));
     for (i, m) in sql.migrations(features, RETENTION_DAYS).iter().enumerate() {

@@ -232,6 +232,19 @@ pub(crate) struct EncodedBatch {
 }
 
 impl EncodedBatch {
+    /// Appends the rollup, source and key rows of one stream's aggregate.
+    fn aggregate(&mut self, agg: &Aggregate, id: &BatchId<'_>) {
+        for (key_id, minute, r) in agg.rollups() {
+            self.rollups.rollup(key_id, minute, r, id);
+        }
+        for (k, s) in agg.sources() {
+            self.sources.source(k, s, id);
+        }
+        for (key_id, seen) in agg.keys() {
+            self.keys.key(key_id, seen, id);
+        }
+    }
+
     /// In insert order.
     pub fn tables(&self) -> [(Table, &RowBinary); 4] {
         [
@@ -275,16 +288,59 @@ where
         if agg.events == 0 && whole.is_none() {
             continue;
         }
-        for (key_id, minute, r) in agg.rollups() {
-            out.rollups.rollup(key_id, minute, r, id);
-        }
-        for (k, s) in agg.sources() {
-            out.sources.source(k, s, id);
-        }
-        for (key_id, seen) in agg.keys() {
-            out.keys.key(key_id, seen, id);
-        }
+        out.aggregate(agg, id);
     }
+    out
+}
+
+/// The result of a scoped thread; its panic, if any, goes on in the caller.
+fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    h.join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Events below which [`encode_batch`] encodes on the calling thread alone.
+const PARALLEL_ENCODE_EVENTS: usize = 4096;
+
+/// [`encode`] for a batch's selected events, on three threads when the batch is large and
+/// has one stream (`whole`): the aggregate's rows on one, each half of the events' rows on
+/// another, the halves joined after (RowBinary rows simply follow one another). The
+/// encoding runs on the pipeline thread between a batch's preparation and the start of its
+/// commit, where nothing else overlaps it (BENCHMARKS.md, issue 19).
+pub(crate) fn encode_batch(
+    events: &[(&AuthEvent<'_>, &Origin, usize)],
+    ids: &[BatchId<'_>],
+    whole: Option<&Aggregate>,
+) -> EncodedBatch {
+    let (Some(agg), [id]) = (whole, ids) else {
+        return encode(events.iter().copied(), ids, whole);
+    };
+    if events.len() < PARALLEL_ENCODE_EVENTS {
+        return encode(events.iter().copied(), ids, whole);
+    }
+    let rows = |part: &[(&AuthEvent<'_>, &Origin, usize)]| {
+        let mut out = RowBinary::default();
+        out.buf.reserve(part.len() * 320);
+        for (ev, origin, _) in part {
+            out.event(ev, origin, id);
+        }
+        out
+    };
+    let (first, second) = events.split_at(events.len() / 2);
+    let (mut out, first, second) = std::thread::scope(|s| {
+        let aggregates = s.spawn(|| {
+            let mut out = EncodedBatch::default();
+            out.aggregate(agg, id);
+            out
+        });
+        let first = s.spawn(|| rows(first));
+        let second = rows(second);
+        (join(aggregates), join(first), second)
+    });
+    out.events = first;
+    out.events.buf.extend_from_slice(&second.buf);
+    out.events.rows += second.rows;
+    out.events.values += second.values;
     out
 }
 
@@ -322,6 +378,52 @@ mod tests {
         };
         o.offset(&id, 1, "", 0);
         assert_eq!(o.values(), Table::Offsets.columns().len());
+    }
+
+    #[test]
+    fn a_large_batch_encoded_on_three_threads_is_the_same_bytes() {
+        let evs: Vec<AuthEvent<'static>> = (0..10_001i64)
+            .map(|i| {
+                let mut ev = AuthEvent::new(
+                    61_500 + i * 7_000,
+                    Cow::Owned(format!("k{}", i % 37)),
+                    if i % 5 == 0 { 401 } else { 200 },
+                    if i % 5 == 0 {
+                        Outcome::InvalidKey
+                    } else {
+                        Outcome::Ok
+                    },
+                );
+                ev.latency_ms = Some((i % 90) as f64);
+                ev.source_ip = Some(Cow::Owned(format!("10.0.0.{}", i % 9)));
+                ev
+            })
+            .collect();
+        let origins: Vec<Origin> = (0..evs.len())
+            .map(|i| Origin {
+                partition: 0,
+                offset: i as i64,
+                index: 0,
+            })
+            .collect();
+        let mut agg = Aggregate::default();
+        for ev in &evs {
+            agg.add(ev);
+        }
+        let ids = [BatchId {
+            src: "s",
+            topic: "",
+            part: 0,
+            batch_end: 3,
+        }];
+        let selected: Vec<_> = evs.iter().zip(&origins).map(|(e, o)| (e, o, 0)).collect();
+        let one = encode(selected.iter().copied(), &ids, Some(&agg));
+        let three = encode_batch(&selected, &ids, Some(&agg));
+        for ((table, a), (_, b)) in one.tables().into_iter().zip(three.tables()) {
+            assert_eq!((a.rows, a.values()), (b.rows, b.values()), "{table:?}");
+            assert!(a.buf == b.buf, "{table:?}: the bytes differ");
+        }
+        assert_eq!(three.events.rows, 10_001);
     }
 
     #[test]

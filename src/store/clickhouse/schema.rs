@@ -505,6 +505,15 @@ impl Sql {
         )
     }
 
+    /// Whether the migrations table exists on this server (1) or not (0).
+    pub fn migrations_table_exists(&self) -> String {
+        format!(
+            "SELECT toUInt64(count()) FROM system.tables WHERE database = {} AND name = {}",
+            lit(&self.database),
+            lit(&self.name(Table::SchemaMigrations))
+        )
+    }
+
     pub fn create_migrations_table(&self) -> String {
         self.create_table(
             Table::SchemaMigrations,
@@ -667,13 +676,22 @@ impl Sql {
         )
     }
 
-    /// A mutation (18.16 and later); [`Self::pending_mutations`] says when it is done.
+    /// A mutation (18.16 and later); [`Self::pending_mutations`] says when it is done. On
+    /// a cluster it runs `ON CLUSTER`: one replica of each shard registers it.
     pub fn delete_where(&self, t: Table, filter: &str) -> String {
         format!(
             "ALTER TABLE {}{} DELETE WHERE {filter}",
             self.local(t),
             self.on_cluster()
         )
+    }
+
+    /// [`Self::delete_where`] sent to this server alone. On a cluster of one shard that is
+    /// enough: the table is replicated, and a mutation registered on one replica is
+    /// registered for all (in ZooKeeper, not through the distributed DDL queue, so a
+    /// replica that is down, or whose DDL worker has stopped, holds nothing back).
+    pub fn delete_where_here(&self, t: Table, filter: &str) -> String {
+        format!("ALTER TABLE {} DELETE WHERE {filter}", self.local(t))
     }
 
     /// Statements that write to this database and are running now (inserts, deletions),
@@ -958,6 +976,10 @@ mod tests {
         assert_eq!(
             c.delete_where(Table::KeysSeen, "src = 'a'"),
             "ALTER TABLE kw.p_keys_seen_local ON CLUSTER main DELETE WHERE src = 'a'"
+        );
+        assert_eq!(
+            c.delete_where_here(Table::KeysSeen, "src = 'a'"),
+            "ALTER TABLE kw.p_keys_seen_local DELETE WHERE src = 'a'"
         );
         assert!(c
             .pending_mutations()

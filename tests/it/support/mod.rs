@@ -118,6 +118,17 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::
     }
 }
 
+/// Sends SIGTERM to `child` and waits for it to exit (a failure after `timeout`).
+pub fn sigterm(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(sent, "kill -TERM {}", child.id());
+    wait_with_timeout(child, timeout)
+}
+
 /// Starts keywatch with its stdout discarded and its logs in a file (never an unread pipe:
 /// a full pipe would block the daemon). The log's path is printed, for failures.
 pub fn spawn_quiet(cmd: &mut Command) -> Child {
