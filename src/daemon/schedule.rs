@@ -4,8 +4,13 @@
 //! - [`Clock::Wall`], a daemon following live traffic: an evaluation every
 //!   `rules.evaluate_every` of real time, judged at the wall clock. While the source reads a
 //!   backlog ([`Schedule::set_behind`]) what is stored is a past that stops short of now, so
-//!   evaluations wait until it is read (at most [`MAX_POSTPONED`] intervals, so that
-//!   sustained full load cannot starve the reminders).
+//!   evaluations wait until it is read: an evaluation judged at now on half of the past
+//!   would report hosts that switched to the new key later in the backlog. They wait as
+//!   long as the source catches up: its lag behind the wall clock (now minus the latest
+//!   event time) shrinks by at least half of each stretch of [`MAX_POSTPONED`] intervals,
+//!   that is, it reads at least 1.5 times as fast as real time. Sustained full load, which
+//!   never catches up, cannot starve the reminders: after a stretch without that progress
+//!   they are evaluated on what is stored.
 //! - [`Clock::Event`], a backtest, a one-shot read of a file and the scenario tests: an
 //!   evaluation at every tick of event time (multiples of the interval, or a given list)
 //!   that the events reach, judged at the tick. The pipeline cuts its input at each tick
@@ -18,7 +23,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// While the source is behind, rotation evaluation waits at most this many intervals.
+/// While the source is behind and not catching up, rotation evaluation waits at most this
+/// many intervals.
 pub const MAX_POSTPONED: u32 = 10;
 
 /// More empty event-time ticks than this between two events are skipped, evaluating once
@@ -49,7 +55,10 @@ pub struct Schedule {
     state: State,
     /// The source is reading a backlog (wall clock only).
     behind: bool,
-    postponing: bool,
+    /// Wall clock, while evaluations are postponed: when the current stretch of
+    /// [`MAX_POSTPONED`] intervals began, and the source's lag then (ms: the wall clock
+    /// minus the latest event time; none before the first event).
+    postponing: Option<(Instant, Option<i64>)>,
     /// The latest event time seen.
     latest_ms: Option<i64>,
 }
@@ -102,7 +111,7 @@ impl Schedule {
         Ok(Schedule {
             state,
             behind: false,
-            postponing: false,
+            postponing: None,
             latest_ms: None,
         })
     }
@@ -158,23 +167,59 @@ impl Schedule {
         out
     }
 
-    /// Wall clock: whether an evaluation is due now (postponed while behind).
+    /// Wall clock: whether an evaluation is due now (postponed while behind and catching
+    /// up).
     pub fn wall_due(&mut self) -> WallTick {
+        self.wall_due_at(Instant::now(), chrono::Utc::now().timestamp_millis())
+    }
+
+    /// [`Self::wall_due`] at `now`, the wall clock reading `wall_ms`.
+    fn wall_due_at(&mut self, now: Instant, wall_ms: i64) -> WallTick {
         let State::Wall { every, last } = &mut self.state else {
             return WallTick::NotYet;
         };
-        if last.elapsed() < *every {
+        if now.saturating_duration_since(*last) < *every {
             return WallTick::NotYet;
         }
-        if self.behind && last.elapsed() < *every * MAX_POSTPONED {
-            if !self.postponing {
-                self.postponing = true;
-                tracing::info!("reading a backlog: rotations are evaluated once it is read");
+        let lag = self.latest_ms.map(|l| wall_ms - l);
+        if self.behind {
+            let stretch = *every * MAX_POSTPONED;
+            match self.postponing {
+                // The first stretch began with the last evaluation.
+                None if now.saturating_duration_since(*last) < stretch => {
+                    self.postponing = Some((*last, lag));
+                    tracing::info!("reading a backlog: rotations are evaluated once it is read");
+                    return WallTick::Postponed;
+                }
+                None => {}
+                Some((began, _)) if now.saturating_duration_since(began) < stretch => {
+                    return WallTick::Postponed;
+                }
+                Some((_, before)) => {
+                    // A stretch has passed: wait on only if the source caught up by at
+                    // least half of it (read at least 1.5 times as fast as real time), so
+                    // the backlog ends within twice its lag.
+                    let caught_up_ms = (stretch / 2).as_millis().min(i64::MAX as u128) as i64;
+                    if let (Some(before), Some(lag)) = (before, lag) {
+                        if lag <= before.saturating_sub(caught_up_ms) {
+                            tracing::debug!(
+                                lag_ms = lag,
+                                was_ms = before,
+                                "still catching up: rotations wait"
+                            );
+                            self.postponing = Some((now, Some(lag)));
+                            return WallTick::Postponed;
+                        }
+                    }
+                    tracing::warn!(
+                        lag_ms = lag,
+                        "the source is behind and not catching up: evaluating rotations on what is stored"
+                    );
+                }
             }
-            return WallTick::Postponed;
         }
-        self.postponing = false;
-        *last = Instant::now();
+        self.postponing = None;
+        *last = now;
         WallTick::Due
     }
 
@@ -281,6 +326,67 @@ mod tests {
         let mut s = Schedule::new(Clock::Event(Ticks::Every(H))).unwrap();
         assert!(s.finish().is_empty());
         assert!(Schedule::new(Clock::Event(Ticks::Every(0))).is_err());
+    }
+
+    #[test]
+    fn wall_evaluations_wait_while_a_backlog_is_caught_up_however_long() {
+        // Every second; a backlog of event time read at 100 times real time.
+        let every = Duration::from_secs(1);
+        let mut s = Schedule::new(Clock::Wall { every }).unwrap();
+        let t0 = match &s.state {
+            State::Wall { last, .. } => *last,
+            _ => unreachable!(),
+        };
+        let wall0 = 1_000_000_000_000i64;
+        let behind_by = 3_600_000i64;
+        s.set_behind(true);
+        let mut evaluated = Vec::new();
+        // 36 s of reading: ten times the cap of ten intervals, every evaluation waits.
+        for ms in (0..36_000i64).step_by(100) {
+            s.saw(wall0 - behind_by + ms * 100);
+            let now = t0 + Duration::from_millis(ms as u64);
+            if s.wall_due_at(now, wall0 + ms) == WallTick::Due {
+                evaluated.push(ms);
+            }
+        }
+        assert!(evaluated.is_empty(), "evaluated at {evaluated:?} ms");
+        // Caught up: the next one is due.
+        s.set_behind(false);
+        let now = t0 + Duration::from_millis(36_000);
+        assert_eq!(s.wall_due_at(now, wall0 + 36_000), WallTick::Due);
+
+        // Read at real time (full load, the lag stays): evaluated after one stretch of
+        // ten intervals, then again after each.
+        let mut s = Schedule::new(Clock::Wall { every }).unwrap();
+        let t0 = match &s.state {
+            State::Wall { last, .. } => *last,
+            _ => unreachable!(),
+        };
+        s.set_behind(true);
+        let mut evaluated = Vec::new();
+        for ms in (0..25_000i64).step_by(100) {
+            s.saw(wall0 - behind_by + ms);
+            if s.wall_due_at(t0 + Duration::from_millis(ms as u64), wall0 + ms) == WallTick::Due {
+                evaluated.push(ms);
+            }
+        }
+        assert_eq!(evaluated, [10_000, 20_000]);
+
+        // Read at 1.2 times real time: too slow to wait for.
+        let mut s = Schedule::new(Clock::Wall { every }).unwrap();
+        let t0 = match &s.state {
+            State::Wall { last, .. } => *last,
+            _ => unreachable!(),
+        };
+        s.set_behind(true);
+        let mut evaluated = Vec::new();
+        for ms in (0..25_000i64).step_by(100) {
+            s.saw(wall0 - behind_by + ms * 12 / 10);
+            if s.wall_due_at(t0 + Duration::from_millis(ms as u64), wall0 + ms) == WallTick::Due {
+                evaluated.push(ms);
+            }
+        }
+        assert_eq!(evaluated, [10_000, 20_000]);
     }
 
     #[test]
