@@ -3,17 +3,48 @@
 //! one instance). A lifecycle event (`rules/README.md`) is keyed by its `key_id`, so that a
 //! key's events stay in order. A line that does not decode is still sent, without a key:
 //! keywatch will dead-letter it, which is what a test of the dead-letter path wants.
+//!
+//! It succeeds only when the broker acknowledged every message: a message librdkafka gives
+//! up on (its delivery report carries an error) is counted, and the command fails saying
+//! how many of how many were lost and the first error.
 
 use std::io::BufRead;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext};
+
+/// Counts the messages whose delivery failed (librdkafka's delivery reports), keeping the
+/// first error.
+#[derive(Default)]
+struct Deliveries {
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            self.first_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| e.to_string());
+        }
+    }
+}
 
 use crate::event::Decoder;
 
-/// Sends every line of `input` to `topic`; returns how many were sent.
+/// Sends every line of `input` to `topic`; returns how many were sent, once the broker has
+/// acknowledged them all (an error says how many were not).
 pub fn produce(
     mut config: ClientConfig,
     topic: &str,
@@ -25,8 +56,9 @@ pub fn produce(
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
         .set("enable.idempotence", "true");
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        config.create().context("creating the Kafka producer")?;
+    let producer: ThreadedProducer<Deliveries> = config
+        .create_with_context(Deliveries::default())
+        .context("creating the Kafka producer")?;
     let mut sent = 0u64;
     let mut line = Vec::new();
     loop {
@@ -73,5 +105,18 @@ pub fn produce(
     producer
         .flush(Duration::from_secs(60))
         .context("waiting for the broker to acknowledge")?;
+    let failed = producer.context().failed.load(Ordering::SeqCst);
+    if failed > 0 {
+        let first = producer
+            .context()
+            .first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        anyhow::bail!(
+            "{failed} of {sent} messages to {topic} were not delivered (first error: {first})"
+        );
+    }
     Ok(sent)
 }

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::support::kafka::{messages_in, unique, Broker, Cluster};
+use crate::support::kafka::{end_offsets, messages_in, unique, Broker, Cluster};
 use crate::support::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -335,7 +335,19 @@ fn scale_in_by_kill_9(instances: usize, properties: &str) {
         seen.iter().any(|s| *s < n as u64),
         "the kills must land mid-stream: {seen:?}"
     );
-    assert_eq!(totals(&state), (n as u64, n as u64));
+    // Where each partition stands, against what the broker holds: a partition short of its
+    // end stalled; one at its end with events missing skipped them.
+    use keywatch::store::Store;
+    let stored = keywatch::store::SqliteStore::open_read_only(&state)
+        .unwrap()
+        .position(&format!("kafka:{group}"))
+        .unwrap();
+    assert_eq!(
+        totals(&state),
+        (n as u64, n as u64),
+        "stored positions {stored:?}; the broker holds {:?}",
+        end_offsets(&broker.brokers(), &topic)
+    );
 }
 
 #[test]
@@ -1055,4 +1067,41 @@ fn members_hold_their_partitions_keys(properties: &str) {
     sigterm(&mut b.0);
     assert_eq!(ch.totals(&db), Some((n as u64, n as u64)));
     eprintln!("keys: {all} alone; {ka} + {kb} when split");
+}
+
+/// `keywatch produce` succeeds only once the broker has acknowledged every message: with
+/// the broker gone, librdkafka gives up on them (`message.timeout.ms`) and the command
+/// fails saying how many were lost.
+#[test]
+fn produce_fails_when_the_broker_does_not_acknowledge() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path());
+    let topic = unique("produced");
+    broker.create_topic(&topic, 2);
+    let log = sample(dir.path(), "kong", 200, 3);
+    let produce = |brokers: &str| {
+        keywatch()
+            .args(["produce", "--brokers", brokers, "--topic", &topic, "--file"])
+            .arg(&log)
+            .args(["-X", "message.timeout.ms=3000"])
+            .env("KW_TEST_SECRET", SECRET)
+            .output()
+            .unwrap()
+    };
+    let out = produce(&broker.brokers());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("sent 200 message(s)"), "{stderr}");
+    assert_eq!(messages_in(&broker.brokers(), &topic), 200);
+
+    let brokers = broker.brokers();
+    broker.stop();
+    let out = produce(&brokers);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("200 of 200 messages to {topic} were not delivered")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("timed out"), "{stderr}");
 }

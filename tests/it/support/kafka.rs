@@ -684,6 +684,29 @@ pub fn messages_in(bootstrap: &str, topic: &str) -> i64 {
         .sum()
 }
 
+/// Each partition's high watermark (the offset after its last message), by partition.
+pub fn end_offsets(bootstrap: &str, topic: &str) -> Vec<(i32, i64)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut out: Vec<(i32, i64)> = md.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (_, hi) = c
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .unwrap();
+            (p.id(), hi)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 /// A random-ish name for topics and groups, unique per test run.
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
