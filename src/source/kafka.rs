@@ -18,7 +18,8 @@
 //! KIP-848's `group.protocol = consumer`: only the partitions that move are revoked or
 //! assigned, with `incremental_assign`/`incremental_unassign`). A partition kept across a
 //! cooperative rebalance is sought back to the start of the discarded batch, since it is not
-//! reassigned.
+//! reassigned (also one whose first messages ever were in that batch: the first offset read
+//! of a partition the store knows nothing of is where it is expected to start).
 //!
 //! The rebalance callback runs inside the consumer's poll, so it is bounded by a budget
 //! derived from `max.poll.interval.ms` (past that librdkafka would leave the group): the
@@ -708,6 +709,20 @@ async fn consume(
                 if pending.over_bound(&settings) {
                     backpressure.hold(&consumer, tp, offset);
                     continue;
+                }
+                if expected.is_none() {
+                    // The first message of a partition the store knows nothing of (no
+                    // batch of it stored or cut yet): where a batch dropped at a
+                    // cooperative rebalance must be read again from. Without it, a kept
+                    // partition would not be sought back, and its messages in the dropped
+                    // batch would be skipped.
+                    consumer
+                        .context()
+                        .expected
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(tp.clone())
+                        .or_insert(offset);
                 }
                 let payload = msg.payload().unwrap_or_default();
                 pending.batch.push_line(payload, offset as u64);

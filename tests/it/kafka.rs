@@ -1100,8 +1100,60 @@ fn produce_fails_when_the_broker_does_not_acknowledge() {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains(&format!("200 of 200 messages to {topic} were not delivered")),
+        stderr.contains(&format!(
+            "200 of 200 messages to {topic} were not delivered"
+        )),
         "{stderr}"
     );
     assert!(stderr.contains("timed out"), "{stderr}");
+}
+
+/// A cooperative rebalance drops the batch a member was filling; the partitions it keeps are
+/// sought back to where that batch began. Also a partition whose first messages ever were
+/// in that batch (nothing of it stored or cut yet): it was not sought back, and those
+/// messages were skipped for good.
+#[test]
+fn a_partition_first_read_in_a_batch_dropped_at_a_cooperative_rebalance_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let topic = unique("events");
+    broker.create_topic(&topic, 2);
+    let n = 2000u64;
+    let log = sample(dir.path(), "nginx", n as usize, 21);
+    produce(&broker.brokers(), &topic, &log);
+    let ends = end_offsets(&broker.brokers(), &topic);
+    assert!(ends.iter().all(|(_, end)| *end > 0), "{ends:?}");
+    let state = dir.path().join("state");
+    let group = unique("g");
+    let cfg = kafka_config_with(
+        dir.path(),
+        &state,
+        &broker.brokers(),
+        &topic,
+        &group,
+        "",
+        &format!("{CLASSIC}\"partition.assignment.strategy\" = \"cooperative-sticky\"\n"),
+    );
+    // The first member reads everything into one batch and holds it (no size reached, a
+    // long wait) until the second member's arrival takes a partition away.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "batch_max_events = 500\nbatch_max_wait = \"100ms\"",
+        "batch_max_events = 100000\nbatch_max_wait = \"20s\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut a = Running(spawn_quiet(&mut run_config(&cfg)));
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        try_totals(&state).map_or(0, |(t, _)| t),
+        0,
+        "the first member stored a batch before the rebalance: nothing is dropped"
+    );
+    let mut b = Running(spawn_quiet(&mut run_config(&cfg)));
+    let got = wait_for_total(&state, n, Duration::from_secs(90));
+    // Nothing more may arrive: give a duplicate the time to show up.
+    std::thread::sleep(Duration::from_secs(2));
+    sigterm(&mut b.0);
+    sigterm(&mut a.0);
+    assert_eq!(got, n, "the broker holds {ends:?}");
+    assert_eq!(totals(&state), (n, n));
 }
