@@ -9,38 +9,13 @@
 //! how many of how many were lost and the first error.
 
 use std::io::BufRead;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
 
-/// Counts the messages whose delivery failed (librdkafka's delivery reports), keeping the
-/// first error.
-#[derive(Default)]
-struct Deliveries {
-    failed: AtomicU64,
-    first_error: Mutex<Option<String>>,
-}
-
-impl ClientContext for Deliveries {}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.failed.fetch_add(1, Ordering::SeqCst);
-            self.first_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert_with(|| e.to_string());
-        }
-    }
-}
-
+use crate::daemon::deadletter_kafka::Deliveries;
 use crate::event::Decoder;
 
 /// Sends every line of `input` to `topic`; returns how many were sent, once the broker has
@@ -105,15 +80,7 @@ pub fn produce(
     producer
         .flush(Duration::from_secs(60))
         .context("waiting for the broker to acknowledge")?;
-    let failed = producer.context().failed.load(Ordering::SeqCst);
-    if failed > 0 {
-        let first = producer
-            .context()
-            .first_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default();
+    if let Some((failed, first)) = producer.context().take_failures() {
         anyhow::bail!(
             "{failed} of {sent} messages to {topic} were not delivered (first error: {first})"
         );

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
@@ -15,9 +16,26 @@ use rdkafka::ClientContext;
 
 use super::deadletter::{DeadLetter, DeadLetterSink};
 
+/// A producer context that counts the messages whose delivery failed (librdkafka's delivery
+/// reports; the default context drops them) and keeps the first error. Also used by
+/// `keywatch produce`.
 #[derive(Default)]
-struct Deliveries {
+pub struct Deliveries {
     failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Deliveries {
+    /// The failures since the last call: how many, and the first one's error.
+    pub fn take_failures(&self) -> Option<(u64, String)> {
+        let failed = self.failed.swap(0, Ordering::SeqCst);
+        let first = self
+            .first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        (failed > 0).then(|| (failed, first.unwrap_or_default()))
+    }
 }
 
 impl ClientContext for Deliveries {}
@@ -28,7 +46,10 @@ impl ProducerContext for Deliveries {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, _)) = result {
             self.failed.fetch_add(1, Ordering::SeqCst);
-            tracing::warn!(error = %e, "a dead letter was not delivered");
+            self.first_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| e.to_string());
         }
     }
 }
@@ -113,10 +134,9 @@ impl DeadLetterSink for KafkaDeadLetters {
         self.producer
             .flush(Duration::from_secs(30))
             .map_err(|e| io::Error::other(format!("flushing dead letters: {e}")))?;
-        let failed = self.producer.context().failed.swap(0, Ordering::SeqCst);
-        if failed > 0 {
+        if let Some((failed, first)) = self.producer.context().take_failures() {
             return Err(io::Error::other(format!(
-                "{failed} dead letter(s) were not delivered to {}",
+                "{failed} dead letter(s) were not delivered to {} (first error: {first})",
                 self.topic
             )));
         }

@@ -328,65 +328,51 @@ mod tests {
         assert!(Schedule::new(Clock::Event(Ticks::Every(0))).is_err());
     }
 
-    #[test]
-    fn wall_evaluations_wait_while_a_backlog_is_caught_up_however_long() {
-        // Every second; a backlog of event time read at 100 times real time.
-        let every = Duration::from_secs(1);
-        let mut s = Schedule::new(Clock::Wall { every }).unwrap();
-        let t0 = match &s.state {
-            State::Wall { last, .. } => *last,
-            _ => unreachable!(),
+    /// An evaluation every second, the source an hour behind and reading `tenths` tenths of
+    /// a millisecond of event time per millisecond of wall time, for `for_ms` (checked every
+    /// 100 ms): the schedule, and the wall times (ms from its start) it evaluated at.
+    fn read_behind(tenths: i64, for_ms: i64) -> (Schedule, Vec<i64>) {
+        let mut s = Schedule::new(Clock::Wall {
+            every: Duration::from_secs(1),
+        })
+        .unwrap();
+        let State::Wall { last: t0, .. } = s.state else {
+            unreachable!()
         };
-        let wall0 = 1_000_000_000_000i64;
-        let behind_by = 3_600_000i64;
         s.set_behind(true);
         let mut evaluated = Vec::new();
-        // 36 s of reading: ten times the cap of ten intervals, every evaluation waits.
-        for ms in (0..36_000i64).step_by(100) {
-            s.saw(wall0 - behind_by + ms * 100);
+        for ms in (0..for_ms).step_by(100) {
+            s.saw(WALL0 - 3_600_000 + ms * tenths / 10);
             let now = t0 + Duration::from_millis(ms as u64);
-            if s.wall_due_at(now, wall0 + ms) == WallTick::Due {
+            if s.wall_due_at(now, WALL0 + ms) == WallTick::Due {
                 evaluated.push(ms);
             }
         }
+        (s, evaluated)
+    }
+
+    /// The wall clock's reading at the start of [`read_behind`].
+    const WALL0: i64 = 1_000_000_000_000;
+
+    #[test]
+    fn wall_evaluations_wait_while_a_backlog_is_caught_up_however_long() {
+        // At 100 times real time, 36 s of reading (ten times the cap of ten intervals):
+        // every evaluation waits.
+        let (mut s, evaluated) = read_behind(1000, 36_000);
         assert!(evaluated.is_empty(), "evaluated at {evaluated:?} ms");
         // Caught up: the next one is due.
         s.set_behind(false);
-        let now = t0 + Duration::from_millis(36_000);
-        assert_eq!(s.wall_due_at(now, wall0 + 36_000), WallTick::Due);
-
-        // Read at real time (full load, the lag stays): evaluated after one stretch of
-        // ten intervals, then again after each.
-        let mut s = Schedule::new(Clock::Wall { every }).unwrap();
-        let t0 = match &s.state {
-            State::Wall { last, .. } => *last,
-            _ => unreachable!(),
+        let State::Wall { last, .. } = s.state else {
+            unreachable!()
         };
-        s.set_behind(true);
-        let mut evaluated = Vec::new();
-        for ms in (0..25_000i64).step_by(100) {
-            s.saw(wall0 - behind_by + ms);
-            if s.wall_due_at(t0 + Duration::from_millis(ms as u64), wall0 + ms) == WallTick::Due {
-                evaluated.push(ms);
-            }
-        }
-        assert_eq!(evaluated, [10_000, 20_000]);
+        let now = last + Duration::from_millis(36_000);
+        assert_eq!(s.wall_due_at(now, WALL0 + 36_000), WallTick::Due);
 
-        // Read at 1.2 times real time: too slow to wait for.
-        let mut s = Schedule::new(Clock::Wall { every }).unwrap();
-        let t0 = match &s.state {
-            State::Wall { last, .. } => *last,
-            _ => unreachable!(),
-        };
-        s.set_behind(true);
-        let mut evaluated = Vec::new();
-        for ms in (0..25_000i64).step_by(100) {
-            s.saw(wall0 - behind_by + ms * 12 / 10);
-            if s.wall_due_at(t0 + Duration::from_millis(ms as u64), wall0 + ms) == WallTick::Due {
-                evaluated.push(ms);
-            }
+        // At real time (full load, the lag stays): evaluated after one stretch of ten
+        // intervals, then after each. At 1.2 times real time: too slow to wait for.
+        for tenths in [10, 12] {
+            assert_eq!(read_behind(tenths, 25_000).1, [10_000, 20_000], "{tenths}");
         }
-        assert_eq!(evaluated, [10_000, 20_000]);
     }
 
     #[test]

@@ -663,8 +663,9 @@ fn create_topic(
     }
 }
 
-/// How many messages `topic` holds (high minus low watermark, over its partitions).
-pub fn messages_in(bootstrap: &str, topic: &str) -> i64 {
+/// Each partition's low and high watermarks (first offset held, offset after the last), by
+/// partition.
+fn watermarks(bootstrap: &str, topic: &str) -> Vec<(i32, i64, i64)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
@@ -672,39 +673,34 @@ pub fn messages_in(bootstrap: &str, topic: &str) -> i64 {
     let md = c
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
-    md.topics()[0]
+    let mut out: Vec<(i32, i64, i64)> = md.topics()[0]
         .partitions()
         .iter()
         .map(|p| {
             let (lo, hi) = c
                 .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
                 .unwrap();
-            hi - lo
+            (p.id(), lo, hi)
         })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// How many messages `topic` holds (high minus low watermark, over its partitions).
+pub fn messages_in(bootstrap: &str, topic: &str) -> i64 {
+    watermarks(bootstrap, topic)
+        .iter()
+        .map(|(_, lo, hi)| hi - lo)
         .sum()
 }
 
 /// Each partition's high watermark (the offset after its last message), by partition.
 pub fn end_offsets(bootstrap: &str, topic: &str) -> Vec<(i32, i64)> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut out: Vec<(i32, i64)> = md.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| {
-            let (_, hi) = c
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .unwrap();
-            (p.id(), hi)
-        })
-        .collect();
-    out.sort_unstable();
-    out
+    watermarks(bootstrap, topic)
+        .into_iter()
+        .map(|(p, _, hi)| (p, hi))
+        .collect()
 }
 
 /// A random-ish name for topics and groups, unique per test run.
